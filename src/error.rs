@@ -1,0 +1,32 @@
+//! The crate-level error: one variant per layer, plus the session-level failures.
+
+use crate::protocol::{ProtocolError, Request};
+
+/// Any failure of this crate.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The peer (or a caller building a message) broke the wire format.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The peer closed the connection (EOF, ECONNRESET or EPIPE).
+    #[error("peer closed the connection")]
+    Disconnected,
+    /// A wait ran out of time.
+    #[error("timed out {0}")]
+    Timeout(&'static str),
+    /// A request was answered with a non-zero status.
+    #[error("peer answered {request} with status {status:#x}")]
+    Rejected {
+        /// The request that was refused.
+        request: Request,
+        /// The status the peer sent.
+        status: u64,
+    },
+    /// An operating-system failure that is not a disconnection.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,14 @@
+//! `vhostuser_rs`: the vhost-user protocol in both roles, with a Python API.
+//!
+//! Layers, bottom up (see `docs/architecture.md`):
+//! - [`protocol`]: the wire format, pure (bytes + fd counts <-> typed messages);
+//! - [`connection`]: Unix stream sockets that move whole messages with their fds;
+//! - `python`: the only module that touches PyO3.
+#![deny(missing_docs)]
+
+pub mod connection;
+pub mod error;
+pub mod protocol;
+mod python;
+
+pub use error::Error;

@@ -1,0 +1,1 @@
+//! Python bindings: the only module that uses PyO3.
