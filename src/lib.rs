@@ -9,6 +9,7 @@
 pub mod connection;
 pub mod error;
 pub mod protocol;
+#[cfg(feature = "python")]
 mod python;
 
 pub use error::Error;

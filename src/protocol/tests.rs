@@ -491,3 +491,53 @@ fn golden_qemu_storage_daemon_replies() {
     assert_eq!(u32::from_le_bytes(c.data[20..24].try_into().unwrap()), 512);
     assert_eq!(msg.encode(), wire);
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn check(channel: Channel, bytes: &[u8], fds: usize) -> Result<(), TestCaseError> {
+        if let Ok(msg) = decode(channel, bytes, fds) {
+            let again = decode(channel, &msg.encode(), fds);
+            prop_assert_eq!(again.as_ref(), Ok(&msg), "re-encoding {} changed it", msg.request);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..600), fds in 0usize..16, backend: bool) {
+            check(if backend { Channel::Backend } else { Channel::Main }, &bytes, fds)?;
+        }
+
+        #[test]
+        fn random_payloads_under_valid_headers(
+            code in 0u32..48,
+            flags in prop_oneof![Just(1u32), Just(5), Just(9)],
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            fds in 0usize..10,
+            backend: bool,
+        ) {
+            let mut bytes = Header { code, flags, size: payload.len() as u32 }.to_bytes().to_vec();
+            bytes.extend_from_slice(&payload);
+            check(if backend { Channel::Backend } else { Channel::Main }, &bytes, fds)?;
+        }
+
+        #[test]
+        fn sized_payloads_for_every_request(
+            code in 1u32..46,
+            reply: bool,
+            len in prop_oneof![Just(8usize), Just(16), Just(24), Just(32), Just(40), Just(48), Just(72), Just(2056), 0usize..80],
+            seed: u64,
+            fds in 0usize..3,
+        ) {
+            // Payloads of plausible sizes filled with structured noise reach the field checks.
+            let payload: Vec<u8> = (0..len).map(|i| (seed.rotate_left(i as u32 % 64) as u8) & if i % 8 < 2 { 0xff } else { 0x01 }).collect();
+            let mut bytes = Header { code, flags: if reply { 5 } else { 1 }, size: len as u32 }.to_bytes().to_vec();
+            bytes.extend_from_slice(&payload);
+            check(Channel::Main, &bytes, fds)?;
+        }
+    }
+}

@@ -1,1 +1,23 @@
 //! Python bindings: the only module that uses PyO3.
+//!
+//! Everything here is thin: conversions between Python objects and the Rust layers, the error
+//! funnel, and GIL handling around blocking calls. Logic lives in the layers below.
+
+mod blocking;
+mod errors;
+mod socket;
+mod wire;
+
+use pyo3::prelude::*;
+
+/// The extension module `vhostuser_rs._native`.
+#[pymodule(gil_used = false)]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("HEADER_SIZE", crate::protocol::HEADER_SIZE)?;
+    m.add("MAX_PAYLOAD_SIZE", crate::protocol::MAX_PAYLOAD_SIZE)?;
+    m.add("MAX_FDS", crate::protocol::MAX_FDS)?;
+    wire::register(m)?;
+    socket::register(m)?;
+    Ok(())
+}

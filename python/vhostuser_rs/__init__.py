@@ -1,0 +1,65 @@
+"""vhost-user for Python, with a Rust core.
+
+vhost-user lets a virtio device live in another process: a front-end (a VMM such as QEMU, or a
+test tool) and a back-end (the device) talk over a Unix socket, pass file descriptors, and move
+I/O through virtqueues in shared memory. This package speaks the protocol in both roles.
+
+Layers available today:
+
+- :mod:`vhostuser_rs.enums`: request codes and feature bits (``FrontendRequest``,
+  ``BackendRequest``, ``ProtocolFeature``, ``VirtioFeature``);
+- :mod:`vhostuser_rs.messages`: typed payloads and messages;
+- :mod:`vhostuser_rs.hazmat`: build, parse, send and receive any message, valid or not;
+- :class:`Connection` / :class:`Listener`: Unix sockets carrying messages with their fds;
+- :mod:`vhostuser_rs.exceptions`: the exception hierarchy.
+"""
+
+from __future__ import annotations
+
+from . import enums, exceptions, hazmat, messages
+from ._native import Connection, Listener, __version__
+from .enums import BackendRequest, Channel, DeviceStatus, FrontendRequest, ProtocolFeature, VirtioFeature
+from .exceptions import (
+    ConnectionClosedError,
+    FeatureNotNegotiatedError,
+    GuestMemoryError,
+    InvalidStateError,
+    MalformedMessageError,
+    NegotiationError,
+    ProtocolError,
+    RequestRejectedError,
+    UnexpectedReplyError,
+    VhostUserError,
+    VhostUserTimeoutError,
+    VirtqueueError,
+)
+from .messages import Message
+
+__all__ = [
+    "BackendRequest",
+    "Channel",
+    "Connection",
+    "ConnectionClosedError",
+    "DeviceStatus",
+    "FeatureNotNegotiatedError",
+    "FrontendRequest",
+    "GuestMemoryError",
+    "InvalidStateError",
+    "Listener",
+    "MalformedMessageError",
+    "Message",
+    "NegotiationError",
+    "ProtocolError",
+    "ProtocolFeature",
+    "RequestRejectedError",
+    "UnexpectedReplyError",
+    "VhostUserError",
+    "VhostUserTimeoutError",
+    "VirtioFeature",
+    "VirtqueueError",
+    "__version__",
+    "enums",
+    "exceptions",
+    "hazmat",
+    "messages",
+]

@@ -1,0 +1,138 @@
+"""The ``vhostuser-rs`` command-line tool.
+
+Subcommands:
+
+- ``decode HEX`` — decode a captured message (hex, as a sniffer or ``strace -x`` shows it);
+- ``requests`` — the request table of the spec with each request's reply, fd and gate rules;
+- ``features VALUE`` — name the bits of a feature mask (virtio or ``--protocol``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import enum
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import _native, hazmat
+from .enums import Channel, ProtocolFeature, VirtioFeature
+from .exceptions import VhostUserError
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.name
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _flag_names(flag: enum.Flag) -> str:
+    names = [m.name for m in type(flag) if m in flag and m.name]
+    known = 0
+    for m in type(flag):
+        if m in flag:
+            known |= m.value
+    rest = int(flag.value) & ~known
+    if rest:
+        names.append(f"{rest:#x}")
+    return "|".join(names) or "0"
+
+
+def _cmd_decode(args: argparse.Namespace) -> int:
+    text = "".join(args.hex).replace(" ", "").replace(":", "")
+    try:
+        data = bytes.fromhex(text)
+    except ValueError as e:
+        print(f"vhostuser-rs decode: not hex: {e}", file=sys.stderr)
+        return 2
+    channel = Channel.BACKEND if args.channel == "backend" else Channel.MAIN
+    try:
+        msg = hazmat.decode(data, channel=channel, num_fds=args.fds)
+    except VhostUserError as e:
+        print(f"vhostuser-rs decode: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({**_jsonable(msg), "is_reply": msg.is_reply, "need_reply": msg.need_reply}))
+        return 0
+    name = msg.request.name if isinstance(msg.request, enum.Enum) else f"unknown({msg.request})"
+    kind = "reply" if msg.is_reply else "request"
+    print(f"{name} {kind} on the {channel.name.lower()} channel, flags {msg.flags:#x}, {len(data) - 12} payload bytes")
+    payload = msg.payload
+    if isinstance(payload, int) and not isinstance(payload, bool):
+        print(f"  u64: {payload:#x}")
+        if getattr(msg.request, "name", "") in ("GET_FEATURES", "SET_FEATURES"):
+            print(f"  features: {_flag_names(VirtioFeature(payload))}")
+        if getattr(msg.request, "name", "") in ("GET_PROTOCOL_FEATURES", "SET_PROTOCOL_FEATURES"):
+            print(f"  protocol features: {_flag_names(ProtocolFeature(payload))}")
+    elif payload is not None:
+        for key, value in _jsonable(payload).items() if isinstance(_jsonable(payload), dict) else [("bytes", _jsonable(payload))]:
+            shown = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else value
+            print(f"  {key}: {shown}")
+    return 0
+
+
+def _cmd_requests(args: argparse.Namespace) -> int:
+    channel = Channel.BACKEND if args.channel == "backend" else Channel.MAIN
+    rows = []
+    for name, code in _native.request_codes(int(channel)):
+        _, has_reply, fds, gate = _native.request_rules(int(channel), code)
+        rows.append({"code": code, "name": name, "reply": "always" if has_reply else "ack only", "fds": fds, "gate": gate})
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{'code':>4}  {'request':<26} {'reply':<9} {'fds':<19} gate")
+    for r in rows:
+        print(f"{r['code']:>4}  {r['name']:<26} {r['reply']:<9} {r['fds']:<19} {r['gate']}")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    value = int(args.value, 0)
+    flag: enum.Flag = ProtocolFeature(value) if args.protocol else VirtioFeature(value)
+    print(f"{value:#x}: {_flag_names(flag)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for documentation and tests)."""
+    parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
+    parser.add_argument("--version", action="version", version=f"vhostuser-rs {_native.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("decode", help="decode a captured message given in hex")
+    p.add_argument("hex", nargs="+", help="header + payload bytes in hex (spaces and colons allowed)")
+    p.add_argument("--channel", choices=("main", "backend"), default="main", help="channel it travelled on")
+    p.add_argument("--fds", type=int, default=0, help="number of fds that came with it")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_decode)
+
+    p = sub.add_parser("requests", help="list the requests of the spec and their rules")
+    p.add_argument("--channel", choices=("main", "backend"), default="main")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_requests)
+
+    p = sub.add_parser("features", help="name the bits of a feature mask")
+    p.add_argument("value", help="mask, e.g. 0x175007e46")
+    p.add_argument("--protocol", action="store_true", help="protocol features instead of virtio features")
+    p.set_defaults(func=_cmd_features)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``vhostuser-rs`` and ``python -m vhostuser_rs``."""
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:
+        # Output piped into `head` and friends: not an error of ours.
+        sys.stderr.close()
+        return 0
+    return result
