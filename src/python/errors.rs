@@ -115,15 +115,33 @@ pub(crate) fn channel(value: u32) -> PyResult<Channel> {
 mod tests {
     use super::*;
 
+    /// Loads `exceptions.py` and `enums.py` from the source tree under their package names, so
+    /// the funnel is checked against the real classes without building the extension.
+    fn load_python_modules(py: Python<'_>) {
+        let code = r#"
+import importlib.util, sys, types
+root = sys.argv_root
+if "vhostuser_rs" not in sys.modules:
+    pkg = types.ModuleType("vhostuser_rs"); pkg.__path__ = [root]; sys.modules["vhostuser_rs"] = pkg
+for name in ("enums", "exceptions"):
+    full = "vhostuser_rs." + name
+    if full not in sys.modules:
+        spec = importlib.util.spec_from_file_location(full, f"{root}/{name}.py")
+        mod = importlib.util.module_from_spec(spec); sys.modules[full] = mod; spec.loader.exec_module(mod)
+"#;
+        let sys = py.import("sys").unwrap();
+        sys.setattr("argv_root", concat!(env!("CARGO_MANIFEST_DIR"), "/python/vhostuser_rs")).unwrap();
+        let code = std::ffi::CString::new(code).unwrap();
+        py.run(&code, None, None).unwrap();
+    }
+
     fn check(err: Error, class: &str) {
+        Python::initialize();
         Python::attach(|py| {
-            // The package may not be importable when cargo runs the tests; then only check that
-            // the funnel does not panic.
+            load_python_modules(py);
             let pyerr = to_pyerr(py, err);
-            if let Ok(module) = py.import("vhostuser_rs.exceptions") {
-                let cls = module.getattr(class).unwrap();
-                assert!(pyerr.value(py).is_instance(&cls).unwrap(), "{class}: {pyerr}");
-            }
+            let cls = py.import("vhostuser_rs.exceptions").unwrap().getattr(class).unwrap();
+            assert!(pyerr.value(py).is_instance(&cls).unwrap(), "{class}: {pyerr}");
         });
     }
 
@@ -136,9 +154,26 @@ mod tests {
             Error::Rejected { request: Request::Frontend(crate::protocol::FrontendRequest::SET_OWNER), status: 1 },
             "RequestRejectedError",
         );
+        check(
+            Error::Protocol(ProtocolError::UnexpectedReply {
+                request: Request::Frontend(crate::protocol::FrontendRequest::GET_FEATURES),
+                got: Request::Frontend(crate::protocol::FrontendRequest::GET_STATUS),
+            }),
+            "UnexpectedReplyError",
+        );
         Python::attach(|py| {
+            let e = to_pyerr(
+                py,
+                Error::Protocol(ProtocolError::FdCount {
+                    request: Request::Frontend(crate::protocol::FrontendRequest::SET_LOG_FD),
+                    got: 0,
+                    expected: "1".into(),
+                }),
+            );
+            let request = e.value(py).getattr("request").unwrap();
+            assert_eq!(request.getattr("name").unwrap().extract::<String>().unwrap(), "SET_LOG_FD");
             let e = to_pyerr(py, Error::Io(io::Error::from_raw_os_error(libc::ENOENT)));
-            assert!(e.is_instance_of::<pyo3::exceptions::PyFileNotFoundError>(py));
+            assert!(e.value(py).is_instance_of::<pyo3::exceptions::PyFileNotFoundError>());
             let errno: i32 = e.value(py).getattr("errno").unwrap().extract().unwrap();
             assert_eq!(errno, libc::ENOENT);
         });
