@@ -1,0 +1,18 @@
+//! Guest memory: the regions a front-end shares (memfds or other fds), mapped with the
+//! `vm-memory` crate, and translation of guest physical addresses (descriptor buffers) and
+//! front-end user addresses (ring addresses of SET_VRING_ADDR) into this process.
+//!
+//! Guest memory is shared with another process that may change it at any time: nothing here
+//! forms a Rust reference (`&[u8]`) over it; accesses are raw-pointer copies and atomics.
+
+mod alloc;
+mod error;
+mod log;
+mod mapping;
+mod table;
+
+pub use alloc::GuestMemory;
+pub use error::{AddressSpace, MemoryError};
+pub use log::{DirtyLog, LOG_PAGE_SIZE};
+pub use mapping::{memfd, Mapping};
+pub use table::{MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};
