@@ -12,5 +12,6 @@ pub mod memory;
 pub mod protocol;
 #[cfg(feature = "python")]
 mod python;
+pub mod virtqueue;
 
 pub use error::Error;

@@ -122,7 +122,11 @@ impl MemoryTable {
             .position(|r| {
                 r.desc.guest_addr == desc.guest_addr && r.desc.user_addr == desc.user_addr && r.desc.size == desc.size
             })
-            .ok_or(MemoryError::NoSuchRegion { guest_addr: desc.guest_addr, size: desc.size, user_addr: desc.user_addr })?;
+            .ok_or(MemoryError::NoSuchRegion {
+                guest_addr: desc.guest_addr,
+                size: desc.size,
+                user_addr: desc.user_addr,
+            })?;
         let mut regions = self.regions.clone();
         regions.remove(pos);
         MemoryTable::from_regions(regions)
@@ -192,12 +196,7 @@ impl MemoryTable {
 
     /// Calls `f(host_ptr, len)` for each piece of `[gpa, gpa + len)`, split where it crosses from
     /// one region into an adjacent one; fails (before calling `f`) if any byte is unmapped.
-    pub fn for_each_segment(
-        &self,
-        gpa: u64,
-        len: u64,
-        mut f: impl FnMut(*mut u8, usize),
-    ) -> Result<(), MemoryError> {
+    pub fn for_each_segment(&self, gpa: u64, len: u64, mut f: impl FnMut(*mut u8, usize)) -> Result<(), MemoryError> {
         let end = check_range(AddressSpace::Guest, gpa, len)?;
         // First pass validates, so a partial copy never happens.
         let mut at = gpa;
@@ -272,8 +271,9 @@ mod tests {
 
     #[test]
     fn reads_and_writes_split_across_adjacent_regions() {
-        let t = MemoryTable::from_regions(vec![region(0, 0x1000, 0x1_0000_0000), region(0x1000, 0x1000, 0x2_0000_0000)])
-            .unwrap();
+        let t =
+            MemoryTable::from_regions(vec![region(0, 0x1000, 0x1_0000_0000), region(0x1000, 0x1000, 0x2_0000_0000)])
+                .unwrap();
         let data: Vec<u8> = (0..64).collect();
         t.write(0xfe0, &data).unwrap();
         let mut back = vec![0u8; 64];
@@ -295,7 +295,10 @@ mod tests {
         let t = MemoryTable::from_regions(vec![a.clone()]).unwrap();
         assert!(matches!(t.with_added(region(0x800, 0x1000, 0x2000_0000), 8), Err(MemoryError::Overlap { .. })));
         assert!(matches!(t.with_added(region(0x1000, 0x1000, 0x1000_0800), 8), Err(MemoryError::Overlap { .. })));
-        assert!(matches!(t.with_added(region(0x1000, 0x1000, 0x3000_0000), 1), Err(MemoryError::TooManyRegions { .. })));
+        assert!(matches!(
+            t.with_added(region(0x1000, 0x1000, 0x3000_0000), 1),
+            Err(MemoryError::TooManyRegions { .. })
+        ));
         let t2 = t.with_added(region(0x1000, 0x1000, 0x3000_0000), 8).unwrap();
         assert_eq!(t2.regions().len(), 2);
         let mut gone = a.desc;
@@ -310,14 +313,16 @@ mod tests {
     #[test]
     fn short_files_and_absurd_sizes_are_refused() {
         let fd = memfd("short", 0x1000).unwrap();
-        let err = Region::map(RegionDesc { guest_addr: 0, size: 0x2000, user_addr: 0, mmap_offset: 0 }, fd).unwrap_err();
+        let err =
+            Region::map(RegionDesc { guest_addr: 0, size: 0x2000, user_addr: 0, mmap_offset: 0 }, fd).unwrap_err();
         assert!(matches!(err, MemoryError::FileTooSmall { needed: 0x2000, actual: 0x1000 }), "{err}");
         let fd = memfd("off", 0x2000).unwrap();
         let err =
             Region::map(RegionDesc { guest_addr: 0, size: 0x1000, user_addr: 0, mmap_offset: 0x1001 }, fd).unwrap_err();
         assert!(matches!(err, MemoryError::FileTooSmall { .. }));
         let fd = memfd("big", 0x1000).unwrap();
-        let err = Region::map(RegionDesc { guest_addr: 0, size: u64::MAX, user_addr: 0, mmap_offset: 0 }, fd).unwrap_err();
+        let err =
+            Region::map(RegionDesc { guest_addr: 0, size: u64::MAX, user_addr: 0, mmap_offset: 0 }, fd).unwrap_err();
         assert!(matches!(err, MemoryError::Overflow { .. } | MemoryError::InvalidSize(_)), "{err}");
         // A non-zero mmap_offset that is not page-aligned still maps (libvhost-user convention).
         let fd = memfd("odd", 0x3000).unwrap();

@@ -1,0 +1,555 @@
+//! The device side of a split ring: what a back-end runs. Pops available chains in batches,
+//! walks them (direct and indirect) into readable and writable segments, writes used entries and
+//! publishes `used.idx` once per batch, and decides when to notify the driver.
+
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+
+use super::error::VirtqueueError;
+use super::layout::*;
+use crate::memory::{DirtyLog, MemoryError, MemoryTable};
+
+/// Most segments one chain may have (QEMU's and libvhost-user's limit, §7.9 #15).
+pub const MAX_SEGMENTS: usize = 1024;
+
+/// Which address space SET_VRING_ADDR's ring addresses are in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingAddressSpace {
+    /// Front-end user addresses (the default).
+    User,
+    /// Guest physical addresses (GPA_ADDRESSES, or a front-end driving its own memory).
+    Guest,
+}
+
+/// What a device-side queue is set up from (SET_VRING_NUM / ADDR / BASE and the features).
+#[derive(Clone, Copy, Debug)]
+pub struct QueueConfig {
+    /// Ring size (power of two, ≤ 32768).
+    pub size: u16,
+    /// Descriptor table address.
+    pub desc_addr: u64,
+    /// Available ring address.
+    pub avail_addr: u64,
+    /// Used ring address.
+    pub used_addr: u64,
+    /// Address space of the three addresses.
+    pub addr_space: RingAddressSpace,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+    /// VIRTIO_RING_F_INDIRECT_DESC negotiated.
+    pub indirect: bool,
+    /// SET_VRING_BASE: the next available index to process.
+    pub next_avail: u16,
+}
+
+/// One contiguous piece of a buffer, already translated.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment {
+    /// Host address of the first byte (inside a mapping the queue keeps alive).
+    pub host: *mut u8,
+    /// Bytes.
+    pub len: u32,
+    /// Guest address of the first byte (for dirty logging).
+    pub gpa: u64,
+    /// Device-writable.
+    pub writable: bool,
+}
+
+/// A popped chain: its head and where its segments are in the batch.
+#[derive(Clone, Copy, Debug)]
+pub struct Chain {
+    /// Head descriptor index (what the used entry returns).
+    pub head: u16,
+    first: u32,
+    readable: u32,
+    total: u32,
+    /// Total bytes of the device-readable buffers.
+    pub readable_len: u32,
+    /// Total bytes of the device-writable buffers.
+    pub writable_len: u32,
+}
+
+/// Reusable storage for a batch of chains, so popping allocates nothing once warmed up.
+#[derive(Debug, Default)]
+pub struct ChainBatch {
+    chains: Vec<Chain>,
+    segments: Vec<Segment>,
+    scratch: Vec<u8>,
+}
+
+// SAFETY: the raw pointers in segments point into mappings kept alive by the queue's
+// `Arc<MemoryTable>`; a batch is only meaningful next to its queue.
+unsafe impl Send for ChainBatch {}
+
+impl ChainBatch {
+    /// An empty batch.
+    pub fn new() -> ChainBatch {
+        ChainBatch::default()
+    }
+
+    /// Forgets the chains (keeps the storage).
+    pub fn clear(&mut self) {
+        self.chains.clear();
+        self.segments.clear();
+    }
+
+    /// The chains popped into this batch.
+    pub fn chains(&self) -> &[Chain] {
+        &self.chains
+    }
+
+    /// Number of chains.
+    pub fn len(&self) -> usize {
+        self.chains.len()
+    }
+
+    /// Whether the batch has no chain.
+    pub fn is_empty(&self) -> bool {
+        self.chains.is_empty()
+    }
+
+    /// All segments of a chain, readable first.
+    pub fn segments(&self, chain: &Chain) -> &[Segment] {
+        &self.segments[chain.first as usize..(chain.first + chain.total) as usize]
+    }
+
+    /// The device-readable segments of a chain.
+    pub fn readable(&self, chain: &Chain) -> &[Segment] {
+        &self.segments[chain.first as usize..(chain.first + chain.readable) as usize]
+    }
+
+    /// The device-writable segments of a chain.
+    pub fn writable(&self, chain: &Chain) -> &[Segment] {
+        &self.segments[(chain.first + chain.readable) as usize..(chain.first + chain.total) as usize]
+    }
+}
+
+/// The device side of one split ring.
+#[derive(Debug)]
+pub struct DeviceQueue {
+    memory: Arc<MemoryTable>,
+    size: u16,
+    desc: *mut u8,
+    avail: *mut u8,
+    used: *mut u8,
+    next_avail: u16,
+    next_used: u16,
+    published_used: u16,
+    signalled_used: Option<u16>,
+    in_flight: u16,
+    event_idx: bool,
+    indirect: bool,
+    broken: bool,
+    data_log: Option<DirtyLog>,
+    used_log: Option<(DirtyLog, u64)>,
+}
+
+// SAFETY: the ring pointers point into mappings owned by `memory` (an Arc), which lives as long
+// as the queue; all shared-memory access is through raw pointers and atomics.
+unsafe impl Send for DeviceQueue {}
+
+impl DeviceQueue {
+    /// Sets a ring up: validates the size and alignments, translates the three ring parts once
+    /// (each must lie inside one mapping), and reads the used index from the ring as
+    /// libvhost-user does (SET_VRING_BASE only carries the available index).
+    pub fn new(memory: Arc<MemoryTable>, cfg: QueueConfig) -> Result<DeviceQueue, VirtqueueError> {
+        let size = cfg.size;
+        if size == 0 || size > MAX_QUEUE_SIZE || !size.is_power_of_two() {
+            return Err(VirtqueueError::InvalidSize(size.into()));
+        }
+        let extra = if cfg.event_idx { 0 } else { 2 };
+        let parts = [
+            ("desc", cfg.desc_addr, 16, DESC_SIZE * u64::from(size)),
+            ("avail", cfg.avail_addr, 2, avail_ring_size(size) - extra),
+            ("used", cfg.used_addr, 4, used_ring_size(size) - extra),
+        ];
+        let mut ptrs = [std::ptr::null_mut(); 3];
+        for (i, (part, addr, align, len)) in parts.into_iter().enumerate() {
+            if addr % align != 0 {
+                return Err(VirtqueueError::Misaligned { part, addr, align });
+            }
+            let p = match cfg.addr_space {
+                RingAddressSpace::User => memory.translate_user(addr, len),
+                RingAddressSpace::Guest => memory.translate(addr, len),
+            };
+            ptrs[i] = p.map_err(|source| VirtqueueError::RingUnmapped { part, source })?;
+        }
+        // SAFETY: the used ring was translated with at least 4 bytes.
+        let next_used = unsafe { load_u16(ptrs[2].add(2), Ordering::Acquire) };
+        Ok(DeviceQueue {
+            memory,
+            size,
+            desc: ptrs[0],
+            avail: ptrs[1],
+            used: ptrs[2],
+            next_avail: cfg.next_avail,
+            next_used,
+            published_used: next_used,
+            signalled_used: None,
+            in_flight: 0,
+            event_idx: cfg.event_idx,
+            indirect: cfg.indirect,
+            broken: false,
+            data_log: None,
+            used_log: None,
+        })
+    }
+
+    /// Ring size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
+    /// The next available index the device will process (GET_VRING_BASE's answer).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail
+    }
+
+    /// The next used index the device will write.
+    pub fn next_used(&self) -> u16 {
+        self.next_used
+    }
+
+    /// Chains popped and not completed yet.
+    pub fn in_flight(&self) -> u16 {
+        self.in_flight
+    }
+
+    /// Whether an earlier error stopped this queue.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// The memory table the ring was translated against.
+    pub fn memory(&self) -> &Arc<MemoryTable> {
+        &self.memory
+    }
+
+    /// LOG_ALL: log every byte written into guest buffers in `data`; VHOST_VRING_F_LOG: log
+    /// used-ring writes at `log_guest_addr` + offset in `used`.
+    pub fn set_dirty_log(&mut self, data: Option<DirtyLog>, used: Option<(DirtyLog, u64)>) {
+        self.data_log = data;
+        self.used_log = used;
+    }
+
+    fn fail(&mut self, err: VirtqueueError) -> VirtqueueError {
+        self.broken = true;
+        err
+    }
+
+    /// Pops up to `max` available chains into `batch` (appending). One acquire load of
+    /// `avail.idx` per call. A malformed chain breaks the queue and is reported; chains popped
+    /// before it in this call stay in the batch and may still be completed.
+    pub fn pop_batch(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, VirtqueueError> {
+        if self.broken {
+            return Err(VirtqueueError::Broken);
+        }
+        // SAFETY: avail was translated with at least 4 + 2N bytes.
+        let avail_idx = unsafe { load_u16(self.avail.add(2), Ordering::Acquire) };
+        let pending = avail_idx.wrapping_sub(self.next_avail);
+        if pending > self.size {
+            let err = VirtqueueError::AvailIndexJump { last: self.next_avail, avail: avail_idx, size: self.size };
+            return Err(self.fail(err));
+        }
+        let mask = self.size - 1;
+        let mut popped = 0usize;
+        while popped < max && self.next_avail != avail_idx {
+            if self.in_flight >= self.size {
+                return Err(self.fail(VirtqueueError::TooManyInFlight { size: self.size }));
+            }
+            let slot = usize::from(self.next_avail & mask);
+            // SAFETY: slot < N, inside the translated avail ring.
+            let head = unsafe { u16::from_le(std::ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>())) };
+            if let Err(e) = self.walk(head, batch) {
+                return Err(self.fail(e));
+            }
+            self.next_avail = self.next_avail.wrapping_add(1);
+            self.in_flight += 1;
+            popped += 1;
+        }
+        Ok(popped)
+    }
+
+    /// Walks one chain into `batch`, reading each descriptor once and validating the copy.
+    fn walk(&self, head: u16, batch: &mut ChainBatch) -> Result<(), VirtqueueError> {
+        if head >= self.size {
+            return Err(VirtqueueError::HeadOutOfRange { head, size: self.size });
+        }
+        let first = batch.segments.len();
+        let result = self.walk_into(head, batch, first);
+        if result.is_err() {
+            batch.segments.truncate(first);
+        }
+        result
+    }
+
+    fn walk_into(&self, head: u16, batch: &mut ChainBatch, first: usize) -> Result<(), VirtqueueError> {
+        let mut limit = u32::from(self.size);
+        let mut idx = head;
+        let mut count = 0u32;
+        let mut in_table = false;
+        let mut seen_writable = false;
+        let mut readable_len = 0u64;
+        let mut writable_len = 0u64;
+        let mut readable_segs = 0u32;
+        loop {
+            count += 1;
+            if count > limit {
+                return Err(VirtqueueError::ChainTooLong { head, limit });
+            }
+            let d = if in_table {
+                let at = usize::from(idx) * 16;
+                let raw: &[u8; 16] = batch.scratch[at..at + 16].try_into().map_err(|_| VirtqueueError::Broken)?;
+                Descriptor::from_bytes(raw)
+            } else {
+                // SAFETY: idx < N (checked on entry and for every next), inside the table.
+                unsafe { Descriptor::read(self.desc.add(usize::from(idx) * 16)) }
+            };
+            if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if in_table {
+                    return Err(VirtqueueError::NestedIndirect { head });
+                }
+                if !self.indirect {
+                    return Err(VirtqueueError::IndirectNotNegotiated { head });
+                }
+                if d.flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(VirtqueueError::IndirectWithNext { head });
+                }
+                let max = u32::from(self.size) * 16;
+                if d.len == 0 || d.len % 16 != 0 || d.len > max {
+                    return Err(VirtqueueError::IndirectTableSize { head, len: d.len, max });
+                }
+                // Copy the table once (it may straddle regions); its entries are then read from
+                // the private copy only.
+                batch.scratch.resize(d.len as usize, 0);
+                self.memory.read(d.addr, &mut batch.scratch).map_err(|_| VirtqueueError::BufferUnmapped {
+                    head,
+                    addr: d.addr,
+                    len: d.len,
+                })?;
+                in_table = true;
+                limit = d.len / 16;
+                idx = 0;
+                count = 0;
+                continue;
+            }
+            if d.len == 0 {
+                return Err(VirtqueueError::ZeroLength { head });
+            }
+            let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
+            if !writable && seen_writable {
+                return Err(VirtqueueError::ReadableAfterWritable { head });
+            }
+            seen_writable |= writable;
+            if writable {
+                writable_len += u64::from(d.len);
+            } else {
+                readable_len += u64::from(d.len);
+            }
+            if readable_len + writable_len > u64::from(u32::MAX) {
+                return Err(VirtqueueError::LengthOverflow { head });
+            }
+            let before = batch.segments.len();
+            self.push_segments(head, &d, writable, &mut batch.segments)?;
+            if !writable {
+                readable_segs += (batch.segments.len() - before) as u32;
+            }
+            if batch.segments.len() - first > MAX_SEGMENTS {
+                return Err(VirtqueueError::TooManySegments { head, limit: MAX_SEGMENTS });
+            }
+            if d.flags & VIRTQ_DESC_F_NEXT == 0 {
+                break;
+            }
+            if u32::from(d.next) >= limit {
+                return Err(VirtqueueError::NextOutOfRange { head, next: d.next, limit });
+            }
+            idx = d.next;
+        }
+        batch.chains.push(Chain {
+            head,
+            first: first as u32,
+            readable: readable_segs,
+            total: (batch.segments.len() - first) as u32,
+            readable_len: readable_len as u32,
+            writable_len: writable_len as u32,
+        });
+        Ok(())
+    }
+
+    #[inline]
+    fn push_segments(
+        &self,
+        head: u16,
+        d: &Descriptor,
+        writable: bool,
+        out: &mut Vec<Segment>,
+    ) -> Result<(), VirtqueueError> {
+        let len = u64::from(d.len);
+        match self.memory.translate(d.addr, len) {
+            Ok(host) => {
+                out.push(Segment { host, len: d.len, gpa: d.addr, writable });
+                Ok(())
+            }
+            Err(MemoryError::Unmapped { .. }) => {
+                // The buffer may continue in an adjacent region: split it.
+                let mut gpa = d.addr;
+                self.memory
+                    .for_each_segment(d.addr, len, |host, n| {
+                        out.push(Segment { host, len: n as u32, gpa, writable });
+                        gpa += n as u64;
+                    })
+                    .map_err(|_| VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len })
+            }
+            Err(_) => Err(VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len }),
+        }
+    }
+
+    /// Writes one used entry (not yet visible to the driver: see [`publish_used`](Self::publish_used)).
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), VirtqueueError> {
+        if self.broken {
+            return Err(VirtqueueError::Broken);
+        }
+        if head >= self.size {
+            return Err(VirtqueueError::HeadOutOfRange { head, size: self.size });
+        }
+        let slot = usize::from(self.next_used & (self.size - 1));
+        let mut elem = [0u8; 8];
+        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        elem[4..].copy_from_slice(&len.to_le_bytes());
+        let off = 4 + 8 * slot;
+        // SAFETY: slot < N, inside the translated used ring; 4-byte aligned.
+        unsafe { std::ptr::write_volatile(self.used.add(off).cast::<[u8; 8]>(), elem) };
+        self.log_used(off as u64, 8)?;
+        self.next_used = self.next_used.wrapping_add(1);
+        self.in_flight = self.in_flight.saturating_sub(1);
+        Ok(())
+    }
+
+    /// Completes a chain of `batch`: logs the first `written` bytes of its writable buffers when
+    /// LOG_ALL is on, and writes its used entry.
+    pub fn complete(&mut self, batch: &ChainBatch, chain: &Chain, written: u32) -> Result<(), VirtqueueError> {
+        let written = written.min(chain.writable_len);
+        if let Some(log) = &self.data_log {
+            let mut left = u64::from(written);
+            for seg in batch.writable(chain) {
+                if left == 0 {
+                    break;
+                }
+                let n = left.min(u64::from(seg.len));
+                log.mark(seg.gpa, n)?;
+                left -= n;
+            }
+        }
+        self.add_used(chain.head, written)
+    }
+
+    fn log_used(&self, offset: u64, len: u64) -> Result<(), VirtqueueError> {
+        if let Some((log, base)) = &self.used_log {
+            let gpa = base.checked_add(offset).ok_or(MemoryError::Overflow {
+                space: crate::memory::AddressSpace::Guest,
+                addr: *base,
+                len: offset,
+            })?;
+            log.mark(gpa, len)?;
+        }
+        Ok(())
+    }
+
+    /// Makes the used entries written since the last call visible (one release store of
+    /// `used.idx`) and says whether the driver must be notified (call eventfd), following
+    /// EVENT_IDX or VRING_AVAIL_F_NO_INTERRUPT.
+    pub fn publish_used(&mut self) -> Result<bool, VirtqueueError> {
+        if self.next_used == self.published_used {
+            return Ok(false);
+        }
+        // SAFETY: used translated with ≥ 4 bytes; avail with ≥ 4 + 2N (+2 with EVENT_IDX).
+        unsafe { store_u16(self.used.add(2), self.next_used, Ordering::Release) };
+        self.log_used(2, 2)?;
+        let old = self.published_used;
+        self.published_used = self.next_used;
+        // The store above must be visible before reading the driver's suppression state.
+        fence(Ordering::SeqCst);
+        let notify = if self.event_idx {
+            // SAFETY: used_event is the last u16 of the avail ring, translated with EVENT_IDX.
+            let used_event = unsafe { load_u16(self.avail.add(4 + 2 * usize::from(self.size)), Ordering::Relaxed) };
+            let notify = match self.signalled_used {
+                // After (re)start always signal once.
+                None => true,
+                Some(_) => need_event(used_event, self.next_used, old),
+            };
+            self.signalled_used = Some(self.next_used);
+            notify
+        } else {
+            // SAFETY: avail.flags is the first u16 of the avail ring.
+            let flags = unsafe { load_u16(self.avail, Ordering::Relaxed) };
+            flags & VIRTQ_AVAIL_F_NO_INTERRUPT == 0
+        };
+        Ok(notify)
+    }
+
+    /// Asks the driver not to kick (VRING_USED_F_NO_NOTIFY) while the device polls anyway.
+    /// With EVENT_IDX the driver only kicks when avail.idx passes avail_event, which the device
+    /// leaves behind while it drains, so there is nothing to write.
+    pub fn disable_notifications(&mut self) -> Result<(), VirtqueueError> {
+        if !self.event_idx && !self.broken {
+            // SAFETY: used.flags is the first u16 of the used ring.
+            unsafe {
+                let flags = load_u16(self.used, Ordering::Relaxed);
+                store_u16(self.used, flags | VIRTQ_USED_F_NO_NOTIFY, Ordering::Relaxed);
+            }
+            self.log_used(0, 2)?;
+        }
+        Ok(())
+    }
+
+    /// Re-arms kicks (clears NO_NOTIFY, or publishes avail_event = next avail index), then
+    /// re-reads avail.idx after a full barrier: `true` means more chains arrived meanwhile and
+    /// the caller must drain again instead of sleeping — this closes the lost-kick window.
+    pub fn enable_notifications(&mut self) -> Result<bool, VirtqueueError> {
+        if self.broken {
+            return Err(VirtqueueError::Broken);
+        }
+        if self.event_idx {
+            let off = 4 + 8 * usize::from(self.size);
+            // SAFETY: avail_event is the last u16 of the used ring, translated with EVENT_IDX.
+            unsafe { store_u16(self.used.add(off), self.next_avail, Ordering::Relaxed) };
+            self.log_used(off as u64, 2)?;
+        } else {
+            // SAFETY: used.flags is the first u16 of the used ring.
+            unsafe {
+                let flags = load_u16(self.used, Ordering::Relaxed);
+                store_u16(self.used, flags & !VIRTQ_USED_F_NO_NOTIFY, Ordering::Relaxed);
+            }
+            self.log_used(0, 2)?;
+        }
+        fence(Ordering::SeqCst);
+        // SAFETY: avail.idx is inside the translated avail ring.
+        let avail_idx = unsafe { load_u16(self.avail.add(2), Ordering::Acquire) };
+        Ok(avail_idx != self.next_avail)
+    }
+
+    /// The disable → drain → enable → re-check loop: calls `handle` with every batch until the
+    /// ring is empty with notifications re-armed, completing chains through the queue passed to
+    /// it. Returns whether the driver must be notified. No kick can be lost.
+    pub fn drain<F>(&mut self, batch: &mut ChainBatch, max_batch: usize, mut handle: F) -> Result<bool, VirtqueueError>
+    where
+        F: FnMut(&mut DeviceQueue, &ChainBatch) -> Result<(), VirtqueueError>,
+    {
+        let mut notify = false;
+        loop {
+            self.disable_notifications()?;
+            loop {
+                batch.clear();
+                let n = self.pop_batch(batch, max_batch)?;
+                if n == 0 {
+                    break;
+                }
+                handle(self, batch)?;
+                notify |= self.publish_used()?;
+            }
+            if !self.enable_notifications()? {
+                return Ok(notify);
+            }
+        }
+    }
+}
