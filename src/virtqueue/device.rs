@@ -137,6 +137,8 @@ pub struct DeviceQueue {
     published_used: u16,
     signalled_used: Option<u16>,
     in_flight: u16,
+    /// Which heads are popped and not completed (one byte each: no allocation per chain).
+    busy: Vec<bool>,
     event_idx: bool,
     indirect: bool,
     broken: bool,
@@ -187,6 +189,7 @@ impl DeviceQueue {
             published_used: next_used,
             signalled_used: None,
             in_flight: 0,
+            busy: vec![false; usize::from(size)],
             event_idx: cfg.event_idx,
             indirect: cfg.indirect,
             broken: false,
@@ -260,9 +263,13 @@ impl DeviceQueue {
             let slot = usize::from(self.next_avail & mask);
             // SAFETY: slot < N, inside the translated avail ring.
             let head = unsafe { u16::from_le(std::ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>())) };
+            if self.busy.get(usize::from(head)).copied().unwrap_or(false) {
+                return Err(self.fail(VirtqueueError::HeadInFlight { head, state: "already in flight" }));
+            }
             if let Err(e) = self.walk(head, batch) {
                 return Err(self.fail(e));
             }
+            self.busy[usize::from(head)] = true;
             self.next_avail = self.next_avail.wrapping_add(1);
             self.in_flight += 1;
             popped += 1;
@@ -409,8 +416,10 @@ impl DeviceQueue {
         if self.broken {
             return Err(VirtqueueError::Broken);
         }
-        if head >= self.size {
-            return Err(VirtqueueError::HeadOutOfRange { head, size: self.size });
+        match self.busy.get_mut(usize::from(head)) {
+            None => return Err(VirtqueueError::HeadOutOfRange { head, size: self.size }),
+            Some(busy) if !*busy => return Err(VirtqueueError::HeadInFlight { head, state: "not in flight" }),
+            Some(busy) => *busy = false,
         }
         let slot = usize::from(self.next_used & (self.size - 1));
         let mut elem = [0u8; 8];
@@ -429,18 +438,29 @@ impl DeviceQueue {
     /// LOG_ALL is on, and writes its used entry.
     pub fn complete(&mut self, batch: &ChainBatch, chain: &Chain, written: u32) -> Result<(), VirtqueueError> {
         let written = written.min(chain.writable_len);
+        self.complete_with(chain.head, batch.writable(chain).iter().map(|s| (s.gpa, s.len)), written)
+    }
+
+    /// Completes chain `head` whose writable buffers are `writable` (guest address, length):
+    /// logs the first `written` bytes when LOG_ALL is on and writes the used entry.
+    pub fn complete_with(
+        &mut self,
+        head: u16,
+        writable: impl IntoIterator<Item = (u64, u32)>,
+        written: u32,
+    ) -> Result<(), VirtqueueError> {
         if let Some(log) = &self.data_log {
             let mut left = u64::from(written);
-            for seg in batch.writable(chain) {
+            for (gpa, len) in writable {
                 if left == 0 {
                     break;
                 }
-                let n = left.min(u64::from(seg.len));
-                log.mark(seg.gpa, n)?;
+                let n = left.min(u64::from(len));
+                log.mark(gpa, n)?;
                 left -= n;
             }
         }
-        self.add_used(chain.head, written)
+        self.add_used(head, written)
     }
 
     fn log_used(&self, offset: u64, len: u64) -> Result<(), VirtqueueError> {

@@ -128,6 +128,15 @@ pub enum VirtqueueError {
         /// Ring size.
         size: u16,
     },
+    /// §7.9 #14 / CVE-2016-5403: the driver made a head available again while it is in flight,
+    /// or the device tried to complete a head that is not in flight.
+    #[error("head {head} is {state}")]
+    HeadInFlight {
+        /// The head.
+        head: u16,
+        /// "already in flight" or "not in flight".
+        state: &'static str,
+    },
     /// §7.9 #15: more segments than the device handles.
     #[error("chain {head} has more than {limit} segments")]
     TooManySegments {
@@ -197,7 +206,8 @@ impl VirtqueueError {
             | ZeroLength { head }
             | ReadableAfterWritable { head }
             | BufferUnmapped { head, .. }
-            | TooManySegments { head, .. } => Some(*head),
+            | TooManySegments { head, .. }
+            | HeadInFlight { head, .. } => Some(*head),
             UsedIdNotInFlight { id } | UsedLenTooLarge { id, .. } => u16::try_from(*id).ok(),
             _ => None,
         }

@@ -413,13 +413,26 @@ fn malformed_12_13_buffers_outside_memory() {
 fn malformed_14_more_in_flight_than_the_ring() {
     let mut p = pair(4);
     let mut batch = ChainBatch::new();
-    // The driver re-publishes heads that are still in flight (CVE-2016-5403).
-    for _ in 0..4 {
-        raw_add(&mut p, d(OK_BUF, 8, 0, 0));
-    }
-    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 4);
+    // The driver re-publishes a head that is still in flight (CVE-2016-5403).
+    let head = raw_add(&mut p, d(OK_BUF, 8, 0, 0));
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 1);
     raw_add(&mut p, d(OK_BUF, 8, 0, 0));
-    expect_broken(&mut p, |e| matches!(e, VirtqueueError::TooManyInFlight { size: 4 }));
+    expect_broken(&mut p, |e| matches!(e, VirtqueueError::HeadInFlight { head: h, .. } if *h == head));
+    // The device side refuses to complete what it did not pop, and to complete twice.
+    let mut p = pair(4);
+    assert!(matches!(p.device.add_used(1, 0), Err(VirtqueueError::HeadInFlight { head: 1, .. })));
+    assert!(matches!(p.device.add_used(9, 0), Err(VirtqueueError::HeadOutOfRange { head: 9, .. })));
+    // Four distinct heads fill the ring; the device pops all four and the count stays bounded.
+    let mut batch = ChainBatch::new();
+    for _ in 0..4 {
+        p.driver.add(&[(OK_BUF, 8)], &[]).unwrap();
+    }
+    p.driver.publish();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 4);
+    assert_eq!(p.device.in_flight(), 4);
+    let c = batch.chains()[0];
+    p.device.complete(&batch, &c, 0).unwrap();
+    assert!(matches!(p.device.complete(&batch, &c, 0), Err(VirtqueueError::HeadInFlight { .. })));
 }
 
 #[test]
