@@ -1,6 +1,8 @@
 //! The crate-level error: one variant per layer, plus the session-level failures.
 
+use crate::memory::MemoryError;
 use crate::protocol::{ProtocolError, Request};
+use crate::virtqueue::VirtqueueError;
 
 /// Any failure of this crate.
 #[derive(Debug, thiserror::Error)]
@@ -9,6 +11,18 @@ pub enum Error {
     /// The peer (or a caller building a message) broke the wire format.
     #[error(transparent)]
     Protocol(#[from] ProtocolError),
+    /// A guest-memory access or mapping failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A ring broke the virtio rules (the ring index says which).
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// Ring index.
+        queue: u16,
+        /// What went wrong.
+        #[source]
+        source: VirtqueueError,
+    },
     /// The peer closed the connection (EOF, ECONNRESET or EPIPE).
     #[error("peer closed the connection")]
     Disconnected,

@@ -11,13 +11,26 @@ Layers available today:
 - :mod:`vhostuser_rs.messages`: typed payloads and messages;
 - :mod:`vhostuser_rs.hazmat`: build, parse, send and receive any message, valid or not;
 - :class:`Connection` / :class:`Listener`: Unix sockets carrying messages with their fds;
+- :class:`GuestMemory`, :class:`DirtyLog`: shared guest memory and the migration dirty log;
+- :class:`DriverQueue` (front-end side) and :class:`DeviceQueue` / :class:`DescriptorChain`
+  (back-end side): split virtqueues with zero-copy buffer views;
 - :mod:`vhostuser_rs.exceptions`: the exception hierarchy.
 """
 
 from __future__ import annotations
 
 from . import enums, exceptions, hazmat, messages
-from ._native import Connection, Listener, __version__
+from ._native import (
+    Connection,
+    DescriptorChain,
+    DeviceQueue,
+    DirtyLog,
+    DriverQueue,
+    GuestBuffer,
+    GuestMemory,
+    Listener,
+    __version__,
+)
 from .enums import BackendRequest, Channel, DeviceStatus, FrontendRequest, ProtocolFeature, VirtioFeature
 from .exceptions import (
     ConnectionClosedError,
@@ -40,6 +53,12 @@ __all__ = [
     "Channel",
     "Connection",
     "ConnectionClosedError",
+    "DescriptorChain",
+    "DeviceQueue",
+    "DirtyLog",
+    "DriverQueue",
+    "GuestBuffer",
+    "GuestMemory",
     "DeviceStatus",
     "FeatureNotNegotiatedError",
     "FrontendRequest",

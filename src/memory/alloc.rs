@@ -33,6 +33,12 @@ impl GuestMemory {
         Ok(GuestMemory { table, cursors })
     }
 
+    /// Memory mapped from a peer's regions (the back-end role), with the same allocator.
+    pub fn from_table(table: MemoryTable) -> GuestMemory {
+        let cursors = Mutex::new(vec![0; table.regions().len()]);
+        GuestMemory { table, cursors }
+    }
+
     /// The memory table (for translation, reads and writes).
     pub fn table(&self) -> &MemoryTable {
         &self.table

@@ -63,6 +63,22 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
             attrs.push(("status", status.into_pyobject(py).map(|s| s.into_any()).unwrap_or_else(|e| match e {})));
             raise(py, "RequestRejectedError", err.to_string(), &attrs)
         }
+        Error::Memory(ref e) => {
+            let mut attrs = vec![];
+            if let Some((addr, len)) = e.range() {
+                attrs.push(("address", addr.into_pyobject(py).map(|v| v.into_any()).unwrap_or_else(|e| match e {})));
+                attrs.push(("length", len.into_pyobject(py).map(|v| v.into_any()).unwrap_or_else(|e| match e {})));
+            }
+            raise(py, "GuestMemoryError", err.to_string(), &attrs)
+        }
+        Error::Queue { queue, ref source } => {
+            let mut attrs =
+                vec![("queue_index", queue.into_pyobject(py).map(|v| v.into_any()).unwrap_or_else(|e| match e {}))];
+            if let Some(head) = source.head() {
+                attrs.push(("head", head.into_pyobject(py).map(|v| v.into_any()).unwrap_or_else(|e| match e {})));
+            }
+            raise(py, "VirtqueueError", err.to_string(), &attrs)
+        }
         Error::Io(e) if e.kind() == io::ErrorKind::InvalidData && e.raw_os_error().is_none() => {
             raise(py, "MalformedMessageError", e.to_string(), &[])
         }

@@ -5,7 +5,9 @@
 
 mod blocking;
 mod errors;
+mod memory;
 mod socket;
+mod virtqueue;
 mod wire;
 
 use pyo3::prelude::*;
@@ -19,5 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_FDS", crate::protocol::MAX_FDS)?;
     wire::register(m)?;
     socket::register(m)?;
+    memory::register(m)?;
+    virtqueue::register(m)?;
     Ok(())
 }

@@ -1,0 +1,479 @@
+//! `DriverQueue` (front-end side), `DeviceQueue` and `DescriptorChain` (back-end side).
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyMemoryView};
+
+use super::errors::to_pyerr;
+use super::memory::{GuestBuffer, PyDirtyLog, PyGuestMemory};
+use crate::error::Error;
+use crate::memory::{Mapping, MemoryTable};
+use crate::virtqueue::{Buffer, ChainBatch, DeviceQueue, DriverQueue, QueueConfig, RingAddressSpace, VirtqueueError};
+
+fn queue_err(py: Python<'_>, queue: u16, e: VirtqueueError) -> PyErr {
+    to_pyerr(py, Error::Queue { queue, source: e })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The driver side of a split ring in this process's guest memory (front-end role): add chains
+/// of buffers, publish them, decide on kicks, reap what the device used.
+#[pyclass(module = "vhostuser_rs", name = "DriverQueue", frozen)]
+pub(crate) struct PyDriverQueue {
+    inner: Mutex<DriverQueue>,
+    index: u16,
+}
+
+#[pymethods]
+impl PyDriverQueue {
+    /// Allocates a ring of `size` entries (a power of two) in `memory`. With `indirect_max` > 0,
+    /// room for an indirect table of that many descriptors per head is allocated too.
+    #[new]
+    #[pyo3(signature = (memory, size, *, event_idx=false, indirect_max=0, index=0))]
+    fn new(
+        py: Python<'_>,
+        memory: &PyGuestMemory,
+        size: u16,
+        event_idx: bool,
+        indirect_max: u16,
+        index: u16,
+    ) -> PyResult<PyDriverQueue> {
+        let q = DriverQueue::allocate(memory.inner.clone(), size, event_idx, indirect_max)
+            .map_err(|e| queue_err(py, index, e))?;
+        Ok(PyDriverQueue { inner: Mutex::new(q), index })
+    }
+
+    /// Adds one chain: device-readable ``(addr, len)`` buffers, then device-writable ones.
+    /// Returns its head. Not visible to the device until :meth:`publish`.
+    #[pyo3(signature = (readable=Vec::new(), writable=Vec::new(), *, indirect=false))]
+    fn add(&self, py: Python<'_>, readable: Vec<Buffer>, writable: Vec<Buffer>, indirect: bool) -> PyResult<u16> {
+        let mut q = lock(&self.inner);
+        let r = if indirect { q.add_indirect(&readable, &writable) } else { q.add(&readable, &writable) };
+        r.map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Adds many chains ``[(readable, writable), ...]`` in one call; returns their heads.
+    #[pyo3(signature = (chains, *, indirect=false))]
+    fn add_batch(&self, py: Python<'_>, chains: Vec<(Vec<Buffer>, Vec<Buffer>)>, indirect: bool) -> PyResult<Vec<u16>> {
+        let mut q = lock(&self.inner);
+        chains
+            .iter()
+            .map(|(r, w)| if indirect { q.add_indirect(r, w) } else { q.add(r, w) })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Makes the added chains visible (one release store of avail.idx).
+    fn publish(&self) {
+        lock(&self.inner).publish();
+    }
+
+    /// Whether the device wants a kick for what was published since the last call.
+    fn kick_needed(&self) -> bool {
+        lock(&self.inner).kick_needed()
+    }
+
+    /// Used entries as ``(head, written_len)``, at most `max`. Raises ``VirtqueueError`` if the
+    /// device returned something not in flight or claimed more bytes than a chain can hold.
+    #[pyo3(signature = (max=None))]
+    fn reap(&self, py: Python<'_>, max: Option<usize>) -> PyResult<Vec<(u16, u32)>> {
+        let mut q = lock(&self.inner);
+        let mut out = Vec::new();
+        q.reap(&mut out, max.unwrap_or(usize::MAX)).map_err(|e| queue_err(py, self.index, e))?;
+        Ok(out)
+    }
+
+    /// Asks the device for interrupts (call notifications) or not.
+    fn set_interrupts(&self, enabled: bool) {
+        lock(&self.inner).set_interrupts(enabled);
+    }
+
+    /// Restarts from the base GET_VRING_BASE returned (forgets chains in flight).
+    fn reset_to(&self, base: u16) {
+        lock(&self.inner).reset_to(base);
+    }
+
+    /// Ring size.
+    #[getter]
+    fn size(&self) -> u16 {
+        lock(&self.inner).ring().size
+    }
+
+    /// Ring index this queue is used as.
+    #[getter]
+    fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Free descriptors.
+    #[getter]
+    fn num_free(&self) -> u16 {
+        lock(&self.inner).num_free()
+    }
+
+    /// Chains added and not reaped.
+    #[getter]
+    fn in_flight(&self) -> u16 {
+        lock(&self.inner).in_flight()
+    }
+
+    /// The next available index (what SET_VRING_BASE sends).
+    #[getter]
+    fn avail_idx(&self) -> u16 {
+        lock(&self.inner).avail_idx()
+    }
+
+    /// Guest addresses ``(desc, avail, used)`` of the ring.
+    #[getter]
+    fn guest_addrs(&self) -> (u64, u64, u64) {
+        let r = lock(&self.inner).ring();
+        (r.desc, r.avail, r.used)
+    }
+
+    /// This process's addresses ``(desc, avail, used)``: what SET_VRING_ADDR sends.
+    #[getter]
+    fn user_addrs(&self) -> (u64, u64, u64) {
+        lock(&self.inner).user_addrs()
+    }
+}
+
+struct SegmentView {
+    ptr: *mut u8,
+    len: u32,
+    gpa: u64,
+    mapping: Arc<Mapping>,
+}
+
+// SAFETY: ptr points into `mapping`, which the view keeps alive.
+unsafe impl Send for SegmentView {}
+// SAFETY: as above; access goes through memoryviews and raw copies.
+unsafe impl Sync for SegmentView {}
+
+/// A chain popped by a ``DeviceQueue``: its head and its buffers as zero-copy memoryviews
+/// (device-readable ones read-only). Guest memory is volatile: copy headers before checking them.
+#[pyclass(module = "vhostuser_rs", name = "DescriptorChain", frozen)]
+pub(crate) struct PyDescriptorChain {
+    head: u16,
+    readable: Vec<SegmentView>,
+    writable: Vec<SegmentView>,
+    readable_len: u32,
+    writable_len: u32,
+}
+
+#[pymethods]
+impl PyDescriptorChain {
+    /// Head descriptor index (what the used entry returns).
+    #[getter]
+    fn head(&self) -> u16 {
+        self.head
+    }
+
+    /// Total bytes of the device-readable buffers.
+    #[getter]
+    fn readable_len(&self) -> u32 {
+        self.readable_len
+    }
+
+    /// Total bytes of the device-writable buffers.
+    #[getter]
+    fn writable_len(&self) -> u32 {
+        self.writable_len
+    }
+
+    /// The device-readable buffers, one read-only memoryview per contiguous piece.
+    #[getter]
+    fn readable<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyMemoryView>>> {
+        self.readable
+            .iter()
+            .map(|s| GuestBuffer::view(py, GuestBuffer::new(s.mapping.clone(), s.ptr, s.len as usize, true)))
+            .collect()
+    }
+
+    /// The device-writable buffers, one writable memoryview per contiguous piece.
+    #[getter]
+    fn writable<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyMemoryView>>> {
+        self.writable
+            .iter()
+            .map(|s| GuestBuffer::view(py, GuestBuffer::new(s.mapping.clone(), s.ptr, s.len as usize, false)))
+            .collect()
+    }
+
+    /// A copy of the readable bytes, concatenated (up to `n` bytes).
+    #[pyo3(signature = (n=None))]
+    fn read<'py>(&self, py: Python<'py>, n: Option<usize>) -> Bound<'py, PyBytes> {
+        let want = n.unwrap_or(self.readable_len as usize).min(self.readable_len as usize);
+        let mut out = Vec::with_capacity(want);
+        for s in &self.readable {
+            if out.len() >= want {
+                break;
+            }
+            let take = (s.len as usize).min(want - out.len());
+            let at = out.len();
+            out.resize(at + take, 0);
+            // SAFETY: s.ptr..+take lies in the mapping s keeps alive.
+            unsafe { std::ptr::copy_nonoverlapping(s.ptr, out.as_mut_ptr().add(at), take) };
+        }
+        PyBytes::new(py, &out)
+    }
+
+    /// Scatters `data` into the writable buffers starting at byte `offset`; returns the bytes
+    /// written (fewer if the buffers are too small).
+    #[pyo3(signature = (data, offset=0))]
+    fn write(&self, data: &[u8], offset: usize) -> usize {
+        let mut skip = offset;
+        let mut done = 0usize;
+        for s in &self.writable {
+            let len = s.len as usize;
+            if skip >= len {
+                skip -= len;
+                continue;
+            }
+            let take = (len - skip).min(data.len() - done);
+            // SAFETY: s.ptr+skip..+take lies in the mapping s keeps alive.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), s.ptr.add(skip), take) };
+            done += take;
+            skip = 0;
+            if done == data.len() {
+                break;
+            }
+        }
+        done
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "<vhostuser_rs.DescriptorChain head={} readable={}B writable={}B>",
+            self.head, self.readable_len, self.writable_len
+        )
+    }
+}
+
+struct DeviceState {
+    queue: DeviceQueue,
+    batch: ChainBatch,
+}
+
+/// The device side of a split ring (back-end role): pop chains in batches, complete them,
+/// publish the used index once per batch, and notify per EVENT_IDX / NO_INTERRUPT.
+#[pyclass(module = "vhostuser_rs", name = "DeviceQueue", frozen)]
+pub(crate) struct PyDeviceQueue {
+    inner: Mutex<DeviceState>,
+    index: u16,
+}
+
+impl PyDeviceQueue {
+    fn pop_chains(&self, py: Python<'_>, max: usize) -> PyResult<Vec<PyDescriptorChain>> {
+        let mut st = lock(&self.inner);
+        let DeviceState { queue, batch } = &mut *st;
+        batch.clear();
+        let popped = queue.pop_batch(batch, max);
+        let memory: &MemoryTable = queue.memory();
+        let mut chains = Vec::with_capacity(batch.len());
+        for c in batch.chains() {
+            let view = |s: &crate::virtqueue::Segment| -> Result<SegmentView, Error> {
+                let (_, mapping) = memory.translate_with(s.gpa, u64::from(s.len))?;
+                Ok(SegmentView { ptr: s.host, len: s.len, gpa: s.gpa, mapping: mapping.clone() })
+            };
+            let readable = batch.readable(c).iter().map(view).collect::<Result<Vec<_>, _>>();
+            let writable = batch.writable(c).iter().map(view).collect::<Result<Vec<_>, _>>();
+            let (readable, writable) = match (readable, writable) {
+                (Ok(r), Ok(w)) => (r, w),
+                (Err(e), _) | (_, Err(e)) => return Err(to_pyerr(py, e)),
+            };
+            chains.push(PyDescriptorChain {
+                head: c.head,
+                readable,
+                writable,
+                readable_len: c.readable_len,
+                writable_len: c.writable_len,
+            });
+        }
+        match popped {
+            // Chains popped before a malformed one are still returned; the next call reports
+            // the broken queue.
+            Err(e) if chains.is_empty() => Err(queue_err(py, self.index, e)),
+            _ => Ok(chains),
+        }
+    }
+
+    fn complete_one(
+        &self,
+        py: Python<'_>,
+        st: &mut DeviceState,
+        chain: &PyDescriptorChain,
+        written: u32,
+    ) -> PyResult<()> {
+        if written > chain.writable_len {
+            return Err(PyValueError::new_err(format!(
+                "written ({written}) exceeds the chain's writable bytes ({})",
+                chain.writable_len
+            )));
+        }
+        st.queue
+            .complete_with(chain.head, chain.writable.iter().map(|s| (s.gpa, s.len)), written)
+            .map_err(|e| queue_err(py, self.index, e))
+    }
+}
+
+#[pymethods]
+impl PyDeviceQueue {
+    /// Sets a ring up over `memory`. Addresses are guest physical (``address_space="guest"``)
+    /// or the front-end's user addresses of SET_VRING_ADDR (``"user"``). Each ring part must lie
+    /// inside one mapped region; the size must be a power of two ≤ 32768.
+    #[new]
+    #[pyo3(signature = (memory, size, *, desc_addr, avail_addr, used_addr, address_space="guest", event_idx=false, indirect=false, next_avail=0, index=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        memory: &PyGuestMemory,
+        size: u16,
+        desc_addr: u64,
+        avail_addr: u64,
+        used_addr: u64,
+        address_space: &str,
+        event_idx: bool,
+        indirect: bool,
+        next_avail: u16,
+        index: u16,
+    ) -> PyResult<PyDeviceQueue> {
+        let addr_space = match address_space {
+            "guest" => RingAddressSpace::Guest,
+            "user" => RingAddressSpace::User,
+            _ => return Err(PyValueError::new_err("address_space must be 'guest' or 'user'")),
+        };
+        let cfg = QueueConfig { size, desc_addr, avail_addr, used_addr, addr_space, event_idx, indirect, next_avail };
+        let queue =
+            DeviceQueue::new(Arc::new(memory.inner.table().clone()), cfg).map_err(|e| queue_err(py, index, e))?;
+        Ok(PyDeviceQueue { inner: Mutex::new(DeviceState { queue, batch: ChainBatch::new() }), index })
+    }
+
+    /// Pops up to `max` available chains. Raises ``VirtqueueError`` (and stops the queue) on a
+    /// malformed ring; the process is unharmed.
+    #[pyo3(signature = (max=32))]
+    fn pop(&self, py: Python<'_>, max: usize) -> PyResult<Vec<PyDescriptorChain>> {
+        self.pop_chains(py, max)
+    }
+
+    /// Completes `chain` with `written` bytes in its writable buffers (not visible to the driver
+    /// until :meth:`publish`).
+    fn complete(&self, py: Python<'_>, chain: &PyDescriptorChain, written: u32) -> PyResult<()> {
+        let mut st = lock(&self.inner);
+        self.complete_one(py, &mut st, chain, written)
+    }
+
+    /// Completes many ``(chain, written)`` pairs in one call.
+    fn complete_batch(&self, py: Python<'_>, done: Vec<(PyRef<'_, PyDescriptorChain>, u32)>) -> PyResult<()> {
+        let mut st = lock(&self.inner);
+        for (chain, written) in &done {
+            self.complete_one(py, &mut st, chain, *written)?;
+        }
+        Ok(())
+    }
+
+    /// Publishes the used entries (one release store) and says whether the driver must be
+    /// notified (write the call eventfd).
+    fn publish(&self, py: Python<'_>) -> PyResult<bool> {
+        lock(&self.inner).queue.publish_used().map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Re-arms kicks; ``True`` means chains arrived meanwhile (drain again before sleeping).
+    fn enable_notifications(&self, py: Python<'_>) -> PyResult<bool> {
+        lock(&self.inner).queue.enable_notifications().map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Asks the driver not to kick while the device polls.
+    fn disable_notifications(&self, py: Python<'_>) -> PyResult<()> {
+        lock(&self.inner).queue.disable_notifications().map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// The disable → drain → enable → re-check loop: calls ``handler(chains)`` with each batch;
+    /// it returns the bytes written into each chain (same order). Returns whether the driver
+    /// must be notified. No Rust lock is held while the handler runs.
+    #[pyo3(signature = (handler, *, max_batch=32))]
+    fn process(&self, py: Python<'_>, handler: &Bound<'_, PyAny>, max_batch: usize) -> PyResult<bool> {
+        let mut notify = false;
+        loop {
+            self.disable_notifications(py)?;
+            loop {
+                let chains = self.pop_chains(py, max_batch)?;
+                if chains.is_empty() {
+                    break;
+                }
+                let objs: Vec<Bound<'_, PyDescriptorChain>> =
+                    chains.into_iter().map(|c| Bound::new(py, c)).collect::<PyResult<_>>()?;
+                let list = PyList::new(py, &objs)?;
+                let written: Vec<u32> = handler.call1((list,))?.extract()?;
+                if written.len() != objs.len() {
+                    return Err(PyValueError::new_err("the handler must return one written length per chain"));
+                }
+                let mut st = lock(&self.inner);
+                for (chain, w) in objs.iter().zip(written) {
+                    self.complete_one(py, &mut st, chain.get(), w)?;
+                }
+                notify |= st.queue.publish_used().map_err(|e| queue_err(py, self.index, e))?;
+            }
+            if !self.enable_notifications(py)? {
+                return Ok(notify);
+            }
+        }
+    }
+
+    /// LOG_ALL: log writes into guest buffers in `log`; with `used_log_addr` (the ring's
+    /// log_guest_addr), also log used-ring writes. ``None`` stops logging.
+    #[pyo3(signature = (log=None, used_log_addr=None))]
+    fn set_dirty_log(&self, log: Option<&PyDirtyLog>, used_log_addr: Option<u64>) {
+        let data = log.map(|l| l.inner.clone());
+        let used = match (log, used_log_addr) {
+            (Some(l), Some(a)) => Some((l.inner.clone(), a)),
+            _ => None,
+        };
+        lock(&self.inner).queue.set_dirty_log(data, used);
+    }
+
+    /// Ring index.
+    #[getter]
+    fn index(&self) -> u16 {
+        self.index
+    }
+
+    /// Ring size.
+    #[getter]
+    fn size(&self) -> u16 {
+        lock(&self.inner).queue.size()
+    }
+
+    /// The next available index (GET_VRING_BASE's answer).
+    #[getter]
+    fn next_avail(&self) -> u16 {
+        lock(&self.inner).queue.next_avail()
+    }
+
+    /// The next used index.
+    #[getter]
+    fn next_used(&self) -> u16 {
+        lock(&self.inner).queue.next_used()
+    }
+
+    /// Chains popped and not completed.
+    #[getter]
+    fn in_flight(&self) -> u16 {
+        lock(&self.inner).queue.in_flight()
+    }
+
+    /// Whether a malformed ring stopped this queue.
+    #[getter]
+    fn is_broken(&self) -> bool {
+        lock(&self.inner).queue.is_broken()
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyDriverQueue>()?;
+    m.add_class::<PyDeviceQueue>()?;
+    m.add_class::<PyDescriptorChain>()?;
+    Ok(())
+}
