@@ -155,6 +155,12 @@ impl MemoryTable {
         (addr < r.end()).then_some(r)
     }
 
+    /// Index (in [`regions`](Self::regions)) of the region holding guest address `gpa`.
+    pub fn region_index(&self, gpa: u64) -> Option<usize> {
+        let i = self.regions.partition_point(|r| r.desc.guest_addr <= gpa).checked_sub(1)?;
+        (gpa < self.regions[i].end()).then_some(i)
+    }
+
     /// Host pointer to `[gpa, gpa + len)`, which must lie inside one region. A zero `len` still
     /// requires `gpa` to be mapped (CVE-2020-10725: an unchecked translation of an empty buffer).
     #[inline]

@@ -10,7 +10,7 @@ use pyo3::types::{PyBytes, PyMemoryView};
 
 use super::errors::IntoPyResult;
 use crate::error::Error;
-use crate::memory::{DirtyLog, GuestMemory, Mapping, MemoryTable, Region, RegionDesc};
+use crate::memory::{DirtyLog, GuestMemory, MemoryTable, Region, RegionDesc};
 
 /// A window of guest memory exported through the buffer protocol. `memoryview(buffer)` is
 /// zero-copy; the mapping stays alive as long as any view of it does, even after the memory
@@ -20,15 +20,21 @@ use crate::memory::{DirtyLog, GuestMemory, Mapping, MemoryTable, Region, RegionD
 /// validate before you use it.
 #[pyclass(module = "vhostuser_rs", frozen)]
 pub(crate) struct GuestBuffer {
-    _mapping: Arc<Mapping>,
+    /// Whatever owns the mapping: a region's `Mapping`, or a whole `MemoryTable`.
+    _owner: Arc<dyn std::any::Any + Send + Sync>,
     ptr: usize,
     len: usize,
     readonly: bool,
 }
 
 impl GuestBuffer {
-    pub(crate) fn new(mapping: Arc<Mapping>, ptr: *mut u8, len: usize, readonly: bool) -> GuestBuffer {
-        GuestBuffer { _mapping: mapping, ptr: ptr as usize, len, readonly }
+    pub(crate) fn new(
+        owner: Arc<dyn std::any::Any + Send + Sync>,
+        ptr: *mut u8,
+        len: usize,
+        readonly: bool,
+    ) -> GuestBuffer {
+        GuestBuffer { _owner: owner, ptr: ptr as usize, len, readonly }
     }
 
     /// A memoryview over a new buffer.
@@ -141,7 +147,10 @@ impl PyGuestMemory {
     /// its mapping alive on its own.
     fn view<'py>(&self, py: Python<'py>, addr: u64, n: u64) -> PyResult<Bound<'py, PyMemoryView>> {
         let (ptr, mapping) = self.inner.table().translate_with(addr, n).map_err(Error::from).py_err(py)?;
-        GuestBuffer::view(py, GuestBuffer::new(mapping.clone(), ptr, n as usize, false))
+        GuestBuffer::view(
+            py,
+            GuestBuffer::new(mapping.clone() as Arc<dyn std::any::Any + Send + Sync>, ptr, n as usize, false),
+        )
     }
 
     /// Reserves `size` bytes aligned to `align` (a power of two); returns their guest address.

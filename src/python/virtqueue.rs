@@ -9,7 +9,7 @@ use pyo3::types::{PyBytes, PyList, PyMemoryView};
 use super::errors::to_pyerr;
 use super::memory::{GuestBuffer, PyDirtyLog, PyGuestMemory};
 use crate::error::Error;
-use crate::memory::{Mapping, MemoryTable};
+use crate::memory::MemoryTable;
 use crate::virtqueue::{Buffer, ChainBatch, DeviceQueue, DriverQueue, QueueConfig, RingAddressSpace, VirtqueueError};
 
 fn queue_err(py: Python<'_>, queue: u16, e: VirtqueueError) -> PyErr {
@@ -141,14 +141,14 @@ impl PyDriverQueue {
     }
 }
 
+#[derive(Clone, Copy)]
 struct SegmentView {
     ptr: *mut u8,
     len: u32,
     gpa: u64,
-    mapping: Arc<Mapping>,
 }
 
-// SAFETY: ptr points into `mapping`, which the view keeps alive.
+// SAFETY: ptr points into a mapping of the chain's `memory`, which the chain keeps alive.
 unsafe impl Send for SegmentView {}
 // SAFETY: as above; access goes through memoryviews and raw copies.
 unsafe impl Sync for SegmentView {}
@@ -158,10 +158,37 @@ unsafe impl Sync for SegmentView {}
 #[pyclass(module = "vhostuser_rs", name = "DescriptorChain", frozen)]
 pub(crate) struct PyDescriptorChain {
     head: u16,
-    readable: Vec<SegmentView>,
-    writable: Vec<SegmentView>,
+    /// Every segment, readable first: one allocation per chain.
+    segments: Box<[SegmentView]>,
+    num_readable: usize,
     readable_len: u32,
     writable_len: u32,
+    /// Keeps every mapping the segments point into alive.
+    memory: Arc<MemoryTable>,
+}
+
+impl PyDescriptorChain {
+    fn readable_segs(&self) -> &[SegmentView] {
+        &self.segments[..self.num_readable]
+    }
+
+    fn writable_segs(&self) -> &[SegmentView] {
+        &self.segments[self.num_readable..]
+    }
+
+    fn views<'py>(
+        &self,
+        py: Python<'py>,
+        segs: &[SegmentView],
+        readonly: bool,
+    ) -> PyResult<Vec<Bound<'py, PyMemoryView>>> {
+        segs.iter()
+            .map(|s| {
+                let owner = self.memory.clone() as Arc<dyn std::any::Any + Send + Sync>;
+                GuestBuffer::view(py, GuestBuffer::new(owner, s.ptr, s.len as usize, readonly))
+            })
+            .collect()
+    }
 }
 
 #[pymethods]
@@ -187,19 +214,13 @@ impl PyDescriptorChain {
     /// The device-readable buffers, one read-only memoryview per contiguous piece.
     #[getter]
     fn readable<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyMemoryView>>> {
-        self.readable
-            .iter()
-            .map(|s| GuestBuffer::view(py, GuestBuffer::new(s.mapping.clone(), s.ptr, s.len as usize, true)))
-            .collect()
+        self.views(py, self.readable_segs(), true)
     }
 
     /// The device-writable buffers, one writable memoryview per contiguous piece.
     #[getter]
     fn writable<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyMemoryView>>> {
-        self.writable
-            .iter()
-            .map(|s| GuestBuffer::view(py, GuestBuffer::new(s.mapping.clone(), s.ptr, s.len as usize, false)))
-            .collect()
+        self.views(py, self.writable_segs(), false)
     }
 
     /// A copy of the readable bytes, concatenated (up to `n` bytes).
@@ -207,7 +228,7 @@ impl PyDescriptorChain {
     fn read<'py>(&self, py: Python<'py>, n: Option<usize>) -> Bound<'py, PyBytes> {
         let want = n.unwrap_or(self.readable_len as usize).min(self.readable_len as usize);
         let mut out = Vec::with_capacity(want);
-        for s in &self.readable {
+        for s in self.readable_segs() {
             if out.len() >= want {
                 break;
             }
@@ -226,7 +247,7 @@ impl PyDescriptorChain {
     fn write(&self, data: &[u8], offset: usize) -> usize {
         let mut skip = offset;
         let mut done = 0usize;
-        for s in &self.writable {
+        for s in self.writable_segs() {
             let len = s.len as usize;
             if skip >= len {
                 skip -= len;
@@ -271,25 +292,18 @@ impl PyDeviceQueue {
         let DeviceState { queue, batch } = &mut *st;
         batch.clear();
         let popped = queue.pop_batch(batch, max);
-        let memory: &MemoryTable = queue.memory();
+        let memory = queue.memory();
         let mut chains = Vec::with_capacity(batch.len());
         for c in batch.chains() {
-            let view = |s: &crate::virtqueue::Segment| -> Result<SegmentView, Error> {
-                let (_, mapping) = memory.translate_with(s.gpa, u64::from(s.len))?;
-                Ok(SegmentView { ptr: s.host, len: s.len, gpa: s.gpa, mapping: mapping.clone() })
-            };
-            let readable = batch.readable(c).iter().map(view).collect::<Result<Vec<_>, _>>();
-            let writable = batch.writable(c).iter().map(view).collect::<Result<Vec<_>, _>>();
-            let (readable, writable) = match (readable, writable) {
-                (Ok(r), Ok(w)) => (r, w),
-                (Err(e), _) | (_, Err(e)) => return Err(to_pyerr(py, e)),
-            };
+            let segments: Box<[SegmentView]> =
+                batch.segments(c).iter().map(|s| SegmentView { ptr: s.host, len: s.len, gpa: s.gpa }).collect();
             chains.push(PyDescriptorChain {
                 head: c.head,
-                readable,
-                writable,
+                segments,
+                num_readable: batch.readable(c).len(),
                 readable_len: c.readable_len,
                 writable_len: c.writable_len,
+                memory: memory.clone(),
             });
         }
         match popped {
@@ -314,7 +328,7 @@ impl PyDeviceQueue {
             )));
         }
         st.queue
-            .complete_with(chain.head, chain.writable.iter().map(|s| (s.gpa, s.len)), written)
+            .complete_with(chain.head, chain.writable_segs().iter().map(|s| (s.gpa, s.len)), written)
             .map_err(|e| queue_err(py, self.index, e))
     }
 }
@@ -346,9 +360,10 @@ impl PyDeviceQueue {
             _ => return Err(PyValueError::new_err("address_space must be 'guest' or 'user'")),
         };
         let cfg = QueueConfig { size, desc_addr, avail_addr, used_addr, addr_space, event_idx, indirect, next_avail };
-        let queue =
-            DeviceQueue::new(Arc::new(memory.inner.table().clone()), cfg).map_err(|e| queue_err(py, index, e))?;
-        Ok(PyDeviceQueue { inner: Mutex::new(DeviceState { queue, batch: ChainBatch::new() }), index })
+        let table = Arc::new(memory.inner.table().clone());
+        let queue = DeviceQueue::new(table, cfg).map_err(|e| queue_err(py, index, e))?;
+        let state = DeviceState { queue, batch: ChainBatch::new() };
+        Ok(PyDeviceQueue { inner: Mutex::new(state), index })
     }
 
     /// Pops up to `max` available chains. Raises ``VirtqueueError`` (and stops the queue) on a
