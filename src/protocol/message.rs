@@ -86,50 +86,57 @@ impl Message {
 
     /// Number of fds this message must travel with, or an error if `num_fds` does not fit.
     fn check_fds(&self, rule: FdRule, num_fds: usize) -> Result<(), ProtocolError> {
-        let (ok, expected): (bool, String) = match rule {
-            FdRule::Exactly(n) => (num_fds == n, n.to_string()),
-            FdRule::AtMost(n) => (num_fds <= n, format!("at most {n}")),
-            FdRule::PerRegion => {
-                let n = match &self.payload {
-                    Payload::MemoryTable(r) => r.len(),
-                    _ => 0,
-                };
-                (num_fds == n, format!("{n} (one per region)"))
-            }
-            FdRule::UnlessNoFd | FdRule::AtMostOneUnlessNoFd => {
-                let nofd = match &self.payload {
-                    Payload::VringFd(f) => f.nofd,
-                    Payload::VringArea(a) => a.nofd,
-                    _ => false,
-                };
-                match (nofd, rule) {
-                    (true, _) => (num_fds == 0, "0 (NOFD is set)".into()),
-                    (false, FdRule::UnlessNoFd) => (num_fds == 1, "1 (NOFD is clear)".into()),
-                    (false, _) => (num_fds <= 1, "at most 1".into()),
-                }
-            }
-            FdRule::InflightReply => {
-                let size = match &self.payload {
-                    Payload::Inflight(d) => d.mmap_size,
-                    _ => 0,
-                };
-                let n = usize::from(size != 0);
-                (num_fds == n, format!("{n} (one unless mmap_size is 0)"))
-            }
-            FdRule::DeviceStateReply => {
-                let v = match &self.payload {
-                    Payload::U64(v) => *v,
-                    _ => 0,
-                };
-                // An fd only on success (bits 0-7 zero) with "no fd" (bit 8) clear.
-                let n = usize::from(v & 0xff == 0 && v & (1 << 8) == 0);
-                (num_fds == n, format!("{n} (per the reply's status and no-fd bit)"))
-            }
+        let nofd = match &self.payload {
+            Payload::VringFd(f) => f.nofd,
+            Payload::VringArea(a) => a.nofd,
+            _ => false,
+        };
+        // Decide first, describe only on failure: the happy path allocates nothing.
+        let ok = match rule {
+            FdRule::Exactly(n) => num_fds == n,
+            FdRule::AtMost(n) => num_fds <= n,
+            FdRule::PerRegion => num_fds == self.regions(),
+            FdRule::UnlessNoFd => num_fds == usize::from(!nofd),
+            FdRule::AtMostOneUnlessNoFd => num_fds <= usize::from(!nofd),
+            FdRule::InflightReply => num_fds == self.inflight_fds(),
+            FdRule::DeviceStateReply => num_fds == self.device_state_fds(),
         };
         if ok {
-            Ok(())
-        } else {
-            Err(ProtocolError::FdCount { request: self.request, got: num_fds, expected })
+            return Ok(());
+        }
+        let expected = match rule {
+            FdRule::Exactly(n) => n.to_string(),
+            FdRule::AtMost(n) => format!("at most {n}"),
+            FdRule::PerRegion => format!("{} (one per region)", self.regions()),
+            FdRule::UnlessNoFd if nofd => "0 (NOFD is set)".into(),
+            FdRule::UnlessNoFd => "1 (NOFD is clear)".into(),
+            FdRule::AtMostOneUnlessNoFd if nofd => "0 (NOFD is set)".into(),
+            FdRule::AtMostOneUnlessNoFd => "at most 1".into(),
+            FdRule::InflightReply => format!("{} (one unless mmap_size is 0)", self.inflight_fds()),
+            FdRule::DeviceStateReply => format!("{} (per the reply's status and no-fd bit)", self.device_state_fds()),
+        };
+        Err(ProtocolError::FdCount { request: self.request, got: num_fds, expected })
+    }
+
+    fn regions(&self) -> usize {
+        match &self.payload {
+            Payload::MemoryTable(r) => r.len(),
+            _ => 0,
+        }
+    }
+
+    fn inflight_fds(&self) -> usize {
+        match &self.payload {
+            Payload::Inflight(d) => usize::from(d.mmap_size != 0),
+            _ => 0,
+        }
+    }
+
+    fn device_state_fds(&self) -> usize {
+        match &self.payload {
+            // An fd only on success (bits 0-7 zero) with "no fd" (bit 8) clear.
+            Payload::U64(v) => usize::from(v & 0xff == 0 && v & (1 << 8) == 0),
+            _ => 0,
         }
     }
 }
