@@ -23,6 +23,22 @@ pub enum Error {
         #[source]
         source: VirtqueueError,
     },
+    /// The request needs a feature that was not negotiated (checked before sending).
+    #[error("{request} needs {feature}, which was not negotiated")]
+    NotNegotiated {
+        /// The request.
+        request: Request,
+        /// The missing feature bits, by name.
+        feature: String,
+    },
+    /// The request is not allowed in the current state.
+    #[error("{request} is not allowed: {state}")]
+    InvalidState {
+        /// The request.
+        request: Request,
+        /// What is wrong with the state.
+        state: &'static str,
+    },
     /// The peer closed the connection (EOF, ECONNRESET or EPIPE).
     #[error("peer closed the connection")]
     Disconnected,

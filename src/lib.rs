@@ -8,6 +8,7 @@
 
 pub mod connection;
 pub mod error;
+pub mod frontend;
 pub mod memory;
 pub mod protocol;
 #[cfg(feature = "python")]

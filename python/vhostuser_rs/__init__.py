@@ -19,7 +19,7 @@ Layers available today:
 
 from __future__ import annotations
 
-from . import enums, exceptions, hazmat, messages
+from . import blk, enums, exceptions, frontend, hazmat, messages
 from ._native import (
     Connection,
     DescriptorChain,
@@ -46,10 +46,12 @@ from .exceptions import (
     VhostUserTimeoutError,
     VirtqueueError,
 )
+from .frontend import BackendRequestHandler, Frontend, Virtqueue
 from .messages import Message
 
 __all__ = [
     "BackendRequest",
+    "BackendRequestHandler",
     "Channel",
     "Connection",
     "ConnectionClosedError",
@@ -61,6 +63,7 @@ __all__ = [
     "GuestMemory",
     "DeviceStatus",
     "FeatureNotNegotiatedError",
+    "Frontend",
     "FrontendRequest",
     "GuestMemoryError",
     "InvalidStateError",
@@ -75,10 +78,13 @@ __all__ = [
     "VhostUserError",
     "VhostUserTimeoutError",
     "VirtioFeature",
+    "Virtqueue",
     "VirtqueueError",
     "__version__",
+    "blk",
     "enums",
     "exceptions",
+    "frontend",
     "hazmat",
     "messages",
 ]

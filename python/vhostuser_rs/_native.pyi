@@ -10,6 +10,7 @@ from .messages import MemoryRegion, Message
 
 __all__ = [
     "Connection",
+    "FrontendCore",
     "DescriptorChain",
     "DeviceQueue",
     "DirtyLog",
@@ -212,3 +213,28 @@ class DeviceQueue:
     def in_flight(self) -> int: ...
     @property
     def is_broken(self) -> bool: ...
+
+@final
+class FrontendCore:
+    """The Rust core of a front-end session (use vhostuser_rs.Frontend)."""
+
+    @staticmethod
+    def connect(path: str | os.PathLike[str], *, timeout: float | None = 5.0) -> FrontendCore: ...
+    @staticmethod
+    def from_fd(fd: int) -> FrontendCore: ...
+    def request(
+        self,
+        request: int,
+        payload: Any = None,
+        fds: list[int] = ...,
+        *,
+        need_reply: bool | None = None,
+        timeout: float | None = 5.0,
+        check_gate: bool = True,
+    ) -> tuple[Message | None, list[int]]: ...
+    def negotiated(self) -> dict[str, int | None]: ...
+    def start_backend_channel(self, handler: Any) -> int: ...
+    @property
+    def backend_channel_running(self) -> bool: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...

@@ -101,6 +101,61 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe(path: str, timeout: float, device: str) -> dict[str, Any]:
+    from .blk import CONFIG_SIZE, BlockConfig
+    from .frontend import Frontend
+
+    with Frontend.connect(path, timeout=timeout) as fe:
+        features = fe.get_features()
+        doc: dict[str, Any] = {
+            "socket": path,
+            "features": int(features),
+            "feature_names": _flag_names(features).split("|"),
+        }
+        if VirtioFeature.PROTOCOL_FEATURES in features:
+            proto = fe.get_protocol_features()
+            doc["protocol_features"] = int(proto)
+            doc["protocol_feature_names"] = _flag_names(proto).split("|")
+            usable = proto & (
+                ProtocolFeature.MQ | ProtocolFeature.CONFIG | ProtocolFeature.CONFIGURE_MEM_SLOTS | ProtocolFeature.REPLY_ACK
+            )
+            fe.set_protocol_features(usable)
+            if ProtocolFeature.MQ in usable:
+                doc["queues"] = fe.get_queue_num()
+            if ProtocolFeature.CONFIGURE_MEM_SLOTS in usable:
+                doc["max_mem_slots"] = fe.get_max_mem_slots()
+            if ProtocolFeature.CONFIG in usable and device == "blk":
+                try:
+                    cfg = BlockConfig.parse(fe.get_config(0, CONFIG_SIZE))
+                    doc["block"] = dataclasses.asdict(cfg)
+                except VhostUserError as e:
+                    doc["config_error"] = str(e)
+    return doc
+
+
+def _cmd_probe(args: argparse.Namespace) -> int:
+    try:
+        doc = _probe(args.socket, args.timeout, args.device)
+    except (VhostUserError, OSError) as e:
+        print(f"vhostuser-rs probe: {args.socket}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    print(f"back-end at {doc['socket']}")
+    print(f"  features          {doc['features']:#x}: {'|'.join(doc['feature_names'])}")
+    if "protocol_features" in doc:
+        print(f"  protocol features {doc['protocol_features']:#x}: {'|'.join(doc['protocol_feature_names'])}")
+    for key in ("queues", "max_mem_slots"):
+        if key in doc:
+            print(f"  {key.replace('_', ' '):<17} {doc[key]}")
+    if "block" in doc:
+        blk = doc["block"]
+        print(f"  virtio-blk config capacity {blk['capacity']} sectors ({blk['capacity'] * 512} bytes), "
+              f"blk_size {blk['blk_size']}, seg_max {blk['seg_max']}, num_queues {blk['num_queues']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -118,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel", choices=("main", "backend"), default="main")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_requests)
+
+    p = sub.add_parser("probe", help="connect as a front-end and print what a back-end offers")
+    p.add_argument("socket", help="the back-end's Unix socket")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the back-end")
+    p.add_argument("--device", choices=("blk", "none"), default="blk", help="decode the config space as")
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")

@@ -5,7 +5,7 @@ use std::io;
 
 use pyo3::exceptions::{PyOSError, PyRuntimeError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyString};
 
 use crate::error::Error;
 use crate::protocol::{Channel, ProtocolError, Request};
@@ -78,6 +78,16 @@ pub(crate) fn to_pyerr(py: Python<'_>, err: Error) -> PyErr {
                 attrs.push(("head", head.into_pyobject(py).map(|v| v.into_any()).unwrap_or_else(|e| match e {})));
             }
             raise(py, "VirtqueueError", err.to_string(), &attrs)
+        }
+        Error::NotNegotiated { request, ref feature } => {
+            let mut attrs = request_attr(py, Some(request));
+            attrs.push(("feature", PyString::new(py, feature).into_any()));
+            raise(py, "FeatureNotNegotiatedError", err.to_string(), &attrs)
+        }
+        Error::InvalidState { request, state } => {
+            let mut attrs = request_attr(py, Some(request));
+            attrs.push(("state", PyString::new(py, state).into_any()));
+            raise(py, "InvalidStateError", err.to_string(), &attrs)
         }
         Error::Io(e) if e.kind() == io::ErrorKind::InvalidData && e.raw_os_error().is_none() => {
             raise(py, "MalformedMessageError", e.to_string(), &[])

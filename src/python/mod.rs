@@ -5,6 +5,7 @@
 
 mod blocking;
 mod errors;
+mod frontend;
 mod memory;
 mod socket;
 mod virtqueue;
@@ -23,5 +24,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     socket::register(m)?;
     memory::register(m)?;
     virtqueue::register(m)?;
+    frontend::register(m)?;
     Ok(())
 }

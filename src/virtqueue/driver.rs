@@ -175,8 +175,13 @@ impl DriverQueue {
         self.num_free = size;
         self.in_flight = 0;
         self.inflight.iter_mut().for_each(|f| *f = InFlight::default());
-        // SAFETY: avail and used were translated at setup.
+        // Event indices start at the base too: a ring restarted at `base` behaves like a fresh
+        // ring at 0 (the first chain needs a kick, the first completion an interrupt).
+        let n = usize::from(self.ring.size);
+        // SAFETY: avail and used were translated at setup with their EVENT_IDX tails.
         unsafe {
+            store_u16(self.avail.add(4 + 2 * n), base, Ordering::Relaxed);
+            store_u16(self.used.add(4 + 8 * n), base, Ordering::Relaxed);
             store_u16(self.avail.add(2), base, Ordering::Release);
             store_u16(self.used.add(2), base, Ordering::Release);
         }

@@ -1,0 +1,284 @@
+//! The front-end role: send requests to a back-end, await their replies and acks, and remember
+//! what was negotiated so a request whose feature is missing is refused before it is sent.
+//!
+//! One request is in flight at a time on the main channel (the protocol has no tags): the `io`
+//! lock covers send + reply. The back-end request channel is served on its own thread
+//! ([`channel`]), so an IOTLB miss arriving while a main-channel reply is awaited cannot deadlock.
+
+pub mod channel;
+
+use std::os::fd::BorrowedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::connection::{Connection, Deadline, Received};
+use crate::error::{Error, Result};
+use crate::protocol::{
+    Channel, FrontendRequest, Gate, Message, Payload, ProtocolError, ProtocolFeatures, ReplyRule, Request,
+    VirtioFeatures,
+};
+
+/// What has been offered and acknowledged so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Negotiated {
+    /// GET_FEATURES answer.
+    pub offered_features: Option<u64>,
+    /// Last SET_FEATURES value.
+    pub acked_features: Option<u64>,
+    /// GET_PROTOCOL_FEATURES answer.
+    pub offered_protocol: Option<u64>,
+    /// Last SET_PROTOCOL_FEATURES value.
+    pub acked_protocol: u64,
+}
+
+impl Negotiated {
+    fn protocol(&self) -> ProtocolFeatures {
+        ProtocolFeatures(self.acked_protocol)
+    }
+
+    fn virtio(&self) -> VirtioFeatures {
+        VirtioFeatures(self.acked_features.unwrap_or(0))
+    }
+
+    /// Why `request` may not be sent yet, if it may not.
+    pub fn check_gate(&self, request: FrontendRequest) -> Result<()> {
+        let not = |feature: String| Err(Error::NotNegotiated { request: request.into(), feature });
+        let pf = VirtioFeatures::PROTOCOL_FEATURES.bits();
+        match request.rules().gate {
+            Gate::None => Ok(()),
+            Gate::ProtocolFeaturesOffered => match self.offered_features {
+                Some(f) if f & pf != 0 => Ok(()),
+                Some(_) => not("PROTOCOL_FEATURES (not offered by the back-end)".into()),
+                None => Err(Error::InvalidState { request: request.into(), state: "GET_FEATURES was not sent yet" }),
+            },
+            Gate::ProtocolFeaturesAcked => {
+                if self.acked_features.unwrap_or(0) & pf != 0 {
+                    Ok(())
+                } else {
+                    not("PROTOCOL_FEATURES".into())
+                }
+            }
+            Gate::Protocol(p) if self.protocol().contains(p) => Ok(()),
+            Gate::Protocol(p) => not((p & !self.protocol()).names().join("|")),
+            Gate::Virtio(v) if self.virtio().contains(v) => Ok(()),
+            Gate::Virtio(v) => not((v & !self.virtio()).names().join("|")),
+            Gate::Both(p, v) => {
+                if !self.protocol().contains(p) {
+                    not((p & !self.protocol()).names().join("|"))
+                } else if !self.virtio().contains(v) {
+                    not((v & !self.virtio()).names().join("|"))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+/// Options of one request.
+#[derive(Clone, Copy, Debug)]
+pub struct RequestOptions {
+    /// Set NEED_REPLY: `None` = policy (every request without a reply of its own, once
+    /// REPLY_ACK is negotiated), `Some(x)` = the caller decides.
+    pub need_reply: Option<bool>,
+    /// Refuse requests whose feature is not negotiated (the hazmat layer turns this off).
+    pub check_gate: bool,
+    /// Overall deadline of send + reply.
+    pub deadline: Deadline,
+    /// Length of the waiting slices between which `interrupt` is called.
+    pub slice: Duration,
+}
+
+impl Default for RequestOptions {
+    fn default() -> Self {
+        RequestOptions {
+            need_reply: None,
+            check_gate: true,
+            deadline: Deadline::after(Some(Duration::from_secs(5))),
+            slice: Duration::from_millis(100),
+        }
+    }
+}
+
+/// A connection to a back-end, as its front-end.
+#[derive(Debug)]
+pub struct Frontend {
+    conn: Connection,
+    io: Mutex<()>,
+    state: Mutex<Negotiated>,
+    /// Set when a wait was abandoned mid-request: the next reply could belong to it.
+    out_of_step: AtomicBool,
+}
+
+impl Frontend {
+    /// A front-end over a connected main channel.
+    pub fn new(conn: Connection) -> Frontend {
+        Frontend {
+            conn,
+            io: Mutex::new(()),
+            state: Mutex::new(Negotiated::default()),
+            out_of_step: AtomicBool::new(false),
+        }
+    }
+
+    /// The main channel.
+    pub fn connection(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// What was negotiated so far.
+    pub fn negotiated(&self) -> Negotiated {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends `request` with `payload` and `fds`, then waits for its reply (if it has one) or its
+    /// ack (if NEED_REPLY was set). A non-zero ack is [`Error::Rejected`]. `interrupt` is called
+    /// between waiting slices; an error from it abandons the wait (and marks the connection out
+    /// of step: later requests fail until reconnect).
+    pub fn request(
+        &self,
+        request: FrontendRequest,
+        payload: Payload,
+        fds: &[BorrowedFd<'_>],
+        opts: RequestOptions,
+        interrupt: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Option<Received>> {
+        if self.out_of_step.load(Ordering::Acquire) {
+            return Err(Error::InvalidState {
+                request: request.into(),
+                state: "an earlier request was abandoned; the connection is out of step (reconnect)",
+            });
+        }
+        let negotiated = self.negotiated();
+        let reply_ack = negotiated.protocol().contains(ProtocolFeatures::REPLY_ACK);
+        if opts.check_gate {
+            negotiated.check_gate(request)?;
+            self.check_values(&negotiated, request, &payload)?;
+            if opts.need_reply == Some(true) && !reply_ack {
+                return Err(Error::NotNegotiated { request: request.into(), feature: "REPLY_ACK".into() });
+            }
+        }
+        let rules = request.rules();
+        let mandatory = match rules.reply {
+            ReplyRule::Always(..) => true,
+            ReplyRule::IfLogShmfd(_) => negotiated.protocol().contains(ProtocolFeatures::LOG_SHMFD),
+            _ => false,
+        };
+        // QEMU always sets NEED_REPLY on these (their reply is ack-shaped).
+        let forced = matches!(
+            request,
+            FrontendRequest::IOTLB_MSG | FrontendRequest::POSTCOPY_LISTEN | FrontendRequest::POSTCOPY_END
+        );
+        let need_reply = forced || opts.need_reply.unwrap_or(reply_ack && !mandatory);
+        let mut message = Message::request(request, payload);
+        if need_reply {
+            message = message.with_need_reply();
+        }
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        self.conn.send(&message, fds, opts.deadline)?;
+        let reply = if mandatory || need_reply { Some(self.await_reply(request, opts, interrupt)?) } else { None };
+        if let Some(r) = &reply {
+            if !mandatory {
+                if let Payload::U64(status) = r.message.payload {
+                    if status != 0 {
+                        return Err(Error::Rejected { request: request.into(), status });
+                    }
+                }
+            }
+        }
+        self.remember(request, &message.payload, reply.as_ref());
+        Ok(reply)
+    }
+
+    fn await_reply(
+        &self,
+        request: FrontendRequest,
+        opts: RequestOptions,
+        interrupt: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<Received> {
+        loop {
+            let slice = opts.deadline.remaining().map(|r| r.min(opts.slice)).unwrap_or(opts.slice);
+            if self.conn.readable(Some(slice))? {
+                break;
+            }
+            if let Err(e) = interrupt() {
+                self.out_of_step.store(true, Ordering::Release);
+                return Err(e);
+            }
+            if opts.deadline.expired() {
+                self.out_of_step.store(true, Ordering::Release);
+                return Err(Error::Timeout("waiting for the back-end's reply"));
+            }
+        }
+        let received = self.conn.recv(Channel::Main, opts.deadline).inspect_err(|e| {
+            if !matches!(e, Error::Disconnected) {
+                self.out_of_step.store(true, Ordering::Release);
+            }
+        })?;
+        let expected = Request::Frontend(request);
+        if !received.message.is_reply() {
+            self.out_of_step.store(true, Ordering::Release);
+            return Err(ProtocolError::Direction {
+                request: expected,
+                reason: "the back-end sent a request, not a reply",
+            }
+            .into());
+        }
+        if received.message.request != expected {
+            self.out_of_step.store(true, Ordering::Release);
+            return Err(ProtocolError::UnexpectedReply { request: expected, got: received.message.request }.into());
+        }
+        Ok(received)
+    }
+
+    /// Value rules the front-end enforces on itself: only acknowledge what was offered.
+    fn check_values(&self, n: &Negotiated, request: FrontendRequest, payload: &Payload) -> Result<()> {
+        let subset = |value: u64, offered: Option<u64>, what: &'static str| -> Result<()> {
+            match offered {
+                None => Err(Error::InvalidState { request: request.into(), state: what }),
+                Some(o) if value & !o != 0 => Err(Error::NotNegotiated {
+                    request: request.into(),
+                    feature: format!("{:#x} (bits the back-end did not offer)", value & !o),
+                }),
+                Some(_) => Ok(()),
+            }
+        };
+        match (request, payload) {
+            (FrontendRequest::SET_FEATURES, Payload::U64(v)) => {
+                subset(*v, n.offered_features, "GET_FEATURES was not sent yet")
+            }
+            (FrontendRequest::SET_PROTOCOL_FEATURES, Payload::U64(v)) => {
+                subset(*v, n.offered_protocol, "GET_PROTOCOL_FEATURES was not sent yet")?;
+                if let Some((bit, needs)) = ProtocolFeatures(*v).missing_dependency() {
+                    return Err(Error::NotNegotiated {
+                        request: request.into(),
+                        feature: format!("{} (needed by {})", needs.names().join("|"), bit.names().join("|")),
+                    });
+                }
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn remember(&self, request: FrontendRequest, sent: &Payload, reply: Option<&Received>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let answer = match reply.map(|r| &r.message.payload) {
+            Some(Payload::U64(v)) => Some(*v),
+            _ => None,
+        };
+        match (request, sent) {
+            (FrontendRequest::GET_FEATURES, _) => st.offered_features = answer,
+            (FrontendRequest::GET_PROTOCOL_FEATURES, _) => st.offered_protocol = answer,
+            (FrontendRequest::SET_FEATURES, Payload::U64(v)) => st.acked_features = Some(*v),
+            (FrontendRequest::SET_PROTOCOL_FEATURES, Payload::U64(v)) => st.acked_protocol = *v,
+            _ => {}
+        }
+    }
+
+    /// Wakes any blocked request (it fails with a disconnect) and closes the channel for I/O.
+    pub fn shutdown(&self) {
+        self.conn.shutdown();
+    }
+}

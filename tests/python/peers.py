@@ -1,0 +1,88 @@
+"""Real peers for the interop tests, started and stopped by the tests themselves."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+QSD = shutil.which("qemu-storage-daemon")
+VIRTIOFSD = next((p for p in ("/usr/lib/qemu/virtiofsd", "/usr/libexec/virtiofsd") if os.access(p, os.X_OK)), None)
+
+
+def need(binary: str | None, name: str) -> str:
+    """The binary, or skip with a clear reason (CI installs every peer, so CI never skips)."""
+    if binary is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} is not installed (apt-get install qemu-system-common)")
+    return binary
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''!r}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear")
+        time.sleep(0.01)
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for stream in (proc.stdout, proc.stderr):
+        if stream is not None:
+            stream.close()
+
+
+@contextmanager
+def qemu_storage_daemon(image: Path, sock: Path, *, num_queues: int = 2, writable: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`."""
+    binary = need(QSD, "qemu-storage-daemon")
+    proc = subprocess.Popen(
+        [
+            binary,
+            "--blockdev", f"driver=file,node-name=file0,filename={image}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+            f"writable={'on' if writable else 'off'},num-queues={num_queues}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock, proc)
+        yield proc
+    finally:
+        stop(proc)
+
+
+@contextmanager
+def virtiofsd(shared: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """QEMU's C virtiofsd sharing `shared` on `sock` (it exits after one front-end)."""
+    binary = need(VIRTIOFSD, "virtiofsd")
+    proc = subprocess.Popen(
+        [binary, f"--socket-path={sock}", "-o", f"source={shared}", "-o", "cache=none", "--sandbox=chroot"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock, proc)
+        yield proc
+    finally:
+        stop(proc)
