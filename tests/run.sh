@@ -14,5 +14,8 @@ echo "== stubs (mypy.stubtest)"
 # Run from outside the source tree so the installed package is the one checked.
 (cd /tmp && python3 -m mypy.stubtest vhostuser_rs._native)
 
+echo "== types (mypy --strict)"
+python3 -m mypy --strict python/vhostuser_rs
+
 echo "== pytest"
 python3 -m pytest -p no:cacheprovider tests/python "$@"

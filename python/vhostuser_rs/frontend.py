@@ -24,6 +24,7 @@ import select
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from types import EllipsisType
 from typing import Any
 
 from . import _native
@@ -154,7 +155,7 @@ class BackendRequestHandler:
         except NotImplementedError:
             return _errno_status(errno.ENOSYS), None
         except Exception:
-            log.warning("back-end request %s failed in %r", request.name, self, exc_info=True)
+            log.warning("back-end request %s failed in %r", getattr(request, "name", request), self, exc_info=True)
             return 1, None
         return (0 if result is None else int(result)), None
 
@@ -262,7 +263,7 @@ class Frontend:
     @property
     def protocol_features(self) -> ProtocolFeature:
         """The acknowledged protocol features."""
-        return ProtocolFeature(self._core.negotiated()["acked_protocol_features"])
+        return ProtocolFeature(self._core.negotiated()["acked_protocol_features"] or 0)
 
     @property
     def features(self) -> VirtioFeature:
@@ -276,11 +277,11 @@ class Frontend:
         fds: Sequence[int] = (),
         *,
         need_reply: bool | None = None,
-        timeout: float | None = ...,  # type: ignore[assignment]
+        timeout: float | None | EllipsisType = ...,
         check_gate: bool = True,
     ) -> tuple[Message | None, list[int]]:
         """Send any request; returns ``(reply, fds)``. The building block of every method."""
-        t = self.timeout if timeout is ... else timeout
+        t = self.timeout if isinstance(timeout, EllipsisType) else timeout
         return self._core.request(int(request), payload, list(fds), need_reply=need_reply, timeout=t, check_gate=check_gate)
 
     def _call(self, request: FrontendRequest, payload: Payload = None, fds: Sequence[int] = (), **kw: Any) -> Any:

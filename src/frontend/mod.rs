@@ -211,24 +211,27 @@ impl Frontend {
                 return Err(Error::Timeout("waiting for the back-end's reply"));
             }
         }
-        let received = self.conn.recv(Channel::Main, opts.deadline).inspect_err(|e| {
+        let raw = self.conn.recv_raw(opts.deadline, crate::protocol::MAX_PAYLOAD_SIZE);
+        let raw = raw.inspect_err(|e| {
             if !matches!(e, Error::Disconnected) {
                 self.out_of_step.store(true, Ordering::Release);
             }
         })?;
         let expected = Request::Frontend(request);
-        if !received.message.is_reply() {
+        let got = raw.header.request(Channel::Main);
+        // Check direction and request before the payload, so the error says what went wrong.
+        if !raw.header.is_reply() {
             self.out_of_step.store(true, Ordering::Release);
-            return Err(ProtocolError::Direction {
-                request: expected,
-                reason: "the back-end sent a request, not a reply",
-            }
-            .into());
+            return Err(ProtocolError::Direction { request: expected, reason: "the back-end sent a request, not a reply" }
+                .into());
         }
-        if received.message.request != expected {
+        if got != expected {
             self.out_of_step.store(true, Ordering::Release);
-            return Err(ProtocolError::UnexpectedReply { request: expected, got: received.message.request }.into());
+            return Err(ProtocolError::UnexpectedReply { request: expected, got }.into());
         }
+        raw.header.validate(Channel::Main)?;
+        let message = crate::protocol::decode_body(Channel::Main, raw.header, &raw.payload, raw.fds.len())?;
+        let received = Received { message, fds: raw.fds };
         Ok(received)
     }
 
