@@ -77,7 +77,7 @@ def virtiofsd(shared: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """QEMU's C virtiofsd sharing `shared` on `sock` (it exits after one front-end)."""
     binary = need(VIRTIOFSD, "virtiofsd")
     proc = subprocess.Popen(
-        [binary, f"--socket-path={sock}", "-o", f"source={shared}", "-o", "cache=none", "--sandbox=chroot"],
+        [binary, f"--socket-path={sock}", "-o", f"source={shared}", "-o", "cache=none", "-o", "sandbox=chroot"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
