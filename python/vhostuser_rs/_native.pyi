@@ -11,6 +11,7 @@ from .messages import MemoryRegion, Message
 __all__ = [
     "Connection",
     "FrontendCore",
+    "block_io",
     "DescriptorChain",
     "DeviceQueue",
     "DirtyLog",
@@ -238,3 +239,19 @@ class FrontendCore:
     def backend_channel_running(self) -> bool: ...
     def fileno(self) -> int: ...
     def close(self) -> None: ...
+
+def block_io(
+    queue: DriverQueue,
+    memory: GuestMemory,
+    kick_fd: int,
+    call_fd: int,
+    *,
+    rw: str = "randread",
+    bs: int = 4096,
+    iodepth: int = 32,
+    duration: float = 10.0,
+    capacity: int,
+    verify: bool = False,
+    seed: int = 1,
+    progress: bool = False,
+) -> dict[str, Any]: ...

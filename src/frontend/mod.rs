@@ -5,6 +5,7 @@
 //! lock covers send + reply. The back-end request channel is served on its own thread
 //! ([`channel`]), so an IOTLB miss arriving while a main-channel reply is awaited cannot deadlock.
 
+pub mod blkio;
 pub mod channel;
 
 use std::os::fd::BorrowedFd;
@@ -222,8 +223,11 @@ impl Frontend {
         // Check direction and request before the payload, so the error says what went wrong.
         if !raw.header.is_reply() {
             self.out_of_step.store(true, Ordering::Release);
-            return Err(ProtocolError::Direction { request: expected, reason: "the back-end sent a request, not a reply" }
-                .into());
+            return Err(ProtocolError::Direction {
+                request: expected,
+                reason: "the back-end sent a request, not a reply",
+            }
+            .into());
         }
         if got != expected {
             self.out_of_step.store(true, Ordering::Release);

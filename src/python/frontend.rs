@@ -186,7 +186,82 @@ impl PyFrontendCore {
     }
 }
 
+/// Runs the Rust virtio-blk I/O loop on a ring set up by ``Frontend.setup_queue`` and returns
+/// what it measured. The GIL is released for the whole run; Ctrl-C ends it early.
+#[pyfunction]
+#[pyo3(signature = (queue, memory, kick_fd, call_fd, *, rw="randread", bs=4096, iodepth=32, duration=10.0, capacity, verify=false, seed=1, progress=false))]
+#[allow(clippy::too_many_arguments)]
+fn block_io<'py>(
+    py: Python<'py>,
+    queue: &super::virtqueue::PyDriverQueue,
+    memory: &super::memory::PyGuestMemory,
+    kick_fd: RawFd,
+    call_fd: RawFd,
+    rw: &str,
+    bs: u32,
+    iodepth: u16,
+    duration: f64,
+    capacity: u64,
+    verify: bool,
+    seed: u64,
+    progress: bool,
+) -> PyResult<Bound<'py, PyDict>> {
+    use crate::frontend::blkio::{run, Job, Pattern};
+    let pattern = Pattern::parse(rw).ok_or_else(|| PyValueError::new_err(format!("unknown rw pattern {rw:?}")))?;
+    let d = super::blocking::timeout(Some(duration))?.unwrap_or_default();
+    let job = Job { pattern, block_size: bs, iodepth, duration: d, capacity, verify, seed };
+    let fds = [kick_fd, call_fd];
+    let borrowed = borrow(&fds)?;
+    let mem = memory.inner.clone();
+    let mut guard = queue.inner.lock().unwrap_or_else(|e| e.into_inner());
+    let q: &mut crate::virtqueue::DriverQueue = &mut guard;
+    let result = py.detach(|| {
+        let mut last_print = std::time::Instant::now();
+        let mut shown = 0usize;
+        let mut stop = |r: &crate::frontend::blkio::Report| {
+            if last_print.elapsed() >= std::time::Duration::from_millis(100) {
+                last_print = std::time::Instant::now();
+                if Python::attach(|py| py.check_signals()).is_err() {
+                    return true;
+                }
+            }
+            if progress && r.per_second.len() > shown {
+                shown = r.per_second.len();
+                let iops = r.per_second[shown - 1];
+                eprint!("\r[{shown:>3}s] {iops:>9} IOPS  {:>8.1} MiB/s", iops as f64 * f64::from(bs) / 1048576.0);
+            }
+            false
+        };
+        run(q, &mem, borrowed[0], borrowed[1], job, &mut stop)
+    });
+    if progress {
+        eprintln!();
+    }
+    let mut report = result.map_err(|e| to_pyerr(py, e))?;
+    report.latencies_ns.sort_unstable();
+    let pct = |p: f64| -> u32 {
+        if report.latencies_ns.is_empty() {
+            return 0;
+        }
+        let i = ((report.latencies_ns.len() as f64 - 1.0) * p).round() as usize;
+        report.latencies_ns[i]
+    };
+    let out = PyDict::new(py);
+    out.set_item("ios", report.ios)?;
+    out.set_item("bytes", report.bytes)?;
+    out.set_item("elapsed", report.elapsed.as_secs_f64())?;
+    out.set_item("errors", report.errors)?;
+    out.set_item("verify_failures", report.verify_failures)?;
+    out.set_item("p50_ns", pct(0.5))?;
+    out.set_item("p99_ns", pct(0.99))?;
+    out.set_item("p999_ns", pct(0.999))?;
+    out.set_item("max_ns", report.latencies_ns.last().copied().unwrap_or(0))?;
+    out.set_item("per_second", report.per_second)?;
+    Ok(out)
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(block_io, m)?)?;
     m.add_class::<PyFrontendCore>()?;
     let _ = timeout;
     Ok(())

@@ -24,7 +24,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// of buffers, publish them, decide on kicks, reap what the device used.
 #[pyclass(module = "vhostuser_rs", name = "DriverQueue", frozen)]
 pub(crate) struct PyDriverQueue {
-    inner: Mutex<DriverQueue>,
+    pub(crate) inner: Mutex<DriverQueue>,
     index: u16,
 }
 

@@ -60,6 +60,8 @@ pub struct DriverQueue {
     last_used: u16,
     in_flight: u16,
     event_idx: bool,
+    /// Whether the driver wants call notifications (kept up to date in used_event on reap).
+    interrupts: bool,
 }
 
 // SAFETY: the pointers point into `memory`, held by Arc for the queue's life.
@@ -130,6 +132,7 @@ impl DriverQueue {
             last_used: 0,
             in_flight: 0,
             event_idx,
+            interrupts: true,
         })
     }
 
@@ -301,6 +304,7 @@ impl DriverQueue {
     /// Asks the device for interrupts (or not): avail.flags NO_INTERRUPT, or with EVENT_IDX
     /// used_event = the next used index to hear about.
     pub fn set_interrupts(&mut self, enabled: bool) {
+        self.interrupts = enabled;
         // SAFETY: flags and used_event are inside the avail ring.
         unsafe {
             if self.event_idx {
@@ -353,6 +357,13 @@ impl DriverQueue {
             self.last_used = self.last_used.wrapping_add(1);
             out.push((head, len));
             n += 1;
+        }
+        if n > 0 && self.event_idx && self.interrupts {
+            // Ask to be interrupted for the next completion (what Linux's virtqueue does).
+            let off = 4 + 2 * usize::from(self.ring.size);
+            // SAFETY: used_event is the last u16 of the avail ring.
+            unsafe { store_u16(self.avail.add(off), self.last_used, Ordering::Relaxed) };
+            fence(Ordering::SeqCst);
         }
         Ok(n)
     }
