@@ -1,0 +1,82 @@
+"""`vhostuser-rs bench` side by side with the plain-Python front-end (baseline_frontend.py)
+against qemu-storage-daemon serving an image on tmpfs: 4 KiB random reads, 1 queue, iodepth 1
+and 32, interleaved runs, medians.
+
+Run: ``python benches/python/bench_frontend.py [--runs 5] [--time 10]`` (needs
+qemu-storage-daemon: ``apt-get install qemu-system-common``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--time", type=float, default=10.0)
+    p.add_argument("--iodepths", default="1,32")
+    a = p.parse_args()
+    qsd = shutil.which("qemu-storage-daemon")
+    if qsd is None:
+        sys.exit("qemu-storage-daemon not found (apt-get install qemu-system-common)")
+    work = Path(tempfile.mkdtemp(prefix="vu-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    image, sock = work / "disk.img", work / "qsd.sock"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    daemon = subprocess.Popen(
+        [qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
+         "driver=raw,node-name=disk0,file=file0", "--export",
+         f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not sock.exists():
+            time.sleep(0.01)
+        results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        for _ in range(a.runs):
+            for depth in (int(d) for d in a.iodepths.split(",")):
+                for name, cmd in (
+                    ("vhostuser-rs", [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock),
+                                      "--iodepth", str(depth), "--time", str(a.time), "--json"]),
+                    ("plain Python", [sys.executable, str(HERE / "baseline_frontend.py"), str(sock),
+                                      "--iodepth", str(depth), "--time", str(a.time)]),
+                ):
+                    d0 = cpu_seconds(daemon.pid)
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                    d1 = cpu_seconds(daemon.pid)
+                    doc = json.loads(out.stdout)
+                    doc["daemon_cpu_us_per_io"] = (d1 - d0) / doc["ios"] * 1e6
+                    results.setdefault((name, depth), []).append(doc)
+        print(f"4 KiB randread, 1 queue, {a.time:g} s runs, median of {a.runs} (min..max)")
+        for (name, depth), docs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            iops = [d["iops"] for d in docs]
+            cpu = [d["cpu_us_per_io"] for d in docs]
+            dcpu = [d["daemon_cpu_us_per_io"] for d in docs]
+            print(f"  iodepth {depth:>2} {name:<13} {statistics.median(iops):>9,.0f} IOPS ({min(iops):,.0f}..{max(iops):,.0f})"
+                  f"  front-end CPU {statistics.median(cpu):5.2f} us/IO  daemon CPU {statistics.median(dcpu):5.2f} us/IO")
+    finally:
+        daemon.terminate()
+        daemon.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
