@@ -41,16 +41,25 @@ def main() -> None:
     image, sock = work / "disk.img", work / "qsd.sock"
     with open(image, "wb") as f:
         f.truncate(256 << 20)
-    daemon = subprocess.Popen(
-        [qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
-         "driver=raw,node-name=disk0,file=file0", "--export",
-         f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
+
+    def start_daemon() -> subprocess.Popen[bytes]:
+        # A fresh daemon per run: qemu-storage-daemon 7.2 can carry ring state from one session
+        # into the next ("vu_panic: Virtqueue size exceeded" after a session with another ring
+        # size), and a fresh process also keeps runs independent.
+        sock.unlink(missing_ok=True)
+        proc = subprocess.Popen(
+            [qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
+             "driver=raw,node-name=disk0,file=file0", "--export",
+             f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
         while not sock.exists():
             time.sleep(0.01)
+        return proc
+
+    try:
         results: dict[tuple[str, int], list[dict[str, float]]] = {}
+        failures: dict[tuple[str, int], int] = {}
         for _ in range(a.runs):
             for depth in (int(d) for d in a.iodepths.split(",")):
                 for name, cmd in (
@@ -59,9 +68,20 @@ def main() -> None:
                     ("plain Python", [sys.executable, str(HERE / "baseline_frontend.py"), str(sock),
                                       "--iodepth", str(depth), "--time", str(a.time)]),
                 ):
-                    d0 = cpu_seconds(daemon.pid)
-                    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                    d1 = cpu_seconds(daemon.pid)
+                    daemon = start_daemon()
+                    try:
+                        d0 = cpu_seconds(daemon.pid)
+                        try:
+                            out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=a.time + 20)
+                        except subprocess.TimeoutExpired:
+                            # Seen with the plain-Python baseline only: the daemon stops answering
+                            # ("vu_panic: Virtqueue size exceeded"); the run is counted as failed.
+                            failures[(name, depth)] = failures.get((name, depth), 0) + 1
+                            continue
+                        d1 = cpu_seconds(daemon.pid)
+                    finally:
+                        daemon.terminate()
+                        daemon.wait()
                     doc = json.loads(out.stdout)
                     doc["daemon_cpu_us_per_io"] = (d1 - d0) / doc["ios"] * 1e6
                     results.setdefault((name, depth), []).append(doc)
@@ -71,10 +91,9 @@ def main() -> None:
             cpu = [d["cpu_us_per_io"] for d in docs]
             dcpu = [d["daemon_cpu_us_per_io"] for d in docs]
             print(f"  iodepth {depth:>2} {name:<13} {statistics.median(iops):>9,.0f} IOPS ({min(iops):,.0f}..{max(iops):,.0f})"
-                  f"  front-end CPU {statistics.median(cpu):5.2f} us/IO  daemon CPU {statistics.median(dcpu):5.2f} us/IO")
+                  f"  front-end CPU {statistics.median(cpu):5.2f} us/IO  daemon CPU {statistics.median(dcpu):5.2f} us/IO"
+                  f"  runs {len(docs)}, hung {failures.get((name, depth), 0)}")
     finally:
-        daemon.terminate()
-        daemon.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
