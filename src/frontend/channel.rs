@@ -112,7 +112,9 @@ fn serve(conn: &Connection, mut handler: Box<dyn BackendRequestHandler>) {
             let reply = Message::reply(request, Payload::U64(status));
             let fds: Vec<_> = reply_fd.iter().map(|f| f.as_fd()).collect();
             let deadline = Deadline::after(Some(std::time::Duration::from_secs(5)));
-            if conn.send(&reply, &fds, deadline).is_err() {
+            if let Err(e) = conn.send(&reply, &fds, deadline) {
+                // The back-end does not read its replies (or is gone): stop serving it.
+                handler.malformed(&e);
                 return;
             }
         }
