@@ -6,7 +6,9 @@
 //! - `python`: the only module that touches PyO3.
 #![deny(missing_docs)]
 
+pub mod backend;
 pub mod connection;
+pub mod devices;
 pub mod error;
 pub mod frontend;
 pub mod memory;

@@ -19,7 +19,7 @@ Layers available today:
 
 from __future__ import annotations
 
-from . import blk, enums, exceptions, frontend, hazmat, messages
+from . import blk, devices, enums, exceptions, frontend, hazmat, messages
 from ._native import (
     Connection,
     DescriptorChain,
@@ -82,6 +82,7 @@ __all__ = [
     "VirtqueueError",
     "__version__",
     "blk",
+    "devices",
     "enums",
     "exceptions",
     "frontend",

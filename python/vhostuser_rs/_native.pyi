@@ -12,6 +12,7 @@ __all__ = [
     "Connection",
     "FrontendCore",
     "block_io",
+    "serve_blk",
     "DescriptorChain",
     "DeviceQueue",
     "DirtyLog",
@@ -255,3 +256,13 @@ def block_io(
     seed: int = 1,
     progress: bool = False,
 ) -> dict[str, Any]: ...
+
+def serve_blk(
+    image: str | os.PathLike[str],
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    fd: int | None = None,
+    num_queues: int = 1,
+    readonly: bool = False,
+    max_connections: int | None = None,
+) -> None: ...

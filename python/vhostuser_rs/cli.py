@@ -285,6 +285,35 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if doc["errors"] or doc["verify_failures"] else 0
 
 
+def _cmd_serve_blk(args: argparse.Namespace) -> int:
+    import signal
+
+    from .devices import BlockDevice
+
+    if args.print_capabilities:
+        # The spec's back-end program conventions (vhost-user.json "type": "block").
+        print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
+        return 0
+    if args.image is None or (args.socket_path is None) == (args.fd is None):
+        print("vhostuser-rs serve-blk: give IMAGE and exactly one of --socket-path / --fd", file=sys.stderr)
+        return 2
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        BlockDevice(args.image, readonly=args.read_only, num_queues=args.num_queues).serve(
+            args.socket_path, fd=args.fd
+        )
+    except KeyboardInterrupt:
+        return 0
+    except (VhostUserError, OSError) as e:
+        print(f"vhostuser-rs serve-blk: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -320,6 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="stamp the device, then check every read")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("serve-blk", help="serve a disk image with the built-in virtio-blk back-end")
+    p.add_argument("image", nargs="?", help="raw image file or block device")
+    p.add_argument("--socket-path", help="listen on this Unix socket")
+    p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
+    p.add_argument("--num-queues", type=int, default=1)
+    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
+    p.set_defaults(func=_cmd_serve_blk)
 
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")

@@ -3,6 +3,7 @@
 //! Everything here is thin: conversions between Python objects and the Rust layers, the error
 //! funnel, and GIL handling around blocking calls. Logic lives in the layers below.
 
+mod backend;
 mod blocking;
 mod errors;
 mod frontend;
@@ -25,5 +26,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     virtqueue::register(m)?;
     frontend::register(m)?;
+    backend::register(m)?;
     Ok(())
 }

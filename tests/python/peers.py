@@ -86,3 +86,19 @@ def virtiofsd(shared: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
         yield proc
     finally:
         stop(proc)
+
+
+@contextmanager
+def serve_blk(image: Path, sock: Path, *, num_queues: int = 2, readonly: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+    """Our own built-in back-end (`vhostuser-rs serve-blk`) in a separate process."""
+    import sys
+
+    args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock), "--num-queues", str(num_queues)]
+    if readonly:
+        args.append("--read-only")
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock, proc)
+        yield proc
+    finally:
+        stop(proc)

@@ -1,4 +1,5 @@
-"""The front-end against a real back-end: qemu-storage-daemon (Debian's qemu-system-common)."""
+"""The front-end against real back-ends: qemu-storage-daemon (Debian's qemu-system-common) and,
+with the same block tests unchanged, our own `vhostuser-rs serve-blk` in another process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import vhostuser_rs as vu
-from peers import qemu_storage_daemon
+from peers import qemu_storage_daemon, serve_blk
 from vhostuser_rs.blk import BlockClient, BlockConfig, BlockFeature
 
 MIB = 1 << 20
@@ -33,8 +34,18 @@ def image(sock_dir: Path) -> Path:
 
 @pytest.fixture
 def qsd(image: Path, sock_dir: Path) -> Iterator[Path]:
+    """qemu-storage-daemon only (for what is specific to it)."""
     sock = sock_dir / "qsd.sock"
     with qemu_storage_daemon(image, sock, num_queues=2):
+        yield sock
+
+
+@pytest.fixture(params=["qemu-storage-daemon", "serve-blk"])
+def blk_backend(request: pytest.FixtureRequest, image: Path, sock_dir: Path) -> Iterator[Path]:
+    """Each vhost-user-blk back-end the block tests run against, unchanged."""
+    sock = sock_dir / "blk.sock"
+    peer = qemu_storage_daemon if request.param == "qemu-storage-daemon" else serve_blk
+    with peer(image, sock, num_queues=2):
         yield sock
 
 
@@ -79,8 +90,8 @@ def test_probe_cli(qsd: Path) -> None:
 
 @pytest.mark.parametrize("num_queues", [1, 2])
 @pytest.mark.parametrize(("indirect", "event_idx"), [(False, False), (True, True), (False, True)])
-def test_block_io(qsd: Path, image: Path, num_queues: int, indirect: bool, event_idx: bool) -> None:
-    with BlockClient.connect(qsd, num_queues=num_queues, indirect=indirect, event_idx=event_idx) as disk:
+def test_block_io(blk_backend: Path, image: Path, num_queues: int, indirect: bool, event_idx: bool) -> None:
+    with BlockClient.connect(blk_backend, num_queues=num_queues, indirect=indirect, event_idx=event_idx) as disk:
         assert disk.capacity == IMAGE_SIZE
         assert (vu.VirtioFeature.EVENT_IDX in disk.features) == event_idx
         for q in range(num_queues):
@@ -92,7 +103,7 @@ def test_block_io(qsd: Path, image: Path, num_queues: int, indirect: bool, event
         disk.write_zeroes(2 * MIB, 4096)
         assert disk.read(2 * MIB, 4096) == bytes(4096)
         disk.discard(3 * MIB, 4096)
-        assert disk.get_id() == b"vhost_user_blk"
+        assert disk.get_id() in (b"vhost_user_blk", b"vhostuser_rs-blk")
     with open(image, "rb") as f:
         f.seek(MIB)
         assert f.read(8192) == payload
@@ -100,8 +111,8 @@ def test_block_io(qsd: Path, image: Path, num_queues: int, indirect: bool, event
         assert f.read(4096) == bytes(4096)
 
 
-def test_stop_and_restart_a_queue(qsd: Path) -> None:
-    with BlockClient.connect(qsd, num_queues=1, queue_size=16) as disk:
+def test_stop_and_restart_a_queue(blk_backend: Path) -> None:
+    with BlockClient.connect(blk_backend, num_queues=1, queue_size=16) as disk:
         for i in range(20):  # wrap the 16-entry ring
             assert disk.read(512 * i, 512) == sector_bytes(i)
         fe = disk.frontend
@@ -112,9 +123,9 @@ def test_stop_and_restart_a_queue(qsd: Path) -> None:
             assert disk.read(512 * i, 512) == sector_bytes(i)
 
 
-def test_reconnect_to_the_same_daemon(qsd: Path) -> None:
+def test_reconnect_to_the_same_daemon(blk_backend: Path) -> None:
     for _ in range(3):
-        with BlockClient.connect(qsd) as disk:
+        with BlockClient.connect(blk_backend) as disk:
             assert disk.read(0, 512) == sector_bytes(0)
 
 
@@ -135,8 +146,8 @@ def test_daemon_killed_mid_io_is_a_clean_error(image: Path, sock_dir: Path) -> N
             disk.close()
 
 
-def test_dirty_log_marks_pages_the_daemon_writes(qsd: Path) -> None:
-    with BlockClient.connect(qsd, num_queues=1) as disk:
+def test_dirty_log_marks_pages_the_daemon_writes(blk_backend: Path) -> None:
+    with BlockClient.connect(blk_backend, num_queues=1) as disk:
         fe = disk.frontend
         assert vu.ProtocolFeature.LOG_SHMFD in fe.protocol_features
         log = fe.enable_logging()
@@ -150,11 +161,11 @@ def test_dirty_log_marks_pages_the_daemon_writes(qsd: Path) -> None:
         assert used_page in dirty, "used ring writes are logged too (VHOST_VRING_F_LOG)"
 
 
-def test_requests_while_the_backend_channel_runs(qsd: Path) -> None:
+def test_requests_while_the_backend_channel_runs(blk_backend: Path) -> None:
     class Handler(vu.BackendRequestHandler):
         pass
 
-    with vu.Frontend.connect(qsd) as fe:
+    with vu.Frontend.connect(blk_backend) as fe:
         mem = vu.GuestMemory.allocate(4 * MIB)
         result = fe.negotiate(memory=mem, handler=Handler())
         assert vu.ProtocolFeature.BACKEND_REQ in result.protocol_features
@@ -197,14 +208,14 @@ def test_concurrent_clients_on_two_threads(image: Path, sock_dir: Path) -> None:
     assert not errors, errors
 
 
-def test_bench_cli_against_the_daemon(qsd: Path) -> None:
+def test_bench_cli_against_the_daemon(blk_backend: Path) -> None:
     import json
     import subprocess
     import sys
 
     for args in (["--rw", "randread", "--iodepth", "8"], ["--rw", "randwrite", "--iodepth", "4", "--verify", "--queues", "2"]):
         out = subprocess.run(
-            [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(qsd), "--time", "0.5", "--json", *args],
+            [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(blk_backend), "--time", "0.5", "--json", *args],
             capture_output=True, text=True, timeout=120,
         )
         assert out.returncode == 0, out.stderr
@@ -213,11 +224,11 @@ def test_bench_cli_against_the_daemon(qsd: Path) -> None:
         assert doc["p50_us"] > 0 and doc["p99_us"] >= doc["p50_us"]
 
 
-def test_bench_verify_catches_wrong_data(qsd: Path, image: Path) -> None:
+def test_bench_verify_catches_wrong_data(blk_backend: Path, image: Path) -> None:
     """The --verify read check is real: reads of a device whose stamps were not written fail."""
     from vhostuser_rs import _native
 
-    with BlockClient.connect(qsd) as disk:
+    with BlockClient.connect(blk_backend) as disk:
         disk.write(0, b"\xff" * 4096)  # corrupt the first block's stamps
         vq = disk.queues[0]
         report = _native.block_io(vq.queue, disk.memory, vq.kick_fd, vq.call_fd, rw="read", bs=4096, iodepth=1,

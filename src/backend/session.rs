@@ -1,0 +1,496 @@
+//! One front-end session: every front-end request, validated and answered per the spec.
+
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use super::worker::{RingShared, Worker};
+use super::Device;
+use crate::connection::{Connection, Deadline};
+use crate::error::{Error, Result};
+use crate::memory::{DirtyLog, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};
+use crate::protocol::{
+    Channel, DeviceConfig, FrontendRequest, Message, Payload, ProtocolFeatures, Request, VirtioFeatures, VringAddr,
+    VRING_F_LOG,
+};
+use crate::virtqueue::{DeviceQueue, QueueConfig, RingAddressSpace};
+
+/// Protocol features the session implements itself, offered on top of the device's.
+pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
+    ProtocolFeatures::MQ.0
+        | ProtocolFeatures::LOG_SHMFD.0
+        | ProtocolFeatures::REPLY_ACK.0
+        | ProtocolFeatures::BACKEND_REQ.0
+        | ProtocolFeatures::CONFIG.0
+        | ProtocolFeatures::RESET_DEVICE.0
+        | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
+        | ProtocolFeatures::STATUS.0,
+);
+
+/// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
+const FAILED: u64 = (-(libc::EINVAL as i64)) as u64;
+
+#[derive(Debug, Default)]
+struct Ring {
+    size: u16,
+    addr: Option<VringAddr>,
+    base: u16,
+    kick: Option<OwnedFd>,
+    call: Option<OwnedFd>,
+    err: Option<OwnedFd>,
+    enabled: bool,
+    worker: Option<Worker>,
+}
+
+/// The state of one front-end session.
+pub struct Session {
+    device: Arc<dyn Device>,
+    acked_features: u64,
+    acked_protocol: ProtocolFeatures,
+    memory: Arc<MemoryTable>,
+    rings: Vec<Ring>,
+    log: Option<DirtyLog>,
+    status: u8,
+    backend_channel: Option<Connection>,
+}
+
+enum Outcome {
+    /// Answer with this payload (and fds).
+    Reply(Payload, Vec<OwnedFd>),
+    /// No reply of its own: ack with 0 if asked.
+    Done,
+    /// Refused: failure ack if asked.
+    Refused(Error),
+}
+
+impl Session {
+    /// A fresh session for `device`.
+    pub fn new(device: Arc<dyn Device>) -> Session {
+        let n = usize::from(device.num_queues());
+        Session {
+            device,
+            acked_features: 0,
+            acked_protocol: ProtocolFeatures::empty(),
+            memory: Arc::new(MemoryTable::new()),
+            rings: (0..n).map(|_| Ring::default()).collect(),
+            log: None,
+            status: 0,
+            backend_channel: None,
+        }
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | VirtioFeatures::PROTOCOL_FEATURES.bits() | VirtioFeatures::LOG_ALL.bits()
+    }
+
+    fn offered_protocol(&self) -> ProtocolFeatures {
+        self.device.protocol_features() | SESSION_PROTOCOL_FEATURES
+    }
+
+    fn ring(&mut self, message: &Message) -> std::result::Result<usize, Error> {
+        message.check_ring_index(self.rings.len() as u32)?;
+        Ok(message.ring_index().unwrap_or(0) as usize)
+    }
+
+    /// Handles one request; returns the reply to send, if any.
+    pub fn handle(&mut self, message: &Message, fds: Vec<OwnedFd>) -> Result<Option<(Message, Vec<OwnedFd>)>> {
+        let request = message.request;
+        let Request::Frontend(req) = request else {
+            // Unknown code: fds are closed; a failure ack if one was asked for.
+            drop(fds);
+            return Ok(message.need_reply().then(|| (Message::reply(request, Payload::U64(FAILED)), Vec::new())));
+        };
+        let outcome = self.dispatch(req, message, fds);
+        let reply_ack = self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK);
+        Ok(match outcome {
+            Outcome::Reply(payload, fds) => Some((Message::reply(request, payload), fds)),
+            Outcome::Done if message.need_reply() && reply_ack => {
+                Some((Message::reply(request, Payload::U64(0)), Vec::new()))
+            }
+            Outcome::Done => None,
+            Outcome::Refused(e) if req.rules().has_reply() => return Err(e),
+            Outcome::Refused(_) if message.need_reply() && reply_ack => {
+                Some((Message::reply(request, Payload::U64(FAILED)), Vec::new()))
+            }
+            Outcome::Refused(_) => None,
+        })
+    }
+
+    fn dispatch(&mut self, req: FrontendRequest, message: &Message, mut fds: Vec<OwnedFd>) -> Outcome {
+        use FrontendRequest::*;
+        let p = &message.payload;
+        let refuse = |state: &'static str| Outcome::Refused(Error::InvalidState { request: req.into(), state });
+        match (req, p) {
+            (GET_FEATURES, _) => Outcome::Reply(Payload::U64(self.offered_features()), Vec::new()),
+            (SET_FEATURES, Payload::U64(v)) => {
+                if v & !self.offered_features() != 0 {
+                    return refuse("acknowledges features that were not offered");
+                }
+                self.acked_features = *v;
+                if v & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    // Without PROTOCOL_FEATURES, rings start enabled.
+                    for r in &mut self.rings {
+                        r.enabled = true;
+                    }
+                }
+                self.apply_logging();
+                Outcome::Done
+            }
+            (SET_OWNER, _) => Outcome::Done,
+            (RESET_OWNER, _) => {
+                self.stop_all();
+                Outcome::Done
+            }
+            (GET_PROTOCOL_FEATURES, _) => Outcome::Reply(Payload::U64(self.offered_protocol().bits()), Vec::new()),
+            (SET_PROTOCOL_FEATURES, Payload::U64(v)) => {
+                if v & !self.offered_protocol().bits() != 0 {
+                    return refuse("acknowledges protocol features that were not offered");
+                }
+                self.acked_protocol = ProtocolFeatures(*v);
+                Outcome::Done
+            }
+            (GET_QUEUE_NUM, _) => Outcome::Reply(Payload::U64(self.rings.len() as u64), Vec::new()),
+            (GET_MAX_MEM_SLOTS, _) => Outcome::Reply(Payload::U64(DEFAULT_MAX_SLOTS as u64), Vec::new()),
+            (SET_MEM_TABLE, Payload::MemoryTable(regions)) => {
+                let pairs = regions
+                    .iter()
+                    .zip(fds.drain(..))
+                    .map(|(r, fd)| {
+                        (
+                            RegionDesc {
+                                guest_addr: r.guest_addr,
+                                size: r.size,
+                                user_addr: r.user_addr,
+                                mmap_offset: r.mmap_offset,
+                            },
+                            fd,
+                        )
+                    })
+                    .collect();
+                match MemoryTable::map_all(pairs) {
+                    Ok(t) => self.replace_memory(t),
+                    Err(e) => Outcome::Refused(e.into()),
+                }
+            }
+            (ADD_MEM_REG, Payload::SingleRegion(r)) => {
+                let desc = RegionDesc {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                };
+                let Some(fd) = fds.pop() else { return refuse("no fd") };
+                match Region::map(desc, fd).and_then(|region| self.memory.with_added(region, DEFAULT_MAX_SLOTS)) {
+                    Ok(t) => self.replace_memory(t),
+                    Err(e) => Outcome::Refused(e.into()),
+                }
+            }
+            (REM_MEM_REG, Payload::SingleRegion(r)) => {
+                drop(fds);
+                let desc = RegionDesc {
+                    guest_addr: r.guest_addr,
+                    size: r.size,
+                    user_addr: r.user_addr,
+                    mmap_offset: r.mmap_offset,
+                };
+                match self.memory.with_removed(&desc) {
+                    Ok(t) => self.replace_memory(t),
+                    Err(e) => Outcome::Refused(e.into()),
+                }
+            }
+            (SET_VRING_NUM, Payload::VringState(s)) => {
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                if self.rings[i].worker.is_some() {
+                    return refuse("the ring is started");
+                }
+                let size = s.num;
+                if !size.is_power_of_two() || size > u32::from(self.device.max_queue_size()) {
+                    return refuse("ring size must be a power of two within the device's maximum");
+                }
+                self.rings[i].size = size as u16;
+                Outcome::Done
+            }
+            (SET_VRING_ADDR, Payload::VringAddr(a)) => {
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                self.rings[i].addr = Some(*a);
+                if self.rings[i].worker.is_some() {
+                    // Logging toggled on a running ring: restart it with the new flag.
+                    self.restart(i);
+                }
+                Outcome::Done
+            }
+            (SET_VRING_BASE, Payload::VringState(s)) => {
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                if self.rings[i].worker.is_some() {
+                    return refuse("the ring is started");
+                }
+                self.rings[i].base = s.num as u16;
+                Outcome::Done
+            }
+            (GET_VRING_BASE, _) | (GET_VRING_BASE_SKIP_DRAIN, _) => {
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                let ring = &mut self.rings[i];
+                if let Some(w) = ring.worker.take() {
+                    if let Some(q) = w.stop() {
+                        ring.base = q.next_avail();
+                    }
+                }
+                // After the reply the ring must not touch the fds: forget them.
+                ring.kick = None;
+                ring.call = None;
+                Outcome::Reply(
+                    Payload::VringState(crate::protocol::VringState { index: i as u32, num: u32::from(ring.base) }),
+                    Vec::new(),
+                )
+            }
+            (SET_VRING_KICK, Payload::VringFd(f))
+            | (SET_VRING_CALL, Payload::VringFd(f))
+            | (SET_VRING_ERR, Payload::VringFd(f)) => {
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                let fd = if f.nofd { None } else { fds.pop() };
+                match req {
+                    SET_VRING_KICK => {
+                        if fd.is_none() {
+                            return refuse("polling rings (NOFD kick) is not supported");
+                        }
+                        self.rings[i].kick = fd;
+                        self.start(i)
+                    }
+                    SET_VRING_CALL => {
+                        let ring = &mut self.rings[i];
+                        match &ring.worker {
+                            // Swap atomically with respect to the data path.
+                            Some(w) => *w.shared.call.lock().unwrap_or_else(|e| e.into_inner()) = fd,
+                            None => ring.call = fd,
+                        }
+                        Outcome::Done
+                    }
+                    _ => {
+                        self.rings[i].err = fd;
+                        Outcome::Done
+                    }
+                }
+            }
+            (SET_VRING_ENABLE, Payload::VringState(s)) => {
+                if self.acked_features & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                    return refuse("PROTOCOL_FEATURES was not negotiated");
+                }
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                let ring = &mut self.rings[i];
+                ring.enabled = s.num == 1;
+                if let Some(w) = &ring.worker {
+                    w.shared.enabled.store(ring.enabled, Ordering::Release);
+                    w.shared.wake();
+                }
+                Outcome::Done
+            }
+            (GET_CONFIG, Payload::Config(c)) => {
+                let space = self.device.config();
+                let (start, len) = (c.offset as usize, c.data.len());
+                match space.get(start..start + len) {
+                    Some(bytes) => Outcome::Reply(
+                        Payload::Config(DeviceConfig { offset: c.offset, flags: 0, data: bytes.to_vec() }),
+                        Vec::new(),
+                    ),
+                    // The spec's failure answer: an empty payload.
+                    None => Outcome::Reply(Payload::Empty, Vec::new()),
+                }
+            }
+            (SET_CONFIG, Payload::Config(c)) => {
+                if self.device.set_config(c.offset, &c.data) {
+                    Outcome::Done
+                } else {
+                    refuse("the device refuses this config write")
+                }
+            }
+            (SET_BACKEND_REQ_FD, _) => match fds.pop().map(Connection::from_fd) {
+                Some(Ok(conn)) => {
+                    self.backend_channel = Some(conn);
+                    Outcome::Done
+                }
+                Some(Err(e)) => Outcome::Refused(e),
+                None => refuse("no fd"),
+            },
+            (SET_LOG_BASE, Payload::LogBase { mmap_size, mmap_offset }) => {
+                let Some(fd) = fds.pop() else { return refuse("SET_LOG_BASE needs the log fd (LOG_SHMFD)") };
+                match DirtyLog::from_fd(fd, *mmap_size, *mmap_offset) {
+                    Ok(log) => {
+                        self.log = Some(log);
+                        self.apply_logging();
+                        Outcome::Reply(Payload::U64(0), Vec::new())
+                    }
+                    Err(e) => Outcome::Refused(e.into()),
+                }
+            }
+            (SET_STATUS, Payload::U64(v)) => {
+                self.status = *v as u8;
+                Outcome::Done
+            }
+            (GET_STATUS, _) => Outcome::Reply(Payload::U64(u64::from(self.status)), Vec::new()),
+            (RESET_DEVICE, _) => {
+                self.stop_all();
+                for r in &mut self.rings {
+                    *r = Ring::default();
+                }
+                self.acked_features = 0;
+                self.status = 0;
+                self.device.reset();
+                Outcome::Done
+            }
+            _ => {
+                drop(fds);
+                refuse("not supported by this back-end")
+            }
+        }
+    }
+
+    fn logging(&self) -> bool {
+        self.acked_features & VirtioFeatures::LOG_ALL.bits() != 0 && self.log.is_some()
+    }
+
+    /// Re-applies LOG_ALL / the ring log flags to running rings (by restarting them).
+    fn apply_logging(&mut self) {
+        for i in 0..self.rings.len() {
+            if self.rings[i].worker.is_some() {
+                self.restart(i);
+            }
+        }
+    }
+
+    fn replace_memory(&mut self, table: MemoryTable) -> Outcome {
+        self.memory = Arc::new(table);
+        // Running rings are re-translated against the new table; the old mappings are dropped
+        // when the last ring that used them has stopped.
+        for i in 0..self.rings.len() {
+            if self.rings[i].worker.is_some() {
+                self.restart(i);
+            }
+        }
+        Outcome::Done
+    }
+
+    fn restart(&mut self, i: usize) {
+        let ring = &mut self.rings[i];
+        if let Some(w) = ring.worker.take() {
+            let shared = w.shared.clone();
+            if let Some(q) = w.stop() {
+                ring.base = q.next_avail();
+            }
+            ring.call = shared.call.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
+        let _ = self.start(i);
+    }
+
+    /// Starts ring `i` if everything it needs is known.
+    fn start(&mut self, i: usize) -> Outcome {
+        let logging = self.logging();
+        let event_idx = self.acked_features & VirtioFeatures::EVENT_IDX.bits() != 0;
+        let indirect = self.acked_features & VirtioFeatures::INDIRECT_DESC.bits() != 0;
+        let memory = self.memory.clone();
+        let log = self.log.clone();
+        let device = self.device.clone();
+        let ring = &mut self.rings[i];
+        let (Some(addr), Some(kick)) = (ring.addr, ring.kick.as_ref()) else { return Outcome::Done };
+        if ring.size == 0 || memory.is_empty() {
+            return Outcome::Done;
+        }
+        let cfg = QueueConfig {
+            size: ring.size,
+            desc_addr: addr.desc_user_addr,
+            avail_addr: addr.avail_user_addr,
+            used_addr: addr.used_user_addr,
+            addr_space: RingAddressSpace::User,
+            event_idx,
+            indirect,
+            next_avail: ring.base,
+        };
+        let mut queue = match DeviceQueue::new(memory, cfg) {
+            Ok(q) => q,
+            Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
+        };
+        if logging {
+            let used = (addr.flags & VRING_F_LOG != 0).then(|| (log.clone(), addr.log_guest_addr));
+            queue.set_dirty_log(log.clone(), used.and_then(|(l, a)| l.map(|l| (l, a))));
+        }
+        let kick = match kick.try_clone() {
+            Ok(k) => k,
+            Err(e) => return Outcome::Refused(Error::Io(e)),
+        };
+        let shared = match RingShared::new(ring.enabled, ring.call.take()) {
+            Ok(s) => s,
+            Err(e) => return Outcome::Refused(Error::Io(e)),
+        };
+        match Worker::start(i as u16, queue, kick, shared, device) {
+            Ok(w) => {
+                ring.worker = Some(w);
+                Outcome::Done
+            }
+            Err(e) => Outcome::Refused(Error::Io(e)),
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for r in &mut self.rings {
+            if let Some(w) = r.worker.take() {
+                if let Some(q) = w.stop() {
+                    r.base = q.next_avail();
+                }
+            }
+            r.enabled = false;
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.stop_all();
+    }
+}
+
+/// Serves one front-end on `conn` until it disconnects (or `stop` returns true between
+/// messages). A message that breaks the spec ends the session with an error.
+pub fn serve_connection(conn: &Connection, device: Arc<dyn Device>, stop: &dyn Fn() -> bool) -> Result<()> {
+    let mut session = Session::new(device.clone());
+    let result = loop {
+        if stop() {
+            break Ok(());
+        }
+        if !conn.readable(Some(std::time::Duration::from_millis(200)))? {
+            continue;
+        }
+        let received = match conn.recv(Channel::Main, Deadline::after(Some(std::time::Duration::from_secs(5)))) {
+            Ok(r) => r,
+            Err(Error::Disconnected) => break Ok(()),
+            Err(e) => break Err(e),
+        };
+        match session.handle(&received.message, received.fds) {
+            Ok(Some((reply, fds))) => {
+                let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
+                conn.send(&reply, &borrowed, Deadline::after(Some(std::time::Duration::from_secs(5))))?;
+            }
+            Ok(None) => {}
+            Err(e) => break Err(e),
+        }
+    };
+    drop(session);
+    device.reset();
+    result
+}

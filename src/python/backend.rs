@@ -1,0 +1,96 @@
+//! The back-end role from Python: serving the built-in block device.
+
+use std::os::fd::{BorrowedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use super::errors::{os_error, to_pyerr, IntoPyResult};
+use crate::backend::{serve_connection, Device};
+use crate::connection::{Connection, Deadline, Listener};
+use crate::devices::BlockDevice;
+use crate::error::Error;
+
+fn warn(py: Python<'_>, text: String) {
+    if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
+        let _ = log.call_method1("warning", ("%s", text));
+    }
+}
+
+/// Serves `image` with the built-in virtio-blk device on `socket_path` (or on the connected
+/// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
+/// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
+#[pyfunction]
+#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None))]
+pub(crate) fn serve_blk(
+    py: Python<'_>,
+    image: PathBuf,
+    socket_path: Option<PathBuf>,
+    fd: Option<RawFd>,
+    num_queues: u16,
+    readonly: bool,
+    max_connections: Option<u32>,
+) -> PyResult<()> {
+    let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
+    let interrupted = AtomicBool::new(false);
+    let stop = || {
+        if interrupted.load(Ordering::Relaxed) {
+            return true;
+        }
+        let hit = Python::attach(|py| py.check_signals().is_err());
+        if hit {
+            interrupted.store(true, Ordering::Relaxed);
+        }
+        hit
+    };
+    let serve = |conn: Connection| -> Result<(), Error> { serve_connection(&conn, device.clone(), &stop) };
+    if let Some(fd) = fd {
+        if fd < 0 {
+            return Err(PyValueError::new_err("invalid file descriptor"));
+        }
+        // SAFETY: the caller hands over an open socket; it is duplicated.
+        let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| os_error(&e))?;
+        let conn = Connection::from_fd(owned).py_err(py)?;
+        let r = py.detach(|| serve(conn));
+        return finish(py, r, &interrupted);
+    }
+    let path = socket_path.ok_or_else(|| PyValueError::new_err("give socket_path or fd"))?;
+    let listener = Listener::bind(&path, true).py_err(py)?;
+    let mut served = 0u32;
+    loop {
+        if max_connections.is_some_and(|m| served >= m) {
+            return Ok(());
+        }
+        let conn = loop {
+            match py.detach(|| listener.accept(Deadline::after(Some(Duration::from_millis(200))))) {
+                Ok(c) => break c,
+                Err(Error::Timeout(_)) => py.check_signals()?,
+                Err(e) => return Err(to_pyerr(py, e)),
+            }
+        };
+        served += 1;
+        if let Err(e) = py.detach(|| serve(conn)) {
+            // A broken or hostile front-end ends its own session only; accept the next one.
+            warn(py, format!("front-end session ended: {e}"));
+        }
+        if interrupted.load(Ordering::Relaxed) {
+            return py.check_signals().map(|_| ()).and(Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(())));
+        }
+    }
+}
+
+fn finish(py: Python<'_>, r: Result<(), Error>, interrupted: &AtomicBool) -> PyResult<()> {
+    if interrupted.load(Ordering::Relaxed) {
+        return Err(pyo3::exceptions::PyKeyboardInterrupt::new_err(()));
+    }
+    r.map_err(|e| to_pyerr(py, e))
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
+    Ok(())
+}
