@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import enum
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -255,22 +256,55 @@ def _stamp(disk: Any, bs: int, iodepth: int) -> None:
         disk.write(offset, data)
 
 
+def _builtin_backend(queues: int) -> tuple[Any, str, Any]:
+    """Starts `serve-blk` on a temporary 256 MiB image (on tmpfs when there is one)."""
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    work = tempfile.TemporaryDirectory(prefix="vhostuser-rs-bench-", dir=base)
+    image, sock = Path(work.name) / "disk.img", Path(work.name) / "blk.sock"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock),
+         "--num-queues", str(queues)],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            work.cleanup()
+            raise OSError("the built-in back-end did not start")
+        time.sleep(0.01)
+    return proc, str(sock), work
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
-    if args.socket is None:
-        print(
-            "vhostuser-rs bench: --socket is required for now (the built-in back-end that bench "
-            "starts by itself arrives with serve-blk)",
-            file=sys.stderr,
-        )
-        return 2
+    backend = None
+    socket_path = args.socket
     try:
+        if socket_path is None:
+            backend = _builtin_backend(args.queues)
+            socket_path = backend[1]
         doc = run_bench(
-            args.socket, rw=args.rw, bs=_size(args.bs), iodepth=args.iodepth, queues=args.queues,
+            socket_path, rw=args.rw, bs=_size(args.bs), iodepth=args.iodepth, queues=args.queues,
             duration=args.time, verify=args.verify, progress=not args.json and sys.stderr.isatty(),
         )
+        if backend is not None:
+            doc["backend"] = "built-in serve-blk on a temporary image"
     except (VhostUserError, OSError, ValueError) as e:
         print(f"vhostuser-rs bench: {e}", file=sys.stderr)
         return 1
+    finally:
+        if backend is not None:
+            proc, _, work = backend
+            proc.terminate()
+            proc.wait()
+            work.cleanup()
     if args.json:
         print(json.dumps(doc))
     else:
@@ -340,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("bench", help="fio-like block benchmark against a vhost-user-blk back-end")
-    p.add_argument("--socket", help="the back-end's Unix socket")
+    p.add_argument("--socket", help="the back-end's Unix socket (default: start the built-in one)")
     p.add_argument("--rw", choices=("randread", "randwrite", "read", "write", "rw"), default="randread")
     p.add_argument("--bs", default="4k", help="block size (e.g. 512, 4k, 64k)")
     p.add_argument("--iodepth", type=int, default=32)

@@ -49,3 +49,14 @@ def test_cli_decode_json_and_requests_table() -> None:
     assert [r["name"] for r in rows][-1] == "SHMEM_UNMAP"
     out = run_cli("features", "--protocol", "0x8f2b")
     assert "REPLY_ACK" in out.stdout and "CONFIGURE_MEM_SLOTS" in out.stdout
+
+
+def test_cli_bench_starts_the_builtin_backend_by_itself() -> None:
+    """The README's main job: `vhostuser-rs bench` with nothing else installed."""
+    import json
+
+    out = run_cli("bench", "--time", "0.5", "--iodepth", "8", "--verify", "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["backend"].startswith("built-in") and doc["ios"] > 100
+    assert doc["errors"] == 0 and doc["verify_failures"] == 0
