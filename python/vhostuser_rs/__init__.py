@@ -19,7 +19,7 @@ Layers available today:
 
 from __future__ import annotations
 
-from . import blk, devices, enums, exceptions, frontend, hazmat, messages
+from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages
 from ._native import (
     Connection,
     DescriptorChain,
@@ -46,16 +46,19 @@ from .exceptions import (
     VhostUserTimeoutError,
     VirtqueueError,
 )
+from .backend import Backend, Device
 from .frontend import BackendRequestHandler, Frontend, Virtqueue
 from .messages import Message
 
 __all__ = [
+    "Backend",
     "BackendRequest",
     "BackendRequestHandler",
     "Channel",
     "Connection",
     "ConnectionClosedError",
     "DescriptorChain",
+    "Device",
     "DeviceQueue",
     "DirtyLog",
     "DriverQueue",
@@ -81,6 +84,7 @@ __all__ = [
     "Virtqueue",
     "VirtqueueError",
     "__version__",
+    "backend",
     "blk",
     "devices",
     "enums",

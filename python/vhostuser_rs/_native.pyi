@@ -9,10 +9,12 @@ from typing import Any, final
 from .messages import MemoryRegion, Message
 
 __all__ = [
+    "BatchQueue",
     "Connection",
     "FrontendCore",
     "block_io",
     "serve_blk",
+    "serve_device",
     "DescriptorChain",
     "DeviceQueue",
     "DirtyLog",
@@ -266,3 +268,18 @@ def serve_blk(
     readonly: bool = False,
     max_connections: int | None = None,
 ) -> None: ...
+
+def serve_device(
+    device: Any,
+    *,
+    socket_path: str | os.PathLike[str] | None = None,
+    fd: int | None = None,
+    max_connections: int | None = None,
+) -> None: ...
+@final
+class BatchQueue:
+    """The queue handed to Device.process: completes chains of the current batch."""
+
+    def complete(self, chain: DescriptorChain, written: int) -> None: ...
+    @property
+    def index(self) -> int: ...

@@ -36,6 +36,30 @@ pub(crate) fn serve_blk(
     max_connections: Option<u32>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
+    serve(py, device, socket_path, fd, max_connections)
+}
+
+/// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop).
+#[pyfunction]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, max_connections=None))]
+pub(crate) fn serve_device(
+    py: Python<'_>,
+    device: Py<PyAny>,
+    socket_path: Option<PathBuf>,
+    fd: Option<RawFd>,
+    max_connections: Option<u32>,
+) -> PyResult<()> {
+    let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
+    serve(py, device, socket_path, fd, max_connections)
+}
+
+fn serve(
+    py: Python<'_>,
+    device: Arc<dyn Device>,
+    socket_path: Option<PathBuf>,
+    fd: Option<RawFd>,
+    max_connections: Option<u32>,
+) -> PyResult<()> {
     let interrupted = AtomicBool::new(false);
     let stop = || {
         if interrupted.load(Ordering::Relaxed) {
@@ -92,5 +116,6 @@ fn finish(py: Python<'_>, r: Result<(), Error>, interrupted: &AtomicBool) -> PyR
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
+    m.add_function(wrap_pyfunction!(serve_device, m)?)?;
     Ok(())
 }

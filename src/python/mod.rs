@@ -5,6 +5,7 @@
 
 mod backend;
 mod blocking;
+mod device;
 mod errors;
 mod frontend;
 mod memory;
@@ -27,5 +28,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     virtqueue::register(m)?;
     frontend::register(m)?;
     backend::register(m)?;
+    device::register(m)?;
     Ok(())
 }

@@ -273,6 +273,36 @@ impl PyDescriptorChain {
     }
 }
 
+/// The chains of `batch` as Python objects (they keep `memory`'s mappings alive).
+pub(crate) fn chains_from_batch(batch: &ChainBatch, memory: &Arc<MemoryTable>) -> Vec<PyDescriptorChain> {
+    batch
+        .chains()
+        .iter()
+        .map(|c| PyDescriptorChain {
+            head: c.head,
+            segments: batch.segments(c).iter().map(|s| SegmentView { ptr: s.host, len: s.len, gpa: s.gpa }).collect(),
+            num_readable: batch.readable(c).len(),
+            readable_len: c.readable_len,
+            writable_len: c.writable_len,
+            memory: memory.clone(),
+        })
+        .collect()
+}
+
+impl PyDescriptorChain {
+    pub(crate) fn head_index(&self) -> u16 {
+        self.head
+    }
+
+    pub(crate) fn writable_capacity(&self) -> u32 {
+        self.writable_len
+    }
+
+    pub(crate) fn writable_gpas(&self) -> Vec<(u64, u32)> {
+        self.writable_segs().iter().map(|s| (s.gpa, s.len)).collect()
+    }
+}
+
 struct DeviceState {
     queue: DeviceQueue,
     batch: ChainBatch,

@@ -1,0 +1,83 @@
+"""The back-end role: serve a virtio device written in Python.
+
+Subclass :class:`Device`, then serve it::
+
+    class NullBlock(vu.Device):
+        num_queues = 1
+        features = vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX
+
+        def config(self) -> bytes:
+            return (1 << 20).to_bytes(8, "little") + bytes(52)      # capacity in sectors
+
+        def process(self, queue, chains):
+            for chain in chains:                                     # one call per batch
+                chain.writable[-1][-1] = 0                           # status OK
+                queue.complete(chain, chain.writable_len)
+
+    vu.Backend.listen("/run/null.sock", NullBlock()).serve_forever()
+
+Each started ring runs on a Rust worker thread which takes the GIL once per batch to call
+:meth:`Device.process`; Rust writes the used ring and signals the driver once per batch. An
+exception in a device method is logged at WARNING and answered per the spec (an empty
+GET_CONFIG reply, a refused SET_CONFIG); chains a ``process`` call did not complete are returned
+with 0 bytes written; the device keeps serving.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _native
+from ._native import BatchQueue, DescriptorChain
+from .enums import VirtioFeature
+
+__all__ = ["Backend", "BatchQueue", "Device"]
+
+
+class Device:
+    """Base class of Python virtio devices (override what your device needs)."""
+
+    #: Number of queues (GET_QUEUE_NUM).
+    num_queues: int = 1
+    #: Largest ring size accepted (SET_VRING_NUM).
+    max_queue_size: int = 1024
+    #: Virtio feature bits offered (device bits, VERSION_1, EVENT_IDX, INDIRECT_DESC...).
+    features: int = int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC)
+
+    def config(self) -> bytes:
+        """The device config space (GET_CONFIG reads a window of it)."""
+        return b""
+
+    def set_config(self, offset: int, data: bytes) -> bool:
+        """A driver write to the config space; return True to accept it."""
+        return False
+
+    def process(self, queue: BatchQueue, chains: list[DescriptorChain]) -> None:
+        """Handle a batch of chains; call ``queue.complete(chain, written)`` for each."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """The front-end went away or reset the device."""
+
+
+class Backend:
+    """Serves one :class:`Device` to one front-end at a time."""
+
+    def __init__(self, device: Device, *, socket_path: str | None = None, fd: int | None = None) -> None:
+        self.device = device
+        self.socket_path = socket_path
+        self.fd = fd
+
+    @classmethod
+    def listen(cls, path: str | os.PathLike[str], device: Device) -> Backend:
+        """Serve on a listening socket at `path` (a stale socket file is replaced)."""
+        return cls(device, socket_path=os.fspath(path))
+
+    @classmethod
+    def from_fd(cls, fd: int, device: Device) -> Backend:
+        """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
+        return cls(device, fd=fd)
+
+    def serve_forever(self, *, max_connections: int | None = None) -> None:
+        """Serve until Ctrl-C (KeyboardInterrupt), or until `max_connections` sessions ended."""
+        _native.serve_device(self.device, socket_path=self.socket_path, fd=self.fd, max_connections=max_connections)

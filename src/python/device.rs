@@ -1,0 +1,177 @@
+//! Python-written devices for the back-end role: the `Device` trait implemented by calling a
+//! Python object, once per batch (the GIL is taken once per worker wake-up, never per chain).
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList};
+
+use super::errors::to_pyerr;
+use super::virtqueue::{chains_from_batch, PyDescriptorChain};
+use crate::backend::Device;
+use crate::error::Error;
+use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+
+fn warn(py: Python<'_>, what: &str, err: &PyErr) {
+    if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
+        let tb = err.traceback(py).and_then(|t| t.format().ok()).unwrap_or_default();
+        let _ = log.call_method1("warning", ("device %s failed: %s\n%s", what, err.to_string(), tb));
+    }
+}
+
+/// The queue handed to ``Device.process``: completes chains of the batch being processed. Valid
+/// only during that call.
+#[pyclass(module = "vhostuser_rs", name = "BatchQueue", frozen)]
+pub(crate) struct BatchQueue {
+    queue: usize,
+    valid: AtomicBool,
+    index: u16,
+    completed: Mutex<HashSet<u16>>,
+}
+
+// SAFETY: `queue` points at the DeviceQueue the worker lends for the duration of one
+// `process` call; `valid` is cleared before the worker uses the queue again.
+unsafe impl Send for BatchQueue {}
+// SAFETY: as above; access is serialised by the GIL and the `completed` mutex.
+unsafe impl Sync for BatchQueue {}
+
+#[pymethods]
+impl BatchQueue {
+    /// Completes `chain` with `written` bytes in its writable buffers.
+    fn complete(&self, py: Python<'_>, chain: &PyDescriptorChain, written: u32) -> PyResult<()> {
+        if !self.valid.load(Ordering::Acquire) {
+            return Err(PyRuntimeError::new_err("the batch is over: complete chains inside process()"));
+        }
+        if written > chain.writable_capacity() {
+            return Err(PyValueError::new_err("written exceeds the chain's writable bytes"));
+        }
+        let mut done = self.completed.lock().unwrap_or_else(|e| e.into_inner());
+        if !done.insert(chain.head_index()) {
+            return Err(PyValueError::new_err("chain already completed"));
+        }
+        // SAFETY: valid is set: the worker is blocked in process() and lent us the queue.
+        let queue = unsafe { &mut *(self.queue as *mut DeviceQueue) };
+        queue
+            .complete_with(chain.head_index(), chain.writable_gpas(), written)
+            .map_err(|e| to_pyerr(py, Error::Queue { queue: self.index, source: e }))
+    }
+
+    /// The ring index.
+    #[getter]
+    fn index(&self) -> u16 {
+        self.index
+    }
+}
+
+/// Adapts a Python ``vhostuser_rs.Device`` to the back-end.
+pub(crate) struct PyDevice {
+    obj: Py<PyAny>,
+    num_queues: u16,
+    max_queue_size: u16,
+    features: u64,
+}
+
+impl PyDevice {
+    pub(crate) fn new(py: Python<'_>, obj: Py<PyAny>) -> PyResult<PyDevice> {
+        let b = obj.bind(py);
+        Ok(PyDevice {
+            num_queues: b.getattr("num_queues")?.extract()?,
+            max_queue_size: b.getattr("max_queue_size")?.extract()?,
+            features: b.getattr("features")?.extract()?,
+            obj,
+        })
+    }
+}
+
+impl Device for PyDevice {
+    fn num_queues(&self) -> u16 {
+        self.num_queues
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.max_queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.features
+    }
+
+    fn config(&self) -> Vec<u8> {
+        Python::attach(|py| match self.obj.bind(py).call_method0("config").and_then(|c| c.extract::<Vec<u8>>()) {
+            Ok(c) => c,
+            Err(e) => {
+                // The spec's failure answer to GET_CONFIG is an empty reply.
+                warn(py, "config()", &e);
+                Vec::new()
+            }
+        })
+    }
+
+    fn set_config(&self, offset: u32, data: &[u8]) -> bool {
+        Python::attach(|py| {
+            let r = self.obj.bind(py).call_method1("set_config", (offset, PyBytes::new(py, data)));
+            match r.and_then(|v| v.is_truthy()) {
+                Ok(ok) => ok,
+                Err(e) => {
+                    warn(py, "set_config()", &e);
+                    false
+                }
+            }
+        })
+    }
+
+    fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        let memory = queue.memory().clone();
+        let ptr = queue as *mut DeviceQueue as usize;
+        let leftover: Vec<u16> = Python::attach(|py| {
+            let chains = chains_from_batch(batch, &memory);
+            let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+            let bq = BatchQueue {
+                queue: ptr,
+                valid: AtomicBool::new(true),
+                index: queue_index,
+                completed: Mutex::new(HashSet::new()),
+            };
+            let result = Bound::new(py, bq).and_then(|bq| {
+                let objs = chains.into_iter().map(|c| Bound::new(py, c)).collect::<PyResult<Vec<_>>>()?;
+                let list = PyList::new(py, objs)?;
+                let r = self.obj.bind(py).call_method1("process", (bq.clone(), list));
+                bq.get().valid.store(false, Ordering::Release);
+                r.map(|_| bq)
+            });
+            match result {
+                Ok(bq) => {
+                    let done = bq.get().completed.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    heads.into_iter().filter(|h| !done.contains(h)).collect()
+                }
+                Err(e) => {
+                    warn(py, "process()", &e);
+                    // Which chains were completed before the exception is not known here:
+                    // complete nothing more; they stay in flight until the ring is stopped.
+                    Vec::new()
+                }
+            }
+        });
+        // Chains the device did not complete are returned empty so the driver is not left hanging.
+        for head in leftover {
+            queue.complete_with(head, std::iter::empty(), 0)?;
+        }
+        Ok(())
+    }
+
+    fn reset(&self) {
+        Python::attach(|py| {
+            if let Err(e) = self.obj.bind(py).call_method0("reset") {
+                warn(py, "reset()", &e);
+            }
+        });
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<BatchQueue>()?;
+    Ok(())
+}
