@@ -1,0 +1,163 @@
+"""A real QEMU guest (TCG) as the front-end: Linux's virtio-blk driver on QEMU's
+vhost-user-blk-pci against our back-end. The guest's init reads the whole disk, compares its
+checksum with the image's, writes a marker, reads it back and powers off; the test then finds
+the marker in the image file. QEMU 7.2 uses ADD_MEM_REG and starts the device twice per boot
+(firmware, then Linux)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from peers import need, wait_for_socket, stop
+
+QEMU = shutil.which("qemu-system-x86_64")
+BUSYBOX = next((p for p in ("/bin/busybox", "/usr/bin/busybox") if os.access(p, os.X_OK)), None)
+KERNEL_DIR = Path(os.environ.get("VHOSTUSER_RS_KERNEL_DIR", Path.home() / ".cache" / "vhostuser_rs" / "kernel"))
+MODULES = ["virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk"]
+MARKER_SECTOR = 2048
+
+INIT = textwrap.dedent(
+    """\
+    #!/bin/busybox sh
+    /bin/busybox --install -s /bin
+    export PATH=/bin
+    mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+    report() { echo "GUEST: $*"; }
+    die() { echo "GUEST-RESULT: FAIL $*"; poweroff -f; }
+    for m in MODULE_LIST; do insmod /lib/modules/$m.ko || die "insmod $m"; done
+    n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done
+    [ -b /dev/vda ] || die "no /dev/vda"
+    report "sectors=$(cat /sys/block/vda/size) queues=$(ls /sys/block/vda/mq | wc -l)"
+    report "md5=$(dd if=/dev/vda bs=1M 2>/dev/null | md5sum | cut -d' ' -f1)"
+    nonce=$(sed -n 's/.*marker=\\([^ ]*\\).*/\\1/p' /proc/cmdline)
+    printf 'VHOSTUSER-RS GUEST MARKER %s\\n' "$nonce" | dd of=/dev/vda bs=512 seek=MARKER_SECTOR count=1 conv=sync,fsync 2>/dev/null || die "write"
+    echo 3 > /proc/sys/vm/drop_caches
+    back=$(dd if=/dev/vda bs=512 skip=MARKER_SECTOR count=1 2>/dev/null | head -1)
+    [ "$back" = "VHOSTUSER-RS GUEST MARKER $nonce" ] || die "read back '$back'"
+    echo "GUEST-RESULT: OK"
+    poweroff -f
+    """
+)
+
+
+def kernel() -> tuple[Path, Path]:
+    """The guest kernel and its module directory (extracted by .ci/run from Debian's package)."""
+    images = sorted(KERNEL_DIR.glob("boot/vmlinuz-*"))
+    if not images:
+        if os.environ.get("CI"):
+            pytest.fail(f"no guest kernel under {KERNEL_DIR} (.ci/run extracts linux-image-amd64 there)")
+        pytest.skip(f"no guest kernel under {KERNEL_DIR} (see .ci/run for how to extract one)")
+    version = images[-1].name.removeprefix("vmlinuz-")
+    return images[-1], KERNEL_DIR / "lib" / "modules" / version
+
+
+def build_initramfs(work: Path, modules_dir: Path) -> Path:
+    root = work / "root"
+    for d in ("bin", "dev", "proc", "sys", "lib/modules"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy(need(BUSYBOX, "busybox-static"), root / "bin" / "busybox")
+    for m in MODULES:
+        found = list(modules_dir.rglob(f"{m}.ko"))
+        assert found, f"module {m} not found under {modules_dir}"
+        shutil.copy(found[0], root / "lib" / "modules" / f"{m}.ko")
+    init = root / "init"
+    init.write_text(INIT.replace("MODULE_LIST", " ".join(MODULES)).replace("MARKER_SECTOR", str(MARKER_SECTOR)))
+    init.chmod(0o755)
+    archive = subprocess.run(
+        "find . | cpio -o -H newc --quiet", shell=True, cwd=root, capture_output=True, check=True
+    ).stdout
+    out = work / "initramfs.cpio.gz"
+    out.write_bytes(gzip.compress(archive, compresslevel=1))
+    return out
+
+
+PY_DEVICE = textwrap.dedent(
+    """
+    import os, struct, sys
+    import vhostuser_rs as vu
+
+    class FileBlock(vu.Device):
+        num_queues = 1
+        features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX | vu.VirtioFeature.INDIRECT_DESC) | (1 << 6) | (1 << 9)
+
+        def __init__(self, path):
+            self.fd = os.open(path, os.O_RDWR)
+            self.sectors = os.fstat(self.fd).st_size // 512
+
+        def config(self):
+            return struct.pack("<QIIHBBI", self.sectors, 0, 126, 0, 0, 0, 512) + bytes(36)
+
+        def process(self, queue, chains):
+            for chain in chains:
+                rtype, _, sector = struct.unpack("<IIQ", chain.read(16))
+                status, written = 0, 0
+                if rtype == 0:
+                    n = chain.writable_len - 1
+                    written = chain.write(os.pread(self.fd, n, sector * 512))
+                elif rtype == 1:
+                    os.pwrite(self.fd, chain.read()[16:], sector * 512)
+                elif rtype == 4:
+                    os.fdatasync(self.fd)
+                elif rtype == 8:
+                    written = chain.write(b"pyblk".ljust(20, b"\\0"))
+                else:
+                    status = 2
+                chain.write(bytes([status]), chain.writable_len - 1)
+                queue.complete(chain, written + 1)
+
+    try:
+        vu.Backend.listen(sys.argv[2], FileBlock(sys.argv[1])).serve_forever()
+    except KeyboardInterrupt:
+        pass
+    """
+)
+
+
+@pytest.mark.parametrize("device", ["built-in", "python"])
+def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> None:
+    qemu = need(QEMU, "qemu-system-x86_64")
+    vmlinuz, modules = kernel()
+    work = sock_dir
+    initrd = build_initramfs(work, modules)
+    image = work / "disk.img"
+    with open(image, "wb") as f:
+        for i in range(8 << 20 >> 12):  # 8 MiB of varied content
+            f.write(hashlib.sha256(i.to_bytes(4, "little")).digest() * 128)
+    expected = hashlib.md5(image.read_bytes()).hexdigest()
+    sock = work / "blk.sock"
+    if device == "built-in":
+        args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]
+    else:
+        args = [sys.executable, "-c", PY_DEVICE, str(image), str(sock)]
+    backend = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    nonce = os.urandom(6).hex()
+    serial = work / "serial.log"
+    try:
+        wait_for_socket(sock, backend)
+        cmd = [
+            qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1", "-m", "512M",
+            "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{serial}", "-kernel", str(vmlinuz), "-initrd", str(initrd),
+            "-chardev", f"socket,id=c0,path={sock}", "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+            "-append", f"console=ttyS0 panic=-1 quiet rdinit=/init marker={nonce}",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        log = serial.read_text(errors="replace")
+        assert "GUEST-RESULT: OK" in log, f"guest failed:\n{log[-3000:]}\nQEMU: {result.stderr[-2000:]}"
+        assert f"md5={expected}" in log, "the guest read different bytes than the image holds"
+        assert backend.poll() is None, "the back-end died"
+    finally:
+        stop(backend)
+    with open(image, "rb") as f:
+        f.seek(MARKER_SECTOR * 512)
+        assert f.read(64).startswith(f"VHOSTUSER-RS GUEST MARKER {nonce}".encode())
