@@ -15,6 +15,7 @@ __all__ = [
     "block_io",
     "serve_blk",
     "serve_device",
+    "StopFlag",
     "DescriptorChain",
     "DeviceQueue",
     "DirtyLog",
@@ -274,8 +275,18 @@ def serve_device(
     *,
     socket_path: str | os.PathLike[str] | None = None,
     fd: int | None = None,
+    connect: str | os.PathLike[str] | None = None,
     max_connections: int | None = None,
+    stop: StopFlag | None = None,
 ) -> None: ...
+@final
+class StopFlag:
+    """A flag that ends a background serve_device loop."""
+
+    def __new__(cls) -> StopFlag: ...
+    def set(self) -> None: ...
+    @property
+    def is_set(self) -> bool: ...
 @final
 class BatchQueue:
     """The queue handed to Device.process: completes chains of the current batch."""

@@ -26,6 +26,7 @@ with 0 bytes written; the device keeps serving.
 from __future__ import annotations
 
 import os
+import threading
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain
@@ -63,10 +64,16 @@ class Device:
 class Backend:
     """Serves one :class:`Device` to one front-end at a time."""
 
-    def __init__(self, device: Device, *, socket_path: str | None = None, fd: int | None = None) -> None:
+    def __init__(
+        self, device: Device, *, socket_path: str | None = None, fd: int | None = None, connect: str | None = None
+    ) -> None:
         self.device = device
         self.socket_path = socket_path
         self.fd = fd
+        self.connect_path = connect
+        self._stop = _native.StopFlag()
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
 
     @classmethod
     def listen(cls, path: str | os.PathLike[str], device: Device) -> Backend:
@@ -78,6 +85,46 @@ class Backend:
         """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
         return cls(device, fd=fd)
 
+    @classmethod
+    def connect(cls, path: str | os.PathLike[str], device: Device) -> Backend:
+        """Client mode: connect out to a front-end listening at `path` and serve that session."""
+        return cls(device, connect=os.fspath(path))
+
     def serve_forever(self, *, max_connections: int | None = None) -> None:
-        """Serve until Ctrl-C (KeyboardInterrupt), or until `max_connections` sessions ended."""
-        _native.serve_device(self.device, socket_path=self.socket_path, fd=self.fd, max_connections=max_connections)
+        """Serve until Ctrl-C (KeyboardInterrupt), :meth:`stop`, or until `max_connections`
+        sessions ended."""
+        _native.serve_device(
+            self.device,
+            socket_path=self.socket_path,
+            fd=self.fd,
+            connect=self.connect_path,
+            max_connections=max_connections,
+            stop=self._stop,
+        )
+
+    def start(self, *, max_connections: int | None = None) -> None:
+        """Serve on a background thread (see :meth:`stop`); errors land in :attr:`error`."""
+        if self._thread is not None:
+            raise RuntimeError("already started")
+
+        def run() -> None:
+            try:
+                self.serve_forever(max_connections=max_connections)
+            except BaseException as e:  # noqa: BLE001 - kept for the caller
+                self.error = e
+
+        self._thread = threading.Thread(target=run, name="vhostuser_rs backend", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = 5.0) -> None:
+        """End serving (the current session ends within about 200 ms) and wait for the thread."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()

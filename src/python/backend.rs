@@ -36,21 +36,59 @@ pub(crate) fn serve_blk(
     max_connections: Option<u32>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
-    serve(py, device, socket_path, fd, max_connections)
+    serve(py, device, socket_path, fd, max_connections, None)
 }
 
-/// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop).
+/// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop). With `connect`,
+/// the back-end connects out to a listening front-end (client mode) and serves that session.
+/// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, max_connections=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None))]
 pub(crate) fn serve_device(
     py: Python<'_>,
     device: Py<PyAny>,
     socket_path: Option<PathBuf>,
     fd: Option<RawFd>,
+    connect: Option<PathBuf>,
     max_connections: Option<u32>,
+    stop: Option<Py<StopFlag>>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
-    serve(py, device, socket_path, fd, max_connections)
+    let flag = stop.map(|s| s.get().flag.clone());
+    if let Some(path) = connect {
+        let conn = py.detach(|| Connection::connect(&path, Some(Duration::from_secs(5)))).py_err(py)?;
+        let stop = || {
+            flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) || Python::attach(|py| py.check_signals().is_err())
+        };
+        let r = py.detach(|| serve_connection(&conn, device.clone(), &stop));
+        return r.map_err(|e| to_pyerr(py, e));
+    }
+    serve(py, device, socket_path, fd, max_connections, flag)
+}
+
+/// A flag that ends a background ``serve_device`` loop.
+#[pyclass(module = "vhostuser_rs", name = "StopFlag", frozen)]
+pub(crate) struct StopFlag {
+    flag: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl StopFlag {
+    #[new]
+    fn new() -> StopFlag {
+        StopFlag { flag: Arc::new(AtomicBool::new(false)) }
+    }
+
+    /// Asks the serving loop to end.
+    fn set(&self) {
+        self.flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether :meth:`set` was called.
+    #[getter]
+    fn is_set(&self) -> bool {
+        self.flag.load(Ordering::Relaxed)
+    }
 }
 
 fn serve(
@@ -59,10 +97,12 @@ fn serve(
     socket_path: Option<PathBuf>,
     fd: Option<RawFd>,
     max_connections: Option<u32>,
+    flag: Option<Arc<AtomicBool>>,
 ) -> PyResult<()> {
     let interrupted = AtomicBool::new(false);
+    let stopped = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
     let stop = || {
-        if interrupted.load(Ordering::Relaxed) {
+        if interrupted.load(Ordering::Relaxed) || stopped() {
             return true;
         }
         let hit = Python::attach(|py| py.check_signals().is_err());
@@ -86,12 +126,13 @@ fn serve(
     let listener = Listener::bind(&path, true).py_err(py)?;
     let mut served = 0u32;
     loop {
-        if max_connections.is_some_and(|m| served >= m) {
+        if max_connections.is_some_and(|m| served >= m) || stopped() {
             return Ok(());
         }
         let conn = loop {
             match py.detach(|| listener.accept(Deadline::after(Some(Duration::from_millis(200))))) {
                 Ok(c) => break c,
+                Err(Error::Timeout(_)) if stopped() => return Ok(()),
                 Err(Error::Timeout(_)) => py.check_signals()?,
                 Err(e) => return Err(to_pyerr(py, e)),
             }
@@ -117,5 +158,6 @@ fn finish(py: Python<'_>, r: Result<(), Error>, interrupted: &AtomicBool) -> PyR
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
     m.add_function(wrap_pyfunction!(serve_device, m)?)?;
+    m.add_class::<StopFlag>()?;
     Ok(())
 }

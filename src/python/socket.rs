@@ -168,7 +168,8 @@ impl PyConnection {
     }
 
     /// Closes the connection. Idempotent; a call blocked in another thread wakes up with
-    /// ``ConnectionClosedError``.
+    /// ``ConnectionClosedError``. The socket is shut down to wake such calls, which also ends
+    /// other descriptors of the same socket (e.g. the one adopted with ``from_socket``).
     fn close(&self) {
         let taken = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(conn) = taken {

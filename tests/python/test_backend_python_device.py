@@ -96,3 +96,29 @@ def test_device_exceptions_are_answered_per_spec(served, caplog: pytest.LogCaptu
         with pytest.raises(vu.RequestRejectedError):
             fe.set_config(32, b"\x01")  # refused by default
     assert any("config failure" in r.getMessage() for r in caplog.records)
+
+
+def test_background_start_stop_and_client_mode(sock_dir: Path) -> None:
+    device = MemBlock()
+    sock = sock_dir / "bg.sock"
+    with vu.Backend.listen(sock, device) as backend:
+        backend.start()
+        while not sock.exists():
+            pass
+        with BlockClient.connect(sock) as disk:
+            disk.write(0, b"b" * 512)
+            assert disk.read(0, 512) == b"b" * 512
+    assert backend.error is None
+    # Client mode: the front-end listens, the back-end connects out.
+    front = sock_dir / "front.sock"
+    with vu.Listener.bind(front) as listener:
+        client = vu.Backend.connect(front, device)
+        client.start()
+        conn = listener.accept(timeout=5)
+        # (Connection.close() shuts the socket down, which would also end a duplicate of it:
+        # close it only once the front-end is done.)
+        with vu.Frontend(vu._native.FrontendCore.from_fd(conn.fileno())) as fe:
+            assert vu.VirtioFeature.VERSION_1 in fe.get_features()
+        conn.close()
+        client.stop()
+        assert client.error is None
