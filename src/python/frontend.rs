@@ -12,6 +12,7 @@ use pyo3::types::PyDict;
 
 use super::blocking::timeout;
 use super::errors::{to_pyerr, IntoPyResult};
+use super::socket::borrow_fds;
 use super::wire::{message_to_py, payload_from_py};
 use crate::connection::{Connection, Deadline};
 use crate::error::Error;
@@ -24,18 +25,6 @@ use crate::protocol::{FrontendRequest, Message};
 pub(crate) struct PyFrontendCore {
     inner: Arc<Frontend>,
     channel: Mutex<Option<BackendChannel>>,
-}
-
-fn borrow(fds: &[RawFd]) -> PyResult<Vec<BorrowedFd<'_>>> {
-    fds.iter()
-        .map(|&fd| {
-            if fd < 0 {
-                return Err(PyValueError::new_err(format!("invalid file descriptor {fd}")));
-            }
-            // SAFETY: the caller keeps these fds open for the duration of the call.
-            Ok(unsafe { BorrowedFd::borrow_raw(fd) })
-        })
-        .collect()
 }
 
 struct PyHandler {
@@ -91,7 +80,7 @@ impl PyFrontendCore {
     #[staticmethod]
     fn from_fd(py: Python<'_>, fd: RawFd) -> PyResult<PyFrontendCore> {
         let one = [fd];
-        let owned = borrow(&one)?[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?;
+        let owned = borrow_fds(&one)?[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?;
         let conn = Connection::from_fd(owned).py_err(py)?;
         Ok(PyFrontendCore { inner: Arc::new(Frontend::new(conn)), channel: Mutex::new(None) })
     }
@@ -116,7 +105,7 @@ impl PyFrontendCore {
             Some(p) => payload_from_py(&p)?,
             None => crate::protocol::Payload::Empty,
         };
-        let borrowed = borrow(&fds)?;
+        let borrowed = borrow_fds(&fds)?;
         let opts = RequestOptions {
             need_reply,
             check_gate,
@@ -211,7 +200,7 @@ fn block_io<'py>(
     let d = super::blocking::timeout(Some(duration))?.unwrap_or_default();
     let job = Job { pattern, block_size: bs, iodepth, duration: d, capacity, verify, seed };
     let fds = [kick_fd, call_fd];
-    let borrowed = borrow(&fds)?;
+    let borrowed = borrow_fds(&fds)?;
     let mem = memory.inner.clone();
     let mut guard = queue.inner.lock().unwrap_or_else(|e| e.into_inner());
     let q: &mut crate::virtqueue::DriverQueue = &mut guard;

@@ -42,7 +42,8 @@ impl PyConnection {
     }
 }
 
-fn borrow_fds(fds: &[RawFd]) -> PyResult<Vec<BorrowedFd<'_>>> {
+/// Borrows fds the caller keeps open for the duration of a call (rejecting negative ones).
+pub(crate) fn borrow_fds(fds: &[RawFd]) -> PyResult<Vec<BorrowedFd<'_>>> {
     fds.iter()
         .map(|&fd| {
             if fd < 0 {
