@@ -30,7 +30,7 @@ from typing import Any
 from . import _native
 from ._native import DirtyLog, DriverQueue, GuestMemory
 from .enums import BackendRequest, DeviceStatus, FrontendRequest, ProtocolFeature, VirtioFeature
-from .exceptions import NegotiationError, VhostUserTimeoutError
+from .exceptions import NegotiationError, RequestRejectedError, VhostUserTimeoutError
 from .messages import (
     CryptoSession,
     DeviceConfig,
@@ -404,8 +404,6 @@ class Frontend:
         """IOTLB_MSG update or invalidation (needs ACCESS_PLATFORM); the ack is checked."""
         status = self._call(F.IOTLB_MSG, msg)
         if status:
-            from .exceptions import RequestRejectedError
-
             raise RequestRejectedError(f"IOTLB_MSG rejected with status {status:#x}", request=F.IOTLB_MSG, status=status)
 
     def set_vring_endian(self, index: int, big_endian: bool) -> None:
@@ -417,8 +415,6 @@ class Frontend:
         short reply is the back-end's way of failing and raises RequestRejectedError."""
         cfg = self._call(F.GET_CONFIG, DeviceConfig(offset, bytes(size)))
         if not isinstance(cfg, DeviceConfig) or len(cfg.data) != size or cfg.offset != offset:
-            from .exceptions import RequestRejectedError
-
             raise RequestRejectedError("GET_CONFIG failed (empty or mismatched reply)", request=F.GET_CONFIG, status=1)
         return cfg.data
 
@@ -504,8 +500,6 @@ class Frontend:
         if status & 0xFF:
             for f in fds:
                 os.close(f)
-            from .exceptions import RequestRejectedError
-
             raise RequestRejectedError(f"SET_DEVICE_STATE_FD failed: {status:#x}", request=F.SET_DEVICE_STATE_FD, status=status)
         return fds[0] if fds else None
 
@@ -513,8 +507,6 @@ class Frontend:
         """CHECK_DEVICE_STATE: raise if the back-end did not process the transferred state."""
         status = self._call(F.CHECK_DEVICE_STATE)
         if status:
-            from .exceptions import RequestRejectedError
-
             raise RequestRejectedError(f"device state check failed: {status:#x}", request=F.CHECK_DEVICE_STATE, status=status)
 
     def get_shmem_config(self) -> tuple[int, ...]:

@@ -10,8 +10,8 @@ use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
 use crate::memory::{DirtyLog, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};
 use crate::protocol::{
-    Channel, DeviceConfig, FrontendRequest, Message, Payload, ProtocolFeatures, Request, VirtioFeatures, VringAddr,
-    VRING_F_LOG,
+    Channel, DeviceConfig, FrontendRequest, MemoryRegion, Message, Payload, ProtocolFeatures, Request, VirtioFeatures,
+    VringAddr, VRING_F_LOG,
 };
 use crate::virtqueue::{DeviceQueue, QueueConfig, RingAddressSpace};
 
@@ -152,33 +152,14 @@ impl Session {
             (GET_QUEUE_NUM, _) => Outcome::Reply(Payload::U64(self.rings.len() as u64), Vec::new()),
             (GET_MAX_MEM_SLOTS, _) => Outcome::Reply(Payload::U64(DEFAULT_MAX_SLOTS as u64), Vec::new()),
             (SET_MEM_TABLE, Payload::MemoryTable(regions)) => {
-                let pairs = regions
-                    .iter()
-                    .zip(fds.drain(..))
-                    .map(|(r, fd)| {
-                        (
-                            RegionDesc {
-                                guest_addr: r.guest_addr,
-                                size: r.size,
-                                user_addr: r.user_addr,
-                                mmap_offset: r.mmap_offset,
-                            },
-                            fd,
-                        )
-                    })
-                    .collect();
+                let pairs = regions.iter().zip(fds.drain(..)).map(|(r, fd)| (region_desc(r), fd)).collect();
                 match MemoryTable::map_all(pairs) {
                     Ok(t) => self.replace_memory(t),
                     Err(e) => Outcome::Refused(e.into()),
                 }
             }
             (ADD_MEM_REG, Payload::SingleRegion(r)) => {
-                let desc = RegionDesc {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                    user_addr: r.user_addr,
-                    mmap_offset: r.mmap_offset,
-                };
+                let desc = region_desc(r);
                 let Some(fd) = fds.pop() else { return refuse("no fd") };
                 match Region::map(desc, fd).and_then(|region| self.memory.with_added(region, DEFAULT_MAX_SLOTS)) {
                     Ok(t) => self.replace_memory(t),
@@ -187,12 +168,7 @@ impl Session {
             }
             (REM_MEM_REG, Payload::SingleRegion(r)) => {
                 drop(fds);
-                let desc = RegionDesc {
-                    guest_addr: r.guest_addr,
-                    size: r.size,
-                    user_addr: r.user_addr,
-                    mmap_offset: r.mmap_offset,
-                };
+                let desc = region_desc(r);
                 match self.memory.with_removed(&desc) {
                     Ok(t) => self.replace_memory(t),
                     Err(e) => Outcome::Refused(e.into()),
@@ -463,6 +439,10 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+fn region_desc(r: &MemoryRegion) -> RegionDesc {
+    RegionDesc { guest_addr: r.guest_addr, size: r.size, user_addr: r.user_addr, mmap_offset: r.mmap_offset }
 }
 
 /// Serves one front-end on `conn` until it disconnects (or `stop` returns true between

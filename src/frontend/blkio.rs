@@ -274,7 +274,7 @@ pub fn run(
             report.elapsed = now.duration_since(start);
             if stop(&report) && running {
                 // Treat an external stop like the end of the run: drain what is in flight.
-                return finish(queue, call, report, start, depth, &slots, &mut by_head);
+                return finish(queue, call, report, start, depth);
             }
         }
         if !running && queue.in_flight() == 0 {
@@ -294,8 +294,6 @@ fn finish(
     mut report: Report,
     start: Instant,
     depth: usize,
-    _slots: &[Slot],
-    _by_head: &mut [usize],
 ) -> Result<Report> {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut used = Vec::with_capacity(depth);

@@ -322,20 +322,7 @@ impl PyDeviceQueue {
         let DeviceState { queue, batch } = &mut *st;
         batch.clear();
         let popped = queue.pop_batch(batch, max);
-        let memory = queue.memory();
-        let mut chains = Vec::with_capacity(batch.len());
-        for c in batch.chains() {
-            let segments: Box<[SegmentView]> =
-                batch.segments(c).iter().map(|s| SegmentView { ptr: s.host, len: s.len, gpa: s.gpa }).collect();
-            chains.push(PyDescriptorChain {
-                head: c.head,
-                segments,
-                num_readable: batch.readable(c).len(),
-                readable_len: c.readable_len,
-                writable_len: c.writable_len,
-                memory: memory.clone(),
-            });
-        }
+        let chains = chains_from_batch(batch, queue.memory());
         match popped {
             // Chains popped before a malformed one are still returned; the next call reports
             // the broken queue.
