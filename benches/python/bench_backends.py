@@ -1,6 +1,7 @@
 """The built-in back-end (`vhostuser-rs serve-blk`) side by side with qemu-storage-daemon, both
 serving an image on tmpfs, driven by `vhostuser-rs bench`: 4 KiB random read and write, iodepth
-1 and 32, 1 queue, a fresh back-end per run, interleaved runs, medians.
+1 and 32, 1 queue, each process placement of PLACEMENTS, a fresh back-end per run, interleaved
+runs, medians.
 
 Run: ``python benches/python/bench_backends.py [--runs 5] [--time 2]``.
 """
@@ -21,6 +22,21 @@ from pathlib import Path
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+# Where the two processes run. On VMs (these machines: 2 vCPUs, haltpoll with no guest
+# polling) waking a process on an idle vCPU costs ~20 us, on the same vCPU a context switch
+# (~2 us): a C eventfd ping-pong between two processes does 24 K round trips/s across vCPUs and
+# 279 K on one. So the placement decides iodepth-1 results more than any code does.
+PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
+    "free": (None, None),  # the scheduler's choice (back-end, front-end)
+    "spread": ({0}, {1}),
+    "shared": ({0}, {0}),
+}
+
+
+def pinned(cpus: set[int] | None):  # type: ignore[no-untyped-def]
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 def cpu_seconds(pid: int) -> float:
     """user+sys of a process and all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -30,6 +46,7 @@ def cpu_seconds(pid: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--placements", default="free,shared,spread", help=f"of {','.join(PLACEMENTS)}")
     p.add_argument("--time", type=float, default=2.0)
     a = p.parse_args()
     qsd = shutil.which("qemu-storage-daemon")
@@ -44,37 +61,42 @@ def main() -> None:
             "driver=raw,node-name=disk0,file=file0", "--export",
             f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
         ]
-    results: dict[tuple[str, str, int], list[dict[str, float]]] = {}
+    results: dict[tuple[str, str, int, str], list[dict[str, float]]] = {}
     try:
         for _ in range(a.runs):
-            for rw in ("randread", "randwrite"):
-                for depth in (1, 32):
-                    for name, cmd in backends.items():
-                        sock.unlink(missing_ok=True)
-                        be = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                        try:
-                            while not sock.exists():
-                                time.sleep(0.01)
-                            c0 = cpu_seconds(be.pid)
-                            out = subprocess.run(
-                                [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock), "--rw", rw,
-                                 "--iodepth", str(depth), "--time", str(a.time), "--json"],
-                                capture_output=True, text=True, check=True, timeout=a.time + 30,
-                            )
-                            c1 = cpu_seconds(be.pid)
-                        finally:
-                            be.terminate()
-                            be.wait()
-                        doc = json.loads(out.stdout)
-                        doc["backend_cpu_us_per_io"] = (c1 - c0) / doc["ios"] * 1e6
-                        results.setdefault((rw, name, depth), []).append(doc)
+            for place in a.placements.split(","):
+                be_cpus, fe_cpus = PLACEMENTS[place]
+                for rw in ("randread", "randwrite"):
+                    for depth in (1, 32):
+                        for name, cmd in backends.items():
+                            sock.unlink(missing_ok=True)
+                            be = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                                  preexec_fn=pinned(be_cpus))
+                            try:
+                                while not sock.exists():
+                                    time.sleep(0.01)
+                                c0 = cpu_seconds(be.pid)
+                                out = subprocess.run(
+                                    [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock),
+                                     "--rw", rw, "--iodepth", str(depth), "--time", str(a.time), "--json"],
+                                    capture_output=True, text=True, check=True, timeout=a.time + 30,
+                                    preexec_fn=pinned(fe_cpus),
+                                )
+                                c1 = cpu_seconds(be.pid)
+                            finally:
+                                be.terminate()
+                                be.wait()
+                            doc = json.loads(out.stdout)
+                            doc["backend_cpu_us_per_io"] = (c1 - c0) / doc["ios"] * 1e6
+                            results.setdefault((place, rw, depth, name), []).append(doc)
         print(f"4 KiB, 1 queue, {a.time:g} s runs, median of {a.runs} (min..max)")
-        for (rw, name, depth), docs in sorted(results.items()):
+        for (place, rw, depth, name), docs in sorted(results.items()):
             iops = [d["iops"] for d in docs]
             print(
-                f"  {rw:<9} iodepth {depth:>2} {name:<20} {statistics.median(iops):>9,.0f} IOPS"
+                f"  {place:<6} {rw:<9} iodepth {depth:>2} {name:<20} {statistics.median(iops):>9,.0f} IOPS"
                 f" ({min(iops):,.0f}..{max(iops):,.0f})  p50 {statistics.median(d['p50_us'] for d in docs):6.1f} us"
                 f"  back-end CPU {statistics.median(d['backend_cpu_us_per_io'] for d in docs):5.2f} us/IO"
+                f"  front-end CPU {statistics.median(d['cpu_us_per_io'] for d in docs):5.2f} us/IO"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -23,6 +23,21 @@ HERE = Path(__file__).resolve().parent
 TICK = os.sysconf("SC_CLK_TCK")
 
 
+# Where the two processes run. On VMs (these machines: 2 vCPUs, haltpoll with no guest
+# polling) waking a process on an idle vCPU costs ~20 us, on the same vCPU a context switch
+# (~2 us): a C eventfd ping-pong between two processes does 24 K round trips/s across vCPUs and
+# 279 K on one. So the placement decides iodepth-1 results more than any code does.
+PLACEMENTS: dict[str, tuple[set[int] | None, set[int] | None]] = {
+    "free": (None, None),  # the scheduler's choice (back-end, front-end)
+    "spread": ({0}, {1}),
+    "shared": ({0}, {0}),
+}
+
+
+def pinned(cpus: set[int] | None):  # type: ignore[no-untyped-def]
+    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
@@ -31,6 +46,7 @@ def cpu_seconds(pid: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--placements", default="free,shared,spread", help=f"of {','.join(PLACEMENTS)}")
     p.add_argument("--time", type=float, default=10.0)
     p.add_argument("--iodepths", default="1,32")
     a = p.parse_args()
@@ -42,7 +58,7 @@ def main() -> None:
     with open(image, "wb") as f:
         f.truncate(256 << 20)
 
-    def start_daemon() -> subprocess.Popen[bytes]:
+    def start_daemon(cpus: set[int] | None) -> subprocess.Popen[bytes]:
         # A fresh daemon per run: qemu-storage-daemon 7.2 can carry ring state from one session
         # into the next ("vu_panic: Virtqueue size exceeded" after a session with another ring
         # size), and a fresh process also keeps runs independent.
@@ -51,48 +67,57 @@ def main() -> None:
             [qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
              "driver=raw,node-name=disk0,file=file0", "--export",
              f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cpus),
         )
         while not sock.exists():
             time.sleep(0.01)
         return proc
 
+    def commands(depth: int) -> list[tuple[str, list[str]]]:
+        return [
+            ("vhostuser-rs", [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock),
+                              "--iodepth", str(depth), "--time", str(a.time), "--json"]),
+            ("plain Python", [sys.executable, str(HERE / "baseline_frontend.py"), str(sock),
+                              "--iodepth", str(depth), "--time", str(a.time)]),
+        ]
+
     try:
-        results: dict[tuple[str, int], list[dict[str, float]]] = {}
-        failures: dict[tuple[str, int], int] = {}
+        results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
+        failures: dict[tuple[str, int, str], int] = {}
         for _ in range(a.runs):
-            for depth in (int(d) for d in a.iodepths.split(",")):
-                for name, cmd in (
-                    ("vhostuser-rs", [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock),
-                                      "--iodepth", str(depth), "--time", str(a.time), "--json"]),
-                    ("plain Python", [sys.executable, str(HERE / "baseline_frontend.py"), str(sock),
-                                      "--iodepth", str(depth), "--time", str(a.time)]),
-                ):
-                    daemon = start_daemon()
-                    try:
-                        d0 = cpu_seconds(daemon.pid)
+            for place in a.placements.split(","):
+                be_cpus, fe_cpus = PLACEMENTS[place]
+                for depth in (int(d) for d in a.iodepths.split(",")):
+                    for name, cmd in commands(depth):
+                        key = (place, depth, name)
+                        daemon = start_daemon(be_cpus)
                         try:
-                            out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=a.time + 20)
-                        except subprocess.TimeoutExpired:
-                            # Seen with the plain-Python baseline only: the daemon stops answering
-                            # ("vu_panic: Virtqueue size exceeded"); the run is counted as failed.
-                            failures[(name, depth)] = failures.get((name, depth), 0) + 1
-                            continue
-                        d1 = cpu_seconds(daemon.pid)
-                    finally:
-                        daemon.terminate()
-                        daemon.wait()
-                    doc = json.loads(out.stdout)
-                    doc["daemon_cpu_us_per_io"] = (d1 - d0) / doc["ios"] * 1e6
-                    results.setdefault((name, depth), []).append(doc)
+                            d0 = cpu_seconds(daemon.pid)
+                            try:
+                                out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+                                                     timeout=a.time + 20, preexec_fn=pinned(fe_cpus))
+                            except subprocess.TimeoutExpired:
+                                # Seen with the plain-Python baseline only: the daemon stops
+                                # answering ("vu_panic: Virtqueue size exceeded"); counted as hung.
+                                failures[key] = failures.get(key, 0) + 1
+                                continue
+                            d1 = cpu_seconds(daemon.pid)
+                        finally:
+                            daemon.terminate()
+                            daemon.wait()
+                        doc = json.loads(out.stdout)
+                        doc["daemon_cpu_us_per_io"] = (d1 - d0) / doc["ios"] * 1e6
+                        results.setdefault(key, []).append(doc)
         print(f"4 KiB randread, 1 queue, {a.time:g} s runs, median of {a.runs} (min..max)")
-        for (name, depth), docs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        for (place, depth, name), docs in sorted(results.items()):
             iops = [d["iops"] for d in docs]
             cpu = [d["cpu_us_per_io"] for d in docs]
             dcpu = [d["daemon_cpu_us_per_io"] for d in docs]
-            print(f"  iodepth {depth:>2} {name:<13} {statistics.median(iops):>9,.0f} IOPS ({min(iops):,.0f}..{max(iops):,.0f})"
+            p50 = [d.get("p50_us", 0.0) for d in docs]
+            print(f"  {place:<6} iodepth {depth:>2} {name:<13} {statistics.median(iops):>9,.0f} IOPS"
+                  f" ({min(iops):,.0f}..{max(iops):,.0f})  p50 {statistics.median(p50):6.1f} us"
                   f"  front-end CPU {statistics.median(cpu):5.2f} us/IO  daemon CPU {statistics.median(dcpu):5.2f} us/IO"
-                  f"  runs {len(docs)}, hung {failures.get((name, depth), 0)}")
+                  f"  runs {len(docs)}, hung {failures.get((place, depth, name), 0)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

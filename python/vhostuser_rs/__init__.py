@@ -47,7 +47,7 @@ from .exceptions import (
     VirtqueueError,
 )
 from .backend import Backend, Device
-from .frontend import BackendRequestHandler, Frontend, Virtqueue
+from .frontend import BackendRequestHandler, Frontend, InflightBuffer, Virtqueue
 from .messages import Message
 
 __all__ = [
@@ -67,6 +67,7 @@ __all__ = [
     "DeviceStatus",
     "FeatureNotNegotiatedError",
     "Frontend",
+    "InflightBuffer",
     "FrontendRequest",
     "GuestMemoryError",
     "InvalidStateError",

@@ -159,6 +159,8 @@ class DriverQueue:
     @property
     def avail_idx(self) -> int: ...
     @property
+    def used_idx(self) -> int: ...
+    @property
     def guest_addrs(self) -> tuple[int, int, int]: ...
     @property
     def user_addrs(self) -> tuple[int, int, int]: ...
@@ -258,6 +260,7 @@ def block_io(
     verify: bool = False,
     seed: int = 1,
     progress: bool = False,
+    poll: float = 0.0,
 ) -> dict[str, Any]: ...
 
 def serve_blk(

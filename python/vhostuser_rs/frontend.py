@@ -165,6 +165,30 @@ def _errno_status(errno_value: int) -> int:
 
 
 @dataclass
+class InflightBuffer:
+    """An inflight buffer (INFLIGHT_SHMFD): where the back-end records the requests it has taken
+    from the rings and not completed. The front-end keeps it and hands it to the next back-end
+    after a crash (:meth:`Frontend.setup_inflight` with ``buffer=``), which then resubmits those
+    requests. Owns `fd`; a context manager."""
+
+    desc: InflightDesc
+    fd: int
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        """Close the fd (idempotent)."""
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def __enter__(self) -> InflightBuffer:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+
+@dataclass
 class Virtqueue:
     """A ring set up by :meth:`Frontend.setup_queue`: the driver side plus its eventfds."""
 
@@ -454,6 +478,23 @@ class Frontend:
         """SET_INFLIGHT_FD: hand an inflight buffer (back) to the back-end."""
         self._call(F.SET_INFLIGHT_FD, desc, [fd])
 
+    def setup_inflight(
+        self, num_queues: int, queue_size: int, *, buffer: InflightBuffer | None = None
+    ) -> InflightBuffer | None:
+        """What QEMU does before starting the rings of a device that tracks inflight I/O:
+        GET_INFLIGHT_FD for a new buffer (unless `buffer`, kept from an earlier back-end, is
+        passed), then SET_INFLIGHT_FD. Returns the buffer to keep (yours to close), or None when
+        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only."""
+        if buffer is None:
+            desc, fd = self.get_inflight_fd(num_queues, queue_size)
+            if fd is None or desc.mmap_size == 0:
+                if fd is not None:
+                    os.close(fd)
+                return None
+            buffer = InflightBuffer(InflightDesc(desc.mmap_size, desc.mmap_offset, num_queues, queue_size), fd)
+        self.set_inflight_fd(buffer.desc, buffer.fd)
+        return buffer
+
     def gpu_set_socket(self, fd: int) -> None:
         """GPU_SET_SOCKET (vhost-user-gpu's side protocol)."""
         self._call(F.GPU_SET_SOCKET, None, [fd])
@@ -586,20 +627,34 @@ class Frontend:
         size: int,
         memory: GuestMemory | None = None,
         *,
-        base: int = 0,
+        base: int | None = None,
         indirect_max: int = 0,
         enable: bool = True,
+        ring: DriverQueue | None = None,
     ) -> Virtqueue:
         """Allocate a ring in `memory` and start it: SET_VRING_NUM, SET_VRING_BASE,
         SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR and, with
-        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged."""
+        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged.
+
+        `ring` hands an existing driver ring (with its requests in flight) to this back-end
+        instead, as QEMU does when a back-end restarts: the base defaults to the ring's used
+        index, and with an inflight buffer (`setup_inflight`) the back-end resubmits what the
+        previous one had not completed.
+        """
         mem = memory or self.memory
         if mem is None:
             raise NegotiationError("no guest memory: pass memory= or negotiate(memory=...) first")
         event_idx = VirtioFeature.EVENT_IDX in self.features
-        dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index)
-        if base:
-            dq.reset_to(base)
+        if ring is not None:
+            if ring.size != size:
+                raise ValueError(f"the ring has {ring.size} descriptors, not {size}")
+            dq = ring
+            base = ring.used_idx if base is None else base
+        else:
+            dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index)
+            base = base or 0
+            if base:
+                dq.reset_to(base)
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)

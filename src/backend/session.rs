@@ -10,10 +10,10 @@ use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
 use crate::memory::{DirtyLog, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};
 use crate::protocol::{
-    Channel, DeviceConfig, FrontendRequest, MemoryRegion, Message, Payload, ProtocolFeatures, Request, VirtioFeatures,
-    VringAddr, VRING_F_LOG,
+    Channel, DeviceConfig, FrontendRequest, InflightDesc, MemoryRegion, Message, Payload, ProtocolFeatures, Request,
+    VirtioFeatures, VringAddr, VRING_F_LOG,
 };
-use crate::virtqueue::{DeviceQueue, QueueConfig, RingAddressSpace};
+use crate::virtqueue::{DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace};
 
 /// Protocol features the session implements itself, offered on top of the device's.
 pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
@@ -24,7 +24,8 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::CONFIG.0
         | ProtocolFeatures::RESET_DEVICE.0
         | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
-        | ProtocolFeatures::STATUS.0,
+        | ProtocolFeatures::STATUS.0
+        | ProtocolFeatures::INFLIGHT_SHMFD.0,
 );
 
 /// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
@@ -52,6 +53,7 @@ pub struct Session {
     log: Option<DirtyLog>,
     status: u8,
     backend_channel: Option<Connection>,
+    inflight: Option<InflightBuffer>,
 }
 
 enum Outcome {
@@ -76,6 +78,7 @@ impl Session {
             log: None,
             status: 0,
             backend_channel: None,
+            inflight: None,
         }
     }
 
@@ -316,6 +319,44 @@ impl Session {
                     Err(e) => Outcome::Refused(e.into()),
                 }
             }
+            (GET_INFLIGHT_FD, Payload::Inflight(d)) => {
+                // Refusal is answered as "no buffer" (mmap_size 0, no fd): the front-end then
+                // runs without inflight tracking instead of losing the connection.
+                let none = || Outcome::Reply(Payload::Inflight(InflightDesc::default()), Vec::new());
+                if d.num_queues == 0
+                    || usize::from(d.num_queues) > self.rings.len()
+                    || d.queue_size > self.device.max_queue_size()
+                    || self.acked_features & VirtioFeatures::RING_PACKED.bits() != 0
+                {
+                    return none();
+                }
+                // A repeated request replaces the buffer; the old one is unmapped once no ring
+                // uses it (CVE-2020-10726 was a leak here).
+                let Ok(buffer) = InflightBuffer::allocate(d.num_queues, d.queue_size) else { return none() };
+                let Some(Ok(fd)) = buffer.fd().map(|f| f.try_clone_to_owned()) else { return none() };
+                let desc = InflightDesc {
+                    mmap_size: buffer.mmap_size(),
+                    mmap_offset: buffer.mmap_offset(),
+                    num_queues: d.num_queues,
+                    queue_size: d.queue_size,
+                };
+                self.inflight = Some(buffer);
+                Outcome::Reply(Payload::Inflight(desc), vec![fd])
+            }
+            (SET_INFLIGHT_FD, Payload::Inflight(d)) => {
+                let Some(fd) = fds.pop() else { return refuse("no fd") };
+                // CVE-2021-3839: more queues than the device has would index past our rings.
+                if usize::from(d.num_queues) > self.rings.len() {
+                    return refuse("more queues than the device has");
+                }
+                match InflightBuffer::from_fd(fd, d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size) {
+                    Ok(buffer) => {
+                        self.inflight = Some(buffer);
+                        Outcome::Done
+                    }
+                    Err(e) => Outcome::Refused(Error::Queue { queue: 0, source: e }),
+                }
+            }
             (SET_STATUS, Payload::U64(v)) => {
                 self.status = *v as u8;
                 Outcome::Done
@@ -328,6 +369,7 @@ impl Session {
                 }
                 self.acked_features = 0;
                 self.status = 0;
+                self.inflight = None;
                 self.device.reset();
                 Outcome::Done
             }
@@ -388,6 +430,17 @@ impl Session {
         if ring.size == 0 || memory.is_empty() {
             return Outcome::Done;
         }
+        let inflight = match &self.inflight {
+            Some(b) if b.queue_size() == ring.size => b.queue(i as u16),
+            // A buffer for another ring size cannot describe this ring.
+            Some(b) if i < usize::from(b.num_queues()) => {
+                return Outcome::Refused(Error::Queue {
+                    queue: i as u16,
+                    source: crate::virtqueue::VirtqueueError::InflightCorrupt("queue size differs from the ring's"),
+                })
+            }
+            _ => None,
+        };
         let cfg = QueueConfig {
             size: ring.size,
             desc_addr: addr.desc_user_addr,
@@ -405,6 +458,11 @@ impl Session {
         if logging {
             let used = (addr.flags & VRING_F_LOG != 0).then(|| (log.clone(), addr.log_guest_addr));
             queue.set_dirty_log(log.clone(), used.and_then(|(l, a)| l.map(|l| (l, a))));
+        }
+        if let Some(region) = inflight {
+            if let Err(e) = queue.attach_inflight(region) {
+                return Outcome::Refused(Error::Queue { queue: i as u16, source: e });
+            }
         }
         let kick = match kick.try_clone() {
             Ok(k) => k,

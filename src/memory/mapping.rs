@@ -83,9 +83,25 @@ fn check_file_size(fd: BorrowedFd<'_>, needed: u64) -> Result<(), MemoryError> {
 
 /// Creates a close-on-exec memfd of `size` bytes (the shareable memory a front-end hands out).
 pub fn memfd(name: &str, size: u64) -> Result<OwnedFd, MemoryError> {
+    create_memfd(name, size, false)
+}
+
+/// A memfd of `size` bytes whose size is sealed: a peer it is shared with cannot shrink it under
+/// our mapping (which would turn our next access into SIGBUS) nor grow it.
+pub fn sealed_memfd(name: &str, size: u64) -> Result<OwnedFd, MemoryError> {
+    let fd = create_memfd(name, size, true)?;
+    // SAFETY: plain fcntl on our memfd.
+    if unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_GROW | libc::F_SEAL_SHRINK) } != 0 {
+        return Err(MemoryError::Os { op: "F_ADD_SEALS", source: io::Error::last_os_error() });
+    }
+    Ok(fd)
+}
+
+fn create_memfd(name: &str, size: u64, sealing: bool) -> Result<OwnedFd, MemoryError> {
     let cname = CString::new(name).unwrap_or_else(|_| CString::from(c"vhostuser_rs"));
+    let flags = libc::MFD_CLOEXEC | if sealing { libc::MFD_ALLOW_SEALING } else { 0 };
     // SAFETY: valid C string; the result is a new descriptor we own.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
     if fd < 0 {
         return Err(MemoryError::Os { op: "memfd_create", source: io::Error::last_os_error() });
     }

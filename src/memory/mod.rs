@@ -14,5 +14,5 @@ mod table;
 pub use alloc::GuestMemory;
 pub use error::{AddressSpace, MemoryError};
 pub use log::{DirtyLog, LOG_PAGE_SIZE};
-pub use mapping::{memfd, Mapping};
+pub use mapping::{memfd, sealed_memfd, Mapping};
 pub use table::{MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};

@@ -127,6 +127,13 @@ impl PyDriverQueue {
         lock(&self.inner).avail_idx()
     }
 
+    /// ``used.idx`` as the device last published it, read from the ring (the base to restart
+    /// from after the back-end died without answering GET_VRING_BASE).
+    #[getter]
+    fn used_idx(&self) -> u16 {
+        lock(&self.inner).used_idx()
+    }
+
     /// Guest addresses ``(desc, avail, used)`` of the ring.
     #[getter]
     fn guest_addrs(&self) -> (u64, u64, u64) {

@@ -6,6 +6,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use super::error::VirtqueueError;
+use super::inflight::InflightQueue;
 use super::layout::*;
 use crate::memory::{DirtyLog, MemoryError, MemoryTable};
 
@@ -144,6 +145,19 @@ pub struct DeviceQueue {
     broken: bool,
     data_log: Option<DirtyLog>,
     used_log: Option<(DirtyLog, u64)>,
+    inflight: Option<Inflight>,
+}
+
+/// Inflight tracking state of a ring (see [`DeviceQueue::attach_inflight`]).
+#[derive(Debug)]
+struct Inflight {
+    region: InflightQueue,
+    counter: u64,
+    /// Heads to hand out again before new avail entries, oldest first (reversed: popped from
+    /// the end).
+    resubmit: Vec<u16>,
+    /// Heads completed since the last publish.
+    unpublished: Vec<u16>,
 }
 
 // SAFETY: the ring pointers point into mappings owned by `memory` (an Arc), which lives as long
@@ -195,7 +209,35 @@ impl DeviceQueue {
             broken: false,
             data_log: None,
             used_log: None,
+            inflight: None,
         })
+    }
+
+    /// Tracks this ring in an inflight buffer region (INFLIGHT_SHMFD). Call before popping
+    /// anything. A region left by an earlier back-end is repaired, its unfinished heads become
+    /// in flight again and are popped first, and the next avail index becomes
+    /// `used.idx + unfinished` (overriding SET_VRING_BASE, as libvhost-user does: the front-end
+    /// cannot know how far the crashed back-end got). Returns the number of heads to resubmit.
+    pub fn attach_inflight(&mut self, mut region: InflightQueue) -> Result<usize, VirtqueueError> {
+        if self.in_flight != 0 {
+            return Err(VirtqueueError::InflightCorrupt("attached to a ring with chains in flight"));
+        }
+        let recovery = region.recover(self.next_used)?;
+        let n = recovery.resubmit.len();
+        for &head in &recovery.resubmit {
+            self.busy[usize::from(head)] = true;
+        }
+        self.in_flight = n as u16;
+        self.next_avail = self.next_used.wrapping_add(n as u16);
+        let mut resubmit = recovery.resubmit;
+        resubmit.reverse();
+        self.inflight = Some(Inflight {
+            region,
+            counter: recovery.counter,
+            resubmit,
+            unpublished: Vec::with_capacity(usize::from(self.size)),
+        });
+        Ok(n)
     }
 
     /// Ring size.
@@ -247,6 +289,15 @@ impl DeviceQueue {
         if self.broken {
             return Err(VirtqueueError::Broken);
         }
+        let mut popped = 0usize;
+        while popped < max {
+            let Some(head) = self.inflight.as_mut().and_then(|f| f.resubmit.pop()) else { break };
+            // Already marked busy and counted in flight by attach_inflight.
+            if let Err(e) = self.walk(head, batch) {
+                return Err(self.fail(e));
+            }
+            popped += 1;
+        }
         // SAFETY: avail was translated with at least 4 + 2N bytes.
         let avail_idx = unsafe { load_u16(self.avail.add(2), Ordering::Acquire) };
         let pending = avail_idx.wrapping_sub(self.next_avail);
@@ -255,7 +306,6 @@ impl DeviceQueue {
             return Err(self.fail(err));
         }
         let mask = self.size - 1;
-        let mut popped = 0usize;
         while popped < max && self.next_avail != avail_idx {
             if self.in_flight >= self.size {
                 return Err(self.fail(VirtqueueError::TooManyInFlight { size: self.size }));
@@ -270,6 +320,10 @@ impl DeviceQueue {
                 return Err(self.fail(e));
             }
             self.busy[usize::from(head)] = true;
+            if let Some(f) = &mut self.inflight {
+                f.region.fetched(head, f.counter);
+                f.counter += 1;
+            }
             self.next_avail = self.next_avail.wrapping_add(1);
             self.in_flight += 1;
             popped += 1;
@@ -429,6 +483,10 @@ impl DeviceQueue {
         // SAFETY: slot < N, inside the translated used ring; 4-byte aligned.
         unsafe { std::ptr::write_volatile(self.used.add(off).cast::<[u8; 8]>(), elem) };
         self.log_used(off as u64, 8)?;
+        if let Some(f) = &mut self.inflight {
+            f.region.completed(head);
+            f.unpublished.push(head);
+        }
         self.next_used = self.next_used.wrapping_add(1);
         self.in_flight = self.in_flight.saturating_sub(1);
         Ok(())
@@ -484,6 +542,10 @@ impl DeviceQueue {
         }
         // SAFETY: used translated with ≥ 4 bytes; avail with ≥ 4 + 2N (+2 with EVENT_IDX).
         unsafe { store_u16(self.used.add(2), self.next_used, Ordering::Release) };
+        if let Some(f) = &mut self.inflight {
+            f.region.published(&f.unpublished, self.next_used);
+            f.unpublished.clear();
+        }
         self.log_used(2, 2)?;
         let old = self.published_used;
         self.published_used = self.next_used;

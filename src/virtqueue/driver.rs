@@ -166,6 +166,13 @@ impl DriverQueue {
         self.avail_idx
     }
 
+    /// `used.idx` as the device last published it (read from the ring): the base a front-end
+    /// restarts a ring from when the back-end died without answering GET_VRING_BASE.
+    pub fn used_idx(&self) -> u16 {
+        // SAFETY: the used ring was allocated with at least 4 bytes.
+        unsafe { load_u16(self.used.add(2), Ordering::Acquire) }
+    }
+
     /// Restarts from the base GET_VRING_BASE returned: the device will next read `base`.
     /// Chains still in flight are forgotten (the device dropped them when it stopped).
     pub fn reset_to(&mut self, base: u16) {

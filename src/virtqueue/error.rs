@@ -185,6 +185,9 @@ pub enum VirtqueueError {
     /// Driver side: a chain with no buffer at all, or more than the ring can express.
     #[error("invalid chain: {0}")]
     InvalidChain(&'static str),
+    /// An inflight buffer (INFLIGHT_SHMFD) that cannot be right: refused rather than trusted.
+    #[error("inflight buffer refused: {0}")]
+    InflightCorrupt(&'static str),
     /// A guest-memory access on behalf of the queue failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),

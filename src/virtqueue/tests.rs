@@ -735,3 +735,54 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn inflight_heads_are_resubmitted_by_a_new_device() {
+    let mut p = pair(8);
+    let buffer = InflightBuffer::allocate(1, 8).unwrap();
+    assert_eq!(p.device.attach_inflight(buffer.queue(0).unwrap()).unwrap(), 0);
+    let mut heads = Vec::new();
+    for i in 0..3u8 {
+        let a = p.mem.alloc(64, 8).unwrap();
+        p.mem.table().write(a, &[i; 64]).unwrap();
+        heads.push(p.driver.add(&[(a, 64)], &[]).unwrap());
+    }
+    p.driver.publish();
+    let mut batch = ChainBatch::new();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 3);
+    // The middle request completes; the device then "crashes" with two in flight.
+    let c = batch.chains()[1];
+    p.device.complete(&batch, &c, 0).unwrap();
+    p.device.publish_used().unwrap();
+    let mut used = Vec::new();
+    p.driver.reap(&mut used, 8).unwrap();
+    assert_eq!(used, vec![(heads[1], 0)]);
+
+    // A new device on the same ring and buffer, told base 1 (what QEMU restores: used.idx).
+    let mut fresh = device_for(&p.mem, &p.driver, false, true);
+    assert_eq!(fresh.attach_inflight(buffer.queue(0).unwrap()).unwrap(), 2);
+    assert_eq!(fresh.next_avail(), 3);
+    assert_eq!(fresh.in_flight(), 2);
+    let mut again = ChainBatch::new();
+    assert_eq!(fresh.pop_batch(&mut again, 8).unwrap(), 2);
+    let got: Vec<(u16, u8)> =
+        again.chains().iter().map(|c| (c.head, read_segments(&again, again.readable(c))[0])).collect();
+    assert_eq!(got, vec![(heads[0], 0), (heads[2], 2)]);
+    for c in again.chains().to_vec() {
+        fresh.complete(&again, &c, 0).unwrap();
+    }
+    fresh.publish_used().unwrap();
+    used.clear();
+    p.driver.reap(&mut used, 8).unwrap();
+    assert_eq!(used.len(), 2);
+    // New requests flow after the resubmitted ones; nothing is handed out twice.
+    let a = p.mem.alloc(64, 8).unwrap();
+    let h = p.driver.add(&[(a, 64)], &[]).unwrap();
+    p.driver.publish();
+    again.clear();
+    assert_eq!(fresh.pop_batch(&mut again, 8).unwrap(), 1);
+    assert_eq!(again.chains()[0].head, h);
+    // And a third device finds nothing to resubmit but that one.
+    let mut third = device_for(&p.mem, &p.driver, false, true);
+    assert_eq!(third.attach_inflight(buffer.queue(0).unwrap()).unwrap(), 1);
+}
