@@ -48,6 +48,8 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--placements", default="free,shared,spread", help=f"of {','.join(PLACEMENTS)}")
     p.add_argument("--time", type=float, default=2.0)
+    p.add_argument("--python-devices", action="store_true",
+                   help="also the null device written in Python (benches/python/null_device.py), both modes")
     a = p.parse_args()
     qsd = shutil.which("qemu-storage-daemon")
     work = Path(tempfile.mkdtemp(prefix="vu-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
@@ -55,6 +57,10 @@ def main() -> None:
     with open(image, "wb") as f:
         f.truncate(256 << 20)
     backends = {"serve-blk": [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]}
+    null = str(Path(__file__).resolve().parent / "null_device.py")
+    if a.python_devices:
+        backends["python null, batch"] = [sys.executable, null, str(sock)]
+        backends["python null, per-request"] = [sys.executable, null, str(sock), "--per-request"]
     if qsd:
         backends["qemu-storage-daemon"] = [
             qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",

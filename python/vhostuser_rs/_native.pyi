@@ -9,6 +9,7 @@ from typing import Any, final
 from .messages import MemoryRegion, Message
 
 __all__ = [
+    "BackendRequests",
     "BatchQueue",
     "Connection",
     "FrontendCore",
@@ -281,7 +282,25 @@ def serve_device(
     connect: str | os.PathLike[str] | None = None,
     max_connections: int | None = None,
     stop: StopFlag | None = None,
+    requests: BackendRequests | None = None,
 ) -> None: ...
+@final
+class BackendRequests:
+    """Sends back-end requests to the front-end of the current session."""
+
+    def __new__(cls) -> BackendRequests: ...
+    @property
+    def is_open(self) -> bool: ...
+    def send(
+        self,
+        code: int,
+        payload: Any = None,
+        fds: list[int] = ...,
+        *,
+        need_reply: bool = False,
+        timeout: float | None = 5.0,
+    ) -> int | None: ...
+
 @final
 class StopFlag:
     """A flag that ends a background serve_device loop."""

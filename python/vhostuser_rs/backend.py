@@ -27,10 +27,12 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain
-from .enums import VirtioFeature
+from .enums import BackendRequest, VirtioFeature
+from .exceptions import RequestRejectedError
 
 __all__ = ["Backend", "BatchQueue", "Device"]
 
@@ -53,9 +55,27 @@ class Device:
         """A driver write to the config space; return True to accept it."""
         return False
 
+    #: The :class:`Backend` serving this device (set by its constructor): use it to send
+    #: back-end requests, e.g. ``self.backend.config_changed()``.
+    backend: Backend | None = None
+
     def process(self, queue: BatchQueue, chains: list[DescriptorChain]) -> None:
         """Handle a batch of chains; call ``queue.complete(chain, written)`` for each."""
         raise NotImplementedError
+
+    def process_request(self, queue_index: int, chain: DescriptorChain) -> int | None:
+        """Per-request mode, for devices that override this instead of :meth:`process`: handle
+        one chain and return how many bytes were written into its writable buffers (None = 0);
+        Rust completes it. An exception completes it with 0 bytes and is logged."""
+        raise NotImplementedError
+
+    def queue_started(self, index: int) -> None:
+        """Ring `index` started (SET_VRING_KICK with size, addresses and memory known); it is
+        processed once enabled."""
+
+    def queue_stopped(self, index: int) -> None:
+        """Ring `index` stopped: GET_VRING_BASE, a memory-table change (it starts again at
+        once), or the end of the session."""
 
     def reset(self) -> None:
         """The front-end went away or reset the device."""
@@ -68,6 +88,9 @@ class Backend:
         self, device: Device, *, socket_path: str | None = None, fd: int | None = None, connect: str | None = None
     ) -> None:
         self.device = device
+        device.backend = self
+        #: The back-end request channel of the current session.
+        self.requests = _native.BackendRequests()
         self.socket_path = socket_path
         self.fd = fd
         self.connect_path = connect
@@ -100,7 +123,32 @@ class Backend:
             connect=self.connect_path,
             max_connections=max_connections,
             stop=self._stop,
+            requests=self.requests,
         )
+
+    def backend_request(
+        self,
+        request: BackendRequest,
+        payload: object = None,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool = False,
+        timeout: float | None = 5.0,
+    ) -> int | None:
+        """Send a back-end request to the current front-end (needs BACKEND_REQ and
+        SET_BACKEND_REQ_FD; `need_reply` needs REPLY_ACK). Returns the front-end's status when
+        `need_reply` (0 = success), else None. Raises InvalidStateError without a channel and
+        FeatureNotNegotiatedError when the request's protocol feature was not negotiated."""
+        return self.requests.send(int(request), payload, list(fds), need_reply=need_reply, timeout=timeout)
+
+    def config_changed(self, *, need_reply: bool = False, timeout: float | None = 5.0) -> None:
+        """CONFIG_CHANGE_MSG: tell the driver to re-read the config space (needs CONFIG)."""
+        status = self.backend_request(BackendRequest.CONFIG_CHANGE_MSG, need_reply=need_reply, timeout=timeout)
+        if status:
+            raise RequestRejectedError(
+                f"the front-end failed CONFIG_CHANGE_MSG: {status:#x}",
+                request=BackendRequest.CONFIG_CHANGE_MSG, status=status,
+            )
 
     def start(self, *, max_connections: int | None = None) -> None:
         """Serve on a background thread (see :meth:`stop`); errors land in :attr:`error`."""

@@ -7,10 +7,12 @@
 //! GET_VRING_BASE; independently it is *enabled* by SET_VRING_ENABLE, or at SET_FEATURES when
 //! PROTOCOL_FEATURES was not negotiated. Only started and enabled rings are processed.
 
+mod requests;
 mod session;
 mod worker;
 
-pub use session::{serve_connection, Session};
+pub use requests::BackendRequests;
+pub use session::{serve_connection, serve_session, Session};
 
 use crate::protocol::ProtocolFeatures;
 use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
@@ -44,4 +46,14 @@ pub trait Device: Send + Sync + 'static {
     fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError>;
     /// The front-end reset the device (RESET_DEVICE, or a new session).
     fn reset(&self) {}
+    /// Ring `queue_index` started (its worker runs; it is processed once enabled).
+    fn queue_started(&self, _queue_index: u16) {}
+    /// Ring `queue_index` stopped (GET_VRING_BASE, a memory-table change that restarts it, the
+    /// end of the session). Nothing of it is processed until it starts again.
+    fn queue_stopped(&self, _queue_index: u16) {}
+    /// Runs one wake-up of a worker (every batch it drains). The Python adapter takes the GIL
+    /// here once, so a wake-up costs one GIL acquisition however many batches it holds.
+    fn wake_scope(&self, run: &mut dyn FnMut()) {
+        run()
+    }
 }

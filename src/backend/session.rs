@@ -4,6 +4,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use super::requests::BackendRequests;
 use super::worker::{RingShared, Worker};
 use super::Device;
 use crate::connection::{Connection, Deadline};
@@ -52,7 +53,7 @@ pub struct Session {
     rings: Vec<Ring>,
     log: Option<DirtyLog>,
     status: u8,
-    backend_channel: Option<Connection>,
+    requests: Arc<BackendRequests>,
     inflight: Option<InflightBuffer>,
 }
 
@@ -68,6 +69,12 @@ enum Outcome {
 impl Session {
     /// A fresh session for `device`.
     pub fn new(device: Arc<dyn Device>) -> Session {
+        Session::with_requests(device, Arc::new(BackendRequests::new()))
+    }
+
+    /// A fresh session whose back-end request channel, once the front-end sets one up, is sent
+    /// on through `requests` (the handle a device keeps).
+    pub fn with_requests(device: Arc<dyn Device>, requests: Arc<BackendRequests>) -> Session {
         let n = usize::from(device.num_queues());
         Session {
             device,
@@ -77,7 +84,7 @@ impl Session {
             rings: (0..n).map(|_| Ring::default()).collect(),
             log: None,
             status: 0,
-            backend_channel: None,
+            requests,
             inflight: None,
         }
     }
@@ -225,6 +232,7 @@ impl Session {
                     if let Some(q) = w.stop() {
                         ring.base = q.next_avail();
                     }
+                    self.device.queue_stopped(i as u16);
                 }
                 // After the reply the ring must not touch the fds: forget them.
                 ring.kick = None;
@@ -302,7 +310,7 @@ impl Session {
             }
             (SET_BACKEND_REQ_FD, _) => match fds.pop().map(Connection::from_fd) {
                 Some(Ok(conn)) => {
-                    self.backend_channel = Some(conn);
+                    self.requests.attach(conn, self.acked_protocol);
                     Outcome::Done
                 }
                 Some(Err(e)) => Outcome::Refused(e),
@@ -412,6 +420,7 @@ impl Session {
             if let Some(q) = w.stop() {
                 ring.base = q.next_avail();
             }
+            self.device.queue_stopped(i as u16);
             ring.call = shared.call.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
         let _ = self.start(i);
@@ -475,6 +484,7 @@ impl Session {
         match Worker::start(i as u16, queue, kick, shared, device) {
             Ok(w) => {
                 ring.worker = Some(w);
+                self.device.queue_started(i as u16);
                 Outcome::Done
             }
             Err(e) => Outcome::Refused(Error::Io(e)),
@@ -482,11 +492,12 @@ impl Session {
     }
 
     fn stop_all(&mut self) {
-        for r in &mut self.rings {
+        for (i, r) in self.rings.iter_mut().enumerate() {
             if let Some(w) = r.worker.take() {
                 if let Some(q) = w.stop() {
                     r.base = q.next_avail();
                 }
+                self.device.queue_stopped(i as u16);
             }
             r.enabled = false;
         }
@@ -506,7 +517,18 @@ fn region_desc(r: &MemoryRegion) -> RegionDesc {
 /// Serves one front-end on `conn` until it disconnects (or `stop` returns true between
 /// messages). A message that breaks the spec ends the session with an error.
 pub fn serve_connection(conn: &Connection, device: Arc<dyn Device>, stop: &dyn Fn() -> bool) -> Result<()> {
-    let mut session = Session::new(device.clone());
+    serve_session(conn, device, &Arc::new(BackendRequests::new()), stop)
+}
+
+/// [`serve_connection`] with the handle through which the device sends back-end requests
+/// during this session; it is emptied when the session ends.
+pub fn serve_session(
+    conn: &Connection,
+    device: Arc<dyn Device>,
+    requests: &Arc<BackendRequests>,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    let mut session = Session::with_requests(device.clone(), requests.clone());
     let result = loop {
         if stop() {
             break Ok(());
@@ -529,6 +551,7 @@ pub fn serve_connection(conn: &Connection, device: Arc<dyn Device>, stop: &dyn F
         }
     };
     drop(session);
+    requests.detach();
     device.reset();
     result
 }

@@ -86,7 +86,10 @@ impl Worker {
                     return queue;
                 }
                 if pending && s.enabled.load(Ordering::Acquire) && !queue.is_broken() {
-                    let result = queue.drain(&mut batch, 64, |q, b| device.process(index, q, b));
+                    let mut result = Ok(false);
+                    device.wake_scope(&mut || {
+                        result = queue.drain(&mut batch, 64, |q, b| device.process(index, q, b));
+                    });
                     match result {
                         Ok(true) => s.notify_driver(),
                         Ok(false) => {}

@@ -10,10 +10,11 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::{os_error, to_pyerr, IntoPyResult};
-use crate::backend::{serve_connection, Device};
+use crate::backend::{serve_session, BackendRequests, Device};
 use crate::connection::{Connection, Deadline, Listener};
 use crate::devices::BlockDevice;
 use crate::error::Error;
+use crate::protocol::BackendRequest;
 
 fn warn(py: Python<'_>, text: String) {
     if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
@@ -36,14 +37,15 @@ pub(crate) fn serve_blk(
     max_connections: Option<u32>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
-    serve(py, device, socket_path, fd, max_connections, None)
+    serve(py, device, socket_path, fd, max_connections, None, Arc::new(BackendRequests::new()))
 }
 
 /// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop). With `connect`,
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,
     device: Py<PyAny>,
@@ -52,18 +54,64 @@ pub(crate) fn serve_device(
     connect: Option<PathBuf>,
     max_connections: Option<u32>,
     stop: Option<Py<StopFlag>>,
+    requests: Option<Py<PyBackendRequests>>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
     let flag = stop.map(|s| s.get().flag.clone());
+    let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));
     if let Some(path) = connect {
         let conn = py.detach(|| Connection::connect(&path, Some(Duration::from_secs(5)))).py_err(py)?;
         let stop = || {
             flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) || Python::attach(|py| py.check_signals().is_err())
         };
-        let r = py.detach(|| serve_connection(&conn, device.clone(), &stop));
+        let r = py.detach(|| serve_session(&conn, device.clone(), &requests, &stop));
         return r.map_err(|e| to_pyerr(py, e));
     }
-    serve(py, device, socket_path, fd, max_connections, flag)
+    serve(py, device, socket_path, fd, max_connections, flag, requests)
+}
+
+/// Sends back-end requests (CONFIG_CHANGE_MSG, ...) to the front-end of the current session.
+#[pyclass(module = "vhostuser_rs", name = "BackendRequests", frozen)]
+pub(crate) struct PyBackendRequests {
+    inner: Arc<BackendRequests>,
+}
+
+#[pymethods]
+impl PyBackendRequests {
+    #[new]
+    fn new() -> PyBackendRequests {
+        PyBackendRequests { inner: Arc::new(BackendRequests::new()) }
+    }
+
+    /// Whether the current session has a back-end request channel.
+    #[getter]
+    fn is_open(&self) -> bool {
+        self.inner.is_open()
+    }
+
+    /// Sends request `code` with `payload` (a message dataclass, int or None) and `fds`; with
+    /// `need_reply` waits up to `timeout` seconds for the front-end's status and returns it.
+    #[pyo3(signature = (code, payload=None, fds=Vec::new(), *, need_reply=false, timeout=5.0))]
+    fn send(
+        &self,
+        py: Python<'_>,
+        code: u32,
+        payload: Option<Bound<'_, PyAny>>,
+        fds: Vec<RawFd>,
+        need_reply: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<u64>> {
+        let request = BackendRequest::from_code(code)
+            .ok_or_else(|| PyValueError::new_err(format!("unknown back-end request code {code}")))?;
+        let payload = match payload {
+            Some(p) => super::wire::payload_from_py(&p)?,
+            None => crate::protocol::Payload::Empty,
+        };
+        let timeout = super::blocking::timeout(timeout)?;
+        let borrowed = super::socket::borrow_fds(&fds)?;
+        let inner = self.inner.clone();
+        py.detach(|| inner.send(request, payload, &borrowed, need_reply, timeout)).map_err(|e| to_pyerr(py, e))
+    }
 }
 
 /// A flag that ends a background ``serve_device`` loop.
@@ -98,6 +146,7 @@ fn serve(
     fd: Option<RawFd>,
     max_connections: Option<u32>,
     flag: Option<Arc<AtomicBool>>,
+    requests: Arc<BackendRequests>,
 ) -> PyResult<()> {
     let interrupted = AtomicBool::new(false);
     let stopped = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
@@ -111,7 +160,7 @@ fn serve(
         }
         hit
     };
-    let serve = |conn: Connection| -> Result<(), Error> { serve_connection(&conn, device.clone(), &stop) };
+    let serve = |conn: Connection| -> Result<(), Error> { serve_session(&conn, device.clone(), &requests, &stop) };
     if let Some(fd) = fd {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));
@@ -159,5 +208,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
     m.add_function(wrap_pyfunction!(serve_device, m)?)?;
     m.add_class::<StopFlag>()?;
+    m.add_class::<PyBackendRequests>()?;
     Ok(())
 }

@@ -72,17 +72,99 @@ pub(crate) struct PyDevice {
     num_queues: u16,
     max_queue_size: u16,
     features: u64,
+    /// The device implements ``process_request`` instead of ``process``: one call per chain.
+    per_request: bool,
 }
 
 impl PyDevice {
     pub(crate) fn new(py: Python<'_>, obj: Py<PyAny>) -> PyResult<PyDevice> {
         let b = obj.bind(py);
+        // Per-request mode when the class overrides process_request and not process.
+        let overrides = |name: &str| -> PyResult<bool> {
+            let base = py.import("vhostuser_rs.backend")?.getattr("Device")?.getattr(name)?;
+            Ok(!b.get_type().getattr(name)?.is(&base))
+        };
+        let per_request = overrides("process_request")? && !overrides("process")?;
         Ok(PyDevice {
             num_queues: b.getattr("num_queues")?.extract()?,
             max_queue_size: b.getattr("max_queue_size")?.extract()?,
             features: b.getattr("features")?.extract()?,
+            per_request,
             obj,
         })
+    }
+}
+
+/// A chain handled in per-request mode: head, writable buffers (guest address, length), bytes
+/// written.
+type Completion = (u16, Vec<(u64, u32)>, u32);
+
+impl PyDevice {
+    fn hook(&self, name: &str, queue_index: u16) {
+        Python::attach(|py| {
+            if let Err(e) = self.obj.bind(py).call_method1(name, (queue_index,)) {
+                warn(py, name, &e);
+            }
+        });
+    }
+
+    /// Per-request mode: ``process_request(queue_index, chain)`` returns the bytes written and
+    /// Rust completes the chain; an exception completes it with 0 bytes and is logged.
+    fn process_each(
+        &self,
+        queue_index: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+    ) -> Result<(), VirtqueueError> {
+        let memory = queue.memory().clone();
+        let results: Option<Vec<Completion>> =
+            Python::attach(|py| {
+                let method = match self.obj.bind(py).getattr("process_request") {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn(py, "process_request", &e);
+                        return None;
+                    }
+                };
+                let mut out = Vec::with_capacity(batch.len());
+                for chain in chains_from_batch(batch, &memory) {
+                    let head = chain.head_index();
+                    let gpas = chain.writable_gpas();
+                    let cap = chain.writable_capacity();
+                    let written = match Bound::new(py, chain)
+                        .and_then(|c| method.call1((queue_index, c)))
+                        .and_then(|r| if r.is_none() { Ok(0) } else { r.extract::<u32>() })
+                    {
+                        Ok(n) if n <= cap => n,
+                        Ok(_) => {
+                            let e =
+                                PyValueError::new_err("process_request returned more bytes than the chain can hold");
+                            warn(py, "process_request()", &e);
+                            0
+                        }
+                        Err(e) => {
+                            warn(py, "process_request()", &e);
+                            0
+                        }
+                    };
+                    out.push((head, gpas, written));
+                }
+                Some(out)
+            });
+        match results {
+            Some(results) => {
+                for (head, gpas, written) in results {
+                    queue.complete_with(head, gpas, written)?;
+                }
+            }
+            // process_request could not even be looked up: return the chains empty.
+            None => {
+                for chain in batch.chains() {
+                    queue.complete_with(chain.head, std::iter::empty(), 0)?;
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -123,7 +205,24 @@ impl Device for PyDevice {
         })
     }
 
+    fn wake_scope(&self, run: &mut dyn FnMut()) {
+        // Every `process` call of this wake-up re-enters an already attached thread: one GIL
+        // acquisition per wake-up, however many batches the ring holds.
+        Python::attach(|_| run());
+    }
+
+    fn queue_started(&self, queue_index: u16) {
+        self.hook("queue_started", queue_index);
+    }
+
+    fn queue_stopped(&self, queue_index: u16) {
+        self.hook("queue_stopped", queue_index);
+    }
+
     fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        if self.per_request {
+            return self.process_each(queue_index, queue, batch);
+        }
         let memory = queue.memory().clone();
         let ptr = queue as *mut DeviceQueue as usize;
         let leftover: Vec<u16> = Python::attach(|py| {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,112 @@ def test_background_start_stop_and_client_mode(sock_dir: Path) -> None:
         conn.close()
         client.stop()
         assert client.error is None
+
+
+class Echo(vu.Device):
+    """Per-request mode with lifecycle hooks: writes the readable bytes back, reversed."""
+
+    num_queues = 2
+    features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX)
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, int]] = []
+        self.config_space = bytearray(8)
+
+    def config(self) -> bytes:
+        return bytes(self.config_space)
+
+    def process_request(self, queue_index: int, chain: vu.DescriptorChain) -> int | None:
+        data = chain.read()
+        if data == b"boom":
+            raise RuntimeError("per-request failure for the test")
+        return chain.write(data[::-1])
+
+    def queue_started(self, index: int) -> None:
+        self.events.append(("started", index))
+
+    def queue_stopped(self, index: int) -> None:
+        self.events.append(("stopped", index))
+
+
+def _echo(mem: vu.GuestMemory, vq: vu.Virtqueue, data: bytes) -> tuple[int, bytes]:
+    out, back = mem.alloc(len(data)), mem.alloc(len(data))
+    mem.write(out, data)
+    vq.queue.add([(out, len(data))], [(back, len(data))])
+    vq.queue.publish()
+    vq.kick()
+    while not (done := vq.queue.reap()):
+        assert vq.wait(5)
+    (_, written), = done
+    return written, mem.read(back, written)
+
+
+def test_per_request_mode_hooks_and_config_change(sock_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    device = Echo()
+    sock = sock_dir / "echo.sock"
+    changes: list[bytes] = []
+
+    class Handler(vu.BackendRequestHandler):
+        def config_change_msg(self) -> int | None:
+            changes.append(b"")
+            return 0
+
+    with vu.Backend.listen(sock, device) as backend:
+        backend.start()
+        while not sock.exists():
+            pass
+        # No session yet: nowhere to send.
+        with pytest.raises(vu.InvalidStateError):
+            backend.config_changed()
+        mem = vu.GuestMemory.allocate(1 << 20)
+        with vu.Frontend.connect(sock) as fe:
+            fe.negotiate(memory=mem, handler=Handler())
+            vq0 = fe.setup_queue(0, 16)
+            vq1 = fe.setup_queue(1, 16)
+            assert device.events == [("started", 0), ("started", 1)]
+            assert _echo(mem, vq0, b"hello") == (5, b"olleh")
+            assert _echo(mem, vq1, b"abc") == (3, b"cba")
+            with caplog.at_level(logging.WARNING, logger="vhostuser_rs"):
+                assert _echo(mem, vq0, b"boom") == (0, b"")  # an exception completes with 0 bytes
+            assert any("per-request failure" in r.getMessage() for r in caplog.records)
+            assert _echo(mem, vq0, b"again") == (5, b"niaga")  # and the device keeps serving
+            # The device tells the driver its config changed; the front-end's handler hears it
+            # and reads the new value.
+            device.config_space[:] = (42).to_bytes(8, "little")
+            assert device.backend is backend
+            backend.config_changed(need_reply=True)
+            assert changes == [b""]
+            assert fe.get_config(0, 8) == (42).to_bytes(8, "little")
+            fe.stop_queue(1)
+            assert device.events[-1] == ("stopped", 1)
+        # The session ended: the remaining ring stopped, the channel is gone.
+        deadline = time.monotonic() + 5
+        while ("stopped", 0) not in device.events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ("stopped", 0) in device.events
+        assert not backend.requests.is_open
+    assert backend.error is None
+
+
+def test_backend_request_needs_its_feature(sock_dir: Path) -> None:
+    device = Echo()
+    sock = sock_dir / "gate.sock"
+
+    class Handler(vu.BackendRequestHandler):
+        pass
+
+    with vu.Backend.listen(sock, device) as backend:
+        backend.start()
+        while not sock.exists():
+            pass
+        with vu.Frontend.connect(sock) as fe:
+            # BACKEND_REQ without CONFIG: CONFIG_CHANGE_MSG may not be sent.
+            fe.negotiate(handler=Handler(), protocol_features=vu.ProtocolFeature.BACKEND_REQ | vu.ProtocolFeature.MQ)
+            fe.get_queue_num()  # a request with a reply: everything before it has been handled
+            with pytest.raises(vu.FeatureNotNegotiatedError):
+                backend.config_changed()
+            # In-band calls need INBAND_NOTIFICATIONS; a reply needs REPLY_ACK.
+            with pytest.raises(vu.FeatureNotNegotiatedError, match="INBAND_NOTIFICATIONS"):
+                backend.backend_request(vu.BackendRequest.VRING_CALL, vu.messages.VringState(0, 0))
+            with pytest.raises(vu.FeatureNotNegotiatedError, match="REPLY_ACK"):
+                backend.backend_request(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=True)
