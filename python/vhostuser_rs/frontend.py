@@ -569,8 +569,8 @@ class Frontend:
         GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES, memory
         (SET_MEM_TABLE, or ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS) and GET_CONFIG.
 
-        `features` (default: everything offered) is intersected with the offer, and VERSION_1 and
-        PROTOCOL_FEATURES are kept when offered; `protocol_features` defaults to what this
+        `features` (default: everything offered except ACCESS_PLATFORM) is intersected with the
+        offer, and VERSION_1 and PROTOCOL_FEATURES are kept when offered; `protocol_features` defaults to what this
         library supports. Raises NegotiationError if the back-end has fewer queues than asked.
         """
         offered = self.get_features()
@@ -603,6 +603,10 @@ class Frontend:
         acked = int(offered) if features is None else int(offered) & int(features)
         acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
         acked &= ~int(VirtioFeature.LOG_ALL)  # logging is turned on by enable_logging
+        if features is None or not int(features) & int(VirtioFeature.ACCESS_PLATFORM):
+            # Only on request: with it every ring and buffer address is an IOVA the front-end
+            # must serve through IOTLB_MSG.
+            acked &= ~int(VirtioFeature.ACCESS_PLATFORM)
         self.set_features(acked)
         if memory is not None:
             self.add_memory(memory)

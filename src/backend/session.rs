@@ -2,19 +2,23 @@
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::requests::BackendRequests;
 use super::worker::{RingShared, Worker};
 use super::Device;
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
-use crate::memory::{DirtyLog, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};
-use crate::protocol::{
-    Channel, DeviceConfig, FrontendRequest, InflightDesc, MemoryRegion, Message, Payload, ProtocolFeatures, Request,
-    VirtioFeatures, VringAddr, VRING_F_LOG,
+use crate::memory::{
+    DirtyLog, Iotlb, IotlbFault, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS, IOTLB_READ, IOTLB_WRITE,
 };
-use crate::virtqueue::{DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace};
+use crate::protocol::{
+    BackendRequest, Channel, DeviceConfig, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message, Payload,
+    ProtocolFeatures, Request, VirtioFeatures, VringAddr, VRING_F_LOG,
+};
+use crate::virtqueue::{
+    avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
+};
 
 /// Protocol features the session implements itself, offered on top of the device's.
 pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
@@ -28,6 +32,10 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::STATUS.0
         | ProtocolFeatures::INFLIGHT_SHMFD.0,
 );
+
+const IOTLB_MISS: u8 = 1;
+const IOTLB_UPDATE: u8 = 2;
+const IOTLB_INVALIDATE: u8 = 3;
 
 /// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
 const FAILED: u64 = (-(libc::EINVAL as i64)) as u64;
@@ -55,6 +63,8 @@ pub struct Session {
     status: u8,
     requests: Arc<BackendRequests>,
     inflight: Option<InflightBuffer>,
+    /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
+    iotlb: Arc<RwLock<Iotlb>>,
 }
 
 enum Outcome {
@@ -86,11 +96,15 @@ impl Session {
             status: 0,
             requests,
             inflight: None,
+            iotlb: Arc::new(RwLock::new(Iotlb::new())),
         }
     }
 
     fn offered_features(&self) -> u64 {
-        self.device.features() | VirtioFeatures::PROTOCOL_FEATURES.bits() | VirtioFeatures::LOG_ALL.bits()
+        self.device.features()
+            | VirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VirtioFeatures::LOG_ALL.bits()
+            | VirtioFeatures::ACCESS_PLATFORM.bits()
     }
 
     fn offered_protocol(&self) -> ProtocolFeatures {
@@ -327,6 +341,56 @@ impl Session {
                     Err(e) => Outcome::Refused(e.into()),
                 }
             }
+            (IOTLB_MSG, Payload::Iotlb(m)) => {
+                // Always answered with a status (QEMU sets NEED_REPLY and waits).
+                let status = |ok: bool| Outcome::Reply(Payload::U64(if ok { 0 } else { FAILED }), Vec::new());
+                if !self.iommu() {
+                    return status(false);
+                }
+                match m.kind {
+                    IOTLB_UPDATE => {
+                        // The range must be guest memory we have mapped (protocol.md §3.3).
+                        let inside = m.size != 0 && self.memory.translate_user(m.uaddr, m.size).is_ok();
+                        let updated = inside
+                            && self
+                                .iotlb
+                                .write()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .update(m.iova, m.size, m.uaddr, m.perm)
+                                .is_ok();
+                        if !updated {
+                            return status(false);
+                        }
+                        // Rings waiting for a translation may start now.
+                        for i in 0..self.rings.len() {
+                            if self.rings[i].worker.is_none() {
+                                let _ = self.start(i);
+                            }
+                        }
+                        status(true)
+                    }
+                    IOTLB_INVALIDATE => {
+                        self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate(m.iova, m.size);
+                        // Rings whose parts lie in the range were translated through the removed
+                        // entries: translate them again (or wait for the next UPDATE).
+                        let end = m.iova.saturating_add(m.size);
+                        for i in 0..self.rings.len() {
+                            let ring = &self.rings[i];
+                            let hit = ring.worker.is_some()
+                                && ring.addr.is_some_and(|a| {
+                                    ring_parts(&a, ring.size)
+                                        .iter()
+                                        .any(|&(at, len, _)| at < end && at.saturating_add(len) > m.iova)
+                                });
+                            if hit {
+                                self.restart(i);
+                            }
+                        }
+                        status(true)
+                    }
+                    _ => status(false),
+                }
+            }
             (GET_INFLIGHT_FD, Payload::Inflight(d)) => {
                 // Refusal is answered as "no buffer" (mmap_size 0, no fd): the front-end then
                 // runs without inflight tracking instead of losing the connection.
@@ -388,6 +452,10 @@ impl Session {
         }
     }
 
+    fn iommu(&self) -> bool {
+        self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() != 0
+    }
+
     fn logging(&self) -> bool {
         self.acked_features & VirtioFeatures::LOG_ALL.bits() != 0 && self.log.is_some()
     }
@@ -439,6 +507,36 @@ impl Session {
         if ring.size == 0 || memory.is_empty() {
             return Outcome::Done;
         }
+        let iommu = self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() != 0;
+        let mut ring_addrs = [addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr];
+        if iommu {
+            // Ring addresses are IOVAs. Without entries yet, ask for them and start the ring
+            // when the UPDATE arrives (waiting here would block the channel that brings it).
+            let tlb = self.iotlb.read().unwrap_or_else(|e| e.into_inner());
+            for (k, (iova, len, perm)) in ring_parts(&addr, ring.size).into_iter().enumerate() {
+                match tlb.translate_contiguous(iova, len, perm) {
+                    Ok(uaddr) => ring_addrs[k] = uaddr,
+                    Err(IotlbFault::Miss { iova }) => {
+                        drop(tlb);
+                        let miss = IotlbMsg { iova, size: 0, uaddr: 0, perm, kind: IOTLB_MISS };
+                        let _ = self.requests.send(
+                            BackendRequest::IOTLB_MSG,
+                            Payload::Iotlb(miss),
+                            &[],
+                            false,
+                            Some(std::time::Duration::from_secs(1)),
+                        );
+                        return Outcome::Done;
+                    }
+                    Err(IotlbFault::Denied { .. }) => {
+                        return refuse_state(
+                            FrontendRequest::SET_VRING_KICK,
+                            "a ring part is not mapped with the access it needs",
+                        )
+                    }
+                }
+            }
+        }
         let inflight = match &self.inflight {
             Some(b) if b.queue_size() == ring.size => b.queue(i as u16),
             // A buffer for another ring size cannot describe this ring.
@@ -452,9 +550,9 @@ impl Session {
         };
         let cfg = QueueConfig {
             size: ring.size,
-            desc_addr: addr.desc_user_addr,
-            avail_addr: addr.avail_user_addr,
-            used_addr: addr.used_user_addr,
+            desc_addr: ring_addrs[0],
+            avail_addr: ring_addrs[1],
+            used_addr: ring_addrs[2],
             addr_space: RingAddressSpace::User,
             event_idx,
             indirect,
@@ -467,6 +565,9 @@ impl Session {
         if logging {
             let used = (addr.flags & VRING_F_LOG != 0).then(|| (log.clone(), addr.log_guest_addr));
             queue.set_dirty_log(log.clone(), used.and_then(|(l, a)| l.map(|l| (l, a))));
+        }
+        if iommu {
+            queue.set_iotlb(Some(self.iotlb.clone()));
         }
         if let Some(region) = inflight {
             if let Err(e) = queue.attach_inflight(region) {
@@ -481,7 +582,8 @@ impl Session {
             Ok(s) => s,
             Err(e) => return Outcome::Refused(Error::Io(e)),
         };
-        match Worker::start(i as u16, queue, kick, shared, device) {
+        let requests = iommu.then(|| self.requests.clone());
+        match Worker::start(i as u16, queue, kick, shared, device, requests) {
             Ok(w) => {
                 ring.worker = Some(w);
                 self.device.queue_started(i as u16);
@@ -508,6 +610,19 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+fn refuse_state(request: FrontendRequest, state: &'static str) -> Outcome {
+    Outcome::Refused(Error::InvalidState { request: request.into(), state })
+}
+
+/// The IOVA ranges of a ring's three parts with the access each needs.
+fn ring_parts(addr: &VringAddr, size: u16) -> [(u64, u64, u8); 3] {
+    [
+        (addr.desc_user_addr, DESC_SIZE * u64::from(size), IOTLB_READ),
+        (addr.avail_user_addr, avail_ring_size(size), IOTLB_READ),
+        (addr.used_user_addr, used_ring_size(size), IOTLB_WRITE),
+    ]
 }
 
 fn region_desc(r: &MemoryRegion) -> RegionDesc {

@@ -7,8 +7,28 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use super::requests::BackendRequests;
 use super::Device;
-use crate::virtqueue::{ChainBatch, DeviceQueue};
+use crate::protocol::{BackendRequest, IotlbMsg, Payload};
+use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+
+/// Misses for the same address in a row before a ring is given up on.
+const MAX_MISSES: u32 = 3;
+
+/// Sends an IOTLB MISS and waits for the front-end's ack, which it sends after the UPDATE (on
+/// the main channel, handled by the session thread meanwhile). False if that did not happen.
+fn ask_for_entry(requests: Option<&BackendRequests>, iova: u64, perm: u8) -> bool {
+    let Some(requests) = requests else { return false };
+    let miss = IotlbMsg { iova, size: 0, uaddr: 0, perm, kind: 1 };
+    let answer = requests.send(
+        BackendRequest::IOTLB_MSG,
+        Payload::Iotlb(miss),
+        &[],
+        true,
+        Some(std::time::Duration::from_secs(5)),
+    );
+    matches!(answer, Ok(Some(0)))
+}
 
 /// Shared between the session and a ring's worker.
 #[derive(Debug)]
@@ -75,12 +95,15 @@ impl Worker {
         kick: OwnedFd,
         shared: Arc<RingShared>,
         device: Arc<dyn Device>,
+        requests: Option<Arc<BackendRequests>>,
     ) -> io::Result<Worker> {
         let s = shared.clone();
         let thread = std::thread::Builder::new().name(format!("vhost-user ring {index}")).spawn(move || {
             let mut batch = ChainBatch::new();
             // A kick may have come before the worker existed: look at the ring once.
             let mut pending = true;
+            let mut last_miss = None;
+            let mut misses = 0u32;
             loop {
                 if s.stop.load(Ordering::Acquire) {
                     return queue;
@@ -93,6 +116,20 @@ impl Worker {
                     match result {
                         Ok(true) => s.notify_driver(),
                         Ok(false) => {}
+                        Err(VirtqueueError::IotlbMiss { iova, perm }) => {
+                            // Chains before the miss may have completed: let the driver know.
+                            s.notify_driver();
+                            misses = if last_miss == Some(iova) { misses + 1 } else { 1 };
+                            last_miss = Some(iova);
+                            if misses > MAX_MISSES || !ask_for_entry(requests.as_deref(), iova, perm) {
+                                // The front-end does not map it: an unusable ring, like a
+                                // malformed one. Stop processing it; the session goes on.
+                                queue.mark_broken();
+                            } else {
+                                // The UPDATE has arrived (REPLY_ACK): walk the chain again.
+                                continue;
+                            }
+                        }
                         Err(_) => {
                             // The queue is broken (malformed ring): stop processing it, keep the
                             // session. Signal once so a waiting driver notices nothing more comes.

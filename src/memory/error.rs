@@ -10,6 +10,8 @@ pub enum AddressSpace {
     Guest,
     /// Front-end virtual address (`userspace_addr`, SET_VRING_ADDR ring addresses).
     User,
+    /// I/O virtual address (ACCESS_PLATFORM: rings and buffers behind the IOTLB).
+    Iova,
 }
 
 impl fmt::Display for AddressSpace {
@@ -17,6 +19,7 @@ impl fmt::Display for AddressSpace {
         f.write_str(match self {
             AddressSpace::Guest => "guest physical",
             AddressSpace::User => "front-end user",
+            AddressSpace::Iova => "I/O virtual",
         })
     }
 }

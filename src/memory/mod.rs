@@ -7,12 +7,14 @@
 
 mod alloc;
 mod error;
+mod iotlb;
 mod log;
 mod mapping;
 mod table;
 
 pub use alloc::GuestMemory;
 pub use error::{AddressSpace, MemoryError};
+pub use iotlb::{Iotlb, IotlbFault, IOTLB_READ, IOTLB_WRITE};
 pub use log::{DirtyLog, LOG_PAGE_SIZE};
 pub use mapping::{memfd, sealed_memfd, Mapping};
 pub use table::{MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};

@@ -3,12 +3,13 @@
 //! publishes `used.idx` once per batch, and decides when to notify the driver.
 
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use super::error::VirtqueueError;
 use super::inflight::InflightQueue;
 use super::layout::*;
 use crate::memory::{DirtyLog, MemoryError, MemoryTable};
+use crate::memory::{Iotlb, IotlbFault, IOTLB_READ, IOTLB_WRITE};
 
 /// Most segments one chain may have (QEMU's and libvhost-user's limit, §7.9 #15).
 pub const MAX_SEGMENTS: usize = 1024;
@@ -146,6 +147,8 @@ pub struct DeviceQueue {
     data_log: Option<DirtyLog>,
     used_log: Option<(DirtyLog, u64)>,
     inflight: Option<Inflight>,
+    /// ACCESS_PLATFORM: descriptor addresses are IOVAs translated through this IOTLB.
+    iotlb: Option<Arc<RwLock<Iotlb>>>,
 }
 
 /// Inflight tracking state of a ring (see [`DeviceQueue::attach_inflight`]).
@@ -210,7 +213,15 @@ impl DeviceQueue {
             data_log: None,
             used_log: None,
             inflight: None,
+            iotlb: None,
         })
+    }
+
+    /// ACCESS_PLATFORM: translate descriptor addresses (IOVAs) through `iotlb`. A buffer without
+    /// an entry makes `pop_batch` return [`VirtqueueError::IotlbMiss`] without consuming the
+    /// chain or breaking the queue: send a MISS, wait for the UPDATE, pop again.
+    pub fn set_iotlb(&mut self, iotlb: Option<Arc<RwLock<Iotlb>>>) {
+        self.iotlb = iotlb;
     }
 
     /// Tracks this ring in an inflight buffer region (INFLIGHT_SHMFD). Call before popping
@@ -277,6 +288,12 @@ impl DeviceQueue {
         self.used_log = used;
     }
 
+    /// Stops processing this queue (a ring the back-end cannot use, e.g. memory the front-end
+    /// never maps through the IOTLB).
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
     fn fail(&mut self, err: VirtqueueError) -> VirtqueueError {
         self.broken = true;
         err
@@ -294,6 +311,12 @@ impl DeviceQueue {
             let Some(head) = self.inflight.as_mut().and_then(|f| f.resubmit.pop()) else { break };
             // Already marked busy and counted in flight by attach_inflight.
             if let Err(e) = self.walk(head, batch) {
+                if let VirtqueueError::IotlbMiss { .. } = e {
+                    if let Some(f) = self.inflight.as_mut() {
+                        f.resubmit.push(head);
+                    }
+                    return if popped > 0 { Ok(popped) } else { Err(e) };
+                }
                 return Err(self.fail(e));
             }
             popped += 1;
@@ -317,6 +340,10 @@ impl DeviceQueue {
                 return Err(self.fail(VirtqueueError::HeadInFlight { head, state: "already in flight" }));
             }
             if let Err(e) = self.walk(head, batch) {
+                if let VirtqueueError::IotlbMiss { .. } = e {
+                    // Not consumed: the same chain is walked again once the entry arrives.
+                    return if popped > 0 { Ok(popped) } else { Err(e) };
+                }
                 return Err(self.fail(e));
             }
             self.busy[usize::from(head)] = true;
@@ -383,11 +410,7 @@ impl DeviceQueue {
                 // Copy the table once (it may straddle regions); its entries are then read from
                 // the private copy only.
                 batch.scratch.resize(d.len as usize, 0);
-                self.memory.read(d.addr, &mut batch.scratch).map_err(|_| VirtqueueError::BufferUnmapped {
-                    head,
-                    addr: d.addr,
-                    len: d.len,
-                })?;
+                self.read_table(head, &d, &mut batch.scratch)?;
                 in_table = true;
                 limit = d.len / 16;
                 idx = 0;
@@ -437,6 +460,53 @@ impl DeviceQueue {
         Ok(())
     }
 
+    fn read_table(&self, head: u16, d: &Descriptor, out: &mut [u8]) -> Result<(), VirtqueueError> {
+        let unmapped = || VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len };
+        let Some(iotlb) = &self.iotlb else { return self.memory.read(d.addr, out).map_err(|_| unmapped()) };
+        let tlb = iotlb.read().unwrap_or_else(|e| e.into_inner());
+        let mut at = 0usize;
+        let mut failed = false;
+        tlb.translate(d.addr, u64::from(d.len), IOTLB_READ, |uaddr, n| {
+            match self.memory.translate_user(uaddr, n) {
+                // SAFETY: `host` is valid for n bytes of a live mapping; `out` holds d.len bytes.
+                Ok(host) => unsafe { std::ptr::copy_nonoverlapping(host, out[at..].as_mut_ptr(), n as usize) },
+                Err(_) => failed = true,
+            }
+            at += n as usize;
+        })
+        .map_err(|fault| iotlb_error(head, d, fault, IOTLB_READ))?;
+        if failed {
+            return Err(unmapped());
+        }
+        Ok(())
+    }
+
+    /// Under ACCESS_PLATFORM: the IOTLB gives front-end addresses, the memory table host
+    /// addresses and guest-physical ones (kept for dirty logging).
+    fn push_iova_segments(
+        &self,
+        iotlb: &RwLock<Iotlb>,
+        head: u16,
+        d: &Descriptor,
+        writable: bool,
+        out: &mut Vec<Segment>,
+    ) -> Result<(), VirtqueueError> {
+        let perm = if writable { IOTLB_WRITE } else { IOTLB_READ };
+        let tlb = iotlb.read().unwrap_or_else(|e| e.into_inner());
+        let mut failed = false;
+        tlb.translate(d.addr, u64::from(d.len), perm, |uaddr, n| {
+            match (self.memory.translate_user(uaddr, n), self.memory.user_to_guest(uaddr)) {
+                (Ok(host), Some(gpa)) => out.push(Segment { host, len: n as u32, gpa, writable }),
+                _ => failed = true,
+            }
+        })
+        .map_err(|fault| iotlb_error(head, d, fault, perm))?;
+        if failed {
+            return Err(VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len });
+        }
+        Ok(())
+    }
+
     #[inline]
     fn push_segments(
         &self,
@@ -445,6 +515,9 @@ impl DeviceQueue {
         writable: bool,
         out: &mut Vec<Segment>,
     ) -> Result<(), VirtqueueError> {
+        if let Some(iotlb) = &self.iotlb {
+            return self.push_iova_segments(iotlb, head, d, writable, out);
+        }
         let len = u64::from(d.len);
         match self.memory.translate(d.addr, len) {
             Ok(host) => {
@@ -633,5 +706,14 @@ impl DeviceQueue {
                 return Ok(notify);
             }
         }
+    }
+}
+
+fn iotlb_error(head: u16, d: &Descriptor, fault: IotlbFault, perm: u8) -> VirtqueueError {
+    match fault {
+        IotlbFault::Miss { iova } => VirtqueueError::IotlbMiss { iova, perm },
+        // An entry that forbids the access: the driver handed the device a buffer it may not
+        // use that way.
+        IotlbFault::Denied { .. } => VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len },
     }
 }

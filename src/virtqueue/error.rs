@@ -185,6 +185,15 @@ pub enum VirtqueueError {
     /// Driver side: a chain with no buffer at all, or more than the ring can express.
     #[error("invalid chain: {0}")]
     InvalidChain(&'static str),
+    /// ACCESS_PLATFORM: no IOTLB entry for `iova` yet (not an error of the ring: ask the
+    /// front-end with an IOTLB MISS and try again).
+    #[error("IOTLB miss at I/O virtual address {iova:#x} (permission {perm})")]
+    IotlbMiss {
+        /// The address without an entry.
+        iova: u64,
+        /// The access needed: 1 read, 2 write.
+        perm: u8,
+    },
     /// An inflight buffer (INFLIGHT_SHMFD) that cannot be right: refused rather than trusted.
     #[error("inflight buffer refused: {0}")]
     InflightCorrupt(&'static str),
