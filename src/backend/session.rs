@@ -644,6 +644,8 @@ pub fn serve_session(
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
     let mut session = Session::with_requests(device.clone(), requests.clone());
+    // A debugging aid for users and for tests that check what a real front-end sent.
+    let trace = std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0");
     let result = loop {
         if stop() {
             break Ok(());
@@ -656,6 +658,10 @@ pub fn serve_session(
             Err(Error::Disconnected) => break Ok(()),
             Err(e) => break Err(e),
         };
+        if trace {
+            let m = &received.message;
+            eprintln!("vhost-user back-end: {} {:?} ({} fds)", m.request, m.payload, received.fds.len());
+        }
         match session.handle(&received.message, received.fds) {
             Ok(Some((reply, fds))) => {
                 let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
