@@ -272,6 +272,8 @@ def serve_blk(
     num_queues: int = 1,
     readonly: bool = False,
     max_connections: int | None = None,
+    workers: int | None = None,
+    cpus: list[int] | None = None,
 ) -> None: ...
 
 def serve_device(
@@ -283,6 +285,8 @@ def serve_device(
     max_connections: int | None = None,
     stop: StopFlag | None = None,
     requests: BackendRequests | None = None,
+    workers: int | None = None,
+    cpus: list[int] | None = None,
 ) -> None: ...
 @final
 class BackendRequests:

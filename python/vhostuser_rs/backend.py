@@ -85,9 +85,21 @@ class Backend:
     """Serves one :class:`Device` to one front-end at a time."""
 
     def __init__(
-        self, device: Device, *, socket_path: str | None = None, fd: int | None = None, connect: str | None = None
+        self,
+        device: Device,
+        *,
+        socket_path: str | None = None,
+        fd: int | None = None,
+        connect: str | None = None,
+        workers: int | None = None,
+        cpus: Sequence[int] | None = None,
     ) -> None:
+        """Prefer :meth:`listen`, :meth:`from_fd` or :meth:`connect`. `workers`: threads shared
+        by the rings (ring i on thread i % workers; default: one thread per ring); `cpus`: pin
+        worker thread t to ``cpus[t % len(cpus)]``."""
         self.device = device
+        self.workers = workers
+        self.cpus = None if cpus is None else list(cpus)
         device.backend = self
         #: The back-end request channel of the current session.
         self.requests = _native.BackendRequests()
@@ -99,19 +111,23 @@ class Backend:
         self.error: BaseException | None = None
 
     @classmethod
-    def listen(cls, path: str | os.PathLike[str], device: Device) -> Backend:
+    def listen(
+        cls, path: str | os.PathLike[str], device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None
+    ) -> Backend:
         """Serve on a listening socket at `path` (a stale socket file is replaced)."""
-        return cls(device, socket_path=os.fspath(path))
+        return cls(device, socket_path=os.fspath(path), workers=workers, cpus=cpus)
 
     @classmethod
-    def from_fd(cls, fd: int, device: Device) -> Backend:
+    def from_fd(cls, fd: int, device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None) -> Backend:
         """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
-        return cls(device, fd=fd)
+        return cls(device, fd=fd, workers=workers, cpus=cpus)
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], device: Device) -> Backend:
+    def connect(
+        cls, path: str | os.PathLike[str], device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None
+    ) -> Backend:
         """Client mode: connect out to a front-end listening at `path` and serve that session."""
-        return cls(device, connect=os.fspath(path))
+        return cls(device, connect=os.fspath(path), workers=workers, cpus=cpus)
 
     def serve_forever(self, *, max_connections: int | None = None) -> None:
         """Serve until Ctrl-C (KeyboardInterrupt), :meth:`stop`, or until `max_connections`
@@ -124,6 +140,8 @@ class Backend:
             max_connections=max_connections,
             stop=self._stop,
             requests=self.requests,
+            workers=self.workers,
+            cpus=self.cpus,
         )
 
     def backend_request(

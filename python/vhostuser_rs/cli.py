@@ -374,7 +374,7 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         BlockDevice(args.image, readonly=args.read_only, num_queues=args.num_queues).serve(
-            args.socket_path, fd=args.fd
+            args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus
         )
     except KeyboardInterrupt:
         return 0
@@ -432,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true")
+    p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
+    p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_blk)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 from . import _native
 
@@ -23,9 +24,12 @@ class BlockDevice:
         self.num_queues = num_queues
 
     def serve(self, socket_path: str | os.PathLike[str] | None = None, *, fd: int | None = None,
-              max_connections: int | None = None) -> None:
+              max_connections: int | None = None, workers: int | None = None,
+              cpus: Sequence[int] | None = None) -> None:
         """Serve front-ends one at a time on `socket_path` (or the connected socket `fd`) until
-        Ctrl-C, or until `max_connections` sessions have ended."""
+        Ctrl-C, or until `max_connections` sessions have ended. `workers`: threads shared by the
+        rings (ring i on thread i % workers; default one thread per ring); `cpus`: pin worker
+        thread t to ``cpus[t % len(cpus)]``."""
         _native.serve_blk(
             self.path,
             socket_path=None if socket_path is None else os.fspath(socket_path),
@@ -33,4 +37,6 @@ class BlockDevice:
             num_queues=self.num_queues,
             readonly=self.readonly,
             max_connections=max_connections,
+            workers=workers,
+            cpus=None if cpus is None else list(cpus),
         )

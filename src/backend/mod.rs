@@ -13,6 +13,7 @@ mod worker;
 
 pub use requests::BackendRequests;
 pub use session::{serve_connection, serve_session, Session};
+pub use worker::WorkerPolicy;
 
 use crate::protocol::ProtocolFeatures;
 use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};

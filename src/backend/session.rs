@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use super::requests::BackendRequests;
-use super::worker::{RingShared, Worker};
+use super::worker::{RingShared, Worker, WorkerPolicy, Workers};
 use super::Device;
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
@@ -65,6 +65,8 @@ pub struct Session {
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
     iotlb: Arc<RwLock<Iotlb>>,
+    /// Declared after `rings`: rings leave their threads before the threads end.
+    workers: Workers,
 }
 
 enum Outcome {
@@ -85,6 +87,11 @@ impl Session {
     /// A fresh session whose back-end request channel, once the front-end sets one up, is sent
     /// on through `requests` (the handle a device keeps).
     pub fn with_requests(device: Arc<dyn Device>, requests: Arc<BackendRequests>) -> Session {
+        Session::with_options(device, requests, WorkerPolicy::default())
+    }
+
+    /// A fresh session that also spreads its rings over threads as `policy` says.
+    pub fn with_options(device: Arc<dyn Device>, requests: Arc<BackendRequests>, policy: WorkerPolicy) -> Session {
         let n = usize::from(device.num_queues());
         Session {
             device,
@@ -97,6 +104,7 @@ impl Session {
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
+            workers: Workers::new(policy),
         }
     }
 
@@ -578,19 +586,15 @@ impl Session {
             Ok(k) => k,
             Err(e) => return Outcome::Refused(Error::Io(e)),
         };
-        let shared = match RingShared::new(ring.enabled, ring.call.take()) {
-            Ok(s) => s,
+        let group = match self.workers.group_for(i as u16, &device) {
+            Ok(g) => g,
             Err(e) => return Outcome::Refused(Error::Io(e)),
         };
+        let shared = RingShared::new(ring.enabled, ring.call.take(), group);
         let requests = iommu.then(|| self.requests.clone());
-        match Worker::start(i as u16, queue, kick, shared, device, requests) {
-            Ok(w) => {
-                ring.worker = Some(w);
-                self.device.queue_started(i as u16);
-                Outcome::Done
-            }
-            Err(e) => Outcome::Refused(Error::Io(e)),
-        }
+        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests));
+        self.device.queue_started(i as u16);
+        Outcome::Done
     }
 
     fn stop_all(&mut self) {
@@ -632,7 +636,7 @@ fn region_desc(r: &MemoryRegion) -> RegionDesc {
 /// Serves one front-end on `conn` until it disconnects (or `stop` returns true between
 /// messages). A message that breaks the spec ends the session with an error.
 pub fn serve_connection(conn: &Connection, device: Arc<dyn Device>, stop: &dyn Fn() -> bool) -> Result<()> {
-    serve_session(conn, device, &Arc::new(BackendRequests::new()), stop)
+    serve_session(conn, device, &Arc::new(BackendRequests::new()), &WorkerPolicy::default(), stop)
 }
 
 /// [`serve_connection`] with the handle through which the device sends back-end requests
@@ -641,9 +645,10 @@ pub fn serve_session(
     conn: &Connection,
     device: Arc<dyn Device>,
     requests: &Arc<BackendRequests>,
+    policy: &WorkerPolicy,
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
-    let mut session = Session::with_requests(device.clone(), requests.clone());
+    let mut session = Session::with_options(device.clone(), requests.clone(), policy.clone());
     // A debugging aid for users and for tests that check what a real front-end sent.
     let trace = std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0");
     let result = loop {

@@ -1,9 +1,13 @@
-//! One thread per started ring: waits for kicks, drains the ring through the device, notifies
-//! the driver. Stopped (GET_VRING_BASE) by a wake eventfd; returns the ring's state.
+//! Worker threads: each waits for the kicks of its rings, drains them through the device and
+//! notifies the driver. By default every started ring has a thread of its own; a
+//! [`WorkerPolicy`] can put the rings on a fixed number of threads instead (ring `i` on thread
+//! `i % n`) and pin the threads to CPUs. Rings join and leave a thread by command, so a thread
+//! owns its rings' state outright and the data path takes no lock.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -14,6 +18,16 @@ use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
 
 /// Misses for the same address in a row before a ring is given up on.
 const MAX_MISSES: u32 = 3;
+
+/// How started rings are spread over worker threads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WorkerPolicy {
+    /// Number of worker threads shared by all rings (ring `i` runs on thread `i % threads`);
+    /// `None`: one thread per ring.
+    pub threads: Option<usize>,
+    /// Pin worker thread `t` to CPU `cpus[t % cpus.len()]`; empty: no pinning.
+    pub cpus: Vec<usize>,
+}
 
 /// Sends an IOTLB MISS and waits for the front-end's ack, which it sends after the UPDATE (on
 /// the main channel, handled by the session thread meanwhile). False if that did not happen.
@@ -30,43 +44,14 @@ fn ask_for_entry(requests: Option<&BackendRequests>, iova: u64, perm: u8) -> boo
     matches!(answer, Ok(Some(0)))
 }
 
-/// Shared between the session and a ring's worker.
-#[derive(Debug)]
-pub(crate) struct RingShared {
-    pub enabled: AtomicBool,
-    pub call: Mutex<Option<OwnedFd>>,
-    stop: AtomicBool,
-    wake: OwnedFd,
-}
-
-impl RingShared {
-    pub fn new(enabled: bool, call: Option<OwnedFd>) -> io::Result<Arc<RingShared>> {
-        // SAFETY: plain syscall; the result is a new descriptor we own.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: eventfd returned a new descriptor.
-        let wake = unsafe { OwnedFd::from_raw_fd(fd) };
-        Ok(Arc::new(RingShared {
-            enabled: AtomicBool::new(enabled),
-            call: Mutex::new(call),
-            stop: AtomicBool::new(false),
-            wake,
-        }))
+fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
     }
-
-    /// Makes the worker look at the ring (after enable) or notice `stop`.
-    pub fn wake(&self) {
-        signal(self.wake.as_raw_fd());
-    }
-
-    fn notify_driver(&self) {
-        let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = call.as_ref() {
-            signal(fd.as_raw_fd());
-        }
-    }
+    // SAFETY: eventfd returned a new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 fn signal(fd: i32) {
@@ -81,94 +66,305 @@ fn drain_fd(fd: i32) {
     unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
 }
 
-/// A running ring.
-#[derive(Debug)]
-pub(crate) struct Worker {
-    pub shared: Arc<RingShared>,
-    thread: Option<JoinHandle<DeviceQueue>>,
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against its size; pid 0 is the
+    // calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        // Best effort: a CPU outside the allowed set leaves the thread where it was.
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
-impl Worker {
-    pub fn start(
-        index: u16,
-        mut queue: DeviceQueue,
-        kick: OwnedFd,
-        shared: Arc<RingShared>,
-        device: Arc<dyn Device>,
-        requests: Option<Arc<BackendRequests>>,
-    ) -> io::Result<Worker> {
-        let s = shared.clone();
-        let thread = std::thread::Builder::new().name(format!("vhost-user ring {index}")).spawn(move || {
-            let mut batch = ChainBatch::new();
-            // A kick may have come before the worker existed: look at the ring once.
-            let mut pending = true;
-            let mut last_miss = None;
-            let mut misses = 0u32;
-            loop {
-                if s.stop.load(Ordering::Acquire) {
-                    return queue;
+/// Shared between the session and the thread running a ring.
+#[derive(Debug)]
+pub(crate) struct RingShared {
+    pub enabled: AtomicBool,
+    pub call: Mutex<Option<OwnedFd>>,
+    group: Arc<Group>,
+}
+
+impl RingShared {
+    pub fn new(enabled: bool, call: Option<OwnedFd>, group: Arc<Group>) -> Arc<RingShared> {
+        Arc::new(RingShared { enabled: AtomicBool::new(enabled), call: Mutex::new(call), group })
+    }
+
+    /// Makes the thread look at its rings again (after an enable).
+    pub fn wake(&self) {
+        self.group.wake();
+    }
+
+    fn notify_driver(&self) {
+        let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(fd) = call.as_ref() {
+            signal(fd.as_raw_fd());
+        }
+    }
+}
+
+/// A ring as its thread holds it.
+struct Slot {
+    index: u16,
+    queue: DeviceQueue,
+    kick: OwnedFd,
+    shared: Arc<RingShared>,
+    requests: Option<Arc<BackendRequests>>,
+    batch: ChainBatch,
+    pending: bool,
+    last_miss: Option<u64>,
+    misses: u32,
+}
+
+impl Slot {
+    /// Drains the ring if it was kicked; returns whether it must be looked at again at once
+    /// (an IOTLB entry has just arrived).
+    fn run(&mut self, device: &dyn Device) -> bool {
+        if !self.pending || !self.shared.enabled.load(Ordering::Acquire) || self.queue.is_broken() {
+            return false;
+        }
+        self.pending = false;
+        let (index, queue, batch) = (self.index, &mut self.queue, &mut self.batch);
+        let mut result = Ok(false);
+        device.wake_scope(&mut || {
+            result = queue.drain(batch, 64, |q, b| device.process(index, q, b));
+        });
+        match result {
+            Ok(true) => self.shared.notify_driver(),
+            Ok(false) => {}
+            Err(VirtqueueError::IotlbMiss { iova, perm }) => {
+                // Chains before the miss may have completed: let the driver know.
+                self.shared.notify_driver();
+                self.misses = if self.last_miss == Some(iova) { self.misses + 1 } else { 1 };
+                self.last_miss = Some(iova);
+                if self.misses <= MAX_MISSES && ask_for_entry(self.requests.as_deref(), iova, perm) {
+                    // The UPDATE has arrived (REPLY_ACK): walk the chain again.
+                    self.pending = true;
+                    return true;
                 }
-                if pending && s.enabled.load(Ordering::Acquire) && !queue.is_broken() {
-                    let mut result = Ok(false);
-                    device.wake_scope(&mut || {
-                        result = queue.drain(&mut batch, 64, |q, b| device.process(index, q, b));
-                    });
-                    match result {
-                        Ok(true) => s.notify_driver(),
-                        Ok(false) => {}
-                        Err(VirtqueueError::IotlbMiss { iova, perm }) => {
-                            // Chains before the miss may have completed: let the driver know.
-                            s.notify_driver();
-                            misses = if last_miss == Some(iova) { misses + 1 } else { 1 };
-                            last_miss = Some(iova);
-                            if misses > MAX_MISSES || !ask_for_entry(requests.as_deref(), iova, perm) {
-                                // The front-end does not map it: an unusable ring, like a
-                                // malformed one. Stop processing it; the session goes on.
-                                queue.mark_broken();
-                            } else {
-                                // The UPDATE has arrived (REPLY_ACK): walk the chain again.
-                                continue;
-                            }
-                        }
-                        Err(_) => {
-                            // The queue is broken (malformed ring): stop processing it, keep the
-                            // session. Signal once so a waiting driver notices nothing more comes.
-                            s.notify_driver();
+                // The front-end does not map it: an unusable ring, like a malformed one.
+                self.queue.mark_broken();
+            }
+            Err(_) => {
+                // The queue is broken (malformed ring): stop processing it, keep the session.
+                // Signal once so a waiting driver notices nothing more comes.
+                self.shared.notify_driver();
+            }
+        }
+        false
+    }
+}
+
+enum Command {
+    Add(Box<Slot>),
+    Remove(u16, mpsc::Sender<DeviceQueue>),
+}
+
+/// One worker thread and the rings it runs.
+pub(crate) struct Group {
+    wake: OwnedFd,
+    commands: Mutex<Vec<Command>>,
+    stop: AtomicBool,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("wake", &self.wake).finish_non_exhaustive()
+    }
+}
+
+impl Group {
+    fn start(name: String, device: Arc<dyn Device>, cpu: Option<usize>) -> io::Result<Arc<Group>> {
+        let group = Arc::new(Group {
+            wake: eventfd()?,
+            commands: Mutex::new(Vec::new()),
+            stop: AtomicBool::new(false),
+            thread: Mutex::new(None),
+        });
+        let g = group.clone();
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            if let Some(cpu) = cpu {
+                pin_to(cpu);
+            }
+            g.run(&*device);
+        })?;
+        *group.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
+        Ok(group)
+    }
+
+    fn wake(&self) {
+        signal(self.wake.as_raw_fd());
+    }
+
+    fn command(&self, c: Command) {
+        self.commands.lock().unwrap_or_else(|e| e.into_inner()).push(c);
+        self.wake();
+    }
+
+    /// Whether the thread still runs (it ends at shutdown, or if a device panicked).
+    fn alive(&self) -> bool {
+        self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Takes ring `index` off the thread and returns its state.
+    fn remove(&self, index: u16) -> Option<DeviceQueue> {
+        let (tx, rx) = mpsc::channel();
+        self.command(Command::Remove(index, tx));
+        loop {
+            match rx.recv_timeout(std::time::Duration::from_millis(100)) {
+                Ok(q) => return Some(q),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) if !self.alive() => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+        }
+    }
+
+    fn run(&self, device: &dyn Device) {
+        let mut slots: Vec<Box<Slot>> = Vec::new();
+        let mut fds: Vec<libc::pollfd> = Vec::new();
+        loop {
+            let commands = std::mem::take(&mut *self.commands.lock().unwrap_or_else(|e| e.into_inner()));
+            for c in commands {
+                match c {
+                    Command::Add(slot) => slots.push(slot),
+                    Command::Remove(index, reply) => {
+                        if let Some(pos) = slots.iter().position(|s| s.index == index) {
+                            let _ = reply.send(slots.swap_remove(pos).queue);
                         }
                     }
                 }
-                let mut fds = [
-                    libc::pollfd { fd: kick.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                    libc::pollfd { fd: s.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 },
-                ];
-                // SAFETY: two valid pollfds.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, 1000) };
-                pending = n > 0 && fds[0].revents != 0 || fds[1].revents != 0;
-                if fds[0].revents != 0 {
-                    drain_fd(kick.as_raw_fd());
-                }
-                if fds[1].revents != 0 {
-                    drain_fd(s.wake.as_raw_fd());
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let mut again = false;
+            for slot in &mut slots {
+                again |= slot.run(device);
+            }
+            fds.clear();
+            fds.extend(slots.iter().map(|s| libc::pollfd { fd: s.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+            fds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots).
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if again { 0 } else { 1000 }) };
+            if n <= 0 {
+                continue;
+            }
+            for (slot, p) in slots.iter_mut().zip(&fds) {
+                if p.revents != 0 {
+                    drain_fd(p.fd);
+                    slot.pending = true;
                 }
             }
-        })?;
-        Ok(Worker { shared, thread: Some(thread) })
+            if fds.last().is_some_and(|p| p.revents != 0) {
+                drain_fd(self.wake.as_raw_fd());
+                // An enable or a new ring: look at every ring once.
+                for slot in &mut slots {
+                    slot.pending = true;
+                }
+            }
+        }
     }
 
-    /// Stops the worker and returns the ring state (for GET_VRING_BASE).
+    fn shutdown(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+        let t = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(t) = t {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The worker threads of one session, started as rings need them.
+#[derive(Debug, Default)]
+pub(crate) struct Workers {
+    policy: WorkerPolicy,
+    /// Per-ring threads (index = ring) or shared threads (index = thread), started lazily.
+    groups: Vec<Option<Arc<Group>>>,
+}
+
+impl Workers {
+    pub fn new(policy: WorkerPolicy) -> Workers {
+        Workers { policy, groups: Vec::new() }
+    }
+
+    /// The thread that runs ring `index` (started if needed).
+    pub fn group_for(&mut self, index: u16, device: &Arc<dyn Device>) -> io::Result<Arc<Group>> {
+        let (slot, name) = match self.policy.threads {
+            Some(n) if n > 0 => {
+                let t = usize::from(index) % n;
+                (t, format!("vhost-user worker {t}"))
+            }
+            _ => (usize::from(index), format!("vhost-user ring {index}")),
+        };
+        if self.groups.len() <= slot {
+            self.groups.resize(slot + 1, None);
+        }
+        if let Some(g) = &self.groups[slot] {
+            return Ok(g.clone());
+        }
+        let cpus = &self.policy.cpus;
+        let cpu = (!cpus.is_empty()).then(|| cpus[slot % cpus.len()]);
+        let g = Group::start(name, device.clone(), cpu)?;
+        self.groups[slot] = Some(g.clone());
+        Ok(g)
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        for g in self.groups.iter().flatten() {
+            g.shutdown();
+        }
+    }
+}
+
+/// A started ring, running on its worker thread.
+#[derive(Debug)]
+pub(crate) struct Worker {
+    pub shared: Arc<RingShared>,
+    index: u16,
+    stopped: bool,
+}
+
+impl Worker {
+    /// Hands ring `index` to the thread of `shared`'s group.
+    pub fn start(
+        index: u16,
+        queue: DeviceQueue,
+        kick: OwnedFd,
+        shared: Arc<RingShared>,
+        requests: Option<Arc<BackendRequests>>,
+    ) -> Worker {
+        let slot = Slot {
+            index,
+            queue,
+            kick,
+            shared: shared.clone(),
+            requests,
+            batch: ChainBatch::new(),
+            // A kick may have come before the ring joined its thread: look at it once.
+            pending: true,
+            last_miss: None,
+            misses: 0,
+        };
+        shared.group.command(Command::Add(Box::new(slot)));
+        Worker { shared, index, stopped: false }
+    }
+
+    /// Takes the ring off its thread and returns its state (for GET_VRING_BASE).
     pub fn stop(mut self) -> Option<DeviceQueue> {
-        self.shared.stop.store(true, Ordering::Release);
-        self.shared.wake();
-        self.thread.take().and_then(|t| t.join().ok())
+        self.stopped = true;
+        self.shared.group.remove(self.index)
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.shared.stop.store(true, Ordering::Release);
-            self.shared.wake();
-            let _ = t.join();
+        if !self.stopped {
+            self.shared.group.remove(self.index);
         }
     }
 }

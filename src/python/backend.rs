@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::{os_error, to_pyerr, IntoPyResult};
-use crate::backend::{serve_session, BackendRequests, Device};
+use crate::backend::{serve_session, BackendRequests, Device, WorkerPolicy};
 use crate::connection::{Connection, Deadline, Listener};
 use crate::devices::BlockDevice;
 use crate::error::Error;
@@ -26,7 +26,8 @@ fn warn(py: Python<'_>, text: String) {
 /// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
 /// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
 #[pyfunction]
-#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None))]
+#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None))]
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_blk(
     py: Python<'_>,
     image: PathBuf,
@@ -35,16 +36,26 @@ pub(crate) fn serve_blk(
     num_queues: u16,
     readonly: bool,
     max_connections: Option<u32>,
+    workers: Option<usize>,
+    cpus: Option<Vec<usize>>,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
-    serve(py, device, socket_path, fd, max_connections, None, Arc::new(BackendRequests::new()))
+    let policy = policy(workers, cpus)?;
+    serve(py, device, socket_path, fd, max_connections, None, Arc::new(BackendRequests::new()), policy)
+}
+
+fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>) -> PyResult<WorkerPolicy> {
+    if workers == Some(0) {
+        return Err(PyValueError::new_err("workers must be at least 1 (or None: one thread per ring)"));
+    }
+    Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default() })
 }
 
 /// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop). With `connect`,
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,
@@ -55,7 +66,10 @@ pub(crate) fn serve_device(
     max_connections: Option<u32>,
     stop: Option<Py<StopFlag>>,
     requests: Option<Py<PyBackendRequests>>,
+    workers: Option<usize>,
+    cpus: Option<Vec<usize>>,
 ) -> PyResult<()> {
+    let policy = policy(workers, cpus)?;
     let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
     let flag = stop.map(|s| s.get().flag.clone());
     let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));
@@ -64,10 +78,10 @@ pub(crate) fn serve_device(
         let stop = || {
             flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed)) || Python::attach(|py| py.check_signals().is_err())
         };
-        let r = py.detach(|| serve_session(&conn, device.clone(), &requests, &stop));
+        let r = py.detach(|| serve_session(&conn, device.clone(), &requests, &policy, &stop));
         return r.map_err(|e| to_pyerr(py, e));
     }
-    serve(py, device, socket_path, fd, max_connections, flag, requests)
+    serve(py, device, socket_path, fd, max_connections, flag, requests, policy)
 }
 
 /// Sends back-end requests (CONFIG_CHANGE_MSG, ...) to the front-end of the current session.
@@ -139,6 +153,7 @@ impl StopFlag {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn serve(
     py: Python<'_>,
     device: Arc<dyn Device>,
@@ -147,6 +162,7 @@ fn serve(
     max_connections: Option<u32>,
     flag: Option<Arc<AtomicBool>>,
     requests: Arc<BackendRequests>,
+    policy: WorkerPolicy,
 ) -> PyResult<()> {
     let interrupted = AtomicBool::new(false);
     let stopped = || flag.as_ref().is_some_and(|f| f.load(Ordering::Relaxed));
@@ -160,7 +176,8 @@ fn serve(
         }
         hit
     };
-    let serve = |conn: Connection| -> Result<(), Error> { serve_session(&conn, device.clone(), &requests, &stop) };
+    let serve =
+        |conn: Connection| -> Result<(), Error> { serve_session(&conn, device.clone(), &requests, &policy, &stop) };
     if let Some(fd) = fd {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import struct
 import threading
 import time
@@ -203,7 +204,7 @@ def test_per_request_mode_hooks_and_config_change(sock_dir: Path, caplog: pytest
             assert device.events[-1] == ("stopped", 1)
         # The session ended: the remaining ring stopped, the channel is gone.
         deadline = time.monotonic() + 5
-        while ("stopped", 0) not in device.events and time.monotonic() < deadline:
+        while (("stopped", 0) not in device.events or backend.requests.is_open) and time.monotonic() < deadline:
             time.sleep(0.01)
         assert ("stopped", 0) in device.events
         assert not backend.requests.is_open
@@ -232,3 +233,33 @@ def test_backend_request_needs_its_feature(sock_dir: Path) -> None:
                 backend.backend_request(vu.BackendRequest.VRING_CALL, vu.messages.VringState(0, 0))
             with pytest.raises(vu.FeatureNotNegotiatedError, match="REPLY_ACK"):
                 backend.backend_request(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=True)
+
+
+def _worker_threads() -> dict[str, str]:
+    """Name → allowed CPUs of this process's vhost-user worker threads."""
+    out = {}
+    for task in Path("/proc/self/task").iterdir():
+        name = (task / "comm").read_text().strip()
+        if name.startswith("vhost-user"):
+            cpus = next(l for l in (task / "status").read_text().splitlines() if l.startswith("Cpus_allowed_list"))
+            out[f"{name} ({task.name})"] = cpus.split()[-1]
+    return out
+
+
+@pytest.mark.parametrize("workers, expected", [(None, ["vhost-user ring", "vhost-user ring"]), (1, ["vhost-user work"])])
+def test_rings_share_worker_threads_pinned_to_cpus(sock_dir: Path, workers: int | None, expected: list[str]) -> None:
+    device = MemBlock()
+    sock = sock_dir / "w.sock"
+    cpu = sorted(os.sched_getaffinity(0))[-1]
+    with vu.Backend.listen(sock, device, workers=workers, cpus=[cpu]) as backend:
+        backend.start()
+        while not sock.exists():
+            time.sleep(0.01)
+        with BlockClient.connect(sock, num_queues=2) as disk:
+            disk.write(0, b"w" * 4096, queue=0)
+            disk.write(4096, b"x" * 4096, queue=1)
+            assert disk.read(0, 8192, queue=1) == b"w" * 4096 + b"x" * 4096
+            threads = _worker_threads()
+            assert sorted(n.split(" (")[0][:15] for n in threads) == expected
+            assert set(threads.values()) == {str(cpu)}
+    assert backend.error is None
