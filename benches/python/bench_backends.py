@@ -48,6 +48,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--placements", default="free,shared,spread", help=f"of {','.join(PLACEMENTS)}")
     p.add_argument("--time", type=float, default=2.0)
+    p.add_argument("--only", help="comma-separated back-end names to run (default: all)")
     p.add_argument("--python-devices", action="store_true",
                    help="also the null device written in Python (benches/python/null_device.py), both modes")
     a = p.parse_args()
@@ -57,6 +58,7 @@ def main() -> None:
     with open(image, "wb") as f:
         f.truncate(256 << 20)
     backends = {"serve-blk": [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]}
+    backends["serve-blk --poll-us 50"] = backends["serve-blk"] + ["--poll-us", "50"]
     null = str(Path(__file__).resolve().parent / "null_device.py")
     if a.python_devices:
         backends["python null, batch"] = [sys.executable, null, str(sock)]
@@ -67,6 +69,8 @@ def main() -> None:
             "driver=raw,node-name=disk0,file=file0", "--export",
             f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
         ]
+    if a.only:
+        backends = {k: v for k, v in backends.items() if k in a.only.split(",")}
     results: dict[tuple[str, str, int, str], list[dict[str, float]]] = {}
     try:
         for _ in range(a.runs):

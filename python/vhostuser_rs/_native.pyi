@@ -274,6 +274,7 @@ def serve_blk(
     max_connections: int | None = None,
     workers: int | None = None,
     cpus: list[int] | None = None,
+    poll: float = 0.0,
 ) -> None: ...
 
 def serve_device(
@@ -287,6 +288,7 @@ def serve_device(
     requests: BackendRequests | None = None,
     workers: int | None = None,
     cpus: list[int] | None = None,
+    poll: float = 0.0,
 ) -> None: ...
 @final
 class BackendRequests:

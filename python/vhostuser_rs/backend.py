@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from typing import Any
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain
@@ -93,13 +94,17 @@ class Backend:
         connect: str | None = None,
         workers: int | None = None,
         cpus: Sequence[int] | None = None,
+        poll: float = 0.0,
     ) -> None:
         """Prefer :meth:`listen`, :meth:`from_fd` or :meth:`connect`. `workers`: threads shared
         by the rings (ring i on thread i % workers; default: one thread per ring); `cpus`: pin
-        worker thread t to ``cpus[t % len(cpus)]``."""
+        worker thread t to ``cpus[t % len(cpus)]``; `poll`: after a ring had work, keep checking
+        the rings for this many seconds (yielding the CPU) before sleeping on the kick eventfds
+        (0: eventfd mode)."""
         self.device = device
         self.workers = workers
         self.cpus = None if cpus is None else list(cpus)
+        self.poll = poll
         device.backend = self
         #: The back-end request channel of the current session.
         self.requests = _native.BackendRequests()
@@ -111,23 +116,20 @@ class Backend:
         self.error: BaseException | None = None
 
     @classmethod
-    def listen(
-        cls, path: str | os.PathLike[str], device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None
-    ) -> Backend:
-        """Serve on a listening socket at `path` (a stale socket file is replaced)."""
-        return cls(device, socket_path=os.fspath(path), workers=workers, cpus=cpus)
+    def listen(cls, path: str | os.PathLike[str], device: Device, **options: Any) -> Backend:
+        """Serve on a listening socket at `path` (a stale socket file is replaced). `options`:
+        ``workers``, ``cpus``, ``poll`` (see the constructor)."""
+        return cls(device, socket_path=os.fspath(path), **options)
 
     @classmethod
-    def from_fd(cls, fd: int, device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None) -> Backend:
+    def from_fd(cls, fd: int, device: Device, **options: Any) -> Backend:
         """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
-        return cls(device, fd=fd, workers=workers, cpus=cpus)
+        return cls(device, fd=fd, **options)
 
     @classmethod
-    def connect(
-        cls, path: str | os.PathLike[str], device: Device, *, workers: int | None = None, cpus: Sequence[int] | None = None
-    ) -> Backend:
+    def connect(cls, path: str | os.PathLike[str], device: Device, **options: Any) -> Backend:
         """Client mode: connect out to a front-end listening at `path` and serve that session."""
-        return cls(device, connect=os.fspath(path), workers=workers, cpus=cpus)
+        return cls(device, connect=os.fspath(path), **options)
 
     def serve_forever(self, *, max_connections: int | None = None) -> None:
         """Serve until Ctrl-C (KeyboardInterrupt), :meth:`stop`, or until `max_connections`
@@ -142,6 +144,7 @@ class Backend:
             requests=self.requests,
             workers=self.workers,
             cpus=self.cpus,
+            poll=self.poll,
         )
 
     def backend_request(

@@ -208,14 +208,12 @@ def run_bench(
         errors: list[BaseException] = []
 
         def one(i: int) -> None:
-            vq = disk.queues[i]
             if cpus:
                 # Pins this thread only (pid 0 is the calling thread on Linux).
                 os.sched_setaffinity(0, {cpus[i % len(cpus)]})
             try:
-                results[i] = _native.block_io(
-                    vq.queue, disk.memory, vq.kick_fd, vq.call_fd, rw=rw, bs=bs, iodepth=iodepth,
-                    duration=duration, capacity=disk.capacity, verify=verify, seed=i + 1,
+                results[i] = disk.run_io(
+                    rw=rw, bs=bs, iodepth=iodepth, duration=duration, queue=i, verify=verify, seed=i + 1,
                     progress=progress and i == 0, poll=poll_us / 1e6,
                 )
             except BaseException as e:  # noqa: BLE001 - re-raised below
@@ -374,7 +372,7 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     try:
         BlockDevice(args.image, readonly=args.read_only, num_queues=args.num_queues).serve(
-            args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus
+            args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6
         )
     except KeyboardInterrupt:
         return 0
@@ -434,6 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-only", action="store_true")
     p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
+    p.add_argument("--poll-us", type=float, default=0.0,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_blk)
 

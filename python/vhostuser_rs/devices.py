@@ -25,11 +25,12 @@ class BlockDevice:
 
     def serve(self, socket_path: str | os.PathLike[str] | None = None, *, fd: int | None = None,
               max_connections: int | None = None, workers: int | None = None,
-              cpus: Sequence[int] | None = None) -> None:
+              cpus: Sequence[int] | None = None, poll: float = 0.0) -> None:
         """Serve front-ends one at a time on `socket_path` (or the connected socket `fd`) until
         Ctrl-C, or until `max_connections` sessions have ended. `workers`: threads shared by the
         rings (ring i on thread i % workers; default one thread per ring); `cpus`: pin worker
-        thread t to ``cpus[t % len(cpus)]``."""
+        thread t to ``cpus[t % len(cpus)]``; `poll`: after work, keep checking the rings for this
+        many seconds before sleeping on the kick eventfds (0: eventfd mode)."""
         _native.serve_blk(
             self.path,
             socket_path=None if socket_path is None else os.fspath(socket_path),
@@ -39,4 +40,5 @@ class BlockDevice:
             max_connections=max_connections,
             workers=workers,
             cpus=None if cpus is None else list(cpus),
+            poll=poll,
         )

@@ -27,6 +27,9 @@ pub struct WorkerPolicy {
     pub threads: Option<usize>,
     /// Pin worker thread `t` to CPU `cpus[t % cpus.len()]`; empty: no pinning.
     pub cpus: Vec<usize>,
+    /// Polling: after a ring had work, keep looking at the avail rings (yielding the CPU) for
+    /// this long before sleeping on the kick eventfds. Zero: sleep at once (eventfd mode).
+    pub poll: std::time::Duration,
 }
 
 /// Sends an IOTLB MISS and waits for the front-end's ack, which it sends after the UPDATE (on
@@ -175,7 +178,12 @@ impl std::fmt::Debug for Group {
 }
 
 impl Group {
-    fn start(name: String, device: Arc<dyn Device>, cpu: Option<usize>) -> io::Result<Arc<Group>> {
+    fn start(
+        name: String,
+        device: Arc<dyn Device>,
+        cpu: Option<usize>,
+        poll: std::time::Duration,
+    ) -> io::Result<Arc<Group>> {
         let group = Arc::new(Group {
             wake: eventfd()?,
             commands: Mutex::new(Vec::new()),
@@ -187,7 +195,7 @@ impl Group {
             if let Some(cpu) = cpu {
                 pin_to(cpu);
             }
-            g.run(&*device);
+            g.run(&*device, poll);
         })?;
         *group.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(group)
@@ -221,9 +229,10 @@ impl Group {
         }
     }
 
-    fn run(&self, device: &dyn Device) {
+    fn run(&self, device: &dyn Device, poll: std::time::Duration) {
         let mut slots: Vec<Box<Slot>> = Vec::new();
         let mut fds: Vec<libc::pollfd> = Vec::new();
+        let mut last_work = std::time::Instant::now();
         loop {
             let commands = std::mem::take(&mut *self.commands.lock().unwrap_or_else(|e| e.into_inner()));
             for c in commands {
@@ -241,7 +250,27 @@ impl Group {
             }
             let mut again = false;
             for slot in &mut slots {
+                let before = slot.queue.next_avail();
                 again |= slot.run(device);
+                if slot.queue.next_avail() != before {
+                    last_work = std::time::Instant::now();
+                }
+            }
+            if !poll.is_zero() && last_work.elapsed() < poll {
+                // Polling window: look at the rings themselves instead of sleeping, so a
+                // driver on another CPU does not pay for waking this thread. Yield rather than
+                // spin: a driver sharing this CPU gets to run.
+                let mut found = false;
+                for slot in &mut slots {
+                    if slot.queue.avail_pending() {
+                        slot.pending = true;
+                        found = true;
+                    }
+                }
+                if !found {
+                    std::thread::yield_now();
+                }
+                continue;
             }
             fds.clear();
             fds.extend(slots.iter().map(|s| libc::pollfd { fd: s.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
@@ -307,7 +336,7 @@ impl Workers {
         }
         let cpus = &self.policy.cpus;
         let cpu = (!cpus.is_empty()).then(|| cpus[slot % cpus.len()]);
-        let g = Group::start(name, device.clone(), cpu)?;
+        let g = Group::start(name, device.clone(), cpu, self.policy.poll)?;
         self.groups[slot] = Some(g.clone());
         Ok(g)
     }

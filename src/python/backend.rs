@@ -26,7 +26,7 @@ fn warn(py: Python<'_>, text: String) {
 /// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
 /// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
 #[pyfunction]
-#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None))]
+#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=0.0))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_blk(
     py: Python<'_>,
@@ -38,24 +38,26 @@ pub(crate) fn serve_blk(
     max_connections: Option<u32>,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
+    poll: f64,
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
-    let policy = policy(workers, cpus)?;
+    let policy = policy(workers, cpus, poll)?;
     serve(py, device, socket_path, fd, max_connections, None, Arc::new(BackendRequests::new()), policy)
 }
 
-fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>) -> PyResult<WorkerPolicy> {
+fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResult<WorkerPolicy> {
     if workers == Some(0) {
         return Err(PyValueError::new_err("workers must be at least 1 (or None: one thread per ring)"));
     }
-    Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default() })
+    let poll = super::blocking::timeout(Some(poll))?.unwrap_or_default();
+    Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default(), poll })
 }
 
 /// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop). With `connect`,
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=0.0))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,
@@ -68,8 +70,9 @@ pub(crate) fn serve_device(
     requests: Option<Py<PyBackendRequests>>,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
+    poll: f64,
 ) -> PyResult<()> {
-    let policy = policy(workers, cpus)?;
+    let policy = policy(workers, cpus, poll)?;
     let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
     let flag = stop.map(|s| s.get().flag.clone());
     let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));

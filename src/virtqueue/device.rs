@@ -288,6 +288,19 @@ impl DeviceQueue {
         self.used_log = used;
     }
 
+    /// Whether the driver has made chains available that were not popped yet (one acquire load;
+    /// what a polling worker checks instead of sleeping on the kick eventfd).
+    pub fn avail_pending(&self) -> bool {
+        if self.broken {
+            return false;
+        }
+        if self.inflight.as_ref().is_some_and(|f| !f.resubmit.is_empty()) {
+            return true;
+        }
+        // SAFETY: avail.idx is inside the translated avail ring.
+        unsafe { load_u16(self.avail.add(2), Ordering::Acquire) != self.next_avail }
+    }
+
     /// Stops processing this queue (a ring the back-end cannot use, e.g. memory the front-end
     /// never maps through the IOTLB).
     pub fn mark_broken(&mut self) {
