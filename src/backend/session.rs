@@ -571,8 +571,12 @@ impl Session {
             Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
         };
         if logging {
-            let used = (addr.flags & VRING_F_LOG != 0).then(|| (log.clone(), addr.log_guest_addr));
-            queue.set_dirty_log(log.clone(), used.and_then(|(l, a)| l.map(|l| (l, a))));
+            // Under ACCESS_PLATFORM log_guest_addr is the used ring's IOVA; the log is indexed by
+            // guest-physical address, which the used ring's translated address gives.
+            let used_gpa = if iommu { queue.memory().user_to_guest(ring_addrs[2]) } else { Some(addr.log_guest_addr) };
+            let used =
+                (addr.flags & VRING_F_LOG != 0).then_some(()).and(used_gpa).and_then(|a| log.clone().map(|l| (l, a)));
+            queue.set_dirty_log(log.clone(), used);
         }
         if iommu {
             queue.set_iotlb(Some(self.iotlb.clone()));

@@ -165,3 +165,28 @@ def _test_updates_outside_guest_memory_are_refused(fe, mem, ring, kick, call, io
     # (A MISS sent by the front-end breaks the wire rules: the protocol layer ends the session,
     # see the protocol tests.)
     assert echo(mem, ring, kick, call, b"still") == b"llits"
+
+
+def test_dirty_log_is_kept_in_guest_physical_pages(sock_dir: Path) -> None:
+    """LOG_ALL behind an IOMMU: buffers and the used ring are logged at their guest-physical
+    pages (log_guest_addr is an IOVA here), not at their IOVAs."""
+    with session(sock_dir) as (fe, mem, ring, kick, call, iommu):
+        log = vu.DirtyLog.allocate(mem.guest_end)
+        fe.set_log_base(log)
+        fe.set_features(int(fe.features) | int(vu.VirtioFeature.LOG_ALL))
+        desc, avail, used = (a + IOVA_BASE for a in ring.guest_addrs)
+        fe.set_vring_addr(0, desc, used, avail, log_guest_addr=used, log=True)
+        log.take_dirty()
+        out, back = mem.alloc(64, PAGE), mem.alloc(64, PAGE)
+        mem.write(out, b"logged")
+        ring.add([(out + IOVA_BASE, 6)], [(back + IOVA_BASE, 6)])
+        ring.publish()
+        os.eventfd_write(kick, 1)
+        deadline = time.monotonic() + 5
+        while not ring.reap():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert mem.read(back, 6) == b"deggol"
+        dirty = set(log.take_dirty())
+        assert back // PAGE in dirty and ring.guest_addrs[2] // PAGE in dirty
+        assert out // PAGE not in dirty  # only read by the device
