@@ -67,6 +67,8 @@ pub struct Session {
     iotlb: Arc<RwLock<Iotlb>>,
     /// Declared after `rings`: rings leave their threads before the threads end.
     workers: Workers,
+    /// VHOSTUSER_RS_TRACE: print requests and ring events to stderr.
+    trace: bool,
 }
 
 enum Outcome {
@@ -105,6 +107,8 @@ impl Session {
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
             workers: Workers::new(policy),
+            // A debugging aid for users and for tests that check what a real front-end sent.
+            trace: std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0"),
         }
     }
 
@@ -582,8 +586,12 @@ impl Session {
             queue.set_iotlb(Some(self.iotlb.clone()));
         }
         if let Some(region) = inflight {
-            if let Err(e) = queue.attach_inflight(region) {
-                return Outcome::Refused(Error::Queue { queue: i as u16, source: e });
+            match queue.attach_inflight(region) {
+                Ok(n) if self.trace => {
+                    eprintln!("vhost-user back-end: ring {i}: {n} requests resubmitted from the inflight buffer")
+                }
+                Ok(_) => {}
+                Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
             }
         }
         let kick = match kick.try_clone() {
@@ -653,8 +661,7 @@ pub fn serve_session(
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
     let mut session = Session::with_options(device.clone(), requests.clone(), policy.clone());
-    // A debugging aid for users and for tests that check what a real front-end sent.
-    let trace = std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0");
+    let trace = session.trace;
     let result = loop {
         if stop() {
             break Ok(());

@@ -60,7 +60,7 @@ def kernel() -> tuple[Path, Path]:
     return images[-1], KERNEL_DIR / "lib" / "modules" / version
 
 
-def build_initramfs(work: Path, modules_dir: Path) -> Path:
+def build_initramfs(work: Path, modules_dir: Path, init_script: str = INIT) -> Path:
     root = work / "root"
     for d in ("bin", "dev", "proc", "sys", "lib/modules"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -70,7 +70,7 @@ def build_initramfs(work: Path, modules_dir: Path) -> Path:
         assert found, f"module {m} not found under {modules_dir}"
         shutil.copy(found[0], root / "lib" / "modules" / f"{m}.ko")
     init = root / "init"
-    init.write_text(INIT.replace("MODULE_LIST", " ".join(MODULES)).replace("MARKER_SECTOR", str(MARKER_SECTOR)))
+    init.write_text(init_script.replace("MODULE_LIST", " ".join(MODULES)).replace("MARKER_SECTOR", str(MARKER_SECTOR)))
     init.chmod(0o755)
     archive = subprocess.run(
         "find . | cpio -o -H newc --quiet", shell=True, cwd=root, capture_output=True, check=True
@@ -82,16 +82,17 @@ def build_initramfs(work: Path, modules_dir: Path) -> Path:
 
 PY_DEVICE = textwrap.dedent(
     """
-    import os, struct, sys
+    import os, struct, sys, time
     import vhostuser_rs as vu
 
     class FileBlock(vu.Device):
         num_queues = 1
         features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX | vu.VirtioFeature.INDIRECT_DESC) | (1 << 6) | (1 << 9)
 
-        def __init__(self, path):
+        def __init__(self, path, stall_after=None):
             self.fd = os.open(path, os.O_RDWR)
             self.sectors = os.fstat(self.fd).st_size // 512
+            self.stall_after = stall_after  # writes served before the device hangs (a test aid)
 
         def config(self):
             return struct.pack("<QIIHBBI", self.sectors, 0, 126, 0, 0, 0, 512) + bytes(36)
@@ -104,6 +105,11 @@ PY_DEVICE = textwrap.dedent(
                     n = chain.writable_len - 1
                     written = chain.write(os.pread(self.fd, n, sector * 512))
                 elif rtype == 1:
+                    if self.stall_after is not None:
+                        self.stall_after -= 1
+                        if self.stall_after < 0:
+                            print("STALLED", file=sys.stderr, flush=True)
+                            time.sleep(3600)
                     os.pwrite(self.fd, chain.read()[16:], sector * 512)
                 elif rtype == 4:
                     os.fdatasync(self.fd)
@@ -115,7 +121,8 @@ PY_DEVICE = textwrap.dedent(
                 queue.complete(chain, written + 1)
 
     try:
-        vu.Backend.listen(sys.argv[2], FileBlock(sys.argv[1])).serve_forever()
+        stall = int(sys.argv[3]) if len(sys.argv) > 3 else None
+        vu.Backend.listen(sys.argv[2], FileBlock(sys.argv[1], stall)).serve_forever()
     except KeyboardInterrupt:
         pass
     """
@@ -179,3 +186,92 @@ def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> N
     with open(image, "rb") as f:
         f.seek(MARKER_SECTOR * 512)
         assert f.read(64).startswith(f"VHOSTUSER-RS GUEST MARKER {nonce}".encode())
+
+
+RECONNECT_INIT = textwrap.dedent(
+    """\
+    #!/bin/busybox sh
+    /bin/busybox --install -s /bin
+    export PATH=/bin
+    mount -t proc proc /proc; mount -t sysfs sysfs /sys; mount -t devtmpfs devtmpfs /dev
+    die() { echo "GUEST-RESULT: FAIL $*"; poweroff -f; }
+    for m in MODULE_LIST; do insmod /lib/modules/$m.ko || die "insmod $m"; done
+    n=0; while [ ! -b /dev/vda ] && [ $n -lt 200 ]; do sleep 0.1; n=$((n+1)); done
+    [ -b /dev/vda ] || die "no /dev/vda"
+    half=$(( $(cat /sys/block/vda/size) / 128 / 2 ))
+    echo "GUEST: copy start"
+    # The host kills the back-end and starts another one while this runs.
+    dd if=/dev/vda of=/dev/vda bs=65536 count=$half seek=$half iflag=direct oflag=direct 2>/dev/null || die "copy"
+    a=$(dd if=/dev/vda bs=65536 count=$half iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    b=$(dd if=/dev/vda bs=65536 skip=$half count=$half iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
+    [ "$a" = "$b" ] || die "halves differ: $a $b"
+    echo "GUEST-RESULT: OK"
+    poweroff -f
+    """
+)
+
+
+def test_guest_io_survives_a_backend_restart(sock_dir: Path) -> None:
+    """QEMU reconnects (chardev reconnect=1) to a new back-end after the first one hangs with
+    guest writes in flight and is killed; QEMU hands the new one (serve-blk) the inflight buffer
+    of the dead one, which resubmits the requests it had taken, and the guest's copy completes
+    intact. The first back-end is the Python device, made to hang after 40 writes."""
+    import signal
+    import time
+
+    qemu = need(QEMU, "qemu-system-x86_64")
+    vmlinuz, modules = kernel()
+    work = sock_dir
+    initrd = build_initramfs(work, modules, RECONNECT_INIT)
+    image = work / "disk.img"
+    with open(image, "wb") as f:
+        for i in range(32 << 20 >> 12):  # 32 MiB: two 16 MiB halves
+            f.write(hashlib.sha256(i.to_bytes(4, "little")).digest() * 128)
+    sock = work / "blk.sock"
+    args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]
+    env = dict(os.environ, VHOSTUSER_RS_TRACE="1")
+    logs = [work / "backend1.log", work / "backend2.log"]
+    with open(logs[0], "wb") as out:
+        first = subprocess.Popen([sys.executable, "-c", PY_DEVICE, str(image), str(sock), "40"],
+                                 stdout=subprocess.DEVNULL, stderr=out, env=env)
+    second = None
+    serial = work / "serial.log"
+    vm = None
+    try:
+        wait_for_socket(sock, first)
+        vm = subprocess.Popen(
+            [
+                qemu, "-machine", "q35,accel=tcg", "-cpu", "max", "-smp", "1", "-m", "512M",
+                "-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem",
+                "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+                "-serial", f"file:{serial}", "-kernel", str(vmlinuz), "-initrd", str(initrd),
+                "-chardev", f"socket,id=c0,path={sock},reconnect=1",
+                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+                "-append", "console=ttyS0 panic=-1 quiet rdinit=/init",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 40
+        while "STALLED" not in logs[0].read_text(errors="replace"):
+            assert vm.poll() is None and time.monotonic() < deadline, "the first back-end never hung"
+            time.sleep(0.02)
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+        with open(logs[1], "wb") as out:
+            second = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=out, env=env)
+        _, qemu_err = vm.communicate(timeout=45)
+        log = serial.read_text(errors="replace")
+        assert "GUEST-RESULT: OK" in log, f"guest failed:\n{log[-3000:]}\nQEMU: {qemu_err.decode(errors='replace')[-2000:]}"
+    finally:
+        if vm is not None and vm.poll() is None:
+            vm.kill()
+            vm.communicate()
+        stop(first)
+        if second is not None:
+            stop(second)
+    trace = logs[1].read_text(errors="replace")
+    assert "SET_INFLIGHT_FD" in trace and "GET_INFLIGHT_FD" not in trace, trace[-2000:]
+    resubmitted = [int(line.split(": ")[2].split()[0]) for line in trace.splitlines() if "resubmitted from" in line]
+    assert resubmitted and resubmitted[0] > 0, trace[-2000:]
+    data = image.read_bytes()
+    assert data[: 16 << 20] == data[16 << 20 :]
