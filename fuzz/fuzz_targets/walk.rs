@@ -3,11 +3,11 @@
 //! lies in mapped memory, or fail with a `VirtqueueError` — never panic, hang or escape.
 #![no_main]
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use libfuzzer_sys::fuzz_target;
-use vhostuser_rs::memory::GuestMemory;
-use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, QueueConfig, RingAddressSpace};
+use vhostuser_rs::memory::{GuestMemory, Iotlb};
+use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, QueueConfig, RingAddressSpace, VirtqueueError};
 
 const MEM: u64 = 1 << 20;
 const DESC: u64 = 0x1000;
@@ -67,17 +67,33 @@ fuzz_target!(|data: &[u8]| {
         next_avail,
     };
     let mut q = DeviceQueue::new(Arc::new(t.clone()), cfg).unwrap();
+    if flags & 8 != 0 {
+        // ACCESS_PLATFORM: descriptor addresses are IOVAs; the input maps up to 4 IOVA ranges
+        // (page, pages, guest page, perm) onto guest memory through front-end addresses.
+        let rest = &rest[k..];
+        let mut tlb = Iotlb::new();
+        for e in rest.chunks_exact(4).take(4) {
+            let gpa = u64::from(e[2]) * 4096 * 8 % (2 * MEM);
+            let uaddr = t.regions().iter().find(|r| gpa >= r.desc.guest_addr && gpa < r.desc.guest_addr + r.desc.size)
+                .map(|r| r.desc.user_addr + (gpa - r.desc.guest_addr))
+                .unwrap();
+            let _ = tlb.update(u64::from(e[0]) * 4096, u64::from(e[1] % 16 + 1) * 4096, uaddr, e[3] % 4);
+        }
+        q.set_iotlb(Some(Arc::new(RwLock::new(tlb))));
+    }
     let mut batch = ChainBatch::new();
     for _ in 0..3 {
         batch.clear();
         match q.pop_batch(&mut batch, 64) {
             Ok(_) => {}
+            Err(VirtqueueError::IotlbMiss { .. }) => assert!(!q.is_broken()),
             Err(_) => assert!(q.is_broken()),
         }
         for c in batch.chains() {
             for s in batch.segments(c) {
                 assert!(s.len > 0);
-                assert!(t.translate(s.gpa, u64::from(s.len)).is_ok());
+                // Every segment is mapped guest memory, whichever way it was translated.
+                assert_eq!(t.translate(s.gpa, u64::from(s.len)).ok(), Some(s.host));
             }
         }
         for c in batch.chains().to_vec() {
