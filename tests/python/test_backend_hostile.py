@@ -164,3 +164,35 @@ def test_front_end_vanishing_mid_io(backend: tuple[Path, subprocess.Popen[bytes]
         disk.close()
     still_serves(sock)
     assert fd_count(proc, before) == before
+
+
+def test_inflight_requests_do_not_leak(backend: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """CVE-2020-10726: GET_INFLIGHT_FD in a loop keeps the back-end's fds and mappings flat;
+    CVE-2022-0669: fds on GET/SET_INFLIGHT_FD beyond the one allowed end that session, closed."""
+    sock, proc = backend
+
+    def maps() -> int:
+        return len(Path(f"/proc/{proc.pid}/maps").read_text().splitlines())
+
+    fds_before = fd_count(proc)
+    with session(sock) as conn:
+        hazmat.send(conn, hazmat.request(F.SET_PROTOCOL_FEATURES, int(vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.INFLIGHT_SHMFD)))
+        assert ack(conn, F.SET_FEATURES, int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.PROTOCOL_FEATURES)) == 0
+        mappings = None
+        for i in range(300):
+            hazmat.send(conn, hazmat.request(F.GET_INFLIGHT_FD, m.InflightDesc(0, 0, 2, 128)))
+            reply, got = conn.recv(timeout=5)
+            assert isinstance(reply.payload, m.InflightDesc) and reply.payload.mmap_size >= 2 * 2112 and len(got) == 1
+            hazmat.close_fds(got)
+            if i == 10:
+                mappings = maps()
+        assert mappings is not None and maps() <= mappings + 2
+        assert fd_count(proc) <= fds_before + 2  # this session and at most one live buffer
+        extra = os.memfd_create("extra")
+        os.ftruncate(extra, 8192)
+        hazmat.send(conn, hazmat.request(F.SET_INFLIGHT_FD, m.InflightDesc(8192, 0, 1, 128), need_reply=True), [extra] * 3)
+        with pytest.raises(vu.ConnectionClosedError):
+            conn.recv(timeout=5)
+        os.close(extra)
+    still_serves(sock)
+    assert fd_count(proc, fds_before) == fds_before
