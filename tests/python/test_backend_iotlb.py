@@ -190,3 +190,47 @@ def test_dirty_log_is_kept_in_guest_physical_pages(sock_dir: Path) -> None:
         dirty = set(log.take_dirty())
         assert back // PAGE in dirty and ring.guest_addrs[2] // PAGE in dirty
         assert out // PAGE not in dirty  # only read by the device
+
+
+def test_hostile_iotlb_messages_get_failure_answers(sock_dir: Path) -> None:
+    """IOTLB_MSG without ACCESS_PLATFORM, UPDATEs beyond guest memory, empty or without
+    permission get a non-zero status and the session goes on; ranges that overflow 64 bits or an
+    unknown type break the wire rules and end that session only; the next one is served."""
+    sock = sock_dir / "hostile.sock"
+    features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.ACCESS_PLATFORM)
+    with vu.Backend.listen(sock, Echo()) as backend:
+        backend.start()
+        while not sock.exists():
+            time.sleep(0.01)
+        mem = vu.GuestMemory.allocate(1 << 20)
+        with vu.Frontend.connect(sock) as fe:
+            fe.negotiate(memory=mem)  # ACCESS_PLATFORM left off
+            reply, _ = fe.request(
+                vu.FrontendRequest.IOTLB_MSG,
+                IotlbMsg(0, PAGE, mem.user_addr(0), 3, IotlbMsg.UPDATE),
+                check_gate=False,
+            )
+            assert reply is not None and reply.payload != 0
+        with vu.Frontend.connect(sock) as fe:
+            fe.negotiate(memory=mem, handler=vu.BackendRequestHandler(), features=features)
+            for msg in (
+                IotlbMsg(IOVA_BASE, 1 << 30, mem.user_addr(0), 3, IotlbMsg.UPDATE),  # beyond guest memory
+                IotlbMsg(IOVA_BASE, 0, mem.user_addr(0), 3, IotlbMsg.UPDATE),  # empty
+                IotlbMsg(IOVA_BASE, PAGE, mem.user_addr(0), 0, IotlbMsg.UPDATE),  # no permission
+            ):
+                with pytest.raises(vu.RequestRejectedError):
+                    fe.iotlb_msg(msg)
+            fe.iotlb_msg(IotlbMsg(IOVA_BASE, PAGE, 0, 0, IotlbMsg.INVALIDATE))  # of nothing: fine
+            assert fe.get_queue_num() == 1
+        for msg in (
+            IotlbMsg(2**64 - PAGE, 2 * PAGE, mem.user_addr(0), 3, IotlbMsg.UPDATE),  # overflows
+            IotlbMsg(IOVA_BASE, PAGE, mem.user_addr(0), 3, 9),  # no such type
+        ):
+            with vu.Frontend.connect(sock) as fe:
+                fe.negotiate(memory=mem, handler=vu.BackendRequestHandler(), features=features)
+                with pytest.raises(vu.ConnectionClosedError):
+                    fe.iotlb_msg(msg)
+        with vu.Frontend.connect(sock) as fe:
+            fe.negotiate(memory=mem)
+            assert fe.get_queue_num() == 1
+    assert backend.error is None
