@@ -289,6 +289,7 @@ def serve_device(
     workers: int | None = None,
     cpus: list[int] | None = None,
     poll: float = 0.0,
+    listener: Listener | None = None,
 ) -> None: ...
 @final
 class BackendRequests:

@@ -25,6 +25,8 @@ with 0 bytes written; the device keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import threading
 from collections.abc import Sequence
@@ -111,6 +113,10 @@ class Backend:
         self.socket_path = socket_path
         self.fd = fd
         self.connect_path = connect
+        # Bound now, so that the socket exists and fileno() works before serving starts.
+        self._listener = (
+            _native.Listener.bind(socket_path, replace_existing=True) if socket_path is not None else None
+        )
         self._stop = _native.StopFlag()
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
@@ -136,7 +142,7 @@ class Backend:
         sessions ended."""
         _native.serve_device(
             self.device,
-            socket_path=self.socket_path,
+            listener=self._listener,
             fd=self.fd,
             connect=self.connect_path,
             max_connections=max_connections,
@@ -146,6 +152,34 @@ class Backend:
             cpus=self.cpus,
             poll=self.poll,
         )
+
+    async def serve_async(self, *, max_connections: int | None = None) -> None:
+        """:meth:`serve_forever` for asyncio programs: the serving loop runs on a worker thread
+        (the data path is on Rust threads as always) and this coroutine ends with it; cancelling
+        it stops serving (within about 200 ms) before the cancellation propagates."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, functools.partial(self.serve_forever, max_connections=max_connections))
+        try:
+            await asyncio.shield(future)
+        except asyncio.CancelledError:
+            self._stop.set()
+            await future
+            raise
+
+    def fileno(self) -> int:
+        """The listening socket (readable when a front-end connects), or the connected socket of
+        :meth:`from_fd`. Client mode (:meth:`connect`) has none until it connects."""
+        if self._listener is not None:
+            return self._listener.fileno()
+        if self.fd is not None:
+            return self.fd
+        raise ValueError("a client-mode back-end has no socket before it connects")
+
+    def close(self) -> None:
+        """Stop serving and stop listening (the socket file is removed). Idempotent."""
+        self.stop()
+        if self._listener is not None:
+            self._listener.close()
 
     def backend_request(
         self,
@@ -196,4 +230,4 @@ class Backend:
         return self
 
     def __exit__(self, *_exc: object) -> None:
-        self.stop()
+        self.close()

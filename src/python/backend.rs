@@ -42,7 +42,8 @@ pub(crate) fn serve_blk(
 ) -> PyResult<()> {
     let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
     let policy = policy(workers, cpus, poll)?;
-    serve(py, device, socket_path, fd, max_connections, None, Arc::new(BackendRequests::new()), policy)
+    let at = Where { socket_path, fd, listener: None };
+    serve(py, device, at, max_connections, None, Arc::new(BackendRequests::new()), policy)
 }
 
 fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResult<WorkerPolicy> {
@@ -57,7 +58,7 @@ fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResu
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=0.0))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=0.0, listener=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,
@@ -71,9 +72,11 @@ pub(crate) fn serve_device(
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
     poll: f64,
+    listener: Option<Py<super::socket::PyListener>>,
 ) -> PyResult<()> {
     let policy = policy(workers, cpus, poll)?;
     let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
+    let bound = listener.map(|l| l.get().get(py)).transpose()?;
     let flag = stop.map(|s| s.get().flag.clone());
     let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));
     if let Some(path) = connect {
@@ -84,7 +87,14 @@ pub(crate) fn serve_device(
         let r = py.detach(|| serve_session(&conn, device.clone(), &requests, &policy, &stop));
         return r.map_err(|e| to_pyerr(py, e));
     }
-    serve(py, device, socket_path, fd, max_connections, flag, requests, policy)
+    serve(py, device, Where { socket_path, fd, listener: bound }, max_connections, flag, requests, policy)
+}
+
+/// Where to serve: a listener bound earlier, a path to bind, or one connected socket.
+struct Where {
+    socket_path: Option<PathBuf>,
+    fd: Option<RawFd>,
+    listener: Option<Arc<Listener>>,
 }
 
 /// Sends back-end requests (CONFIG_CHANGE_MSG, ...) to the front-end of the current session.
@@ -160,8 +170,7 @@ impl StopFlag {
 fn serve(
     py: Python<'_>,
     device: Arc<dyn Device>,
-    socket_path: Option<PathBuf>,
-    fd: Option<RawFd>,
+    at: Where,
     max_connections: Option<u32>,
     flag: Option<Arc<AtomicBool>>,
     requests: Arc<BackendRequests>,
@@ -181,7 +190,7 @@ fn serve(
     };
     let serve =
         |conn: Connection| -> Result<(), Error> { serve_session(&conn, device.clone(), &requests, &policy, &stop) };
-    if let Some(fd) = fd {
+    if let Some(fd) = at.fd {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));
         }
@@ -191,8 +200,11 @@ fn serve(
         let r = py.detach(|| serve(conn));
         return finish(py, r, &interrupted);
     }
-    let path = socket_path.ok_or_else(|| PyValueError::new_err("give socket_path or fd"))?;
-    let listener = Listener::bind(&path, true).py_err(py)?;
+    let listener = match (at.listener, at.socket_path) {
+        (Some(l), _) => l,
+        (None, Some(path)) => Arc::new(Listener::bind(&path, true).py_err(py)?),
+        (None, None) => return Err(PyValueError::new_err("give socket_path, fd or listener")),
+    };
     let mut served = 0u32;
     loop {
         if max_connections.is_some_and(|m| served >= m) || stopped() {

@@ -204,7 +204,7 @@ pub(crate) struct PyListener {
 }
 
 impl PyListener {
-    fn get(&self, py: Python<'_>) -> PyResult<Arc<Listener>> {
+    pub(crate) fn get(&self, py: Python<'_>) -> PyResult<Arc<Listener>> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone().ok_or_else(|| closed_error(py))
     }
 }

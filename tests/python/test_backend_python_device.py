@@ -263,3 +263,35 @@ def test_rings_share_worker_threads_pinned_to_cpus(sock_dir: Path, workers: int 
             assert sorted(n.split(" (")[0][:15] for n in threads) == expected
             assert set(threads.values()) == {str(cpu)}
     assert backend.error is None
+
+
+def test_asyncio_programs_serve_with_serve_async_and_fileno(sock_dir: Path) -> None:
+    import asyncio
+    import select
+    import socket
+
+    sock = sock_dir / "aio.sock"
+    device = MemBlock()
+
+    def client_io() -> bytes:
+        with BlockClient.connect(sock) as disk:
+            disk.write(512, b"a" * 512)
+            return disk.read(512, 512)
+
+    async def main() -> None:
+        with vu.Backend.listen(sock, device) as backend:
+            # Bound at construction: a connecting front-end makes fileno() readable before any
+            # serving starts (what an event loop would wait for).
+            assert sock.exists()
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(str(sock))
+                assert select.select([backend.fileno()], [], [], 5)[0]
+            task = asyncio.create_task(backend.serve_async())
+            assert await asyncio.to_thread(client_io) == b"a" * 512
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert backend.error is None
+        assert not sock.exists()  # close() stopped listening
+
+    asyncio.run(main())
