@@ -3,16 +3,16 @@
 //! VRING_CALL...). One request at a time; the handle outlives sessions and is empty between them.
 
 use std::os::fd::BorrowedFd;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
 use crate::protocol::{BackendRequest, Channel, Message, Payload, ProtocolError, ProtocolFeatures, Request};
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Open {
-    conn: Connection,
+    conn: Arc<Connection>,
     protocol: ProtocolFeatures,
 }
 
@@ -20,6 +20,9 @@ struct Open {
 #[derive(Debug, Default)]
 pub struct BackendRequests {
     open: Mutex<Option<Open>>,
+    /// One request and its answer at a time; separate from `open` so that `detach` can shut the
+    /// channel down (waking a sender that waits for an answer) without waiting for it.
+    io: Mutex<()>,
 }
 
 impl BackendRequests {
@@ -34,7 +37,9 @@ impl BackendRequests {
 
     /// The session received SET_BACKEND_REQ_FD (replaces an earlier channel).
     pub(crate) fn attach(&self, conn: Connection, protocol: ProtocolFeatures) {
-        *self.lock() = Some(Open { conn, protocol });
+        if let Some(old) = self.lock().replace(Open { conn: Arc::new(conn), protocol }) {
+            old.conn.shutdown();
+        }
     }
 
     /// The session ended: later requests fail instead of going to a dead peer.
@@ -60,8 +65,7 @@ impl BackendRequests {
         need_reply: bool,
         timeout: Option<Duration>,
     ) -> Result<Option<u64>> {
-        let guard = self.lock();
-        let Some(open) = guard.as_ref() else {
+        let Some(open) = self.lock().clone() else {
             return Err(Error::InvalidState {
                 request: request.into(),
                 state: "the front-end set up no back-end request channel (SET_BACKEND_REQ_FD)",
@@ -82,6 +86,7 @@ impl BackendRequests {
             message = message.with_need_reply();
         }
         let deadline = Deadline::after(timeout);
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         open.conn.send(&message, fds, deadline)?;
         if !need_reply {
             return Ok(None);
