@@ -70,6 +70,10 @@ fn drain_fd(fd: i32) {
 }
 
 fn pin_to(cpu: usize) {
+    // cpu_set_t holds CPU_SETSIZE (1024) CPUs; CPU_SET would index past it.
+    if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
+        return;
+    }
     // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks against its size; pid 0 is the
     // calling thread.
     unsafe {

@@ -50,6 +50,10 @@ fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResu
     if workers == Some(0) {
         return Err(PyValueError::new_err("workers must be at least 1 (or None: one thread per ring)"));
     }
+    let max_cpu = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    if let Some(&bad) = cpus.iter().flatten().find(|&&c| c >= max_cpu) {
+        return Err(PyValueError::new_err(format!("CPU {bad} is beyond the {max_cpu} CPUs Linux can pin to")));
+    }
     let poll = super::blocking::timeout(Some(poll))?.unwrap_or_default();
     Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default(), poll })
 }

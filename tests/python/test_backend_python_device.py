@@ -295,3 +295,15 @@ def test_asyncio_programs_serve_with_serve_async_and_fileno(sock_dir: Path) -> N
         assert not sock.exists()  # close() stopped listening
 
     asyncio.run(main())
+
+
+def test_worker_options_are_checked(sock_dir: Path) -> None:
+    with vu.Backend.listen(sock_dir / "opt.sock", MemBlock(), cpus=[1 << 20]) as backend:
+        with pytest.raises(ValueError, match="beyond"):
+            backend.serve_forever()
+    with vu.Backend.listen(sock_dir / "opt.sock", MemBlock(), workers=0) as backend:
+        with pytest.raises(ValueError, match="at least 1"):
+            backend.serve_forever()
+    with vu.Backend.listen(sock_dir / "opt.sock", MemBlock(), poll=-1.0) as backend:
+        with pytest.raises(ValueError):
+            backend.serve_forever()
