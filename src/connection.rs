@@ -120,6 +120,25 @@ pub struct RawMessage {
 }
 
 impl RawMessage {
+    /// Decodes this as the reply to `expected` on `channel`. Direction and request are checked
+    /// before the payload, so the error says what went wrong: a request where a reply was due
+    /// is [`ProtocolError::Direction`], a reply to something else
+    /// [`ProtocolError::UnexpectedReply`] (after either the stream may be out of step).
+    pub fn into_reply(self, channel: Channel, expected: protocol::Request) -> Result<Received> {
+        if !self.header.is_reply() {
+            return Err(
+                ProtocolError::Direction { request: expected, reason: "the peer sent a request, not a reply" }.into()
+            );
+        }
+        let got = self.header.request(channel);
+        if got != expected {
+            return Err(ProtocolError::UnexpectedReply { request: expected, got }.into());
+        }
+        self.header.validate(channel)?;
+        let message = protocol::decode_body(channel, self.header, &self.payload, self.fds.len())?;
+        Ok(Received { message, fds: self.fds })
+    }
+
     /// Header and payload bytes together.
     pub fn bytes(&self) -> Vec<u8> {
         let mut out = self.header.to_bytes().to_vec();

@@ -184,13 +184,14 @@ def run_bench(
     `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4, else 0); `cpus` pins
     the I/O thread of queue i to ``cpus[i % len(cpus)]``.
     """
-    if poll_us is None:
-        poll_us = _default_poll_us(iodepth)
     import resource
     import threading
     import time
 
-    from .blk import BlockClient
+    from .blk import BlockClient, default_poll
+
+    if poll_us is None:
+        poll_us = default_poll(iodepth) * 1e6
 
     t0 = time.perf_counter()
     disk = BlockClient.connect(
@@ -264,13 +265,6 @@ def _stamp(disk: Any, bs: int, iodepth: int) -> None:
         n = min(chunk, disk.capacity - offset)
         data = b"".join(struct.pack("<Q", (offset + k) // 512) + bytes(504) for k in range(0, n, 512))
         disk.write(offset, data)
-
-
-def _default_poll_us(iodepth: int) -> float:
-    """At a low depth every I/O would pay a sleep and a wake-up (measured: ~15-20 us of CPU across
-    vCPUs on a 2-vCPU VM, more than the I/O itself), so poll briefly; at a high depth completions
-    come in batches and one wake-up is shared by many I/Os, so polling only burns CPU."""
-    return 50.0 if iodepth <= 4 else 0.0
 
 
 def _cpu_list(text: str) -> list[int]:

@@ -8,18 +8,16 @@ use std::time::Duration;
 
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
-use crate::protocol::{BackendRequest, Channel, Message, Payload, ProtocolError, ProtocolFeatures, Request};
-
-#[derive(Debug, Clone)]
-struct Open {
-    conn: Arc<Connection>,
-    protocol: ProtocolFeatures,
-}
+use crate::frontend::Negotiated;
+use crate::protocol::{BackendRequest, Channel, IotlbMsg, Message, Payload, ProtocolError, ProtocolFeatures, Request};
 
 /// Sends back-end requests on the current session's channel, if the front-end set one up.
 #[derive(Debug, Default)]
 pub struct BackendRequests {
-    open: Mutex<Option<Open>>,
+    open: Mutex<Option<Arc<Connection>>>,
+    /// What the session has acknowledged so far: the gates of back-end requests are checked
+    /// against it as the front-end's requests are (`Negotiated::check_gate`).
+    negotiated: Mutex<Negotiated>,
     /// One request and its answer at a time; separate from `open` so that `detach` can shut the
     /// channel down (waking a sender that waits for an answer) without waiting for it.
     io: Mutex<()>,
@@ -31,22 +29,33 @@ impl BackendRequests {
         BackendRequests::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Arc<Connection>>> {
         self.open.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The session received SET_BACKEND_REQ_FD (replaces an earlier channel).
-    pub(crate) fn attach(&self, conn: Connection, protocol: ProtocolFeatures) {
-        if let Some(old) = self.lock().replace(Open { conn: Arc::new(conn), protocol }) {
-            old.conn.shutdown();
+    pub(crate) fn attach(&self, conn: Connection) {
+        if let Some(old) = self.lock().replace(Arc::new(conn)) {
+            old.shutdown();
         }
+    }
+
+    /// The session's acknowledged virtio and protocol features changed.
+    pub(crate) fn negotiated(&self, acked_features: u64, acked_protocol: ProtocolFeatures) {
+        *self.negotiated.lock().unwrap_or_else(|e| e.into_inner()) = Negotiated {
+            offered_features: Some(acked_features),
+            acked_features: Some(acked_features),
+            offered_protocol: Some(acked_protocol.bits()),
+            acked_protocol: acked_protocol.bits(),
+        };
     }
 
     /// The session ended: later requests fail instead of going to a dead peer.
     pub(crate) fn detach(&self) {
-        if let Some(open) = self.lock().take() {
-            open.conn.shutdown();
+        if let Some(conn) = self.lock().take() {
+            conn.shutdown();
         }
+        self.negotiated(0, ProtocolFeatures::empty());
     }
 
     /// Whether a channel is set up now.
@@ -65,52 +74,44 @@ impl BackendRequests {
         need_reply: bool,
         timeout: Option<Duration>,
     ) -> Result<Option<u64>> {
-        let Some(open) = self.lock().clone() else {
+        let Some(conn) = self.lock().clone() else {
             return Err(Error::InvalidState {
                 request: request.into(),
                 state: "the front-end set up no back-end request channel (SET_BACKEND_REQ_FD)",
             });
         };
-        let missing = match request.rules().gate {
-            crate::protocol::Gate::Protocol(p) | crate::protocol::Gate::Both(p, _) => p.0 & !open.protocol.0,
-            _ => 0,
-        } | if need_reply { ProtocolFeatures::REPLY_ACK.0 & !open.protocol.0 } else { 0 };
-        if missing != 0 {
-            return Err(Error::NotNegotiated {
-                request: request.into(),
-                feature: ProtocolFeatures(missing).names().join("|"),
-            });
+        let negotiated = *self.negotiated.lock().unwrap_or_else(|e| e.into_inner());
+        if need_reply && !ProtocolFeatures(negotiated.acked_protocol).contains(ProtocolFeatures::REPLY_ACK) {
+            return Err(Error::NotNegotiated { request: request.into(), feature: "REPLY_ACK".into() });
         }
+        negotiated.check_gate(request)?;
         let mut message = Message::request(request, payload);
         if need_reply {
             message = message.with_need_reply();
         }
         let deadline = Deadline::after(timeout);
         let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
-        open.conn.send(&message, fds, deadline)?;
+        conn.send(&message, fds, deadline)?;
         if !need_reply {
             return Ok(None);
         }
-        if !open.conn.readable(deadline.remaining())? {
+        if !conn.readable(deadline.remaining())? {
             return Err(Error::Timeout("waiting for the front-end's answer on the back-end request channel"));
         }
-        let raw = open.conn.recv_raw(deadline, crate::protocol::MAX_PAYLOAD_SIZE)?;
-        let expected = Request::Backend(request);
-        let got = raw.header.request(Channel::Backend);
-        if !raw.header.is_reply() {
-            return Err(ProtocolError::Direction {
-                request: expected,
-                reason: "the front-end sent a request, not a reply",
-            }
-            .into());
-        }
-        if got != expected {
-            return Err(ProtocolError::UnexpectedReply { request: expected, got }.into());
-        }
-        raw.header.validate(Channel::Backend)?;
-        match crate::protocol::decode_body(Channel::Backend, raw.header, &raw.payload, raw.fds.len())?.payload {
+        let raw = conn.recv_raw(deadline, crate::protocol::MAX_PAYLOAD_SIZE)?;
+        match raw.into_reply(Channel::Backend, Request::Backend(request))?.message.payload {
             Payload::U64(status) => Ok(Some(status)),
-            _ => Err(ProtocolError::Direction { request: expected, reason: "the answer is not a u64 status" }.into()),
+            _ => {
+                Err(ProtocolError::Direction { request: request.into(), reason: "the answer is not a u64 status" }
+                    .into())
+            }
         }
+    }
+
+    /// Asks the front-end for the IOTLB entry of `iova` (an IOTLB_MSG MISS needing `perm`).
+    /// With `need_reply` the front-end answers after it has sent the UPDATE.
+    pub fn iotlb_miss(&self, iova: u64, perm: u8, need_reply: bool, timeout: Option<Duration>) -> Result<Option<u64>> {
+        let miss = IotlbMsg { iova, size: 0, uaddr: 0, perm, kind: IotlbMsg::MISS };
+        self.send(BackendRequest::IOTLB_MSG, Payload::Iotlb(miss), &[], need_reply, timeout)
     }
 }

@@ -13,8 +13,8 @@ use crate::memory::{
     DirtyLog, Iotlb, IotlbFault, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS, IOTLB_READ, IOTLB_WRITE,
 };
 use crate::protocol::{
-    BackendRequest, Channel, DeviceConfig, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message, Payload,
-    ProtocolFeatures, Request, VirtioFeatures, VringAddr, VRING_F_LOG,
+    Channel, DeviceConfig, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message, Payload, ProtocolFeatures,
+    Request, VirtioFeatures, VringAddr, VRING_F_LOG,
 };
 use crate::virtqueue::{
     avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
@@ -32,10 +32,6 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::STATUS.0
         | ProtocolFeatures::INFLIGHT_SHMFD.0,
 );
-
-const IOTLB_MISS: u8 = 1;
-const IOTLB_UPDATE: u8 = 2;
-const IOTLB_INVALIDATE: u8 = 3;
 
 /// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
 const FAILED: u64 = (-(libc::EINVAL as i64)) as u64;
@@ -163,6 +159,7 @@ impl Session {
                     return refuse("acknowledges features that were not offered");
                 }
                 self.acked_features = *v;
+                self.requests.negotiated(self.acked_features, self.acked_protocol);
                 if v & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     // Without PROTOCOL_FEATURES, rings start enabled.
                     for r in &mut self.rings {
@@ -183,6 +180,7 @@ impl Session {
                     return refuse("acknowledges protocol features that were not offered");
                 }
                 self.acked_protocol = ProtocolFeatures(*v);
+                self.requests.negotiated(self.acked_features, self.acked_protocol);
                 Outcome::Done
             }
             (GET_QUEUE_NUM, _) => Outcome::Reply(Payload::U64(self.rings.len() as u64), Vec::new()),
@@ -336,7 +334,7 @@ impl Session {
             }
             (SET_BACKEND_REQ_FD, _) => match fds.pop().map(Connection::from_fd) {
                 Some(Ok(conn)) => {
-                    self.requests.attach(conn, self.acked_protocol);
+                    self.requests.attach(conn);
                     Outcome::Done
                 }
                 Some(Err(e)) => Outcome::Refused(e),
@@ -360,7 +358,7 @@ impl Session {
                     return status(false);
                 }
                 match m.kind {
-                    IOTLB_UPDATE => {
+                    IotlbMsg::UPDATE => {
                         // The range must be guest memory we have mapped (protocol.md §3.3).
                         let inside = m.size != 0 && self.memory.translate_user(m.uaddr, m.size).is_ok();
                         let updated = inside
@@ -381,7 +379,7 @@ impl Session {
                         }
                         status(true)
                     }
-                    IOTLB_INVALIDATE => {
+                    IotlbMsg::INVALIDATE => {
                         self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate(m.iova, m.size);
                         // Rings whose parts lie in the range were translated through the removed
                         // entries: translate them again (or wait for the next UPDATE).
@@ -452,6 +450,7 @@ impl Session {
                     *r = Ring::default();
                 }
                 self.acked_features = 0;
+                self.requests.negotiated(self.acked_features, self.acked_protocol);
                 self.status = 0;
                 self.inflight = None;
                 self.device.reset();
@@ -509,6 +508,7 @@ impl Session {
     /// Starts ring `i` if everything it needs is known.
     fn start(&mut self, i: usize) -> Outcome {
         let logging = self.logging();
+        let iommu = self.iommu();
         let event_idx = self.acked_features & VirtioFeatures::EVENT_IDX.bits() != 0;
         let indirect = self.acked_features & VirtioFeatures::INDIRECT_DESC.bits() != 0;
         let memory = self.memory.clone();
@@ -519,7 +519,6 @@ impl Session {
         if ring.size == 0 || memory.is_empty() {
             return Outcome::Done;
         }
-        let iommu = self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() != 0;
         let mut ring_addrs = [addr.desc_user_addr, addr.avail_user_addr, addr.used_user_addr];
         if iommu {
             // Ring addresses are IOVAs. Without entries yet, ask for them and start the ring
@@ -530,14 +529,7 @@ impl Session {
                     Ok(uaddr) => ring_addrs[k] = uaddr,
                     Err(IotlbFault::Miss { iova }) => {
                         drop(tlb);
-                        let miss = IotlbMsg { iova, size: 0, uaddr: 0, perm, kind: IOTLB_MISS };
-                        let _ = self.requests.send(
-                            BackendRequest::IOTLB_MSG,
-                            Payload::Iotlb(miss),
-                            &[],
-                            false,
-                            Some(std::time::Duration::from_secs(1)),
-                        );
+                        let _ = self.requests.iotlb_miss(iova, perm, false, Some(std::time::Duration::from_secs(1)));
                         return Outcome::Done;
                     }
                     Err(IotlbFault::Denied { .. }) => {

@@ -13,7 +13,6 @@ use std::thread::JoinHandle;
 
 use super::requests::BackendRequests;
 use super::Device;
-use crate::protocol::{BackendRequest, IotlbMsg, Payload};
 use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
 
 /// Misses for the same address in a row before a ring is given up on.
@@ -36,15 +35,7 @@ pub struct WorkerPolicy {
 /// the main channel, handled by the session thread meanwhile). False if that did not happen.
 fn ask_for_entry(requests: Option<&BackendRequests>, iova: u64, perm: u8) -> bool {
     let Some(requests) = requests else { return false };
-    let miss = IotlbMsg { iova, size: 0, uaddr: 0, perm, kind: 1 };
-    let answer = requests.send(
-        BackendRequest::IOTLB_MSG,
-        Payload::Iotlb(miss),
-        &[],
-        true,
-        Some(std::time::Duration::from_secs(5)),
-    );
-    matches!(answer, Ok(Some(0)))
+    matches!(requests.iotlb_miss(iova, perm, true, Some(std::time::Duration::from_secs(5))), Ok(Some(0)))
 }
 
 fn eventfd() -> io::Result<OwnedFd> {

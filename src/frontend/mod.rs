@@ -43,15 +43,16 @@ impl Negotiated {
     }
 
     /// Why `request` may not be sent yet, if it may not.
-    pub fn check_gate(&self, request: FrontendRequest) -> Result<()> {
-        let not = |feature: String| Err(Error::NotNegotiated { request: request.into(), feature });
+    pub fn check_gate(&self, request: impl Into<Request>) -> Result<()> {
+        let request: Request = request.into();
+        let not = |feature: String| Err(Error::NotNegotiated { request, feature });
         let pf = VirtioFeatures::PROTOCOL_FEATURES.bits();
         match request.rules().gate {
             Gate::None => Ok(()),
             Gate::ProtocolFeaturesOffered => match self.offered_features {
                 Some(f) if f & pf != 0 => Ok(()),
                 Some(_) => not("PROTOCOL_FEATURES (not offered by the back-end)".into()),
-                None => Err(Error::InvalidState { request: request.into(), state: "GET_FEATURES was not sent yet" }),
+                None => Err(Error::InvalidState { request, state: "GET_FEATURES was not sent yet" }),
             },
             Gate::ProtocolFeaturesAcked => {
                 if self.acked_features.unwrap_or(0) & pf != 0 {
@@ -218,25 +219,11 @@ impl Frontend {
                 self.out_of_step.store(true, Ordering::Release);
             }
         })?;
-        let expected = Request::Frontend(request);
-        let got = raw.header.request(Channel::Main);
-        // Check direction and request before the payload, so the error says what went wrong.
-        if !raw.header.is_reply() {
-            self.out_of_step.store(true, Ordering::Release);
-            return Err(ProtocolError::Direction {
-                request: expected,
-                reason: "the back-end sent a request, not a reply",
+        raw.into_reply(Channel::Main, Request::Frontend(request)).inspect_err(|e| {
+            if matches!(e, Error::Protocol(ProtocolError::Direction { .. } | ProtocolError::UnexpectedReply { .. })) {
+                self.out_of_step.store(true, Ordering::Release);
             }
-            .into());
-        }
-        if got != expected {
-            self.out_of_step.store(true, Ordering::Release);
-            return Err(ProtocolError::UnexpectedReply { request: expected, got }.into());
-        }
-        raw.header.validate(Channel::Main)?;
-        let message = crate::protocol::decode_body(Channel::Main, raw.header, &raw.payload, raw.fds.len())?;
-        let received = Received { message, fds: raw.fds };
-        Ok(received)
+        })
     }
 
     /// Value rules the front-end enforces on itself: only acknowledge what was offered.

@@ -474,24 +474,19 @@ impl DeviceQueue {
     }
 
     fn read_table(&self, head: u16, d: &Descriptor, out: &mut [u8]) -> Result<(), VirtqueueError> {
-        let unmapped = || VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len };
-        let Some(iotlb) = &self.iotlb else { return self.memory.read(d.addr, out).map_err(|_| unmapped()) };
-        let tlb = iotlb.read().unwrap_or_else(|e| e.into_inner());
+        let Some(iotlb) = &self.iotlb else {
+            return self.memory.read(d.addr, out).map_err(|_| VirtqueueError::BufferUnmapped {
+                head,
+                addr: d.addr,
+                len: d.len,
+            });
+        };
         let mut at = 0usize;
-        let mut failed = false;
-        tlb.translate(d.addr, u64::from(d.len), IOTLB_READ, |uaddr, n| {
-            match self.memory.translate_user(uaddr, n) {
-                // SAFETY: `host` is valid for n bytes of a live mapping; `out` holds d.len bytes.
-                Ok(host) => unsafe { std::ptr::copy_nonoverlapping(host, out[at..].as_mut_ptr(), n as usize) },
-                Err(_) => failed = true,
-            }
+        self.walk_iova(iotlb, head, d, IOTLB_READ, |host, _gpa, n| {
+            // SAFETY: `host` is valid for n bytes of a live mapping; `out` holds d.len bytes.
+            unsafe { std::ptr::copy_nonoverlapping(host, out[at..].as_mut_ptr(), n as usize) };
             at += n as usize;
         })
-        .map_err(|fault| iotlb_error(head, d, fault, IOTLB_READ))?;
-        if failed {
-            return Err(unmapped());
-        }
-        Ok(())
     }
 
     /// Under ACCESS_PLATFORM: the IOTLB gives front-end addresses, the memory table host
@@ -505,11 +500,29 @@ impl DeviceQueue {
         out: &mut Vec<Segment>,
     ) -> Result<(), VirtqueueError> {
         let perm = if writable { IOTLB_WRITE } else { IOTLB_READ };
+        self.walk_iova(iotlb, head, d, perm, |host, gpa, n| {
+            out.push(Segment { host, len: n as u32, gpa, writable });
+        })
+    }
+
+    /// Calls `f(host, gpa, len)` for each piece of descriptor `d`'s IOVA range (one per IOTLB
+    /// entry crossed), each mapped with `perm`. A missing entry
+    /// is [`VirtqueueError::IotlbMiss`]; a forbidden access or a front-end address outside the
+    /// memory table is `BufferUnmapped`.
+    fn walk_iova(
+        &self,
+        iotlb: &RwLock<Iotlb>,
+        head: u16,
+        d: &Descriptor,
+        perm: u8,
+        mut f: impl FnMut(*mut u8, u64, u64),
+    ) -> Result<(), VirtqueueError> {
         let tlb = iotlb.read().unwrap_or_else(|e| e.into_inner());
         let mut failed = false;
         tlb.translate(d.addr, u64::from(d.len), perm, |uaddr, n| {
-            match (self.memory.translate_user(uaddr, n), self.memory.user_to_guest(uaddr)) {
-                (Ok(host), Some(gpa)) => out.push(Segment { host, len: n as u32, gpa, writable }),
+            // After a failure the rest is skipped; callers discard what a failed walk produced.
+            match (failed, self.memory.translate_user(uaddr, n), self.memory.user_to_guest(uaddr)) {
+                (false, Ok(host), Some(gpa)) => f(host, gpa, n),
                 _ => failed = true,
             }
         })
