@@ -8,7 +8,7 @@ use std::path::Path;
 
 use crate::backend::Device;
 use crate::protocol::VirtioFeatures;
-use crate::virtqueue::{ChainBatch, DeviceQueue, Segment, VirtqueueError};
+use crate::virtqueue::{for_each_span, ChainBatch, DeviceQueue, Segment, VirtqueueError};
 
 /// Sector size of virtio-blk addressing.
 pub const SECTOR: u64 = 512;
@@ -245,45 +245,26 @@ impl BlockDevice {
     }
 }
 
+fn spans(segs: &[Segment]) -> impl Iterator<Item = (*mut u8, usize)> + '_ {
+    segs.iter().map(|s| (s.host, s.len as usize))
+}
+
 /// Copies bytes out of guest segments (from byte `skip`) into `out`; returns how many.
 fn copy_out(segs: &[Segment], skip: usize, out: &mut [u8]) -> usize {
-    let (mut skip, mut done) = (skip, 0usize);
-    for s in segs {
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(out.len() - done);
-        // SAFETY: inside a live mapping; a raw copy, no reference to guest memory.
-        unsafe { std::ptr::copy_nonoverlapping(s.host.add(skip), out.as_mut_ptr().add(done), n) };
-        done += n;
-        skip = 0;
-        if done == out.len() {
-            break;
-        }
-    }
-    done
+    let dst = out.as_mut_ptr();
+    for_each_span(spans(segs), skip, out.len(), |host, at, n| {
+        // SAFETY: host..+n lies in a live mapping, at..+n in `out`; a raw copy, no reference
+        // to guest memory.
+        unsafe { std::ptr::copy_nonoverlapping(host, dst.add(at), n) }
+    })
 }
 
 /// Copies `data` into guest segments from byte `skip`.
 fn copy_in(segs: &[Segment], skip: usize, data: &[u8]) {
-    let (mut skip, mut done) = (skip, 0usize);
-    for s in segs {
-        let len = s.len as usize;
-        if skip >= len {
-            skip -= len;
-            continue;
-        }
-        let n = (len - skip).min(data.len() - done);
-        // SAFETY: inside a live mapping.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), s.host.add(skip), n) };
-        done += n;
-        skip = 0;
-        if done == data.len() {
-            break;
-        }
-    }
+    for_each_span(spans(segs), skip, data.len(), |host, at, n| {
+        // SAFETY: host..+n lies in a live mapping, at..+n in `data`.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), host, n) }
+    });
 }
 
 fn write_status(segs: &[Segment], status: u8) {

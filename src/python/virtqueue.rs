@@ -252,24 +252,11 @@ impl PyDescriptorChain {
     /// written (fewer if the buffers are too small).
     #[pyo3(signature = (data, offset=0))]
     fn write(&self, data: &[u8], offset: usize) -> usize {
-        let mut skip = offset;
-        let mut done = 0usize;
-        for s in self.writable_segs() {
-            let len = s.len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let take = (len - skip).min(data.len() - done);
-            // SAFETY: s.ptr+skip..+take lies in the mapping s keeps alive.
-            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(done), s.ptr.add(skip), take) };
-            done += take;
-            skip = 0;
-            if done == data.len() {
-                break;
-            }
-        }
-        done
+        let spans = self.writable_segs().iter().map(|s| (s.ptr, s.len as usize));
+        crate::virtqueue::for_each_span(spans, offset, data.len(), |host, at, n| {
+            // SAFETY: host..+n lies in the mapping the segment keeps alive, at..+n in `data`.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr().add(at), host, n) }
+        })
     }
 
     fn __repr__(&self) -> String {

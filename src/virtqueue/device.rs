@@ -44,6 +44,33 @@ pub struct QueueConfig {
     pub next_avail: u16,
 }
 
+/// Walks the bytes `[skip, skip + len)` of a buffer made of `pieces` (host address, length):
+/// calls `f(host, at, n)` for each run of `n` bytes at `host` that holds bytes `at..at + n` of
+/// the range. Returns how many bytes the pieces held (less than `len` if they end first).
+pub fn for_each_span(
+    pieces: impl IntoIterator<Item = (*mut u8, usize)>,
+    skip: usize,
+    len: usize,
+    mut f: impl FnMut(*mut u8, usize, usize),
+) -> usize {
+    let (mut skip, mut done) = (skip, 0usize);
+    for (host, piece) in pieces {
+        if done == len {
+            break;
+        }
+        if skip >= piece {
+            skip -= piece;
+            continue;
+        }
+        let n = (piece - skip).min(len - done);
+        // wrapping_add: only an address computation; `f` decides what to do with it.
+        f(host.wrapping_add(skip), done, n);
+        done += n;
+        skip = 0;
+    }
+    done
+}
+
 /// One contiguous piece of a buffer, already translated.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment {

@@ -786,3 +786,16 @@ fn inflight_heads_are_resubmitted_by_a_new_device() {
     let mut third = device_for(&p.mem, &p.driver, false, true);
     assert_eq!(third.attach_inflight(buffer.queue(0).unwrap()).unwrap(), 1);
 }
+
+#[test]
+fn spans_cover_a_range_across_pieces() {
+    let mut a = [0u8; 4];
+    let mut b = [0u8; 3];
+    let pieces = [(a.as_mut_ptr(), 4usize), (b.as_mut_ptr(), 3usize)];
+    let mut seen = Vec::new();
+    assert_eq!(for_each_span(pieces, 2, 4, |h, at, n| seen.push((h, at, n))), 4);
+    assert_eq!(seen, vec![(a.as_mut_ptr().wrapping_add(2), 0, 2), (b.as_mut_ptr(), 2, 2)]);
+    // A range running past the pieces stops where they end; a skip past them covers nothing.
+    assert_eq!(for_each_span(pieces, 5, 10, |_, _, _| {}), 2);
+    assert_eq!(for_each_span(pieces, 9, 1, |_, _, _| panic!("nothing to cover")), 0);
+}
