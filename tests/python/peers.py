@@ -50,21 +50,9 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def qemu_storage_daemon(image: Path, sock: Path, *, num_queues: int = 2, writable: bool = True) -> Iterator[subprocess.Popen[bytes]]:
-    """qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`."""
-    binary = need(QSD, "qemu-storage-daemon")
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--blockdev", f"driver=file,node-name=file0,filename={image}",
-            "--blockdev", "driver=raw,node-name=disk0,file=file0",
-            "--export",
-            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
-            f"writable={'on' if writable else 'off'},num-queues={num_queues}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+def peer(args: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Runs `args` until its socket `sock` appears; stops it (SIGTERM, then SIGKILL) at exit."""
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_socket(sock, proc)
         yield proc
@@ -73,19 +61,30 @@ def qemu_storage_daemon(image: Path, sock: Path, *, num_queues: int = 2, writabl
 
 
 @contextmanager
+def qemu_storage_daemon(image: Path, sock: Path, *, num_queues: int = 2, writable: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """qemu-storage-daemon exporting `image` as vhost-user-blk on `sock`."""
+    binary = need(QSD, "qemu-storage-daemon")
+    with peer(
+        [
+            binary,
+            "--blockdev", f"driver=file,node-name=file0,filename={image}",
+            "--blockdev", "driver=raw,node-name=disk0,file=file0",
+            "--export",
+            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},"
+            f"writable={'on' if writable else 'off'},num-queues={num_queues}",
+        ],
+        sock,
+    ) as proc:
+        yield proc
+
+
+@contextmanager
 def virtiofsd(shared: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """QEMU's C virtiofsd sharing `shared` on `sock` (it exits after one front-end)."""
     binary = need(VIRTIOFSD, "virtiofsd")
-    proc = subprocess.Popen(
-        [binary, f"--socket-path={sock}", "-o", f"source={shared}", "-o", "cache=none", "-o", "sandbox=chroot"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        wait_for_socket(sock, proc)
+    args = [binary, f"--socket-path={sock}", "-o", f"source={shared}", "-o", "cache=none", "-o", "sandbox=chroot"]
+    with peer(args, sock) as proc:
         yield proc
-    finally:
-        stop(proc)
 
 
 @contextmanager
@@ -96,9 +95,5 @@ def serve_blk(image: Path, sock: Path, *, num_queues: int = 2, readonly: bool = 
     args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock), "--num-queues", str(num_queues)]
     if readonly:
         args.append("--read-only")
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_socket(sock, proc)
+    with peer(args, sock) as proc:
         yield proc
-    finally:
-        stop(proc)

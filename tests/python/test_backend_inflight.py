@@ -6,23 +6,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 
 import vhostuser_rs as vu
-from peers import stop, wait_for_socket
+from peers import peer
 
 DEVICE = Path(__file__).parent / "devices" / "crashing_echo.py"
 QSIZE = 16
 
 
-def start(sock: Path, *, crash: bool) -> subprocess.Popen[bytes]:
+def device(sock: Path, *, crash: bool) -> AbstractContextManager[subprocess.Popen[bytes]]:
     sock.unlink(missing_ok=True)
-    proc = subprocess.Popen([sys.executable, str(DEVICE), str(sock), *(["--crash"] if crash else [])],
-                            stderr=subprocess.PIPE)
-    wait_for_socket(sock, proc)
-    return proc
+    return peer([sys.executable, str(DEVICE), str(sock), *(["--crash"] if crash else [])], sock)
 
 
 def submit(mem: vu.GuestMemory, vq: vu.Virtqueue, tag: bytes, command: bytes = b".") -> tuple[int, int]:
@@ -44,8 +42,7 @@ def reap(vq: vu.Virtqueue, want: int) -> list[tuple[int, int]]:
 def test_new_backend_resubmits_what_the_dead_one_left_in_flight(sock_dir: Path) -> None:
     sock = sock_dir / "inflight.sock"
     mem = vu.GuestMemory.allocate(1 << 20)
-    first = start(sock, crash=True)
-    try:
+    with device(sock, crash=True) as first:
         fe = vu.Frontend.connect(sock)
         fe.negotiate(memory=mem)
         assert vu.ProtocolFeature.INFLIGHT_SHMFD in fe.protocol_features
@@ -64,11 +61,8 @@ def test_new_backend_resubmits_what_the_dead_one_left_in_flight(sock_dir: Path) 
         assert first.wait(10) == 3
         ring = vq.queue
         fe.close()
-    finally:
-        stop(first)
 
-    second = start(sock, crash=False)
-    try:
+    with device(sock, crash=False):
         with buffer, vu.Frontend.connect(sock) as fe2:
             fe2.negotiate(memory=mem)
             assert fe2.setup_inflight(1, QSIZE, buffer=buffer) is buffer
@@ -87,8 +81,6 @@ def test_new_backend_resubmits_what_the_dead_one_left_in_flight(sock_dir: Path) 
             vq2.kick()
             assert reap(vq2, 1) == [(head_d, 8)] and mem.read(back_d, 8) == b"request4"
             assert vq2.queue.reap() == []
-    finally:
-        stop(second)
 
 
 def test_without_inflight_buffer_nothing_is_resubmitted(sock_dir: Path) -> None:
@@ -97,8 +89,7 @@ def test_without_inflight_buffer_nothing_is_resubmitted(sock_dir: Path) -> None:
     order, through the ordinary path (what a back-end without INFLIGHT_SHMFD gives)."""
     sock = sock_dir / "plain.sock"
     mem = vu.GuestMemory.allocate(1 << 20)
-    first = start(sock, crash=True)
-    try:
+    with device(sock, crash=True) as first:
         fe = vu.Frontend.connect(sock)
         fe.negotiate(memory=mem)
         vq = fe.setup_queue(0, QSIZE)
@@ -108,17 +99,12 @@ def test_without_inflight_buffer_nothing_is_resubmitted(sock_dir: Path) -> None:
         assert first.wait(10) == 3
         ring = vq.queue
         fe.close()
-    finally:
-        stop(first)
-    second = start(sock, crash=False)
-    try:
+    with device(sock, crash=False):
         with vu.Frontend.connect(sock) as fe2:
             fe2.negotiate(memory=mem)
             vq2 = fe2.setup_queue(0, QSIZE, ring=ring)
             vq2.kick()
             assert reap(vq2, 1) == [(head_b, 8)]
-    finally:
-        stop(second)
 
 
 @pytest.mark.parametrize(
@@ -132,8 +118,7 @@ def test_without_inflight_buffer_nothing_is_resubmitted(sock_dir: Path) -> None:
 )
 def test_hostile_set_inflight_fd_is_refused(sock_dir: Path, desc_fields: tuple[int, int, int, int], why: str) -> None:
     sock = sock_dir / "h.sock"
-    proc = start(sock, crash=False)
-    try:
+    with device(sock, crash=False) as proc:
         fd = vu.GuestMemory.allocate(4096).fds()[0]
         with vu.Frontend.connect(sock) as fe:
             fe.negotiate()
@@ -141,15 +126,12 @@ def test_hostile_set_inflight_fd_is_refused(sock_dir: Path, desc_fields: tuple[i
                 fe.set_inflight_fd(vu.messages.InflightDesc(*desc_fields), fd)
             # The session goes on.
             assert fe.get_queue_num() == 1
-    finally:
-        stop(proc)
 
 
 def test_corrupt_inflight_region_refuses_the_ring_not_the_process(sock_dir: Path) -> None:
     sock = sock_dir / "c.sock"
     mem = vu.GuestMemory.allocate(1 << 20)
-    proc = start(sock, crash=False)
-    try:
+    with device(sock, crash=False) as proc:
         with vu.Frontend.connect(sock) as fe:
             fe.negotiate(memory=mem)
             buffer = fe.setup_inflight(1, QSIZE)
@@ -168,5 +150,3 @@ def test_corrupt_inflight_region_refuses_the_ring_not_the_process(sock_dir: Path
                     fe.setup_queue(0, QSIZE, ring=ring)
             assert fe.get_queue_num() == 1
         assert proc.poll() is None
-    finally:
-        stop(proc)
