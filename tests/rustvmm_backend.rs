@@ -5,7 +5,7 @@
 
 use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
@@ -21,6 +21,8 @@ use vhostuser_rs::protocol::{
     DeviceConfig, FrontendRequest as F, MemoryRegion, Payload, VringAddr, VringFd, VringState,
 };
 use vhostuser_rs::virtqueue::DriverQueue;
+
+mod common;
 
 const VERSION_1: u64 = 1 << 32;
 const QSIZE: u16 = 64;
@@ -181,35 +183,16 @@ fn our_frontend_drives_a_rust_vmm_backend() {
 
     // Requests whose buffers straddle the two memory regions as well as ordinary ones.
     let words: [&[u8]; 3] = [b"our front-end", b"drives", b"a rust-vmm back-end"];
-    let mut expect = Vec::new();
-    for (k, w) in words.iter().enumerate() {
-        let len = w.len() as u64;
-        let out = if k == 2 { (1 << 20) - 8 } else { mem.alloc(len, 8).unwrap() };
-        let back = mem.alloc(len, 8).unwrap();
-        mem.table().write(out, w).unwrap();
-        let head = drv.add(&[(out, len as u32)], &[(back, len as u32)]).unwrap();
-        expect.push((head, back, w.to_ascii_uppercase()));
-    }
-    drv.publish();
-    // SAFETY: writing 8 bytes to our eventfd.
-    assert_eq!(
-        unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&kick), 1u64.to_ne_bytes().as_ptr().cast(), 8) },
-        8
-    );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut done = Vec::new();
-    while done.len() < expect.len() {
-        drv.reap(&mut done, 64).unwrap();
-        assert!(Instant::now() < deadline, "only {} of {} completed", done.len(), expect.len());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    for (head, back, upper) in &expect {
-        let &(_, len) = done.iter().find(|(h, _)| h == head).unwrap();
-        assert_eq!(len as usize, upper.len());
-        let mut got = vec![0u8; upper.len()];
-        mem.table().read(*back, &mut got).unwrap();
-        assert_eq!(&got, upper);
-    }
+    let requests: Vec<(u64, &[u8])> = words
+        .iter()
+        .enumerate()
+        .map(|(k, w)| (if k == 2 { (1 << 20) - 8 } else { mem.alloc(w.len() as u64, 8).unwrap() }, *w))
+        .collect();
+    common::upper_case_round_trip(&mem, &mut drv, &requests, || {
+        // SAFETY: writing 8 bytes to our eventfd.
+        let n = unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(&kick), 1u64.to_ne_bytes().as_ptr().cast(), 8) };
+        assert_eq!(n, 8);
+    });
 
     let cfg = call(F::GET_CONFIG, Payload::Config(DeviceConfig { offset: 9, flags: 0, data: vec![0; 10] }), &[]);
     assert_eq!(cfg, Some(Payload::Config(DeviceConfig { offset: 9, flags: 0, data: b"upper-case".to_vec() })));

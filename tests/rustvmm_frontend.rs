@@ -5,7 +5,7 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
@@ -16,6 +16,8 @@ use vhostuser_rs::backend::{serve_connection, Device};
 use vhostuser_rs::connection::{Deadline, Listener};
 use vhostuser_rs::memory::GuestMemory;
 use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, DriverQueue, VirtqueueError};
+
+mod common;
 
 const VERSION_1: u64 = 1 << 32;
 const QSIZE: u16 = 64;
@@ -121,30 +123,8 @@ fn rust_vmm_frontend_drives_our_backend() {
     fe.set_vring_enable(0, true).unwrap();
 
     let words: [&[u8]; 3] = [b"rust-vmm", b"drives", b"vhostuser_rs"];
-    let mut expect = Vec::new();
-    for w in words {
-        let out = mem.alloc(w.len() as u64, 8).unwrap();
-        let back = mem.alloc(w.len() as u64, 8).unwrap();
-        mem.table().write(out, w).unwrap();
-        let head = drv.add(&[(out, w.len() as u32)], &[(back, w.len() as u32)]).unwrap();
-        expect.push((head, back, w.to_ascii_uppercase()));
-    }
-    drv.publish();
-    kick.write(1).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut done = Vec::new();
-    while done.len() < expect.len() {
-        drv.reap(&mut done, 64).unwrap();
-        assert!(Instant::now() < deadline, "only {} of {} completed", done.len(), expect.len());
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    for (head, back, upper) in &expect {
-        let &(_, len) = done.iter().find(|(h, _)| h == head).unwrap();
-        assert_eq!(len as usize, upper.len());
-        let mut got = vec![0u8; upper.len()];
-        mem.table().read(*back, &mut got).unwrap();
-        assert_eq!(&got, upper);
-    }
+    let requests: Vec<(u64, &[u8])> = words.iter().map(|w| (mem.alloc(w.len() as u64, 8).unwrap(), *w)).collect();
+    common::upper_case_round_trip(&mem, &mut drv, &requests, || kick.write(1).unwrap());
     assert!(call.read().is_ok(), "the back-end signalled the call eventfd");
 
     // Config space through rust-vmm's GET_CONFIG, then GET_VRING_BASE stops the ring at 3.
