@@ -79,16 +79,12 @@ enum Outcome {
 impl Session {
     /// A fresh session for `device`.
     pub fn new(device: Arc<dyn Device>) -> Session {
-        Session::with_requests(device, Arc::new(BackendRequests::new()))
+        Session::with_options(device, Arc::new(BackendRequests::new()), WorkerPolicy::default())
     }
 
     /// A fresh session whose back-end request channel, once the front-end sets one up, is sent
-    /// on through `requests` (the handle a device keeps).
-    pub fn with_requests(device: Arc<dyn Device>, requests: Arc<BackendRequests>) -> Session {
-        Session::with_options(device, requests, WorkerPolicy::default())
-    }
-
-    /// A fresh session that also spreads its rings over threads as `policy` says.
+    /// on through `requests` (the handle a device keeps), and whose rings run on threads as
+    /// `policy` says.
     pub fn with_options(device: Arc<dyn Device>, requests: Arc<BackendRequests>, policy: WorkerPolicy) -> Session {
         let n = usize::from(device.num_queues());
         Session {
