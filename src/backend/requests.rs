@@ -95,6 +95,20 @@ impl BackendRequests {
         if !need_reply {
             return Ok(None);
         }
+        let answer = Self::await_status(&conn, request, deadline);
+        if answer.is_err() {
+            // A missing or wrong answer leaves the stream out of step (a late answer would be
+            // taken for the next request's): this channel is done, later requests fail clearly.
+            let mut open = self.lock();
+            if open.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                open.take();
+            }
+            conn.shutdown();
+        }
+        answer
+    }
+
+    fn await_status(conn: &Connection, request: BackendRequest, deadline: Deadline) -> Result<Option<u64>> {
         if !conn.readable(deadline.remaining())? {
             return Err(Error::Timeout("waiting for the front-end's answer on the back-end request channel"));
         }

@@ -307,3 +307,50 @@ def test_worker_options_are_checked(sock_dir: Path) -> None:
     with vu.Backend.listen(sock_dir / "opt.sock", MemBlock(), poll=-1.0) as backend:
         with pytest.raises(ValueError):
             backend.serve_forever()
+
+
+@pytest.mark.parametrize(
+    "answer, error",
+    [
+        (lambda h: h.reply(vu.BackendRequest.IOTLB_MSG, 0), vu.UnexpectedReplyError),  # another request's reply
+        (lambda h: h.request(vu.BackendRequest.CONFIG_CHANGE_MSG), vu.UnexpectedReplyError),  # not a reply
+        (lambda h: h.reply(vu.BackendRequest.CONFIG_CHANGE_MSG, b"\0" * 3), vu.MalformedMessageError),  # wrong size
+        (None, vu.VhostUserTimeoutError),  # no answer at all
+    ],
+)
+def test_hostile_answers_to_backend_requests(sock_dir: Path, answer, error) -> None:  # type: ignore[no-untyped-def]
+    """A front-end (a hazmat peer) answering the device's CONFIG_CHANGE_MSG wrongly: each is a
+    clear exception in the device's call, bounded by its timeout; that channel is then closed
+    (a late answer must not pass for the next request's) and the session goes on."""
+    from vhostuser_rs import hazmat
+
+    sock = sock_dir / "ans.sock"
+    with vu.Backend.listen(sock, Echo()) as backend:
+        backend.start()
+        with vu.Frontend.connect(sock) as fe:
+            ours, theirs = vu.Connection.pair()
+            with ours, theirs:
+                fe.negotiate(handler=vu.BackendRequestHandler(), protocol_features=vu.ProtocolFeature.BACKEND_REQ
+                             | vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG | vu.ProtocolFeature.MQ)
+                # Replace the handler's channel by one this test answers by hand.
+                fe.request(vu.FrontendRequest.SET_BACKEND_REQ_FD, None, [theirs.fileno()])
+                result: list[BaseException] = []
+
+                def device_side() -> None:
+                    try:
+                        backend.config_changed(need_reply=True, timeout=0.5)
+                    except BaseException as e:  # noqa: BLE001 - inspected below
+                        result.append(e)
+
+                t = threading.Thread(target=device_side)
+                t.start()
+                msg, fds = ours.recv(channel_value=int(vu.Channel.BACKEND), timeout=5)
+                assert msg.request is vu.BackendRequest.CONFIG_CHANGE_MSG and not fds
+                if answer is not None:
+                    hazmat.send(ours, answer(hazmat))
+                t.join(5)
+                assert result and isinstance(result[0], error), result
+                with pytest.raises(vu.InvalidStateError):
+                    backend.config_changed()
+            assert fe.get_queue_num() == 2  # the session goes on
+    assert backend.error is None
