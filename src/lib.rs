@@ -15,6 +15,7 @@ pub mod memory;
 pub mod protocol;
 #[cfg(feature = "python")]
 mod python;
+pub mod virtio;
 pub mod virtqueue;
 
 pub use error::Error;

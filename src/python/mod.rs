@@ -10,6 +10,8 @@ mod errors;
 mod frontend;
 mod memory;
 mod socket;
+mod net;
+mod virtio;
 mod virtqueue;
 mod wire;
 
@@ -29,5 +31,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     frontend::register(m)?;
     backend::register(m)?;
     device::register(m)?;
+    virtio::register(m)?;
+    net::register(m)?;
     Ok(())
 }

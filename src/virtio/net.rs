@@ -1,0 +1,1 @@
+//! virtio-net (VIRTIO 1.2 §5.1).
