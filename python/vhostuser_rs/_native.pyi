@@ -43,6 +43,11 @@ HEADER_SIZE: int
 MAX_PAYLOAD_SIZE: int
 MAX_FDS: int
 
+# virtio device definitions (src/python/virtio.rs; the values live in src/virtio/)
+__all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG"]
+VIRTIO_BLK: dict[str, int]
+VIRTIO_BLK_CONFIG: dict[str, tuple[int, int]]
+
 def encode_message(message: Message) -> bytes: ...
 def encode_raw(code: int, payload: bytes, flags: int, size: int | None = None) -> bytes: ...
 def decode_message(data: bytes, channel_value: int, num_fds: int) -> Message: ...

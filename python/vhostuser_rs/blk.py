@@ -18,7 +18,7 @@ import enum
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 from . import _native
@@ -29,37 +29,53 @@ from .frontend import Frontend, Virtqueue
 
 __all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature"]
 
-SECTOR = 512
-CONFIG_SIZE = 60  # up to and including unused1: what qemu-storage-daemon answers
+# The values are defined once, in Rust (src/virtio/blk.rs), under the spec's names.
+_BLK = _native.VIRTIO_BLK
+
+SECTOR = _BLK["SECTOR_SIZE"]
+CONFIG_SIZE = _BLK["CONFIG_SIZE"]  # up to and including unused1: what qemu-storage-daemon answers
+_HEADER_SIZE = _BLK["REQUEST_HEADER_SIZE"]
+_ID_BYTES = _BLK["VIRTIO_BLK_ID_BYTES"]
+_UNMAP = _BLK["VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP"]
+_S_OK = _BLK["VIRTIO_BLK_S_OK"]
+_STATUS_NAMES = {v: k.removeprefix("VIRTIO_BLK_S_") for k, v in _BLK.items() if k.startswith("VIRTIO_BLK_S_")}
+
+
+def _feature(name: str) -> int:
+    return 1 << _BLK[f"VIRTIO_BLK_F_{name}"]
+
+
+def _request_type(name: str) -> int:
+    return _BLK[f"VIRTIO_BLK_T_{name}"]
 
 
 class BlockFeature(enum.IntFlag, boundary=enum.KEEP):
     """virtio-blk feature bits (device-specific range)."""
 
-    SIZE_MAX = 1 << 1
-    SEG_MAX = 1 << 2
-    GEOMETRY = 1 << 4
-    RO = 1 << 5
-    BLK_SIZE = 1 << 6
-    FLUSH = 1 << 9
-    TOPOLOGY = 1 << 10
-    CONFIG_WCE = 1 << 11
-    MQ = 1 << 12
-    DISCARD = 1 << 13
-    WRITE_ZEROES = 1 << 14
-    LIFETIME = 1 << 15
-    SECURE_ERASE = 1 << 16
+    SIZE_MAX = _feature("SIZE_MAX")
+    SEG_MAX = _feature("SEG_MAX")
+    GEOMETRY = _feature("GEOMETRY")
+    RO = _feature("RO")
+    BLK_SIZE = _feature("BLK_SIZE")
+    FLUSH = _feature("FLUSH")
+    TOPOLOGY = _feature("TOPOLOGY")
+    CONFIG_WCE = _feature("CONFIG_WCE")
+    MQ = _feature("MQ")
+    DISCARD = _feature("DISCARD")
+    WRITE_ZEROES = _feature("WRITE_ZEROES")
+    LIFETIME = _feature("LIFETIME")
+    SECURE_ERASE = _feature("SECURE_ERASE")
 
 
 class RequestType(enum.IntEnum):
     """virtio-blk request types."""
 
-    IN = 0
-    OUT = 1
-    FLUSH = 4
-    GET_ID = 8
-    DISCARD = 11
-    WRITE_ZEROES = 13
+    IN = _request_type("IN")
+    OUT = _request_type("OUT")
+    FLUSH = _request_type("FLUSH")
+    GET_ID = _request_type("GET_ID")
+    DISCARD = _request_type("DISCARD")
+    WRITE_ZEROES = _request_type("WRITE_ZEROES")
 
 
 class BlockError(VhostUserError, OSError):
@@ -97,8 +113,12 @@ class BlockConfig:
         """Decode the little-endian config bytes (at least 60)."""
         if len(data) < CONFIG_SIZE:
             raise ValueError(f"virtio-blk config needs {CONFIG_SIZE} bytes, got {len(data)}")
-        f = struct.unpack_from("<QIIHBBIBBHIBxHIIIIIB", data)
-        return cls(*f)
+        view = memoryview(data)
+        values: dict[str, int] = {}
+        for field in fields(cls):
+            offset, size = _native.VIRTIO_BLK_CONFIG[field.name]
+            values[field.name] = int.from_bytes(view[offset : offset + size], "little")
+        return cls(**values)
 
     @property
     def size_bytes(self) -> int:
@@ -210,14 +230,14 @@ class BlockClient:
     # -- requests --------------------------------------------------------------------------------
     def _submit(self, rtype: int, sector: int, out: bytes = b"", in_len: int = 0, *, queue: int = 0) -> bytes:
         """One request: header (+ out data) readable, (in data +) status writable; waits for it."""
-        if 16 + len(out) + in_len + 1 > self._scratch_size:
+        if _HEADER_SIZE + len(out) + in_len + 1 > self._scratch_size:
             raise ValueError("request larger than the 1 MiB staging area")
         vq = self.queues[queue]
         hdr = self._scratch
-        data = hdr + 16
+        data = hdr + _HEADER_SIZE
         mem = self.memory
         mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
-        readable = [(hdr, 16)]
+        readable = [(hdr, _HEADER_SIZE)]
         writable = []
         if out:
             mem.write(data, out)
@@ -232,8 +252,8 @@ class BlockClient:
         vq.kick_if_needed()
         self._wait(vq, head)
         status = mem.read(status_addr, 1)[0]
-        if status != 0:
-            name = {1: "IOERR", 2: "UNSUPP"}.get(status, str(status))
+        if status != _S_OK:
+            name = _STATUS_NAMES.get(status, str(status))
             raise BlockError(f"virtio-blk request type {rtype} failed: {name}", status=status)
         return mem.read(data, in_len) if in_len else b""
 
@@ -271,13 +291,13 @@ class BlockClient:
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False, queue: int = 0) -> None:
         """WRITE_ZEROES one range (needs the WRITE_ZEROES feature)."""
         _check_aligned(offset, length)
-        seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, 1 if unmap else 0)
+        seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, _UNMAP if unmap else 0)
         self._submit(RequestType.WRITE_ZEROES, 0, out=seg, queue=queue)
 
     def get_id(self, *, queue: int = 0) -> bytes:
         """GET_ID: the device's serial (up to 20 bytes, NUL padding removed)."""
-        self.memory.write(self._scratch + 16, bytes(20))
-        return self._submit(RequestType.GET_ID, 0, in_len=20, queue=queue).split(b"\0", 1)[0]
+        self.memory.write(self._scratch + _HEADER_SIZE, bytes(_ID_BYTES))
+        return self._submit(RequestType.GET_ID, 0, in_len=_ID_BYTES, queue=queue).split(b"\0", 1)[0]
 
     # -- batch I/O -------------------------------------------------------------------------------
     def run_io(

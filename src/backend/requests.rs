@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
-use crate::frontend::Negotiated;
-use crate::protocol::{BackendRequest, Channel, IotlbMsg, Message, Payload, ProtocolError, ProtocolFeatures, Request};
+use crate::protocol::{
+    BackendRequest, Channel, IotlbMsg, Message, Negotiated, Payload, ProtocolError, ProtocolFeatures, Request,
+};
 
 /// Sends back-end requests on the current session's channel, if the front-end set one up.
 #[derive(Debug, Default)]

@@ -8,38 +8,16 @@ use std::path::Path;
 
 use crate::backend::Device;
 use crate::protocol::VirtioFeatures;
+use crate::virtio::blk::{
+    config, DiscardWriteZeroes, RequestHeader, CONFIG_SIZE, SECTOR_SIZE, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 use crate::virtqueue::{for_each_span, ChainBatch, DeviceQueue, Segment, VirtqueueError};
 
-/// Sector size of virtio-blk addressing.
-pub const SECTOR: u64 = 512;
-
-/// virtio-blk feature bits used here.
-pub mod feature {
-    /// `seg_max` valid.
-    pub const SEG_MAX: u64 = 1 << 2;
-    /// Read-only device.
-    pub const RO: u64 = 1 << 5;
-    /// `blk_size` valid.
-    pub const BLK_SIZE: u64 = 1 << 6;
-    /// FLUSH supported.
-    pub const FLUSH: u64 = 1 << 9;
-    /// `num_queues` valid.
-    pub const MQ: u64 = 1 << 12;
-    /// DISCARD supported.
-    pub const DISCARD: u64 = 1 << 13;
-    /// WRITE_ZEROES supported.
-    pub const WRITE_ZEROES: u64 = 1 << 14;
-}
-
-const T_IN: u32 = 0;
-const T_OUT: u32 = 1;
-const T_FLUSH: u32 = 4;
-const T_GET_ID: u32 = 8;
-const T_DISCARD: u32 = 11;
-const T_WRITE_ZEROES: u32 = 13;
-const S_OK: u8 = 0;
-const S_IOERR: u8 = 1;
-const S_UNSUPP: u8 = 2;
+/// `seg_max` this device offers.
 const SEG_MAX: u32 = 126;
 
 /// A virtio-blk device over a file.
@@ -49,15 +27,15 @@ pub struct BlockDevice {
     capacity: u64,
     readonly: bool,
     num_queues: u16,
-    serial: [u8; 20],
+    serial: [u8; VIRTIO_BLK_ID_BYTES],
 }
 
 impl BlockDevice {
     /// Opens `path` (read-write unless `readonly`) as a device with `num_queues` queues.
     pub fn open(path: &Path, readonly: bool, num_queues: u16) -> io::Result<BlockDevice> {
         let file = OpenOptions::new().read(true).write(!readonly).open(path)?;
-        let capacity = file.metadata()?.len() / SECTOR;
-        let mut serial = [0u8; 20];
+        let capacity = file.metadata()?.len() / SECTOR_SIZE;
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
         let name = b"vhostuser_rs-blk";
         serial[..name.len()].copy_from_slice(name);
         Ok(BlockDevice { file, capacity, readonly, num_queues: num_queues.max(1), serial })
@@ -72,87 +50,87 @@ impl BlockDevice {
         let readable = batch.readable(chain);
         let writable = batch.writable(chain);
         if chain.writable_len == 0 {
-            return (S_IOERR, 0); // nowhere to put the status: the caller leaves it unset
+            return (VIRTIO_BLK_S_IOERR, 0); // nowhere to put the status: the caller leaves it unset
         }
-        let mut hdr = [0u8; 16];
-        if copy_out(readable, 0, &mut hdr) < 16 {
-            return (S_IOERR, 1);
+        let mut hdr = [0u8; RequestHeader::SIZE];
+        if copy_out(readable, 0, &mut hdr) < RequestHeader::SIZE {
+            return (VIRTIO_BLK_S_IOERR, 1);
         }
-        let rtype = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-        let sector = u64::from_le_bytes(hdr[8..16].try_into().unwrap_or([0; 8]));
+        let RequestHeader { type_: rtype, sector, .. } = RequestHeader::from_le_bytes(hdr);
         let data_in = u64::from(chain.writable_len) - 1; // writable bytes before the status byte
-        let data_out = u64::from(chain.readable_len) - 16;
+        let data_out = u64::from(chain.readable_len) - RequestHeader::SIZE as u64;
         match rtype {
-            T_IN => {
-                if data_in % SECTOR != 0 || !self.in_range(sector, data_in) {
-                    return (S_IOERR, 1);
+            VIRTIO_BLK_T_IN => {
+                if data_in % SECTOR_SIZE != 0 || !self.in_range(sector, data_in) {
+                    return (VIRTIO_BLK_S_IOERR, 1);
                 }
-                match self.io_vectored(writable, 0, data_in, sector * SECTOR, false) {
-                    Ok(()) => (S_OK, data_in as u32 + 1),
-                    Err(_) => (S_IOERR, 1),
+                match self.io_vectored(writable, 0, data_in, sector * SECTOR_SIZE, false) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, data_in as u32 + 1),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 1),
                 }
             }
-            T_OUT => {
+            VIRTIO_BLK_T_OUT => {
                 if self.readonly {
-                    return (S_IOERR, 1);
+                    return (VIRTIO_BLK_S_IOERR, 1);
                 }
-                if data_out % SECTOR != 0 || !self.in_range(sector, data_out) {
-                    return (S_IOERR, 1);
+                if data_out % SECTOR_SIZE != 0 || !self.in_range(sector, data_out) {
+                    return (VIRTIO_BLK_S_IOERR, 1);
                 }
-                match self.io_vectored(readable, 16, data_out, sector * SECTOR, true) {
-                    Ok(()) => (S_OK, 1),
-                    Err(_) => (S_IOERR, 1),
+                match self.io_vectored(readable, RequestHeader::SIZE as u64, data_out, sector * SECTOR_SIZE, true) {
+                    Ok(()) => (VIRTIO_BLK_S_OK, 1),
+                    Err(_) => (VIRTIO_BLK_S_IOERR, 1),
                 }
             }
-            T_FLUSH => {
+            VIRTIO_BLK_T_FLUSH => {
                 // SAFETY: plain syscall on our file.
                 let ok = unsafe { libc::fdatasync(self.file.as_raw_fd()) } == 0;
-                (if ok { S_OK } else { S_IOERR }, 1)
+                (if ok { VIRTIO_BLK_S_OK } else { VIRTIO_BLK_S_IOERR }, 1)
             }
-            T_GET_ID => {
-                let n = data_in.min(20) as usize;
+            VIRTIO_BLK_T_GET_ID => {
+                let n = data_in.min(VIRTIO_BLK_ID_BYTES as u64) as usize;
                 copy_in(writable, 0, &self.serial[..n]);
-                (S_OK, n as u32 + 1)
+                (VIRTIO_BLK_S_OK, n as u32 + 1)
             }
-            T_DISCARD | T_WRITE_ZEROES => {
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
                 if self.readonly {
-                    return (S_IOERR, 1);
+                    return (VIRTIO_BLK_S_IOERR, 1);
                 }
-                if data_out == 0 || data_out % 16 != 0 || data_out / 16 > 1 {
-                    return (S_UNSUPP, 1); // max_discard_seg / max_write_zeroes_seg are 1
+                let seg_size = DiscardWriteZeroes::SIZE as u64;
+                if data_out == 0 || data_out % seg_size != 0 || data_out / seg_size > 1 {
+                    return (VIRTIO_BLK_S_UNSUPP, 1); // max_discard_seg / max_write_zeroes_seg are 1
                 }
-                let mut seg = [0u8; 16];
-                copy_out(readable, 16, &mut seg);
-                let s = u64::from_le_bytes(seg[0..8].try_into().unwrap_or([0; 8]));
-                let n = u64::from(u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]));
-                let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
-                if flags & !1 != 0 || !self.in_range(s, n * SECTOR) {
-                    return (S_UNSUPP, 1);
+                let mut seg = [0u8; DiscardWriteZeroes::SIZE];
+                copy_out(readable, RequestHeader::SIZE, &mut seg);
+                let DiscardWriteZeroes { sector: s, num_sectors, flags } = DiscardWriteZeroes::from_le_bytes(seg);
+                let n = u64::from(num_sectors);
+                if flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0 || !self.in_range(s, n * SECTOR_SIZE) {
+                    return (VIRTIO_BLK_S_UNSUPP, 1);
                 }
-                let mode = if rtype == T_DISCARD {
+                let mode = if rtype == VIRTIO_BLK_T_DISCARD {
                     libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
                 } else {
                     libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
                 };
                 // SAFETY: plain syscall on our file with checked offsets.
-                let r =
-                    unsafe { libc::fallocate(self.file.as_raw_fd(), mode, (s * SECTOR) as i64, (n * SECTOR) as i64) };
-                if r == 0 || rtype == T_DISCARD {
+                let r = unsafe {
+                    libc::fallocate(self.file.as_raw_fd(), mode, (s * SECTOR_SIZE) as i64, (n * SECTOR_SIZE) as i64)
+                };
+                if r == 0 || rtype == VIRTIO_BLK_T_DISCARD {
                     // A discard that the file system cannot do is still a valid no-op.
-                    (S_OK, 1)
+                    (VIRTIO_BLK_S_OK, 1)
                 } else {
-                    match self.write_zeros(s * SECTOR, n * SECTOR) {
-                        Ok(()) => (S_OK, 1),
-                        Err(_) => (S_IOERR, 1),
+                    match self.write_zeros(s * SECTOR_SIZE, n * SECTOR_SIZE) {
+                        Ok(()) => (VIRTIO_BLK_S_OK, 1),
+                        Err(_) => (VIRTIO_BLK_S_IOERR, 1),
                     }
                 }
             }
-            _ => (S_UNSUPP, 1),
+            _ => (VIRTIO_BLK_S_UNSUPP, 1),
         }
     }
 
     fn in_range(&self, sector: u64, bytes: u64) -> bool {
-        sector.checked_add(bytes / SECTOR).is_some_and(|end| end <= self.capacity)
+        sector.checked_add(bytes / SECTOR_SIZE).is_some_and(|end| end <= self.capacity)
     }
 
     fn write_zeros(&self, mut offset: u64, mut len: u64) -> io::Result<()> {
@@ -228,19 +206,20 @@ impl BlockDevice {
     }
 
     fn config_bytes(&self) -> Vec<u8> {
-        let mut c = vec![0u8; 60];
-        c[0..8].copy_from_slice(&self.capacity.to_le_bytes());
-        c[12..16].copy_from_slice(&SEG_MAX.to_le_bytes());
-        c[20..24].copy_from_slice(&512u32.to_le_bytes());
-        c[26..28].copy_from_slice(&1u16.to_le_bytes()); // min_io_size
-        c[28..32].copy_from_slice(&1u32.to_le_bytes()); // opt_io_size
-        c[34..36].copy_from_slice(&self.num_queues.to_le_bytes());
+        let mut c = vec![0u8; CONFIG_SIZE];
+        let mut put = |offset: usize, value: &[u8]| c[offset..offset + value.len()].copy_from_slice(value);
+        put(config::CAPACITY, &self.capacity.to_le_bytes());
+        put(config::SEG_MAX, &SEG_MAX.to_le_bytes());
+        put(config::BLK_SIZE, &512u32.to_le_bytes());
+        put(config::MIN_IO_SIZE, &1u16.to_le_bytes());
+        put(config::OPT_IO_SIZE, &1u32.to_le_bytes());
+        put(config::NUM_QUEUES, &self.num_queues.to_le_bytes());
         let max = u32::try_from(self.capacity).unwrap_or(u32::MAX).min(1 << 22);
-        c[36..40].copy_from_slice(&max.to_le_bytes()); // max_discard_sectors
-        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
-        c[44..48].copy_from_slice(&1u32.to_le_bytes()); // discard_sector_alignment
-        c[48..52].copy_from_slice(&max.to_le_bytes()); // max_write_zeroes_sectors
-        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        put(config::MAX_DISCARD_SECTORS, &max.to_le_bytes());
+        put(config::MAX_DISCARD_SEG, &1u32.to_le_bytes());
+        put(config::DISCARD_SECTOR_ALIGNMENT, &1u32.to_le_bytes());
+        put(config::MAX_WRITE_ZEROES_SECTORS, &max.to_le_bytes());
+        put(config::MAX_WRITE_ZEROES_SEG, &1u32.to_le_bytes());
         c
     }
 }
@@ -283,14 +262,14 @@ impl Device for BlockDevice {
         let mut f = VirtioFeatures::VERSION_1.bits()
             | VirtioFeatures::EVENT_IDX.bits()
             | VirtioFeatures::INDIRECT_DESC.bits()
-            | feature::SEG_MAX
-            | feature::BLK_SIZE
-            | feature::FLUSH
-            | feature::MQ
-            | feature::DISCARD
-            | feature::WRITE_ZEROES;
+            | 1 << VIRTIO_BLK_F_SEG_MAX
+            | 1 << VIRTIO_BLK_F_BLK_SIZE
+            | 1 << VIRTIO_BLK_F_FLUSH
+            | 1 << VIRTIO_BLK_F_MQ
+            | 1 << VIRTIO_BLK_F_DISCARD
+            | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
         if self.readonly {
-            f |= feature::RO;
+            f |= 1 << VIRTIO_BLK_F_RO;
         }
         f
     }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
+use crate::virtio::blk::{RequestHeader, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
 use crate::virtqueue::DriverQueue;
 
 /// The access pattern.
@@ -82,6 +83,9 @@ pub struct Report {
     pub per_second: Vec<u64>,
 }
 
+/// Length of the header descriptor of every request.
+const HDR_LEN: u32 = RequestHeader::SIZE as u32;
+
 struct Slot {
     hdr: u64,
     data: u64,
@@ -139,7 +143,7 @@ pub fn run(
     stop: &mut dyn FnMut(&Report) -> bool,
 ) -> Result<Report> {
     let bs = u64::from(job.block_size);
-    if bs == 0 || bs % 512 != 0 || job.capacity < bs || job.iodepth == 0 {
+    if bs == 0 || bs % SECTOR_SIZE != 0 || job.capacity < bs || job.iodepth == 0 {
         return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "invalid block size, capacity or iodepth")));
     }
     let depth = usize::from(job.iodepth).min(usize::from(queue.ring().size));
@@ -148,7 +152,7 @@ pub fn run(
     let mut slots = Vec::with_capacity(depth);
     for _ in 0..depth {
         slots.push(Slot {
-            hdr: memory.alloc(16, 16)?,
+            hdr: memory.alloc(RequestHeader::SIZE as u64, 16)?,
             data: memory.alloc(bs, 4096)?,
             status: memory.alloc(1, 1)?,
             write: false,
@@ -177,23 +181,21 @@ pub fn run(
                 _ => false,
             };
             let s = &mut slots[i];
-            s.sector = block * bs / 512;
+            s.sector = block * bs / SECTOR_SIZE;
             s.write = write;
-            let mut hdr = [0u8; 16];
-            hdr[0..4].copy_from_slice(&u32::from(write).to_le_bytes());
-            hdr[8..16].copy_from_slice(&s.sector.to_le_bytes());
-            mem.write(s.hdr, &hdr)?;
+            let type_ = if write { VIRTIO_BLK_T_OUT } else { VIRTIO_BLK_T_IN };
+            mem.write(s.hdr, &RequestHeader { type_, reserved: 0, sector: s.sector }.to_le_bytes())?;
             mem.write(s.status, &[0xff])?;
             if write && job.verify {
-                for (k, chunk) in stamp.chunks_mut(512).enumerate() {
+                for (k, chunk) in stamp.chunks_mut(SECTOR_SIZE as usize).enumerate() {
                     chunk[..8].copy_from_slice(&(s.sector + k as u64).to_le_bytes());
                 }
                 mem.write(s.data, &stamp)?;
             }
             let head = if write {
-                queue.add(&[(s.hdr, 16), (s.data, job.block_size)], &[(s.status, 1)])
+                queue.add(&[(s.hdr, HDR_LEN), (s.data, job.block_size)], &[(s.status, 1)])
             } else {
-                queue.add(&[(s.hdr, 16)], &[(s.data, job.block_size), (s.status, 1)])
+                queue.add(&[(s.hdr, HDR_LEN)], &[(s.data, job.block_size), (s.status, 1)])
             }
             .map_err(|e| Error::Queue { queue: 0, source: e })?;
             by_head[usize::from(head)] = i;
@@ -258,11 +260,11 @@ pub fn run(
             in_second += 1;
             let mut status = [0u8; 1];
             mem.read(s.status, &mut status)?;
-            if status[0] != 0 {
+            if status[0] != VIRTIO_BLK_S_OK {
                 report.errors += 1;
             } else if job.verify && !s.write {
                 mem.read(s.data, &mut check)?;
-                for (k, chunk) in check.chunks(512).enumerate() {
+                for (k, chunk) in check.chunks(SECTOR_SIZE as usize).enumerate() {
                     if chunk[..8] != (s.sector + k as u64).to_le_bytes() {
                         report.verify_failures += 1;
                     }

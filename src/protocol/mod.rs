@@ -5,6 +5,7 @@ mod error;
 mod features;
 mod header;
 mod message;
+mod negotiated;
 mod payload;
 mod request;
 
@@ -15,6 +16,7 @@ pub use error::ProtocolError;
 pub use features::{ProtocolFeatures, VirtioFeatures, VRING_F_LOG};
 pub use header::{Header, HEADER_SIZE, NEED_REPLY, REPLY, RESERVED_FLAGS, VERSION, VERSION_MASK};
 pub use message::{decode, decode_body, Message};
+pub use negotiated::Negotiated;
 pub use payload::{
     CryptoSession, DeviceConfig, DeviceStateParams, InflightDesc, IotlbMsg, MemoryRegion, MmapRequest, Payload,
     ShmemConfig, VringAddr, VringArea, VringFd, VringState, XenMmap, MAX_MEM_TABLE_REGIONS, MAX_SHMEM_REGIONS,
