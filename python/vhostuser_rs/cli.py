@@ -376,6 +376,47 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve_net(args: argparse.Namespace) -> int:
+    import signal
+
+    from .devices import LoopbackNet, TapNet
+
+    if args.print_capabilities:
+        # The spec's back-end program conventions (vhost-user.json "type": "net").
+        print(json.dumps({"type": "net", "features": ["tap", "loopback", "queue-pairs", "mtu", "mac"]}))
+        return 0
+    if (args.tap is None) == (not args.loopback) or (args.socket_path is None) == (args.fd is None):
+        print("vhostuser-rs serve-net: give exactly one of --tap NAME / --loopback and one of --socket-path / --fd",
+              file=sys.stderr)
+        return 2
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    device: LoopbackNet | TapNet
+    try:
+        if args.loopback:
+            device = LoopbackNet(queue_pairs=args.queue_pairs, mac=args.mac, mtu=args.mtu)
+        else:
+            device = TapNet(args.tap, queue_pairs=args.queue_pairs, mac=args.mac, mtu=args.mtu,
+                            offloads=not args.no_offloads)
+    except (ValueError, OSError) as e:
+        print(f"vhostuser-rs serve-net: {e}", file=sys.stderr)
+        return 1
+    code = 0
+    try:
+        device.serve(args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6)
+    except KeyboardInterrupt:
+        pass
+    except (VhostUserError, OSError) as e:
+        print(f"vhostuser-rs serve-net: {e}", file=sys.stderr)
+        code = 1
+    c = device.counters()
+    print("serve-net: " + " ".join(f"{k}={v}" for k, v in c.items()), file=sys.stderr, flush=True)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -430,6 +471,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_blk)
+
+    p = sub.add_parser("serve-net", help="serve a virtio-net port: a TAP bridge or a loopback")
+    p.add_argument("--socket-path", help="listen on this Unix socket")
+    p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
+    p.add_argument("--tap", metavar="NAME", help="bridge to TAP NAME (created if absent)")
+    p.add_argument("--loopback", action="store_true", help="send every transmitted frame back, MACs swapped")
+    p.add_argument("--queue-pairs", type=int, default=1)
+    p.add_argument("--mtu", type=int, help="offer this MTU (VIRTIO_NET_F_MTU)")
+    p.add_argument("--mac", help="offer this MAC address (default 52:54:00:12:34:56)")
+    p.add_argument("--no-offloads", action="store_true",
+                   help="TAP: do not offer checksum/TSO offloads (the guest then sends complete frames)")
+    p.add_argument("--workers", type=int, help="worker threads shared by the queue pairs (default: one per pair)")
+    p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
+    p.add_argument("--poll-us", type=float, default=0.0,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode)")
+    p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
+    p.set_defaults(func=_cmd_serve_net)
 
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")

@@ -8,15 +8,31 @@
 //! PROTOCOL_FEATURES was not negotiated. Only started and enabled rings are processed.
 
 mod requests;
+mod rings;
 mod session;
 mod worker;
 
 pub use requests::BackendRequests;
+pub use rings::{RingHandle, Rings};
 pub use session::{serve_connection, serve_session, Session};
 pub use worker::WorkerPolicy;
 
+use std::os::fd::RawFd;
+
 use crate::protocol::ProtocolFeatures;
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+
+/// A front-end request that belongs to the device rather than to the session. The session
+/// checks the protocol feature that gates it before the device sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceRequest {
+    /// SEND_RARP (RARP): broadcast a RARP frame for this MAC (after a migration, for drivers
+    /// without GUEST_ANNOUNCE).
+    SendRarp([u8; 6]),
+    /// NET_SET_MTU (MTU + VIRTIO_NET_F_MTU): the host MTU. The device must refuse values it
+    /// cannot use (with REPLY_ACK the refusal reaches the front-end).
+    NetSetMtu(u64),
+}
 
 /// A virtio device served by the back-end. Implementations must be thread-safe: each started
 /// ring calls [`process`](Device::process) from its own worker thread.
@@ -52,6 +68,48 @@ pub trait Device: Send + Sync + 'static {
     /// Ring `queue_index` stopped (GET_VRING_BASE, a memory-table change that restarts it, the
     /// end of the session). Nothing of it is processed until it starts again.
     fn queue_stopped(&self, _queue_index: u16) {}
+    /// GET_QUEUE_NUM's answer: the ring count for most devices, queue *pairs* for virtio-net
+    /// (protocol.md §9).
+    fn queue_num(&self) -> u64 {
+        u64::from(self.num_queues())
+    }
+    /// Rings with the same group run on the same worker thread (with one thread per group, or
+    /// group `g` on thread `g % n` of a shared pool), so a device can move data between them
+    /// without a lock: virtio-net puts a queue pair in one group. Default: every ring alone.
+    fn ring_group(&self, queue_index: u16) -> u16 {
+        queue_index
+    }
+    /// The driver acknowledged `features` (SET_FEATURES).
+    fn features_acked(&self, _features: u64) {}
+    /// A device request (SEND_RARP, NET_SET_MTU). `Err` refuses it with a reason (a failure
+    /// ack under REPLY_ACK). Offer the gating protocol feature only if this is implemented.
+    fn device_request(&self, _request: DeviceRequest) -> Result<(), String> {
+        Err("not implemented by this device".into())
+    }
+    /// Fds the worker of ring `queue_index` watches for this device while the ring runs (a
+    /// TAP, a socket, a timerfd), next to the kicks; [`event`](Device::event) runs when one is
+    /// readable. Asked each time the ring starts; the device keeps them open meanwhile.
+    fn event_fds(&self, _queue_index: u16) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `fd` (one of [`event_fds`](Device::event_fds) of `ring`) is readable. Poll is
+    /// level-triggered: return `false` to stop watching the ring's fds until the ring is kicked
+    /// again (e.g. a TAP with frames while the RX ring has no buffers).
+    fn event(&self, _fd: RawFd, _ring: RingHandle<'_>, _others: &mut Rings<'_>) -> Result<bool, VirtqueueError> {
+        Ok(true)
+    }
+    /// Handles a batch with the ring's kept chains and the other rings of this worker at hand
+    /// (deferred completion; net: TX fills the RX ring of its pair). Default: [`process`](Device::process).
+    fn process_batch(
+        &self,
+        queue_index: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        _kept: &mut KeptChains,
+        _others: &mut Rings<'_>,
+    ) -> Result<(), VirtqueueError> {
+        self.process(queue_index, queue, batch)
+    }
     /// Runs one wake-up of a worker (every batch it drains). The Python adapter takes the GIL
     /// here once, so a wake-up costs one GIL acquisition however many batches it holds.
     fn wake_scope(&self, run: &mut dyn FnMut()) {

@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 
 use super::requests::BackendRequests;
 use super::worker::{RingShared, Worker, WorkerPolicy, Workers};
-use super::Device;
+use super::{Device, DeviceRequest};
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
 use crate::memory::{
@@ -53,6 +53,8 @@ pub struct Session {
     device: Arc<dyn Device>,
     acked_features: u64,
     acked_protocol: ProtocolFeatures,
+    /// SET_PROTOCOL_FEATURES was received (PROTOCOL_FEATURES is then on its way).
+    protocol_set: bool,
     memory: Arc<MemoryTable>,
     rings: Vec<Ring>,
     log: Option<DirtyLog>,
@@ -91,6 +93,7 @@ impl Session {
             device,
             acked_features: 0,
             acked_protocol: ProtocolFeatures::empty(),
+            protocol_set: false,
             memory: Arc::new(MemoryTable::new()),
             rings: (0..n).map(|_| Ring::default()).collect(),
             log: None,
@@ -156,6 +159,7 @@ impl Session {
                 }
                 self.acked_features = *v;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
+                self.device.features_acked(*v);
                 if v & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
                     // Without PROTOCOL_FEATURES, rings start enabled.
                     for r in &mut self.rings {
@@ -176,10 +180,11 @@ impl Session {
                     return refuse("acknowledges protocol features that were not offered");
                 }
                 self.acked_protocol = ProtocolFeatures(*v);
+                self.protocol_set = true;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
                 Outcome::Done
             }
-            (GET_QUEUE_NUM, _) => Outcome::Reply(Payload::U64(self.rings.len() as u64), Vec::new()),
+            (GET_QUEUE_NUM, _) => Outcome::Reply(Payload::U64(self.device.queue_num()), Vec::new()),
             (GET_MAX_MEM_SLOTS, _) => Outcome::Reply(Payload::U64(DEFAULT_MAX_SLOTS as u64), Vec::new()),
             (SET_MEM_TABLE, Payload::MemoryTable(regions)) => {
                 let pairs = regions.iter().zip(fds.drain(..)).map(|(r, fd)| (region_desc(r), fd)).collect();
@@ -294,7 +299,9 @@ impl Session {
                 }
             }
             (SET_VRING_ENABLE, Payload::VringState(s)) => {
-                if self.acked_features & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+                // QEMU's net front-end enables its rings before SET_FEATURES (protocol.md §9):
+                // SET_PROTOCOL_FEATURES already showed that PROTOCOL_FEATURES will be acked.
+                if self.acked_features & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 && !self.protocol_set {
                     return refuse("PROTOCOL_FEATURES was not negotiated");
                 }
                 let i = match self.ring(message) {
@@ -435,6 +442,21 @@ impl Session {
                     Err(e) => Outcome::Refused(Error::Queue { queue: 0, source: e }),
                 }
             }
+            (SEND_RARP, Payload::U64(v)) => {
+                if !self.acked_protocol.contains(ProtocolFeatures::RARP) {
+                    return refuse("RARP was not negotiated");
+                }
+                let b = v.to_le_bytes();
+                self.device_request(DeviceRequest::SendRarp([b[0], b[1], b[2], b[3], b[4], b[5]]))
+            }
+            (NET_SET_MTU, Payload::U64(v)) => {
+                if !self.acked_protocol.contains(ProtocolFeatures::MTU)
+                    || self.acked_features & VirtioFeatures::NET_MTU.bits() == 0
+                {
+                    return refuse("MTU (protocol) and VIRTIO_NET_F_MTU were not both negotiated");
+                }
+                self.device_request(DeviceRequest::NetSetMtu(*v))
+            }
             (SET_STATUS, Payload::U64(v)) => {
                 self.status = *v as u8;
                 Outcome::Done
@@ -455,6 +477,24 @@ impl Session {
             _ => {
                 drop(fds);
                 refuse("not supported by this back-end")
+            }
+        }
+    }
+
+    fn device_request(&self, request: DeviceRequest) -> Outcome {
+        match self.device.device_request(request) {
+            Ok(()) => Outcome::Done,
+            Err(why) => {
+                if self.trace {
+                    eprintln!("vhost-user back-end: {request:?} refused: {why}");
+                }
+                Outcome::Refused(Error::InvalidState {
+                    request: match request {
+                        DeviceRequest::SendRarp(_) => FrontendRequest::SEND_RARP.into(),
+                        DeviceRequest::NetSetMtu(_) => FrontendRequest::NET_SET_MTU.into(),
+                    },
+                    state: "the device refused it",
+                })
             }
         }
     }
@@ -592,7 +632,8 @@ impl Session {
         };
         let shared = RingShared::new(ring.enabled, ring.call.take(), group);
         let requests = iommu.then(|| self.requests.clone());
-        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests));
+        let events = device.event_fds(i as u16);
+        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests, events));
         self.device.queue_started(i as u16);
         Outcome::Done
     }

@@ -5,15 +5,16 @@
 //! owns its rings' state outright and the data path takes no lock.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::requests::BackendRequests;
+use super::rings::{RingHandle, Rings};
 use super::Device;
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 /// Misses for the same address in a row before a ring is given up on.
 const MAX_MISSES: u32 = 3;
@@ -102,54 +103,125 @@ impl RingShared {
 }
 
 /// A ring as its thread holds it.
-struct Slot {
-    index: u16,
-    queue: DeviceQueue,
+pub(crate) struct Slot {
+    pub(crate) index: u16,
+    pub(crate) queue: DeviceQueue,
     kick: OwnedFd,
     shared: Arc<RingShared>,
     requests: Option<Arc<BackendRequests>>,
     batch: ChainBatch,
-    pending: bool,
+    /// Scratch for chains popped outside the drain loop (refills of kept chains).
+    pub(crate) refill_batch: ChainBatch,
+    /// Chains the device keeps past their batch (deferred completion).
+    pub(crate) kept: KeptChains,
+    /// Used entries were written outside the drain loop: publish at the end of the wake-up.
+    pub(crate) dirty: bool,
+    /// The ring was kicked (or is polled): drain it.
+    pub(crate) pending: bool,
+    /// The device's fds for this ring, and which were readable at the last poll.
+    events: Vec<RawFd>,
+    ready: Vec<RawFd>,
+    /// Whether `events` are watched (the device pauses them until the next kick).
+    listening: bool,
     last_miss: Option<u64>,
     misses: u32,
 }
 
 impl Slot {
-    /// Drains the ring if it was kicked; returns whether it must be looked at again at once
-    /// (an IOTLB entry has just arrived).
-    fn run(&mut self, device: &dyn Device) -> bool {
-        if !self.pending || !self.shared.enabled.load(Ordering::Acquire) || self.queue.is_broken() {
-            return false;
+    /// Started, enabled and not broken.
+    pub(crate) fn usable(&self) -> bool {
+        self.shared.enabled.load(Ordering::Acquire) && !self.queue.is_broken()
+    }
+
+    /// Drains the ring if it was kicked, then handles its ready fds (inside the device's wake
+    /// scope). An IOTLB miss is returned for [`Slot::after_miss`], outside the scope.
+    fn run(&mut self, device: &dyn Device, others: &mut Rings<'_>) -> Option<(u64, u8)> {
+        if !self.usable() {
+            self.ready.clear();
+            return None;
         }
-        self.pending = false;
-        let (index, queue, batch) = (self.index, &mut self.queue, &mut self.batch);
-        let mut result = Ok(false);
-        device.wake_scope(&mut || {
-            result = queue.drain(batch, 64, |q, b| device.process(index, q, b));
-        });
-        match result {
+        let mut miss = None;
+        if self.pending {
+            self.pending = false;
+            // A kick means new buffers: watch the device's fds again.
+            self.listening = true;
+            let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
+            let result = queue.drain(batch, 64, |q, b| device.process_batch(index, q, b, kept, others));
+            match result {
+                Ok(true) => self.shared.notify_driver(),
+                Ok(false) => {}
+                Err(VirtqueueError::IotlbMiss { iova, perm }) => {
+                    // Chains before the miss may have completed: let the driver know.
+                    self.shared.notify_driver();
+                    miss = Some((iova, perm));
+                }
+                Err(_) => {
+                    // The queue is broken (malformed ring): stop processing it, keep the session.
+                    // Signal once so a waiting driver notices nothing more comes.
+                    self.shared.notify_driver();
+                }
+            }
+        }
+        let ready = std::mem::take(&mut self.ready);
+        for &fd in &ready {
+            if !self.listening || !self.usable() {
+                break;
+            }
+            match device.event(fd, RingHandle::new(self), others) {
+                Ok(keep) => self.listening &= keep,
+                Err(_) => self.listening = false,
+            }
+        }
+        self.ready = ready;
+        self.ready.clear();
+        miss
+    }
+
+    /// Asks the front-end for a missing IOTLB entry (outside the device's wake scope: this
+    /// waits for an answer); returns whether the ring must be looked at again at once.
+    fn after_miss(&mut self, iova: u64, perm: u8) -> bool {
+        self.misses = if self.last_miss == Some(iova) { self.misses + 1 } else { 1 };
+        self.last_miss = Some(iova);
+        if self.misses <= MAX_MISSES && ask_for_entry(self.requests.as_deref(), iova, perm) {
+            // The UPDATE has arrived (REPLY_ACK): walk the chain again.
+            self.pending = true;
+            return true;
+        }
+        // The front-end does not map it: an unusable ring, like a malformed one.
+        self.queue.mark_broken();
+        false
+    }
+
+    /// Publishes used entries written outside the drain loop and notifies the driver.
+    fn flush(&mut self) {
+        if !self.dirty {
+            return;
+        }
+        self.dirty = false;
+        match self.queue.publish_used() {
             Ok(true) => self.shared.notify_driver(),
             Ok(false) => {}
-            Err(VirtqueueError::IotlbMiss { iova, perm }) => {
-                // Chains before the miss may have completed: let the driver know.
-                self.shared.notify_driver();
-                self.misses = if self.last_miss == Some(iova) { self.misses + 1 } else { 1 };
-                self.last_miss = Some(iova);
-                if self.misses <= MAX_MISSES && ask_for_entry(self.requests.as_deref(), iova, perm) {
-                    // The UPDATE has arrived (REPLY_ACK): walk the chain again.
-                    self.pending = true;
-                    return true;
-                }
-                // The front-end does not map it: an unusable ring, like a malformed one.
-                self.queue.mark_broken();
-            }
             Err(_) => {
-                // The queue is broken (malformed ring): stop processing it, keep the session.
-                // Signal once so a waiting driver notices nothing more comes.
+                self.queue.mark_broken();
                 self.shared.notify_driver();
             }
         }
-        false
+    }
+
+    /// Whether the device's fds are watched now.
+    fn watching(&self) -> bool {
+        self.listening && !self.events.is_empty() && self.usable()
+    }
+
+    /// Hands unused kept chains back to the ring when possible (they are the last popped, as
+    /// RX buffers are); otherwise they stay in flight. Returns the queue.
+    fn into_queue(mut self) -> DeviceQueue {
+        let heads: Vec<u16> = self.kept.heads().collect();
+        if !heads.is_empty() {
+            self.queue.return_chains(&heads);
+        }
+        self.kept.clear();
+        self.queue
     }
 }
 
@@ -169,6 +241,25 @@ pub(crate) struct Group {
 impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Group").field("wake", &self.wake).finish_non_exhaustive()
+    }
+}
+
+fn add_event_fds(slots: &[Box<Slot>], fds: &mut Vec<libc::pollfd>, owners: &mut Vec<usize>) {
+    for (k, slot) in slots.iter().enumerate() {
+        if slot.watching() {
+            for &fd in &slot.events {
+                fds.push(libc::pollfd { fd, events: libc::POLLIN, revents: 0 });
+                owners.push(k);
+            }
+        }
+    }
+}
+
+fn collect_ready(slots: &mut [Box<Slot>], fds: &[libc::pollfd], owners: &[usize]) {
+    for (p, &k) in fds.iter().zip(owners) {
+        if p.revents != 0 {
+            slots[k].ready.push(p.fd);
+        }
     }
 }
 
@@ -227,6 +318,9 @@ impl Group {
     fn run(&self, device: &dyn Device, poll: std::time::Duration) {
         let mut slots: Vec<Box<Slot>> = Vec::new();
         let mut fds: Vec<libc::pollfd> = Vec::new();
+        // For each pollfd after the kicks and the wake fd: the slot it belongs to.
+        let mut owners: Vec<usize> = Vec::new();
+        let mut misses: Vec<(usize, u64, u8)> = Vec::new();
         let mut last_work = std::time::Instant::now();
         loop {
             let commands = std::mem::take(&mut *self.commands.lock().unwrap_or_else(|e| e.into_inner()));
@@ -235,7 +329,7 @@ impl Group {
                     Command::Add(slot) => slots.push(slot),
                     Command::Remove(index, reply) => {
                         if let Some(pos) = slots.iter().position(|s| s.index == index) {
-                            let _ = reply.send(slots.swap_remove(pos).queue);
+                            let _ = reply.send(slots.swap_remove(pos).into_queue());
                         }
                     }
                 }
@@ -244,13 +338,31 @@ impl Group {
                 return;
             }
             let mut again = false;
-            for slot in &mut slots {
-                let before = slot.queue.next_avail();
-                again |= slot.run(device);
-                if slot.queue.next_avail() != before {
-                    last_work = std::time::Instant::now();
-                }
+            let mut worked = false;
+            if slots.iter().any(|s| s.pending || !s.ready.is_empty()) {
+                // One wake scope for the whole wake-up (the Python adapter takes the GIL once).
+                device.wake_scope(&mut || {
+                    for k in 0..slots.len() {
+                        let (before, rest) = slots.split_at_mut(k);
+                        let Some((cur, after)) = rest.split_first_mut() else { break };
+                        let (avail, used) = (cur.queue.next_avail(), cur.queue.next_used());
+                        if let Some((iova, perm)) = cur.run(device, &mut Rings::new(before, after)) {
+                            misses.push((k, iova, perm));
+                        }
+                        worked |= cur.queue.next_avail() != avail || cur.queue.next_used() != used;
+                    }
+                    for slot in &mut slots {
+                        slot.flush();
+                    }
+                });
             }
+            for (k, iova, perm) in misses.drain(..) {
+                again |= slots[k].after_miss(iova, perm);
+            }
+            if worked {
+                last_work = std::time::Instant::now();
+            }
+            let watching = slots.iter().any(|s| s.watching());
             if !poll.is_zero() && last_work.elapsed() < poll {
                 // Polling window: look at the rings themselves instead of sleeping, so a
                 // driver on another CPU does not pay for waking this thread. Yield rather than
@@ -262,33 +374,64 @@ impl Group {
                         found = true;
                     }
                 }
+                if watching {
+                    // The device's fds are polled too (without sleeping).
+                    found |= self.poll_events(&mut slots, &mut fds, &mut owners, 0) > 0;
+                }
                 if !found {
                     std::thread::yield_now();
                 }
                 continue;
             }
             fds.clear();
+            owners.clear();
             fds.extend(slots.iter().map(|s| libc::pollfd { fd: s.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
             fds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots).
+            add_event_fds(&slots, &mut fds, &mut owners);
+            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
+            // and devices keep their event fds open while the ring runs).
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if again { 0 } else { 1000 }) };
             if n <= 0 {
                 continue;
             }
+            let kicks = slots.len();
             for (slot, p) in slots.iter_mut().zip(&fds) {
                 if p.revents != 0 {
                     drain_fd(p.fd);
                     slot.pending = true;
                 }
             }
-            if fds.last().is_some_and(|p| p.revents != 0) {
+            if fds[kicks].revents != 0 {
                 drain_fd(self.wake.as_raw_fd());
                 // An enable or a new ring: look at every ring once.
                 for slot in &mut slots {
                     slot.pending = true;
                 }
             }
+            collect_ready(&mut slots, &fds[kicks + 1..], &owners);
         }
+    }
+
+    /// Polls only the device fds of the slots (timeout in ms); marks the ready ones.
+    fn poll_events(
+        &self,
+        slots: &mut [Box<Slot>],
+        fds: &mut Vec<libc::pollfd>,
+        owners: &mut Vec<usize>,
+        timeout: i32,
+    ) -> i32 {
+        fds.clear();
+        owners.clear();
+        add_event_fds(slots, fds, owners);
+        if fds.is_empty() {
+            return 0;
+        }
+        // SAFETY: a valid array of pollfds that stay open (see `run`).
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if n > 0 {
+            collect_ready(slots, fds, owners);
+        }
+        n
     }
 
     fn shutdown(&self) {
@@ -316,12 +459,13 @@ impl Workers {
 
     /// The thread that runs ring `index` (started if needed).
     pub fn group_for(&mut self, index: u16, device: &Arc<dyn Device>) -> io::Result<Arc<Group>> {
+        let group = device.ring_group(index);
         let (slot, name) = match self.policy.threads {
             Some(n) if n > 0 => {
-                let t = usize::from(index) % n;
+                let t = usize::from(group) % n;
                 (t, format!("vhost-user worker {t}"))
             }
-            _ => (usize::from(index), format!("vhost-user ring {index}")),
+            _ => (usize::from(group), format!("vhost-user ring {group}")),
         };
         if self.groups.len() <= slot {
             self.groups.resize(slot + 1, None);
@@ -361,6 +505,7 @@ impl Worker {
         kick: OwnedFd,
         shared: Arc<RingShared>,
         requests: Option<Arc<BackendRequests>>,
+        events: Vec<RawFd>,
     ) -> Worker {
         let slot = Slot {
             index,
@@ -369,8 +514,14 @@ impl Worker {
             shared: shared.clone(),
             requests,
             batch: ChainBatch::new(),
+            refill_batch: ChainBatch::new(),
+            kept: KeptChains::new(),
+            dirty: false,
             // A kick may have come before the ring joined its thread: look at it once.
             pending: true,
+            events,
+            ready: Vec::new(),
+            listening: true,
             last_miss: None,
             misses: 0,
         };

@@ -364,10 +364,11 @@ fn validate_request(message: &Message) -> Result<(), ProtocolError> {
         (Request::Frontend(F::SET_VRING_ENDIAN), Payload::VringState(s)) if s.num > 1 => {
             Err(invalid("num", s.num.into(), "must be 0 (little) or 1 (big)"))
         }
-        (
-            Request::Frontend(F::GET_VRING_BASE | F::GET_VRING_BASE_SKIP_DRAIN | F::VRING_KICK),
-            Payload::VringState(s),
-        ) if s.num != 0 => Err(invalid("num", s.num.into(), "reserved, must be 0")),
+        // GET_VRING_BASE's num is not checked: DPDK's virtio_user sends the ring size there
+        // (protocol.md §9: lenient where real peers differ).
+        (Request::Frontend(F::VRING_KICK), Payload::VringState(s)) if s.num != 0 => {
+            Err(invalid("num", s.num.into(), "reserved, must be 0"))
+        }
         (Request::Backend(BackendRequest::VRING_CALL | BackendRequest::VRING_ERR), Payload::VringState(s))
             if s.num != 0 =>
         {

@@ -46,7 +46,7 @@ pub(crate) fn serve_blk(
     serve(py, device, at, max_connections, None, Arc::new(BackendRequests::new()), policy)
 }
 
-fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResult<WorkerPolicy> {
+pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResult<WorkerPolicy> {
     if workers == Some(0) {
         return Err(PyValueError::new_err("workers must be at least 1 (or None: one thread per ring)"));
     }
@@ -95,10 +95,10 @@ pub(crate) fn serve_device(
 }
 
 /// Where to serve: a listener bound earlier, a path to bind, or one connected socket.
-struct Where {
-    socket_path: Option<PathBuf>,
-    fd: Option<RawFd>,
-    listener: Option<Arc<Listener>>,
+pub(crate) struct Where {
+    pub(crate) socket_path: Option<PathBuf>,
+    pub(crate) fd: Option<RawFd>,
+    pub(crate) listener: Option<Arc<Listener>>,
 }
 
 /// Sends back-end requests (CONFIG_CHANGE_MSG, ...) to the front-end of the current session.
@@ -171,7 +171,7 @@ impl StopFlag {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn serve(
+pub(crate) fn serve(
     py: Python<'_>,
     device: Arc<dyn Device>,
     at: Where,

@@ -398,6 +398,40 @@ impl DeviceQueue {
         Ok(popped)
     }
 
+    /// Hands chains back to the driver unused: if `heads` are exactly the last chains popped,
+    /// in pop order (what a device that kept RX buffers holds when its ring stops), the avail
+    /// index is rewound over them so the driver's GET_VRING_BASE resumes with them and they are
+    /// no longer in flight. Returns false, changing nothing, otherwise (they stay in flight and
+    /// are accounted for in the inflight buffer, if any).
+    pub fn return_chains(&mut self, heads: &[u16]) -> bool {
+        let n = heads.len();
+        if n == 0 {
+            return true;
+        }
+        if n > usize::from(self.in_flight) || self.broken {
+            return false;
+        }
+        let mask = self.size - 1;
+        let first = self.next_avail.wrapping_sub(n as u16);
+        for (k, &head) in heads.iter().enumerate() {
+            let slot = usize::from(first.wrapping_add(k as u16) & mask);
+            // SAFETY: slot < N, inside the translated avail ring.
+            let at = unsafe { u16::from_le(std::ptr::read_volatile(self.avail.add(4 + 2 * slot).cast::<u16>())) };
+            if at != head || !self.busy.get(usize::from(head)).copied().unwrap_or(false) {
+                return false;
+            }
+        }
+        for &head in heads {
+            self.busy[usize::from(head)] = false;
+            if let Some(f) = &self.inflight {
+                f.region.returned(head);
+            }
+        }
+        self.next_avail = first;
+        self.in_flight -= n as u16;
+        true
+    }
+
     /// Walks one chain into `batch`, reading each descriptor once and validating the copy.
     fn walk(&self, head: u16, batch: &mut ChainBatch) -> Result<(), VirtqueueError> {
         if head >= self.size {

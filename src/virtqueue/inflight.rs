@@ -235,6 +235,13 @@ impl InflightQueue {
         self.set_u16(12, head);
     }
 
+    /// `head` was fetched but handed back to the avail ring unused (the device rewound its
+    /// avail index over it): it is no longer in flight.
+    pub fn returned(&self, head: u16) {
+        debug_assert!(head < self.size);
+        self.set_inflight(head, false);
+    }
+
     /// `used.idx` was published as `used_idx` with `heads` in it: they are no longer in flight.
     pub fn published(&self, heads: &[u16], used_idx: u16) {
         for &h in heads {

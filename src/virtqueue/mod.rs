@@ -10,6 +10,7 @@ mod device;
 mod driver;
 mod error;
 mod inflight;
+mod kept;
 mod layout;
 
 #[cfg(test)]
@@ -19,6 +20,7 @@ pub use device::{for_each_span, Chain, ChainBatch, DeviceQueue, QueueConfig, Rin
 pub use driver::{Buffer, DriverQueue, DriverRing};
 pub use error::VirtqueueError;
 pub use inflight::{queue_region_size, InflightBuffer, InflightQueue, Recovery, INFLIGHT_VERSION};
+pub use kept::{KeptChain, KeptChains};
 pub use layout::{
     avail_ring_size, need_event, used_ring_size, Descriptor, DESC_SIZE, MAX_QUEUE_SIZE, VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_USED_F_NO_NOTIFY,

@@ -1,0 +1,536 @@
+//! Built-in virtio-net devices and what they share: the queue layout (pairs, then the control
+//! queue), config space, negotiated header size, per-pair counters, the control queue, and the
+//! two directions of a frame — TX chains read out of guest memory and frames delivered into RX
+//! chains (merged over several when MRG_RXBUF is on). A net device puts each queue pair in one
+//! ring group, so its worker owns both rings of the pair and TX can fill RX without a lock.
+
+mod loopback;
+mod tap;
+
+pub use loopback::Loopback;
+pub use tap::TapNet;
+
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::backend::{DeviceRequest, RingHandle};
+use crate::protocol::{ProtocolFeatures, VirtioFeatures};
+use crate::virtio::net::{self as vnet, ctrl, feature, NetConfig, NetHeader};
+use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, Segment, VirtqueueError};
+
+/// A built-in net device: a [`Device`](crate::backend::Device) with the shared net state.
+pub trait NetDevice: crate::backend::Device {
+    /// Counters, config and negotiated state.
+    fn core(&self) -> &NetCore;
+}
+
+/// Counters of one queue pair. `tx` is what the driver transmitted, `rx` what was delivered
+/// into its receive queue.
+#[derive(Debug, Default)]
+pub struct PairCounters {
+    /// Frames the driver transmitted (TX chains handled).
+    pub tx_frames: AtomicU64,
+    /// Their bytes (frames without the virtio-net header).
+    pub tx_bytes: AtomicU64,
+    /// TX chains refused as malformed (no room for a header, writable parts, too long) or
+    /// that the peer could not take.
+    pub tx_errors: AtomicU64,
+    /// Frames delivered into the driver's RX ring.
+    pub rx_frames: AtomicU64,
+    /// Their bytes.
+    pub rx_bytes: AtomicU64,
+    /// Frames dropped because the RX ring had no (or too few, or too small) buffers.
+    pub rx_dropped: AtomicU64,
+}
+
+/// A snapshot of the counters (summed over pairs or for one).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetCounters {
+    /// See [`PairCounters`].
+    pub tx_frames: u64,
+    /// See [`PairCounters`].
+    pub tx_bytes: u64,
+    /// See [`PairCounters`].
+    pub tx_errors: u64,
+    /// See [`PairCounters`].
+    pub rx_frames: u64,
+    /// See [`PairCounters`].
+    pub rx_bytes: u64,
+    /// See [`PairCounters`].
+    pub rx_dropped: u64,
+}
+
+impl PairCounters {
+    fn snapshot(&self) -> NetCounters {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NetCounters {
+            tx_frames: l(&self.tx_frames),
+            tx_bytes: l(&self.tx_bytes),
+            tx_errors: l(&self.tx_errors),
+            rx_frames: l(&self.rx_frames),
+            rx_bytes: l(&self.rx_bytes),
+            rx_dropped: l(&self.rx_dropped),
+        }
+    }
+}
+
+/// Options common to every net device.
+#[derive(Clone, Debug)]
+pub struct NetOptions {
+    /// Queue pairs (1..=0x8000 by the spec; GET_QUEUE_NUM's answer).
+    pub queue_pairs: u16,
+    /// The MAC address offered in the config space (VIRTIO_NET_F_MAC).
+    pub mac: [u8; 6],
+    /// The MTU offered (VIRTIO_NET_F_MTU); `None`: the MTU feature is not offered.
+    pub mtu: Option<u16>,
+    /// Offer the offload bits (CSUM, TSO, ECN both ways): only for a peer that handles
+    /// partial checksums and GSO frames (a TAP with a virtio-net header).
+    pub offloads: bool,
+    /// Largest ring size accepted.
+    pub max_queue_size: u16,
+}
+
+impl Default for NetOptions {
+    fn default() -> NetOptions {
+        NetOptions {
+            queue_pairs: 1,
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            mtu: None,
+            offloads: false,
+            max_queue_size: 1024,
+        }
+    }
+}
+
+/// RX filtering state set through the control queue (kept so a device or a test can read it;
+/// the built-in devices deliver every frame, as a promiscuous port does).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RxMode {
+    /// `ctrl::RX_*` command → on/off.
+    pub flags: [bool; 6],
+    /// Unicast filter table (MAC_TABLE_SET).
+    pub unicast: Vec<[u8; 6]>,
+    /// Multicast filter table.
+    pub multicast: Vec<[u8; 6]>,
+}
+
+/// What every net device shares: configuration, negotiated state, counters, control queue.
+#[derive(Debug)]
+pub struct NetCore {
+    options: NetOptions,
+    config: Mutex<NetConfig>,
+    acked: AtomicU64,
+    /// Queue pairs in use (VQ_PAIRS_SET).
+    active_pairs: AtomicU16,
+    mtu: AtomicU16,
+    rx_mode: Mutex<RxMode>,
+    counters: Vec<PairCounters>,
+    announce_pending: AtomicBool,
+}
+
+impl NetCore {
+    /// A core for `options` (queue pairs clamped to 1..=0x8000).
+    pub fn new(mut options: NetOptions) -> NetCore {
+        options.queue_pairs = options.queue_pairs.clamp(1, ctrl::MQ_VQ_PAIRS_MAX);
+        let pairs = options.queue_pairs;
+        let config = NetConfig {
+            mac: options.mac,
+            status: vnet::S_LINK_UP,
+            max_virtqueue_pairs: pairs,
+            mtu: options.mtu.unwrap_or(1500),
+        };
+        NetCore {
+            mtu: AtomicU16::new(config.mtu),
+            config: Mutex::new(config),
+            acked: AtomicU64::new(0),
+            active_pairs: AtomicU16::new(1),
+            rx_mode: Mutex::new(RxMode::default()),
+            counters: (0..pairs).map(|_| PairCounters::default()).collect(),
+            announce_pending: AtomicBool::new(false),
+            options,
+        }
+    }
+
+    /// Queue pairs.
+    pub fn queue_pairs(&self) -> u16 {
+        self.options.queue_pairs
+    }
+
+    /// Rings: the pairs, then the control queue.
+    pub fn num_queues(&self) -> u16 {
+        self.options.queue_pairs * 2 + 1
+    }
+
+    /// The largest ring size accepted.
+    pub fn max_queue_size(&self) -> u16 {
+        self.options.max_queue_size
+    }
+
+    /// Virtio features offered.
+    pub fn features(&self) -> u64 {
+        let mut f = VirtioFeatures::VERSION_1.bits()
+            | VirtioFeatures::EVENT_IDX.bits()
+            | VirtioFeatures::INDIRECT_DESC.bits()
+            | feature::MRG_RXBUF
+            | feature::MAC
+            | feature::STATUS
+            | feature::CTRL_VQ
+            | feature::CTRL_RX
+            | feature::CTRL_MAC_ADDR
+            | feature::GUEST_ANNOUNCE;
+        if self.options.queue_pairs > 1 {
+            f |= feature::MQ;
+        }
+        if self.options.mtu.is_some() {
+            f |= feature::MTU;
+        }
+        if self.options.offloads {
+            f |= feature::OFFLOADS;
+        }
+        f
+    }
+
+    /// Protocol features a net device implements (SEND_RARP needs the device's `rarp`).
+    pub fn protocol_features(&self) -> ProtocolFeatures {
+        ProtocolFeatures::MTU | ProtocolFeatures::RARP
+    }
+
+    /// The config space.
+    pub fn config(&self) -> Vec<u8> {
+        self.config.lock().unwrap_or_else(|e| e.into_inner()).to_bytes()
+    }
+
+    /// The current config.
+    pub fn net_config(&self) -> NetConfig {
+        *self.config.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Updates the config (the caller sends CONFIG_CHANGE_MSG if it should reach the driver).
+    pub fn update_config(&self, f: impl FnOnce(&mut NetConfig)) {
+        f(&mut self.config.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// SET_FEATURES.
+    pub fn features_acked(&self, features: u64) {
+        self.acked.store(features, Ordering::Release);
+    }
+
+    /// What the driver acknowledged.
+    pub fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Acquire)
+    }
+
+    /// The virtio-net header size for the negotiated features.
+    pub fn header_len(&self) -> usize {
+        vnet::header_len(self.acked())
+    }
+
+    /// Whether receive buffers may be merged.
+    pub fn mrg_rxbuf(&self) -> bool {
+        self.acked() & feature::MRG_RXBUF != 0
+    }
+
+    /// The MTU in force (config, or NET_SET_MTU).
+    pub fn mtu(&self) -> u16 {
+        self.mtu.load(Ordering::Relaxed)
+    }
+
+    /// Queue pairs the driver uses (VQ_PAIRS_SET; 1 until set).
+    pub fn active_pairs(&self) -> u16 {
+        self.active_pairs.load(Ordering::Relaxed)
+    }
+
+    /// RX filtering state from the control queue.
+    pub fn rx_mode(&self) -> RxMode {
+        self.rx_mode.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Counters of pair `pair`.
+    pub fn counters(&self, pair: u16) -> Option<&PairCounters> {
+        self.counters.get(usize::from(pair))
+    }
+
+    /// Counters summed over the pairs.
+    pub fn totals(&self) -> NetCounters {
+        let mut t = NetCounters::default();
+        for c in &self.counters {
+            let s = c.snapshot();
+            t.tx_frames += s.tx_frames;
+            t.tx_bytes += s.tx_bytes;
+            t.tx_errors += s.tx_errors;
+            t.rx_frames += s.rx_frames;
+            t.rx_bytes += s.rx_bytes;
+            t.rx_dropped += s.rx_dropped;
+        }
+        t
+    }
+
+    /// Counters of one pair as a snapshot.
+    pub fn pair_totals(&self, pair: u16) -> Option<NetCounters> {
+        self.counters(pair).map(PairCounters::snapshot)
+    }
+
+    /// Sets S_ANNOUNCE in the status (GUEST_ANNOUNCE negotiated): the driver announces itself
+    /// after the config change and acks with ANNOUNCE_ACK. Returns false without the feature.
+    pub fn request_announce(&self) -> bool {
+        if self.acked() & feature::GUEST_ANNOUNCE == 0 {
+            return false;
+        }
+        self.announce_pending.store(true, Ordering::Relaxed);
+        self.update_config(|c| c.status |= vnet::S_ANNOUNCE);
+        true
+    }
+
+    /// Link status (S_LINK_UP); the caller sends CONFIG_CHANGE_MSG.
+    pub fn set_link(&self, up: bool) {
+        self.update_config(|c| if up { c.status |= vnet::S_LINK_UP } else { c.status &= !vnet::S_LINK_UP });
+    }
+
+    /// The part of a device request common to net devices: NET_SET_MTU is checked against the
+    /// spec's range (DPDK accepts 68..=65535) and stored. SEND_RARP is left to the device.
+    pub fn set_mtu(&self, request: DeviceRequest) -> Result<(), String> {
+        match request {
+            DeviceRequest::NetSetMtu(mtu) => {
+                if !(u64::from(vnet::MIN_MTU)..=65535).contains(&mtu) {
+                    return Err(format!("MTU {mtu} is outside {}..=65535", vnet::MIN_MTU));
+                }
+                self.mtu.store(mtu as u16, Ordering::Relaxed);
+                Ok(())
+            }
+            DeviceRequest::SendRarp(_) => Err("not a NET_SET_MTU".into()),
+        }
+    }
+
+    /// Handles a batch of the control queue: every command gets its ack byte (OK or ERR); a
+    /// chain without a writable byte cannot be answered and is returned with 0 bytes.
+    pub fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        let mut cmd = [0u8; 4096];
+        for chain in batch.chains() {
+            let readable = batch.readable(chain);
+            let n = copy_out(readable, 0, &mut cmd);
+            let status = if chain.writable_len == 0 {
+                None
+            } else if chain.readable_len as usize > cmd.len() || n < 2 {
+                Some(ctrl::ERR)
+            } else {
+                Some(self.command(cmd[0], cmd[1], &cmd[2..n]))
+            };
+            let written = match status {
+                Some(s) => {
+                    copy_in(batch.writable(chain), 0, &[s]);
+                    1
+                }
+                None => 0,
+            };
+            queue.complete(batch, chain, written)?;
+        }
+        Ok(())
+    }
+
+    fn command(&self, class: u8, command: u8, data: &[u8]) -> u8 {
+        let acked = self.acked();
+        let ok = match (class, command) {
+            (ctrl::CLASS_RX, c) if acked & feature::CTRL_RX != 0 && c <= ctrl::RX_NOBCAST && data.len() == 1 => {
+                self.rx_mode.lock().unwrap_or_else(|e| e.into_inner()).flags[usize::from(c)] = data[0] != 0;
+                true
+            }
+            (ctrl::CLASS_MAC, ctrl::MAC_TABLE_SET) if acked & feature::CTRL_RX != 0 => match parse_mac_tables(data) {
+                Some((unicast, multicast)) => {
+                    let mut m = self.rx_mode.lock().unwrap_or_else(|e| e.into_inner());
+                    m.unicast = unicast;
+                    m.multicast = multicast;
+                    true
+                }
+                None => false,
+            },
+            (ctrl::CLASS_MAC, ctrl::MAC_ADDR_SET) if acked & feature::CTRL_MAC_ADDR != 0 && data.len() == 6 => {
+                self.update_config(|c| c.mac.copy_from_slice(data));
+                true
+            }
+            (ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK) if acked & feature::GUEST_ANNOUNCE != 0 && data.is_empty() => {
+                self.announce_pending.store(false, Ordering::Relaxed);
+                self.update_config(|c| c.status &= !vnet::S_ANNOUNCE);
+                true
+            }
+            (ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET) if acked & feature::MQ != 0 && data.len() == 2 => {
+                let pairs = u16::from_le_bytes([data[0], data[1]]);
+                if (ctrl::MQ_VQ_PAIRS_MIN..=self.options.queue_pairs).contains(&pairs) {
+                    self.active_pairs.store(pairs, Ordering::Relaxed);
+                    true
+                } else {
+                    false
+                }
+            }
+            _ => false,
+        };
+        if ok {
+            ctrl::OK
+        } else {
+            ctrl::ERR
+        }
+    }
+}
+
+/// A MAC filter table.
+type MacTable = Vec<[u8; 6]>;
+
+/// Parses MAC_TABLE_SET's two `{ le32 entries; u8 macs[entries][6]; }` tables, which must fill
+/// the command exactly.
+fn parse_mac_tables(data: &[u8]) -> Option<(MacTable, MacTable)> {
+    let mut at = 0usize;
+    let mut table = || -> Option<Vec<[u8; 6]>> {
+        let n = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+        at += 4;
+        let bytes = data.get(at..at.checked_add(n.checked_mul(6)?)?)?;
+        at += bytes.len();
+        Some(bytes.chunks_exact(6).map(|m| m.try_into().unwrap_or([0; 6])).collect())
+    };
+    let unicast = table()?;
+    let multicast = table()?;
+    (at == data.len()).then_some((unicast, multicast))
+}
+
+/// Copies bytes `[skip, skip + out.len())` of `segments` into `out`; returns how many there were.
+pub fn copy_out(segments: &[Segment], skip: usize, out: &mut [u8]) -> usize {
+    let len = out.len();
+    for_each_span(segments.iter().map(|s| (s.host, s.len as usize)), skip, len, |host, at, n| {
+        // SAFETY: `host` is valid for n bytes inside a live mapping (the queue's table); `out`
+        // has room for at + n bytes. Guest memory may change under us: we copy, never borrow.
+        unsafe { std::ptr::copy_nonoverlapping(host.cast_const(), out[at..].as_mut_ptr(), n) };
+    })
+}
+
+/// Copies `data` into `segments` from byte `skip`; returns how many bytes fitted.
+pub fn copy_in(segments: &[Segment], skip: usize, data: &[u8]) -> usize {
+    for_each_span(segments.iter().map(|s| (s.host, s.len as usize)), skip, data.len(), |host, at, n| {
+        // SAFETY: as in copy_out; the segments are device-writable buffers of a live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data[at..].as_ptr(), host, n) };
+    })
+}
+
+/// Why a TX chain was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TxError {
+    /// A transmit buffer must be device-readable only.
+    Writable,
+    /// Shorter than the header plus an Ethernet header.
+    TooShort,
+    /// Longer than the header plus [`vnet::MAX_FRAME_LEN`].
+    TooLong,
+}
+
+/// Checks a TX chain: readable only, header plus at least an Ethernet header, at most a
+/// 64 KiB GSO frame. Returns the frame length (without the header).
+pub fn check_tx(chain: &Chain, header_len: usize) -> Result<usize, TxError> {
+    if chain.writable_len != 0 {
+        return Err(TxError::Writable);
+    }
+    let len = chain.readable_len as usize;
+    if len < header_len + vnet::MIN_FRAME_LEN {
+        return Err(TxError::TooShort);
+    }
+    if len - header_len > vnet::MAX_FRAME_LEN {
+        return Err(TxError::TooLong);
+    }
+    Ok(len - header_len)
+}
+
+/// What [`deliver`] did with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// In the RX ring (used entries written; the worker publishes them).
+    Delivered,
+    /// No (or not enough) RX buffers now: nothing was consumed; try again after a kick.
+    NoBuffers,
+    /// The frame can never fit (larger than a buffer without MRG_RXBUF, or than the ring):
+    /// dropped, the buffers left as they were.
+    TooLarge,
+}
+
+/// Most RX buffers one merged frame may use.
+const MAX_MERGE: usize = 256;
+
+/// Delivers one frame into the RX ring `rx`: header (`hdr`, with `num_buffers` set here)
+/// then `frame` (given in pieces, e.g. a header and a payload), into one kept chain or, with
+/// `mrg`, as many as it needs. Takes buffers from the ring as needed (up to `refill` at a
+/// time).
+pub fn deliver(
+    rx: &mut RingHandle<'_>,
+    mut hdr: NetHeader,
+    header_len: usize,
+    mrg: bool,
+    frame: &[&[u8]],
+) -> Result<Delivery, VirtqueueError> {
+    let frame_len: usize = frame.iter().map(|p| p.len()).sum();
+    let total = header_len + frame_len;
+    // How many kept chains are needed, refilling until they cover the frame.
+    let mut need = 0usize;
+    let mut room = 0usize;
+    loop {
+        while room < total {
+            match rx.kept().get(need) {
+                Some(c) => {
+                    room += c.writable_len as usize;
+                    need += 1;
+                    if !mrg {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        if room >= total || (!mrg && need == 1) {
+            break;
+        }
+        if need >= MAX_MERGE || rx.refill(64) == 0 {
+            break;
+        }
+    }
+    if need == 0 {
+        return Ok(Delivery::NoBuffers);
+    }
+    if room < total {
+        if !mrg {
+            return Ok(Delivery::TooLarge);
+        }
+        return Ok(if need >= MAX_MERGE || need >= usize::from(rx.queue().size()) {
+            Delivery::TooLarge
+        } else {
+            Delivery::NoBuffers
+        });
+    }
+    hdr.num_buffers = if header_len >= vnet::HDR_LEN { need as u16 } else { 0 };
+    let header = hdr.to_bytes();
+    let mut left_hdr = &header[..header_len];
+    let mut pieces = frame.iter().copied();
+    let mut piece: &[u8] = pieces.next().unwrap_or(&[]);
+    for _ in 0..need {
+        let Some(chain) = rx.take(0) else { break };
+        let mut at = 0usize;
+        let cap = chain.writable_len as usize;
+        while at < cap {
+            let src = if !left_hdr.is_empty() {
+                &mut left_hdr
+            } else {
+                while piece.is_empty() {
+                    match pieces.next() {
+                        Some(p) => piece = p,
+                        None => break,
+                    }
+                }
+                if piece.is_empty() {
+                    break;
+                }
+                &mut piece
+            };
+            let n = copy_in(chain.writable(), at, &src[..src.len().min(cap - at)]);
+            if n == 0 {
+                break;
+            }
+            *src = &src[n..];
+            at += n;
+        }
+        rx.complete(chain, at as u32)?;
+    }
+    Ok(Delivery::Delivered)
+}
