@@ -19,7 +19,7 @@ Layers available today:
 
 from __future__ import annotations
 
-from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages
+from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net
 from ._native import (
     Connection,
     DescriptorChain,
@@ -49,6 +49,7 @@ from .exceptions import (
 from .backend import Backend, Device
 from .frontend import BackendRequestHandler, Frontend, InflightBuffer, Virtqueue
 from .messages import Message
+from .net import NetDevice
 
 __all__ = [
     "Backend",
@@ -75,6 +76,7 @@ __all__ = [
     "MalformedMessageError",
     "Message",
     "NegotiationError",
+    "NetDevice",
     "ProtocolError",
     "ProtocolFeature",
     "RequestRejectedError",
@@ -93,4 +95,5 @@ __all__ = [
     "frontend",
     "hazmat",
     "messages",
+    "net",
 ]

@@ -3,8 +3,8 @@
 import os
 import pathlib
 import socket
-from collections.abc import Callable, Sequence
-from typing import Any, final
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypedDict, final
 
 from .messages import MemoryRegion, Message
 
@@ -44,9 +44,10 @@ MAX_PAYLOAD_SIZE: int
 MAX_FDS: int
 
 # virtio device definitions (src/python/virtio.rs; the values live in src/virtio/)
-__all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG"]
+__all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG", "VIRTIO_NET", "BuiltinNet", "Frame", "NetHeader", "NetPort"]
 VIRTIO_BLK: dict[str, int]
 VIRTIO_BLK_CONFIG: dict[str, tuple[int, int]]
+VIRTIO_NET: dict[str, int]
 
 def encode_message(message: Message) -> bytes: ...
 def encode_raw(code: int, payload: bytes, flags: int, size: int | None = None) -> bytes: ...
@@ -328,3 +329,107 @@ class BatchQueue:
     def complete(self, chain: DescriptorChain, written: int) -> None: ...
     @property
     def index(self) -> int: ...
+
+# virtio-net (src/python/net.rs)
+class _Counters(TypedDict):
+    tx_frames: int
+    tx_bytes: int
+    tx_errors: int
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+
+@final
+class BuiltinNet:
+    """A built-in net device (loopback or tap), served with serve()."""
+
+    @staticmethod
+    def loopback(*, queue_pairs: int = 1, mac: str | None = None, mtu: int | None = None) -> BuiltinNet: ...
+    @staticmethod
+    def tap(
+        name: str, *, queue_pairs: int = 1, mac: str | None = None, mtu: int | None = None, offloads: bool = True
+    ) -> BuiltinNet: ...
+    def serve(
+        self,
+        *,
+        socket_path: str | os.PathLike[str] | None = None,
+        fd: int | None = None,
+        max_connections: int | None = None,
+        workers: int | None = None,
+        cpus: list[int] | None = None,
+        poll: float = 0.0,
+    ) -> None: ...
+    def counters(self, queue_pair: int | None = None) -> _Counters: ...
+    @property
+    def queue_pairs(self) -> int: ...
+    @property
+    def acked_features(self) -> int: ...
+    @property
+    def mtu(self) -> int: ...
+
+@final
+class NetHeader:
+    """virtio_net_hdr: the per-frame header in front of every frame."""
+
+    def __new__(
+        cls,
+        *,
+        flags: int = 0,
+        gso_type: int = 0,
+        hdr_len: int = 0,
+        gso_size: int = 0,
+        csum_start: int = 0,
+        csum_offset: int = 0,
+        num_buffers: int = 0,
+    ) -> NetHeader: ...
+    @staticmethod
+    def from_bytes(data: bytes) -> NetHeader: ...
+    def to_bytes(self) -> bytes: ...
+    @property
+    def flags(self) -> int: ...
+    @property
+    def gso_type(self) -> int: ...
+    @property
+    def hdr_len(self) -> int: ...
+    @property
+    def gso_size(self) -> int: ...
+    @property
+    def csum_start(self) -> int: ...
+    @property
+    def csum_offset(self) -> int: ...
+    @property
+    def num_buffers(self) -> int: ...
+    def __eq__(self, value: object, /) -> bool: ...
+
+@final
+class Frame:
+    """A frame the driver transmitted: its header and a zero-copy view of the frame bytes."""
+
+    @property
+    def header(self) -> NetHeader: ...
+    @property
+    def data(self) -> memoryview | bytes: ...
+    def __bytes__(self) -> bytes: ...
+    def __len__(self) -> int: ...
+
+@final
+class NetPort:
+    """The native half of a vhostuser_rs.NetDevice."""
+
+    def __new__(
+        cls, *, queue_pairs: int = 1, mac: str | None = None, mtu: int | None = None, max_queue_size: int = 1024
+    ) -> NetPort: ...
+    def send(self, queue_pair: int, frames: Iterable[Any]) -> int: ...
+    def counters(self, queue_pair: int | None = None) -> _Counters: ...
+    def set_link(self, up: bool) -> None: ...
+    def request_announce(self) -> bool: ...
+    def config(self) -> bytes: ...
+    @property
+    def default_features(self) -> int: ...
+    @property
+    def acked_features(self) -> int: ...
+    @property
+    def mtu(self) -> int: ...
+    @property
+    def active_pairs(self) -> int: ...
+    def rx_mode(self) -> tuple[tuple[bool, ...], list[bytes], list[bytes]]: ...

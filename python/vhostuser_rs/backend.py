@@ -30,12 +30,15 @@ import functools
 import os
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain
 from .enums import BackendRequest, VirtioFeature
 from .exceptions import RequestRejectedError
+
+if TYPE_CHECKING:
+    from .net import NetDevice
 
 __all__ = ["Backend", "BatchQueue", "Device"]
 
@@ -89,7 +92,7 @@ class Backend:
 
     def __init__(
         self,
-        device: Device,
+        device: Device | NetDevice,
         *,
         socket_path: str | None = None,
         fd: int | None = None,
@@ -122,18 +125,18 @@ class Backend:
         self.error: BaseException | None = None
 
     @classmethod
-    def listen(cls, path: str | os.PathLike[str], device: Device, **options: Any) -> Backend:
+    def listen(cls, path: str | os.PathLike[str], device: Device | NetDevice, **options: Any) -> Backend:
         """Serve on a listening socket at `path` (a stale socket file is replaced). `options`:
         ``workers``, ``cpus``, ``poll`` (see the constructor)."""
         return cls(device, socket_path=os.fspath(path), **options)
 
     @classmethod
-    def from_fd(cls, fd: int, device: Device, **options: Any) -> Backend:
+    def from_fd(cls, fd: int, device: Device | NetDevice, **options: Any) -> Backend:
         """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
         return cls(device, fd=fd, **options)
 
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], device: Device, **options: Any) -> Backend:
+    def connect(cls, path: str | os.PathLike[str], device: Device | NetDevice, **options: Any) -> Backend:
         """Client mode: connect out to a front-end listening at `path` and serve that session."""
         return cls(device, connect=os.fspath(path), **options)
 

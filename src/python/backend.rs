@@ -79,7 +79,14 @@ pub(crate) fn serve_device(
     listener: Option<Py<super::socket::PyListener>>,
 ) -> PyResult<()> {
     let policy = policy(workers, cpus, poll)?;
-    let device: Arc<dyn Device> = Arc::new(super::device::PyDevice::new(py, device)?);
+    let device: Arc<dyn Device> = match device.bind(py).call_method0("_net_port") {
+        // A ``vhostuser_rs.NetDevice``: rings, control queue and RX buffers handled in Rust.
+        Ok(port) => {
+            let port = port.cast::<super::net::PyNetPort>()?.clone();
+            Arc::new(super::net::PyNetDevice::new(py, device, &port)?)
+        }
+        Err(_) => Arc::new(super::device::PyDevice::new(py, device)?),
+    };
     let bound = listener.map(|l| l.get().get(py)).transpose()?;
     let flag = stop.map(|s| s.get().flag.clone());
     let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));

@@ -304,6 +304,17 @@ impl NetCore {
     /// Handles a batch of the control queue: every command gets its ack byte (OK or ERR); a
     /// chain without a writable byte cannot be answered and is returned with 0 bytes.
     pub fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        self.control_with(queue, batch, &|_, _, _| None)
+    }
+
+    /// [`control`](Self::control) with a device hook that sees each command first
+    /// (`class`, `command`, data) and answers it (`Some(ok)`) or leaves it to the defaults.
+    pub fn control_with(
+        &self,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        hook: &ControlHook<'_>,
+    ) -> Result<(), VirtqueueError> {
         let mut cmd = [0u8; 4096];
         for chain in batch.chains() {
             let readable = batch.readable(chain);
@@ -313,7 +324,11 @@ impl NetCore {
             } else if chain.readable_len as usize > cmd.len() || n < 2 {
                 Some(ctrl::ERR)
             } else {
-                Some(self.command(cmd[0], cmd[1], &cmd[2..n]))
+                Some(match hook(cmd[0], cmd[1], &cmd[2..n]) {
+                    Some(true) => ctrl::OK,
+                    Some(false) => ctrl::ERR,
+                    None => self.command(cmd[0], cmd[1], &cmd[2..n]),
+                })
             };
             let written = match status {
                 Some(s) => {
@@ -370,6 +385,10 @@ impl NetCore {
         }
     }
 }
+
+/// A device's look at a control command first: (class, command, data) → `Some(ok)` answers
+/// it, `None` leaves it to the defaults.
+pub type ControlHook<'a> = dyn Fn(u8, u8, &[u8]) -> Option<bool> + 'a;
 
 /// A MAC filter table.
 type MacTable = Vec<[u8; 6]>;
