@@ -98,6 +98,15 @@ pub struct Chain {
     pub writable_len: u32,
 }
 
+impl Chain {
+    /// A chain with these lengths and no segments, for tests of code that only looks at the
+    /// lengths.
+    #[doc(hidden)]
+    pub fn for_tests(head: u16, readable_len: u32, writable_len: u32) -> Chain {
+        Chain { head, first: 0, readable: 0, total: 0, readable_len, writable_len }
+    }
+}
+
 /// Reusable storage for a batch of chains, so popping allocates nothing once warmed up.
 #[derive(Debug, Default)]
 pub struct ChainBatch {

@@ -799,3 +799,57 @@ fn spans_cover_a_range_across_pieces() {
     assert_eq!(for_each_span(pieces, 5, 10, |_, _, _| {}), 2);
     assert_eq!(for_each_span(pieces, 9, 1, |_, _, _| panic!("nothing to cover")), 0);
 }
+
+#[test]
+fn kept_chains_complete_later_and_unused_ones_rewind_the_ring() {
+    let mut p = pair(8);
+    let mut batch = ChainBatch::new();
+    let mut kept = KeptChains::new();
+    let bufs: Vec<u64> = (0..4).map(|_| p.mem.alloc(256, 64).unwrap()).collect();
+    let heads: Vec<u16> = bufs.iter().map(|&b| p.driver.add(&[], &[(b, 256)]).unwrap()).collect();
+    p.driver.publish();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 4);
+    kept.keep_all(&batch);
+    batch.clear();
+    assert_eq!(kept.len(), 4);
+    // The batch is gone; the oldest kept chain is completed later, through its own segments.
+    let first = kept.take().unwrap();
+    assert_eq!(first.head, heads[0]);
+    assert_eq!(fill_segments(first.writable(), 0xab), 256);
+    p.device.complete_with(first.head, first.writable().iter().map(|s| (s.gpa, s.len)), 100).unwrap();
+    kept.recycle(first);
+    assert!(p.device.publish_used().unwrap());
+    let mut used = Vec::new();
+    p.driver.reap(&mut used, 8).unwrap();
+    assert_eq!(used, vec![(heads[0], 100)]);
+    let mut got = [0u8; 4];
+    p.mem.table().read(bufs[0], &mut got).unwrap();
+    assert_eq!(got, [0xab; 4]);
+    // The three others were never used: handed back, the avail index rewinds over them and
+    // nothing is in flight (what GET_VRING_BASE then reports).
+    let rest: Vec<u16> = kept.heads().collect();
+    assert!(p.device.return_chains(&rest));
+    kept.clear();
+    assert_eq!((p.device.next_avail(), p.device.in_flight()), (1, 0));
+    // Popped again, in the same order.
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 3);
+    assert_eq!(batch.chains().iter().map(|c| c.head).collect::<Vec<_>>(), rest);
+}
+
+#[test]
+fn returning_chains_that_are_not_the_last_popped_changes_nothing() {
+    let mut p = pair(8);
+    let mut batch = ChainBatch::new();
+    let b = p.mem.alloc(64, 64).unwrap();
+    let h0 = p.driver.add(&[], &[(b, 64)]).unwrap();
+    let h1 = p.driver.add(&[], &[(b, 64)]).unwrap();
+    p.driver.publish();
+    p.device.pop_batch(&mut batch, 8).unwrap();
+    // Out of pop order, or a head never popped: refused.
+    assert!(!p.device.return_chains(&[h1, h0]));
+    assert!(!p.device.return_chains(&[h0]));
+    assert!(!p.device.return_chains(&[7, h1]));
+    assert_eq!((p.device.next_avail(), p.device.in_flight()), (2, 2));
+    assert!(p.device.return_chains(&[h1]));
+    assert_eq!((p.device.next_avail(), p.device.in_flight()), (1, 1));
+}

@@ -553,3 +553,57 @@ pub fn deliver(
     }
     Ok(Delivery::Delivered)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_tables_must_fill_the_command_exactly() {
+        let mut t = 2u32.to_le_bytes().to_vec();
+        t.extend([1u8; 12]);
+        t.extend(1u32.to_le_bytes());
+        t.extend([0x33u8; 6]);
+        let (u, m) = parse_mac_tables(&t).unwrap();
+        assert_eq!((u.len(), m, u[1]), (2, vec![[0x33; 6]], [1; 6]));
+        assert!(parse_mac_tables(&t[..t.len() - 1]).is_none());
+        let mut long = t.clone();
+        long.push(0);
+        assert!(parse_mac_tables(&long).is_none());
+        // An entry count whose bytes would overflow the multiplication.
+        let huge = [0xffu8, 0xff, 0xff, 0xff, 0, 0, 0, 0];
+        assert!(parse_mac_tables(&huge).is_none());
+    }
+
+    #[test]
+    fn transmit_chains_are_checked() {
+        let chain = |readable_len, writable_len| Chain::for_tests(0, readable_len, writable_len);
+        assert_eq!(check_tx(&chain(12 + 60, 0), 12), Ok(60));
+        assert_eq!(check_tx(&chain(12 + 60, 1), 12), Err(TxError::Writable));
+        assert_eq!(check_tx(&chain(12 + 13, 0), 12), Err(TxError::TooShort));
+        assert_eq!(check_tx(&chain((12 + vnet::MAX_FRAME_LEN + 1) as u32, 0), 12), Err(TxError::TooLong));
+    }
+
+    #[test]
+    fn control_commands_follow_the_negotiated_features() {
+        let core = NetCore::new(NetOptions { queue_pairs: 4, ..NetOptions::default() });
+        core.features_acked(core.features());
+        assert_eq!(core.command(ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, &4u16.to_le_bytes()), ctrl::OK);
+        assert_eq!(core.active_pairs(), 4);
+        assert_eq!(core.command(ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, &5u16.to_le_bytes()), ctrl::ERR);
+        assert_eq!(core.command(ctrl::CLASS_RX, ctrl::RX_NOBCAST, &[1]), ctrl::OK);
+        assert!(core.rx_mode().flags[usize::from(ctrl::RX_NOBCAST)]);
+        assert!(core.request_announce());
+        assert_eq!(core.net_config().status & vnet::S_ANNOUNCE, vnet::S_ANNOUNCE);
+        assert_eq!(core.command(ctrl::CLASS_ANNOUNCE, ctrl::ANNOUNCE_ACK, &[]), ctrl::OK);
+        assert_eq!(core.net_config().status & vnet::S_ANNOUNCE, 0);
+        // Without the features, the same commands fail.
+        core.features_acked(0);
+        assert_eq!(core.command(ctrl::CLASS_RX, ctrl::RX_PROMISC, &[1]), ctrl::ERR);
+        assert_eq!(core.command(ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, &1u16.to_le_bytes()), ctrl::ERR);
+        assert!(!core.request_announce());
+        assert!(core.set_mtu(DeviceRequest::NetSetMtu(67)).is_err());
+        assert!(core.set_mtu(DeviceRequest::NetSetMtu(9000)).is_ok());
+        assert_eq!(core.mtu(), 9000);
+    }
+}
