@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain
-from .enums import BackendRequest, VirtioFeature
+from .enums import BackendRequest, FrontendRequest, VirtioFeature
 from .exceptions import RequestRejectedError
 
 if TYPE_CHECKING:
@@ -53,9 +53,21 @@ class Device:
     #: Virtio feature bits offered (device bits, VERSION_1, EVENT_IDX, INDIRECT_DESC...).
     features: int = int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC)
 
+    #: Protocol features this device implements itself (e.g. ``ProtocolFeature.RARP`` or
+    #: ``MTU`` for a net device), offered on top of what the session implements. The requests
+    #: they gate reach :meth:`device_request`.
+    protocol_features: int = 0
+
     def config(self) -> bytes:
         """The device config space (GET_CONFIG reads a window of it)."""
         return b""
+
+    def device_request(self, request: FrontendRequest, value: int) -> bool:
+        """A front-end request that belongs to the device: SEND_RARP (`value`'s low 6 bytes are
+        the MAC, little-endian order of the wire) or NET_SET_MTU (`value` is the MTU). Its
+        protocol feature was negotiated (offer it in :attr:`protocol_features`). Return True to
+        accept; False refuses it (a failure ack under REPLY_ACK)."""
+        return False
 
     def set_config(self, offset: int, data: bytes) -> bool:
         """A driver write to the config space; return True to accept it."""

@@ -72,6 +72,8 @@ pub(crate) struct PyDevice {
     num_queues: u16,
     max_queue_size: u16,
     features: u64,
+    /// Protocol features the class declares (offered on top of the session's).
+    protocol_features: u64,
     /// The device implements ``process_request`` instead of ``process``: one call per chain.
     per_request: bool,
 }
@@ -89,6 +91,7 @@ impl PyDevice {
             num_queues: b.getattr("num_queues")?.extract()?,
             max_queue_size: b.getattr("max_queue_size")?.extract()?,
             features: b.getattr("features")?.extract()?,
+            protocol_features: b.getattr("protocol_features")?.extract()?,
             per_request,
             obj,
         })
@@ -179,6 +182,36 @@ impl Device for PyDevice {
 
     fn features(&self) -> u64 {
         self.features
+    }
+
+    fn protocol_features(&self) -> crate::protocol::ProtocolFeatures {
+        crate::protocol::ProtocolFeatures(self.protocol_features)
+    }
+
+    fn device_request(&self, request: crate::backend::DeviceRequest) -> Result<(), String> {
+        use crate::backend::DeviceRequest;
+        use crate::protocol::FrontendRequest;
+        let (code, value) = match request {
+            DeviceRequest::SendRarp(mac) => {
+                let mut b = [0u8; 8];
+                b[..6].copy_from_slice(&mac);
+                (FrontendRequest::SEND_RARP, u64::from_le_bytes(b))
+            }
+            DeviceRequest::NetSetMtu(mtu) => (FrontendRequest::NET_SET_MTU, mtu),
+        };
+        Python::attach(|py| {
+            let enums = py.import("vhostuser_rs.enums").map_err(|e| e.to_string())?;
+            let req =
+                enums.getattr("FrontendRequest").and_then(|c| c.call1((code as u32,))).map_err(|e| e.to_string())?;
+            match self.obj.bind(py).call_method1("device_request", (req, value)).and_then(|r| r.is_truthy()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the device refused it".into()),
+                Err(e) => {
+                    warn(py, "device_request()", &e);
+                    Err(e.to_string())
+                }
+            }
+        })
     }
 
     fn config(&self) -> Vec<u8> {

@@ -377,3 +377,43 @@ def test_serve_net_command_line(sock_dir: Path) -> None:
         _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0
     assert "serve-net: tx_frames=1 " in err and "rx_frames=1 " in err
+
+
+def test_a_frame_needing_more_buffers_than_the_ring_holds_is_dropped(sock_dir: Path) -> None:
+    dev = LoopbackNet(mtu=9000)
+    with serving(dev, sock_dir / "lo.sock") as sock, NetDriver(sock, queue_size=4) as drv:
+        drv.post_rx(4, size=1024)
+        drv.transmit([frame(9000)])  # would need 9 buffers of a 4-entry ring
+        drv.reap_tx(1)
+        assert dev.counters()["rx_dropped"] == 1
+        f = frame(500, seed=1)
+        drv.transmit([f])
+        assert drv.receive(1)[0][1] == swapped(f)
+
+
+def test_a_generic_python_device_declares_and_answers_its_requests(sock_dir: Path) -> None:
+    class Announcer(vu.Device):
+        num_queues = 1
+        protocol_features = int(vu.ProtocolFeature.RARP)
+
+        def __init__(self) -> None:
+            self.requests: list[tuple[vu.FrontendRequest, int]] = []
+
+        def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+            pass
+
+        def device_request(self, request: vu.FrontendRequest, value: int) -> bool:
+            self.requests.append((request, value))
+            return value != 0
+
+    dev = Announcer()
+    backend = vu.Backend.listen(sock_dir / "an.sock", dev)
+    with backend, serving(backend, sock_dir / "an.sock") as sock, vu.Frontend.connect(sock) as fe:
+        fe.negotiate()
+        assert vu.ProtocolFeature.RARP in fe.protocol_features
+        fe.send_rarp(bytes.fromhex("020000000009"))
+        with pytest.raises(vu.RequestRejectedError):
+            fe.send_rarp(bytes(6))
+        # NET_SET_MTU was not declared: not offered, so the front-end refuses to send it.
+        assert vu.ProtocolFeature.MTU not in fe.protocol_features
+    assert dev.requests[0] == (vu.FrontendRequest.SEND_RARP, int.from_bytes(bytes.fromhex("020000000009"), "little"))
