@@ -56,6 +56,9 @@ pub struct Session {
     /// SET_PROTOCOL_FEATURES was received (PROTOCOL_FEATURES is then on its way).
     protocol_set: bool,
     memory: Arc<MemoryTable>,
+    /// ADD_MEM_REG repeats of a mapped region (guest address, user address, size) → how many
+    /// more REM_MEM_REGs it takes to remove it.
+    region_refs: std::collections::HashMap<(u64, u64, u64), u32>,
     rings: Vec<Ring>,
     log: Option<DirtyLog>,
     status: u8,
@@ -95,6 +98,7 @@ impl Session {
             acked_protocol: ProtocolFeatures::empty(),
             protocol_set: false,
             memory: Arc::new(MemoryTable::new()),
+            region_refs: std::collections::HashMap::new(),
             rings: (0..n).map(|_| Ring::default()).collect(),
             log: None,
             status: 0,
@@ -132,6 +136,9 @@ impl Session {
             return Ok(message.need_reply().then(|| (Message::reply(request, Payload::U64(FAILED)), Vec::new())));
         };
         let outcome = self.dispatch(req, message, fds);
+        if let (true, Outcome::Refused(e)) = (self.trace, &outcome) {
+            eprintln!("vhost-user back-end: {req} refused: {e}");
+        }
         let reply_ack = self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK);
         Ok(match outcome {
             Outcome::Reply(payload, fds) => Some((Message::reply(request, payload), fds)),
@@ -189,13 +196,25 @@ impl Session {
             (SET_MEM_TABLE, Payload::MemoryTable(regions)) => {
                 let pairs = regions.iter().zip(fds.drain(..)).map(|(r, fd)| (region_desc(r), fd)).collect();
                 match MemoryTable::map_all(pairs) {
-                    Ok(t) => self.replace_memory(t),
+                    Ok(t) => {
+                        self.region_refs.clear();
+                        self.replace_memory(t)
+                    }
                     Err(e) => Outcome::Refused(e.into()),
                 }
             }
             (ADD_MEM_REG, Payload::SingleRegion(r)) => {
                 let desc = region_desc(r);
                 let Some(fd) = fds.pop() else { return refuse("no fd") };
+                // QEMU's net front-end has one vhost device per queue pair on this socket, and
+                // each adds the whole guest memory: a region already mapped is counted, not
+                // mapped twice, and stays until its last REM_MEM_REG.
+                let key = region_key(&desc);
+                if self.memory.regions().iter().any(|m| region_key(&m.desc) == key) {
+                    drop(fd);
+                    *self.region_refs.entry(key).or_insert(0) += 1;
+                    return Outcome::Done;
+                }
                 match Region::map(desc, fd).and_then(|region| self.memory.with_added(region, DEFAULT_MAX_SLOTS)) {
                     Ok(t) => self.replace_memory(t),
                     Err(e) => Outcome::Refused(e.into()),
@@ -204,6 +223,13 @@ impl Session {
             (REM_MEM_REG, Payload::SingleRegion(r)) => {
                 drop(fds);
                 let desc = region_desc(r);
+                if let Some(extra) = self.region_refs.get_mut(&region_key(&desc)) {
+                    *extra -= 1;
+                    if *extra == 0 {
+                        self.region_refs.remove(&region_key(&desc));
+                    }
+                    return Outcome::Done;
+                }
                 match self.memory.with_removed(&desc) {
                     Ok(t) => self.replace_memory(t),
                     Err(e) => Outcome::Refused(e.into()),
@@ -450,10 +476,11 @@ impl Session {
                 self.device_request(DeviceRequest::SendRarp([b[0], b[1], b[2], b[3], b[4], b[5]]))
             }
             (NET_SET_MTU, Payload::U64(v)) => {
+                // QEMU sends it before SET_FEATURES: VIRTIO_NET_F_MTU offered is what counts.
                 if !self.acked_protocol.contains(ProtocolFeatures::MTU)
-                    || self.acked_features & VirtioFeatures::NET_MTU.bits() == 0
+                    || self.offered_features() & VirtioFeatures::NET_MTU.bits() == 0
                 {
-                    return refuse("MTU (protocol) and VIRTIO_NET_F_MTU were not both negotiated");
+                    return refuse("the MTU protocol feature was not negotiated or VIRTIO_NET_F_MTU not offered");
                 }
                 self.device_request(DeviceRequest::NetSetMtu(*v))
             }
@@ -668,6 +695,11 @@ fn ring_parts(addr: &VringAddr, size: u16) -> [(u64, u64, u8); 3] {
         (addr.avail_user_addr, avail_ring_size(size), IOTLB_READ),
         (addr.used_user_addr, used_ring_size(size), IOTLB_WRITE),
     ]
+}
+
+/// What identifies a region for ADD/REM_MEM_REG (the spec ignores mmap_offset).
+fn region_key(d: &RegionDesc) -> (u64, u64, u64) {
+    (d.guest_addr, d.user_addr, d.size)
 }
 
 fn region_desc(r: &MemoryRegion) -> RegionDesc {

@@ -417,3 +417,21 @@ def test_a_generic_python_device_declares_and_answers_its_requests(sock_dir: Pat
         # NET_SET_MTU was not declared: not offered, so the front-end refuses to send it.
         assert vu.ProtocolFeature.MTU not in fe.protocol_features
     assert dev.requests[0] == (vu.FrontendRequest.SEND_RARP, int.from_bytes(bytes.fromhex("020000000009"), "little"))
+
+
+def test_a_region_added_twice_stays_until_removed_twice(sock_dir: Path) -> None:
+    """QEMU's net front-end adds the whole guest memory once per queue pair (one vhost device
+    each) on the same socket: a repeated ADD_MEM_REG is counted, not refused as an overlap."""
+    dev = LoopbackNet(queue_pairs=2)
+    with serving(dev, sock_dir / "lo.sock") as sock, NetDriver(sock) as drv:
+        assert vu.ProtocolFeature.CONFIGURE_MEM_SLOTS in drv.fe.protocol_features
+        region, fd = drv.mem.regions[0], drv.mem.fds()[0]
+        drv.fe.add_mem_reg(region, fd)  # the second queue pair's device
+        drv.post_rx(4)
+        drv.fe.rem_mem_reg(region)  # that device goes away: the memory stays mapped
+        f = frame(64, seed=3)
+        drv.transmit([f])
+        assert drv.receive(1)[0][1] == swapped(f)
+        drv.fe.rem_mem_reg(region)
+        with pytest.raises(vu.RequestRejectedError):
+            drv.fe.rem_mem_reg(region)

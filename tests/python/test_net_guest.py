@@ -25,19 +25,13 @@ from peers import need
 
 QEMU = shutil.which("qemu-system-x86_64")
 IP = shutil.which("ip")
-NET_GUEST = Path(os.environ.get("VHOSTUSER_RS_NET_GUEST", "/work/shared/peers/net_guest.sh"))
+# shared/ lies beside the repository (CI clones main next to a copy of it).
+NET_GUEST = Path(
+    os.environ.get("VHOSTUSER_RS_NET_GUEST", Path(__file__).resolve().parents[3] / "shared" / "peers" / "net_guest.sh")
+)
 KERNEL_DIR = Path(os.environ.get("VHOSTUSER_RS_KERNEL_DIR", Path.home() / ".cache" / "vhostuser_rs" / "kernel"))
 # MiB moved each way: with the boot (about 8 s under TCG) a test takes 15-20 s on 2 cores.
 MIB = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def skip_until_serve_net_exists() -> None:
-    """Temporary: skip while the installed package has no `serve-net` command (remove once it lands)."""
-    r = subprocess.run([sys.executable, "-m", "vhostuser_rs", "serve-net", "--help"], capture_output=True, text=True, timeout=60)
-    if r.returncode != 0:
-        last = ((r.stderr or r.stdout).strip().splitlines() or [f"exit status {r.returncode}"])[-1]
-        pytest.skip(f"`vhostuser-rs serve-net --help` fails (not implemented yet?): {last}")
 
 
 def require(ok: bool, reason: str) -> None:
