@@ -1,10 +1,11 @@
 """virtio-net back-ends side by side, driven by DPDK testpmd's virtio_user (txonly, 64-byte
 frames, 1 queue pair): testpmd's own net_vhost (rxonly, the reference), `vhostuser-rs serve-net
---loopback` polling and in eventfd mode, optionally serve-net bridged to a TAP; a fresh back-end
-per run, interleaved runs, medians.
+--loopback` polling and in eventfd mode, optionally serve-net bridged to a TAP and a counting
+device written in Python (benches/python/net_device.py); a fresh back-end per run, interleaved
+runs, medians.
 
 Placement (2 CPUs): testpmd's forwarding lcore on CPU 0 (its main lcore, the prompt, on CPU 1),
-the back-end's worker on CPU 1 (serve-net `--cpus 1`, net_vhost's forwarding lcore); other
+the back-end's worker on CPU 1 (`--cpus 1`, net_vhost's forwarding lcore); other
 threads (serve-net's accept loop, DPDK's control threads) where the scheduler puts them.
 
 Figures: testpmd Mpps = frames testpmd's TX queue took over the measured interval (after a
@@ -14,10 +15,10 @@ txonly burst could not enqueue because the ring was full (the back-end was the s
 others' CPU = CPU time of every other process during the interval (100% = one CPU): on a 2-CPU
 machine any of it comes out of the two processes measured, so compare runs where it is ~0.
 
-Run: ``python benches/python/bench_net.py [--runs 5] [--time 3] [--tap]`` as root (the TAP
-case creates and deletes a TAP). Needs dpdk-testpmd (``apt-get install dpdk-dev
-librte-net-vhost23 librte-net-virtio23``) and the installed package. Writes what it prints,
-with every run's raw figures, to benches/results/DATE-bench_net.txt (``--out``).
+Run: ``python benches/python/bench_net.py [--runs 5] [--time 3] [--tap] [--python-devices]`` as
+root (the TAP case creates and deletes a TAP). Needs dpdk-testpmd (``apt-get install dpdk-dev
+librte-net-vhost23 librte-net-virtio23``) and the installed package. Writes what it prints, with
+every run's raw figures, to benches/results/DATE-bench_net.txt (``--out``).
 """
 
 from __future__ import annotations
@@ -68,6 +69,23 @@ def serve_net(*args: str) -> Callable[[Path, Path], AbstractContextManager[Backe
     def run(sock: Path, work: Path) -> Iterator[Backend]:
         with dpdk.serve_net(sock, work, [*args, "--cpus", str(BE_CPU)]) as server:
             yield Backend(server.proc.pid, lambda: server.counters().tx_frames)
+
+    return run
+
+
+def python_device(kind: str, *args: str) -> Callable[[Path, Path], AbstractContextManager[Backend]]:
+    """benches/python/net_device.py: a net device written in Python, counters line as serve-net's."""
+
+    @contextmanager
+    def run(sock: Path, work: Path) -> Iterator[Backend]:
+        server = dpdk.ServeNet(sock, work, [], name=f"net_device-{kind}",
+                               command=[sys.executable, str(HERE / "net_device.py"), str(sock), kind,
+                                        "--cpus", str(BE_CPU), *args])
+        try:
+            yield Backend(server.proc.pid, lambda: server.counters().tx_frames)
+        finally:
+            server.stop()
+            sock.unlink(missing_ok=True)
 
     return run
 
@@ -134,7 +152,8 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--only", help="comma-separated case names to run (default: all)")
     p.add_argument("--tap", action="store_true", help="also serve-net --tap (root: creates a TAP)")
-    p.add_argument("--python-device", metavar="MODULE:CLASS", help="a Python net device (not available yet)")
+    p.add_argument("--python-devices", action="store_true",
+                   help="also the counting net device written in Python (benches/python/net_device.py count)")
     p.add_argument("--out", type=Path, help="results file (default benches/results/DATE-bench_net.txt)")
     a = p.parse_args()
     if dpdk.TESTPMD is None:
@@ -148,9 +167,9 @@ def main() -> None:
     }
     if a.tap:
         cases["serve-net --tap"] = serve_net_tap(f"vubench{os.getpid() % 100000}")
-    notes = []
-    if a.python_device:
-        notes.append(f"--python-device {a.python_device}: skipped (serve-net has no Python device option yet)")
+    if a.python_devices:
+        cases["python count --poll-us 50"] = python_device("count", "--poll-us", "50")
+        cases["python count"] = python_device("count")
     if a.only:
         cases = {k: v for k, v in cases.items() if k in a.only.split(",")}
     out = a.out or HERE.parent / "results" / f"{datetime.date.today()}-bench_net.txt"
@@ -165,8 +184,6 @@ def main() -> None:
         f"{a.time:g} s measured; median of {a.runs} (min..max)")
     say(f"placement: testpmd forwarding lcore CPU {FE_CPU} (main lcore CPU {BE_CPU}); back-end worker CPU {BE_CPU} "
         f"(serve-net --cpus {BE_CPU}; net_vhost forwarding lcore {BE_CPU}, main lcore {FE_CPU})")
-    for note in notes:
-        say(note)
     results: dict[str, list[dict[str, float]]] = {name: [] for name in cases}
     work = Path(tempfile.mkdtemp(prefix="vu-bench-net-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     try:

@@ -442,11 +442,16 @@ def parse_serve_net_counters(stderr: str) -> Counters:
 
 
 class ServeNet:
-    """`vhostuser-rs serve-net` in its own process; `counters()` ends it and reads its totals."""
+    """`vhostuser-rs serve-net` in its own process; `counters()` ends it and reads its totals.
 
-    def __init__(self, sock: Path, workdir: Path, args: Sequence[str], *, name: str = "serve-net") -> None:
+    `command` replaces the whole command line (another program printing the same counters line).
+    """
+
+    def __init__(self, sock: Path, workdir: Path, args: Sequence[str], *, name: str = "serve-net",
+                 command: Sequence[str] | None = None) -> None:
         self.sock = sock
-        self.args = [sys.executable, "-m", "vhostuser_rs", "serve-net", "--socket-path", str(sock), *args]
+        self.args = list(command) if command else [
+            sys.executable, "-m", "vhostuser_rs", "serve-net", "--socket-path", str(sock), *args]
         self.stderr_path = workdir / f"{name}.stderr"
         self.signals_needed = 1  # SIGTERMs counters() had to send
         sock.unlink(missing_ok=True)
