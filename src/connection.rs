@@ -311,14 +311,19 @@ impl Connection {
         Ok(())
     }
 
-    /// Whether a message (or EOF) is waiting, without blocking.
+    /// Whether a message (or EOF) is waiting, without blocking longer than `timeout`. A signal
+    /// ends the wait early with `false` (not an error): the caller's loop then checks for it.
     pub fn readable(&self, timeout: Option<Duration>) -> Result<bool> {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         let ms = Deadline::after(timeout).poll_ms(None);
         // SAFETY: one valid pollfd for the duration of the call.
         let n = unsafe { libc::poll(&mut pfd, 1, ms) };
         if n < 0 {
-            return Err(Error::Io(io::Error::last_os_error()));
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(Error::Io(e));
         }
         Ok(n > 0)
     }

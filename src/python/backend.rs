@@ -231,6 +231,9 @@ pub(crate) fn serve(
         };
         served += 1;
         if let Err(e) = py.detach(|| serve(conn)) {
+            // A signal that ended the session is handled first (the logging call below would
+            // run its handler and swallow the KeyboardInterrupt).
+            py.check_signals()?;
             // A broken or hostile front-end ends its own session only; accept the next one.
             warn(py, format!("front-end session ended: {e}"));
         }

@@ -42,20 +42,11 @@ class Loopback(Protocol):
 LoopbackFactory = Callable[..., AbstractContextManager[Loopback]]
 
 
-@pytest.fixture(scope="module")
-def skip_until_serve_net_exists() -> None:
-    """TEMPORARY: skips the serve-net cases while `vhostuser-rs serve-net` is not in the package."""
-    done = subprocess.run([sys.executable, "-m", "vhostuser_rs", "serve-net", "--help"], capture_output=True, timeout=60)
-    if done.returncode != 0:
-        pytest.skip("vhostuser-rs serve-net is not available yet (`vhostuser-rs serve-net --help` failed)")
-
-
 @pytest.fixture(params=["serve-net", "testpmd-net_vhost"])
 def loopback(request: pytest.FixtureRequest, tmp_path: Path) -> LoopbackFactory:
     """A factory: `loopback(sock, queue_pairs=1, mtu=None)` runs one loopback back-end on `sock`."""
     dpdk.need_testpmd()
     if request.param == "serve-net":
-        request.getfixturevalue("skip_until_serve_net_exists")
 
         @contextmanager
         def serve(sock: Path, queue_pairs: int = 1, mtu: int | None = None) -> Iterator[Loopback]:
@@ -240,7 +231,7 @@ def test_testpmd_pair_reference(sock_dir: Path, tmp_path: Path) -> None:
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_serve_net_exits_on_one_signal_while_serving(
-    skip_until_serve_net_exists: None, sig: signal.Signals, sock_dir: Path, tmp_path: Path
+    sig: signal.Signals, sock_dir: Path, tmp_path: Path
 ) -> None:
     """One SIGTERM/SIGINT, with testpmd connected and frames just sent: exit 0 within 5 s and
     the counters line, which counts what testpmd sent."""
