@@ -321,14 +321,10 @@ impl NetCore {
             let n = copy_out(readable, 0, &mut cmd);
             let status = if chain.writable_len == 0 {
                 None
-            } else if chain.readable_len as usize > cmd.len() || n < 2 {
+            } else if chain.readable_len as usize > cmd.len() {
                 Some(ctrl::ERR)
             } else {
-                Some(match hook(cmd[0], cmd[1], &cmd[2..n]) {
-                    Some(true) => ctrl::OK,
-                    Some(false) => ctrl::ERR,
-                    None => self.command(cmd[0], cmd[1], &cmd[2..n]),
-                })
+                Some(self.handle_command(&cmd[..n], hook))
             };
             let written = match status {
                 Some(s) => {
@@ -340,6 +336,17 @@ impl NetCore {
             queue.complete(batch, chain, written)?;
         }
         Ok(())
+    }
+
+    /// Answers one control command (`class`, `command`, data...) as read from the driver's
+    /// buffers: `hook` first, then the defaults. Anything malformed is ERR.
+    pub fn handle_command(&self, bytes: &[u8], hook: &ControlHook<'_>) -> u8 {
+        let [class, command, data @ ..] = bytes else { return ctrl::ERR };
+        match hook(*class, *command, data) {
+            Some(true) => ctrl::OK,
+            Some(false) => ctrl::ERR,
+            None => self.command(*class, *command, data),
+        }
     }
 
     fn command(&self, class: u8, command: u8, data: &[u8]) -> u8 {
