@@ -339,7 +339,7 @@ impl Group {
             }
             let mut again = false;
             let mut worked = false;
-            if slots.iter().any(|s| s.pending || !s.ready.is_empty()) {
+            if slots.iter().any(|s| (s.pending || !s.ready.is_empty()) && s.usable()) {
                 // One wake scope for the whole wake-up (the Python adapter takes the GIL once).
                 device.wake_scope(&mut || {
                     for k in 0..slots.len() {

@@ -400,11 +400,12 @@ impl NetShared {
                 }
                 Delivery::TooLarge => dropped += 1,
                 Delivery::NoBuffers => {
-                    more = rx.arm()?;
-                    if !more {
-                        break;
+                    // Re-arm kicks; go on only if buffers really came meanwhile.
+                    if rx.arm()? && rx.refill(64) > 0 {
+                        continue;
                     }
-                    continue;
+                    more = false;
+                    break;
                 }
             }
             queue.pop_front();
@@ -566,7 +567,11 @@ impl PyNetPort {
                 }
                 // Never deliverable (bigger than the driver's buffers): dropped and counted.
                 Delivery::TooLarge => dropped += 1,
-                Delivery::NoBuffers => break,
+                Delivery::NoBuffers => {
+                    // The driver kicks when it adds buffers (the device waits for that).
+                    let _ = rx.arm();
+                    break;
+                }
             }
             accepted += 1;
         }
