@@ -44,7 +44,7 @@ MAX_PAYLOAD_SIZE: int
 MAX_FDS: int
 
 # virtio device definitions (src/python/virtio.rs; the values live in src/virtio/)
-__all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG", "VIRTIO_NET", "BuiltinNet", "Frame", "NetHeader", "NetPort"]
+__all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG", "VIRTIO_NET", "BuiltinNet", "Frame", "NetHeader", "NetPort", "RingQueue"]
 VIRTIO_BLK: dict[str, int]
 VIRTIO_BLK_CONFIG: dict[str, tuple[int, int]]
 VIRTIO_NET: dict[str, int]
@@ -327,6 +327,17 @@ class BatchQueue:
     """The queue handed to Device.process: completes chains of the current batch."""
 
     def complete(self, chain: DescriptorChain, written: int) -> None: ...
+    def defer(self, chain: DescriptorChain) -> None: ...
+    @property
+    def index(self) -> int: ...
+
+@final
+class RingQueue:
+    """The ring handed to Device.on_event: completes chains deferred by earlier batches."""
+
+    def complete(self, chain: DescriptorChain, written: int) -> None: ...
+    @property
+    def deferred(self) -> int: ...
     @property
     def index(self) -> int: ...
 

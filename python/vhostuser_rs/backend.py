@@ -33,14 +33,14 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _native
-from ._native import BatchQueue, DescriptorChain
+from ._native import BatchQueue, DescriptorChain, RingQueue
 from .enums import BackendRequest, FrontendRequest, VirtioFeature
 from .exceptions import RequestRejectedError
 
 if TYPE_CHECKING:
     from .net import NetDevice
 
-__all__ = ["Backend", "BatchQueue", "Device"]
+__all__ = ["Backend", "BatchQueue", "Device", "RingQueue"]
 
 
 class Device:
@@ -86,6 +86,20 @@ class Device:
         one chain and return how many bytes were written into its writable buffers (None = 0);
         Rust completes it. An exception completes it with 0 bytes and is logged."""
         raise NotImplementedError
+
+    def event_fds(self, index: int) -> Sequence[int]:
+        """Fds of this device to watch on the worker of ring `index`, next to its kicks (an
+        eventfd your I/O threads signal, a socket, a timerfd); :meth:`on_event` runs when one is
+        readable. Asked when the ring starts; keep them open while it runs. Overriding this also
+        lets :meth:`process` defer chains (``queue.defer(chain)``)."""
+        return ()
+
+    def on_event(self, queue: RingQueue, fd: int) -> bool:
+        """`fd` (one of :meth:`event_fds` of ring ``queue.index``) is readable (level-triggered:
+        read it). Complete chains deferred by earlier batches with ``queue.complete(chain,
+        written)``; the used ring is published and the driver notified once per wake-up. Return
+        False to stop watching the ring's fds until the driver kicks it again."""
+        return True
 
     def queue_started(self, index: int) -> None:
         """Ring `index` started (SET_VRING_KICK with size, addresses and memory known); it is

@@ -13,7 +13,10 @@ use super::errors::to_pyerr;
 use super::virtqueue::{chains_from_batch, PyDescriptorChain};
 use crate::backend::Device;
 use crate::error::Error;
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use std::os::fd::RawFd;
+
+use crate::backend::{RingHandle, Rings};
+use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 fn warn(py: Python<'_>, what: &str, err: &PyErr) {
     if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
@@ -30,6 +33,10 @@ pub(crate) struct BatchQueue {
     valid: AtomicBool,
     index: u16,
     completed: Mutex<HashSet<u16>>,
+    /// Chains ``defer`` kept for later (completed from ``on_event`` through a ``RingQueue``).
+    deferred: Mutex<HashSet<u16>>,
+    /// Whether this device can complete chains later (it watches fds of its own).
+    can_defer: bool,
 }
 
 // SAFETY: `queue` points at the DeviceQueue the worker lends for the duration of one
@@ -48,6 +55,9 @@ impl BatchQueue {
         if written > chain.writable_capacity() {
             return Err(PyValueError::new_err("written exceeds the chain's writable bytes"));
         }
+        if self.deferred.lock().unwrap_or_else(|e| e.into_inner()).contains(&chain.head_index()) {
+            return Err(PyValueError::new_err("chain was deferred: complete it from on_event()"));
+        }
         let mut done = self.completed.lock().unwrap_or_else(|e| e.into_inner());
         if !done.insert(chain.head_index()) {
             return Err(PyValueError::new_err("chain already completed"));
@@ -57,6 +67,79 @@ impl BatchQueue {
         queue
             .complete_with(chain.head_index(), chain.writable_gpas(), written)
             .map_err(|e| to_pyerr(py, Error::Queue { queue: self.index, source: e }))
+    }
+
+    /// Keeps `chain` in flight past this batch (deferred completion): complete it later with
+    /// ``RingQueue.complete`` from ``on_event``, when the I/O it waits for is done. Needs a
+    /// device that watches an fd of its own (``event_fds``).
+    fn defer(&self, chain: &PyDescriptorChain) -> PyResult<()> {
+        if !self.valid.load(Ordering::Acquire) {
+            return Err(PyRuntimeError::new_err("the batch is over: defer chains inside process()"));
+        }
+        if !self.can_defer {
+            return Err(PyRuntimeError::new_err(
+                "deferring needs event_fds(): the device completes deferred chains from on_event()",
+            ));
+        }
+        if self.completed.lock().unwrap_or_else(|e| e.into_inner()).contains(&chain.head_index()) {
+            return Err(PyValueError::new_err("chain already completed"));
+        }
+        self.deferred.lock().unwrap_or_else(|e| e.into_inner()).insert(chain.head_index());
+        Ok(())
+    }
+
+    /// The ring index.
+    #[getter]
+    fn index(&self) -> u16 {
+        self.index
+    }
+}
+
+/// The ring handed to ``Device.on_event``: completes chains deferred by earlier batches. Valid
+/// only during that call (the worker lends the ring).
+#[pyclass(module = "vhostuser_rs", name = "RingQueue", frozen)]
+pub(crate) struct RingQueue {
+    ring: usize,
+    valid: AtomicBool,
+    index: u16,
+}
+
+// SAFETY: `ring` points at the RingHandle the worker lends for one `on_event` call; `valid` is
+// cleared before that call returns.
+unsafe impl Send for RingQueue {}
+// SAFETY: as above; access is serialised by the GIL.
+unsafe impl Sync for RingQueue {}
+
+#[pymethods]
+impl RingQueue {
+    /// Completes a deferred `chain` with `written` bytes; the used ring is published (and the
+    /// driver notified) once when the worker's wake-up ends.
+    fn complete(&self, py: Python<'_>, chain: &PyDescriptorChain, written: u32) -> PyResult<()> {
+        if !self.valid.load(Ordering::Acquire) {
+            return Err(PyRuntimeError::new_err("on_event() is over: complete deferred chains inside it"));
+        }
+        if written > chain.writable_capacity() {
+            return Err(PyValueError::new_err("written exceeds the chain's writable bytes"));
+        }
+        // SAFETY: valid is set: the worker is blocked in on_event() and lent us the ring.
+        let ring = unsafe { &mut *(self.ring as *mut RingHandle<'static>) };
+        let Some(kept) = ring.kept().take_head(chain.head_index()) else {
+            return Err(PyValueError::new_err(
+                "chain is not deferred on this ring (completed already, or the ring restarted since)",
+            ));
+        };
+        ring.complete(kept, written).map_err(|e| to_pyerr(py, Error::Queue { queue: self.index, source: e }))
+    }
+
+    /// Chains deferred on this ring and not completed yet.
+    #[getter]
+    fn deferred(&self) -> usize {
+        if !self.valid.load(Ordering::Acquire) {
+            return 0;
+        }
+        // SAFETY: as in complete.
+        let ring = unsafe { &mut *(self.ring as *mut RingHandle<'static>) };
+        ring.kept().len()
     }
 
     /// The ring index.
@@ -76,6 +159,8 @@ pub(crate) struct PyDevice {
     protocol_features: u64,
     /// The device implements ``process_request`` instead of ``process``: one call per chain.
     per_request: bool,
+    /// The class overrides ``event_fds``: it watches fds of its own and may defer chains.
+    has_events: bool,
 }
 
 impl PyDevice {
@@ -93,6 +178,7 @@ impl PyDevice {
             features: b.getattr("features")?.extract()?,
             protocol_features: b.getattr("protocol_features")?.extract()?,
             per_request,
+            has_events: overrides("event_fds")?,
             obj,
         })
     }
@@ -253,6 +339,56 @@ impl Device for PyDevice {
     }
 
     fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        self.process_batch(queue_index, queue, batch, &mut KeptChains::new(), &mut Rings::none())
+    }
+
+    fn event_fds(&self, queue_index: u16) -> Vec<RawFd> {
+        if !self.has_events {
+            return Vec::new();
+        }
+        Python::attach(|py| match self.obj.bind(py).call_method1("event_fds", (queue_index,)) {
+            Ok(r) => match r.extract::<Vec<RawFd>>() {
+                Ok(v) => v.into_iter().filter(|&fd| fd >= 0).collect(),
+                Err(e) => {
+                    warn(py, "event_fds()", &e);
+                    Vec::new()
+                }
+            },
+            Err(e) => {
+                warn(py, "event_fds()", &e);
+                Vec::new()
+            }
+        })
+    }
+
+    fn event(&self, fd: RawFd, mut ring: RingHandle<'_>, _others: &mut Rings<'_>) -> Result<bool, VirtqueueError> {
+        let index = ring.index();
+        let ptr = (&mut ring as *mut RingHandle<'_>).cast::<RingHandle<'static>>() as usize;
+        Ok(Python::attach(|py| {
+            let rq = RingQueue { ring: ptr, valid: AtomicBool::new(true), index };
+            let result = Bound::new(py, rq).and_then(|rq| {
+                let r = self.obj.bind(py).call_method1("on_event", (rq.clone(), fd));
+                rq.get().valid.store(false, Ordering::Release);
+                r.and_then(|v| v.is_truthy())
+            });
+            match result {
+                Ok(keep) => keep,
+                Err(e) => {
+                    warn(py, "on_event()", &e);
+                    false
+                }
+            }
+        }))
+    }
+
+    fn process_batch(
+        &self,
+        queue_index: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        kept: &mut KeptChains,
+        _others: &mut Rings<'_>,
+    ) -> Result<(), VirtqueueError> {
         if self.per_request {
             return self.process_each(queue_index, queue, batch);
         }
@@ -266,6 +402,8 @@ impl Device for PyDevice {
                 valid: AtomicBool::new(true),
                 index: queue_index,
                 completed: Mutex::new(HashSet::new()),
+                deferred: Mutex::new(HashSet::new()),
+                can_defer: self.has_events,
             };
             let result = Bound::new(py, bq).and_then(|bq| {
                 let objs = chains.into_iter().map(|c| Bound::new(py, c)).collect::<PyResult<Vec<_>>>()?;
@@ -277,7 +415,11 @@ impl Device for PyDevice {
             match result {
                 Ok(bq) => {
                     let done = bq.get().completed.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                    heads.into_iter().filter(|h| !done.contains(h)).collect()
+                    let deferred = bq.get().deferred.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    for chain in batch.chains().iter().filter(|c| deferred.contains(&c.head)) {
+                        kept.keep(batch, chain);
+                    }
+                    heads.into_iter().filter(|h| !done.contains(h) && !deferred.contains(h)).collect()
                 }
                 Err(e) => {
                     warn(py, "process()", &e);
@@ -305,5 +447,6 @@ impl Device for PyDevice {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<BatchQueue>()?;
+    m.add_class::<RingQueue>()?;
     Ok(())
 }

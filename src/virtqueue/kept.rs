@@ -97,6 +97,12 @@ impl KeptChains {
         self.chains.pop_front()
     }
 
+    /// Takes the chain with head `head` out of the store, wherever it is.
+    pub fn take_head(&mut self, head: u16) -> Option<KeptChain> {
+        let i = self.chains.iter().position(|c| c.head == head)?;
+        self.chains.remove(i)
+    }
+
     /// Puts a chain taken with [`take`](Self::take) back at the front, still in flight.
     pub fn put_back(&mut self, chain: KeptChain) {
         self.chains.push_front(chain);

@@ -354,3 +354,118 @@ def test_hostile_answers_to_backend_requests(sock_dir: Path, answer, error) -> N
                     backend.config_changed()
             assert fe.get_queue_num() == 2  # the session goes on
     assert backend.error is None
+
+
+class AsyncBlock(vu.Device):
+    """A RAM disk whose reads finish on another thread (asynchronous I/O): ``process`` defers
+    each chain, a worker thread does the copy and signals an eventfd, ``on_event`` completes the
+    chains on the ring's own worker."""
+
+    num_queues = 1
+    features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX)
+
+    def __init__(self) -> None:
+        self.data = bytes(range(256)) * (SECTORS * 2)
+        self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.done: list[tuple[vu.DescriptorChain, int]] = []
+        self.lock = threading.Lock()
+        self.deferred_seen = 0
+
+    def config(self) -> bytes:
+        return struct.pack("<Q", SECTORS) + bytes(52)
+
+    def event_fds(self, index: int) -> list[int]:
+        return [self.efd]
+
+    def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+        for chain in chains:
+            rtype, _, sector = struct.unpack("<IIQ", chain.read(16))
+            if rtype != 0:  # only reads are asynchronous here
+                chain.write(bytes([0]), chain.writable_len - 1)
+                queue.complete(chain, 1)
+                continue
+            queue.defer(chain)
+            threading.Thread(target=self._read, args=(chain, sector), daemon=True).start()
+
+    def _read(self, chain: vu.DescriptorChain, sector: int) -> None:
+        time.sleep(0.01)
+        n = chain.writable_len - 1
+        chain.write(self.data[sector * 512 : sector * 512 + n] + bytes([0]))
+        with self.lock:
+            self.done.append((chain, n + 1))
+        os.eventfd_write(self.efd, 1)
+
+    def on_event(self, queue: vu.backend.RingQueue, fd: int) -> bool:
+        os.eventfd_read(fd)
+        with self.lock:
+            done, self.done = self.done, []
+        self.deferred_seen = max(self.deferred_seen, queue.deferred)
+        for chain, written in done:
+            queue.complete(chain, written)
+        return True
+
+
+def test_python_device_completes_chains_later_from_its_own_fd(sock_dir: Path) -> None:
+    device = AsyncBlock()
+    sock = sock_dir / "async.sock"
+    backend = vu.Backend.listen(sock, device)
+    t = threading.Thread(target=backend.serve_forever, kwargs={"max_connections": 1}, daemon=True)
+    try:
+        t.start()
+        with vu.Frontend.connect(sock) as fe:
+            mem = vu.GuestMemory.allocate(8 << 20)
+            fe.negotiate(memory=mem)
+            vq = fe.setup_queue(0, 64)
+            # Four reads in flight at once, completed after the batch that brought them.
+            bufs = []
+            for i in range(4):
+                hdr, data, status = mem.alloc(16), mem.alloc(4096, 4096), mem.alloc(1)
+                mem.write(hdr, struct.pack("<IIQ", 0, 0, i * 8))
+                mem.write(status, b"\xff")
+                head = vq.queue.add([(hdr, 16)], [(data, 4096), (status, 1)])
+                bufs.append((head, data, status))
+            vq.queue.publish()
+            vq.kick()
+            used: list[tuple[int, int]] = []
+            deadline = time.monotonic() + 10
+            while len(used) < 4 and time.monotonic() < deadline:
+                vq.wait(0.1)
+                used += vq.queue.reap()
+            assert sorted(h for h, _ in used) == sorted(h for h, _, _ in bufs)
+            assert all(n == 4097 for _, n in used)
+            for i, (_, data, status) in enumerate(bufs):
+                assert mem.read(status, 1) == b"\0"
+                assert mem.read(data, 4096) == device.data[i * 4096 : (i + 1) * 4096]
+            vq.close()
+        t.join(10)
+        assert device.deferred_seen >= 1
+    finally:
+        backend.close()
+        os.close(device.efd)
+
+
+def test_deferring_without_event_fds_is_refused(sock_dir: Path) -> None:
+    errors: list[BaseException] = []
+
+    class Bad(MemBlock):
+        def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+            for chain in chains:
+                try:
+                    queue.defer(chain)
+                except RuntimeError as e:
+                    errors.append(e)
+            super().process(queue, chains)
+
+    device = Bad()
+    sock = sock_dir / "bad.sock"
+    backend = vu.Backend.listen(sock, device)
+    t = threading.Thread(target=backend.serve_forever, kwargs={"max_connections": 1}, daemon=True)
+    try:
+        t.start()
+        with BlockClient.connect(sock, num_queues=1) as disk:
+            disk.write(0, b"z" * 512)
+            assert disk.read(0, 512) == b"z" * 512
+        t.join(10)
+        assert errors and "event_fds" in str(errors[0])
+    finally:
+        backend.close()
