@@ -10,6 +10,7 @@ mod errors;
 mod frontend;
 mod memory;
 mod net;
+mod netclient;
 mod socket;
 mod virtio;
 mod virtqueue;
@@ -33,5 +34,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     device::register(m)?;
     virtio::register(m)?;
     net::register(m)?;
+    netclient::register(m)?;
     Ok(())
 }
