@@ -1,2 +1,569 @@
-//! The driver side of a virtio-net device: TX and RX rings of each queue pair, frames in and
-//! out in bursts (to be written).
+//! The driver side of a virtio-net device (VIRTIO 1.2 §5.1.6): the RX and TX rings of one queue
+//! pair, frames in and out in bursts.
+//!
+//! RX: every descriptor of the ring gets a device-writable buffer at start; each buffer used by
+//! the device is copied out and posted again. With MRG_RXBUF a frame spans `num_buffers` used
+//! entries (2048-byte buffers); without it one buffer holds a whole frame (sized for the MTU, or
+//! for 64 KiB when GUEST_TSO/UFO is negotiated). A frame whose header is short, or whose
+//! `num_buffers` is 0 or asks for more entries than the device has used, is counted as a drop
+//! (what Linux's virtio_net does); an id not in flight or a length beyond the buffer is an error
+//! from [`DriverQueue::reap`].
+//!
+//! TX: one slot (header + frame, contiguous) per descriptor, preallocated; a burst is copied into
+//! free slots, published once and kicked once if the device asks; slots come back when their
+//! used entries are reaped (lazily, at the next send).
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::memory::GuestMemory;
+use crate::protocol::VirtioFeatures;
+use crate::virtio::net::{self as vnet, feature, NetHeader};
+use crate::virtqueue::{DriverQueue, VirtqueueError};
+
+/// RX buffer size with MRG_RXBUF (what a frame is split into).
+pub const MRG_BUFFER_LEN: u32 = 2048;
+/// Ethernet header plus one VLAN tag: what a frame adds to the MTU.
+const L2_OVERHEAD: usize = 14 + 4;
+/// The MTU assumed when the device gives none.
+pub const DEFAULT_MTU: u16 = 1500;
+
+/// Buffer sizes of one queue pair for the negotiated `features` and the MTU in use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PairLayout {
+    /// Header bytes before every frame.
+    pub header_len: usize,
+    /// Whether frames span several RX buffers (MRG_RXBUF).
+    pub mrg_rxbuf: bool,
+    /// Header and frame in separate TX descriptors (neither VERSION_1 nor ANY_LAYOUT).
+    pub split_tx_header: bool,
+    /// Size of each RX buffer.
+    pub rx_buffer_len: u32,
+    /// Size of each TX slot (header + largest frame).
+    pub tx_slot_len: u32,
+}
+
+impl PairLayout {
+    /// The layout a driver with `features` and `mtu` (`None`: 1500) uses.
+    pub fn new(features: u64, mtu: Option<u16>) -> PairLayout {
+        let header_len = vnet::header_len(features);
+        let mtu = usize::from(mtu.unwrap_or(DEFAULT_MTU).max(DEFAULT_MTU));
+        let mrg_rxbuf = features & feature::MRG_RXBUF != 0;
+        let guest_gso = features & (feature::GUEST_TSO4 | feature::GUEST_TSO6 | feature::GUEST_UFO) != 0;
+        let host_gso = features & (feature::HOST_TSO4 | feature::HOST_TSO6 | feature::HOST_UFO) != 0;
+        let rx = if mrg_rxbuf {
+            MRG_BUFFER_LEN as usize
+        } else if guest_gso {
+            header_len + vnet::MAX_FRAME_LEN
+        } else {
+            header_len + mtu + L2_OVERHEAD
+        };
+        let tx = header_len + if host_gso { vnet::MAX_FRAME_LEN } else { mtu + L2_OVERHEAD };
+        let layout_free = VirtioFeatures::VERSION_1.bits() | VirtioFeatures::ANY_LAYOUT.bits();
+        PairLayout {
+            header_len,
+            mrg_rxbuf,
+            split_tx_header: features & layout_free == 0,
+            rx_buffer_len: rx as u32,
+            tx_slot_len: tx as u32,
+        }
+    }
+
+    /// Largest frame (without header) `send` accepts.
+    pub fn max_tx_frame(&self) -> usize {
+        self.tx_slot_len as usize - self.header_len
+    }
+
+    /// Guest memory the buffers of one pair with rings of `queue_size` take (rings excluded).
+    pub fn buffer_memory(&self, queue_size: u16) -> u64 {
+        u64::from(queue_size) * (u64::from(self.rx_buffer_len) + u64::from(self.tx_slot_len)).next_multiple_of(64)
+    }
+}
+
+/// Counters of one queue pair.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PairCounters {
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Bytes received (frames, without headers).
+    pub rx_bytes: u64,
+    /// Frames the device delivered malformed (short header, bad `num_buffers`).
+    pub rx_dropped: u64,
+    /// Frames queued for transmission.
+    pub tx_frames: u64,
+    /// Bytes queued for transmission (frames, without headers).
+    pub tx_bytes: u64,
+}
+
+fn queue_err(index: u16, source: VirtqueueError) -> Error {
+    Error::Queue { queue: index, source }
+}
+
+/// Writes the eventfd `fd` (a kick).
+pub fn notify(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes from a local buffer to an eventfd.
+    if unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) } != 8 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// A received frame: its header and where its bytes are in guest memory.
+#[derive(Debug)]
+pub struct RxFrame<'a> {
+    /// The header as the device wrote it (copied out of guest memory).
+    pub header: NetHeader,
+    /// `(guest address, length)` pieces of the frame, header excluded.
+    pub pieces: &'a [(u64, u32)],
+    /// Total frame length.
+    pub len: usize,
+}
+
+impl RxFrame<'_> {
+    /// Copies the frame into `out` (at least `len` bytes).
+    pub fn copy_to(&self, memory: &GuestMemory, out: &mut [u8]) -> Result<()> {
+        let mut at = 0;
+        for &(gpa, n) in self.pieces {
+            let n = n as usize;
+            memory.table().read(gpa, &mut out[at..at + n])?;
+            at += n;
+        }
+        Ok(())
+    }
+}
+
+/// The RX half of a queue pair.
+#[derive(Debug)]
+pub struct RxRing {
+    memory: Arc<GuestMemory>,
+    index: u16,
+    layout: PairLayout,
+    /// Guest address of each buffer.
+    buffers: Vec<u64>,
+    /// Buffer posted under each head (`u32::MAX`: none).
+    by_head: Vec<u32>,
+    /// Used entries reaped and not consumed yet: (buffer, written length).
+    pending: VecDeque<(u32, u32)>,
+    used: Vec<(u16, u32)>,
+    pieces: Vec<(u64, u32)>,
+    counters: PairCounters,
+}
+
+impl RxRing {
+    /// Allocates one buffer per descriptor of `queue` in `memory` and posts them all (not
+    /// published: call [`RxRing::flush`]). `index` names the ring in errors.
+    pub fn new(memory: Arc<GuestMemory>, queue: &mut DriverQueue, index: u16, layout: PairLayout) -> Result<RxRing> {
+        let size = queue.ring().size;
+        let mut buffers = Vec::with_capacity(usize::from(size));
+        for _ in 0..size {
+            buffers.push(memory.alloc(u64::from(layout.rx_buffer_len), 64)?);
+        }
+        let mut rx = RxRing {
+            memory,
+            index,
+            layout,
+            buffers,
+            by_head: vec![u32::MAX; usize::from(size)],
+            pending: VecDeque::with_capacity(usize::from(size)),
+            used: Vec::with_capacity(usize::from(size)),
+            pieces: Vec::new(),
+            counters: PairCounters::default(),
+        };
+        for b in 0..u32::from(size) {
+            rx.post(queue, b)?;
+        }
+        queue.publish();
+        Ok(rx)
+    }
+
+    fn post(&mut self, queue: &mut DriverQueue, buffer: u32) -> Result<()> {
+        let gpa = self.buffers[buffer as usize];
+        let head = queue.add(&[], &[(gpa, self.layout.rx_buffer_len)]).map_err(|e| queue_err(self.index, e))?;
+        self.by_head[usize::from(head)] = buffer;
+        Ok(())
+    }
+
+    /// Counters of this half (the `rx_*` fields).
+    pub fn counters(&self) -> PairCounters {
+        self.counters
+    }
+
+    /// Whether used entries are waiting to be consumed (a frame was left for the next call).
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Reaps what the device used and hands up to `max` frames to `f` (in order), posting
+    /// their buffers again and publishing once. Returns how many frames `f` got and whether the
+    /// device wants a kick for the reposted buffers.
+    pub fn recv(
+        &mut self,
+        queue: &mut DriverQueue,
+        max: usize,
+        f: &mut dyn FnMut(RxFrame<'_>) -> Result<()>,
+    ) -> Result<(usize, bool)> {
+        self.used.clear();
+        queue.reap(&mut self.used, usize::MAX).map_err(|e| queue_err(self.index, e))?;
+        for &(head, len) in &self.used {
+            let b = std::mem::replace(&mut self.by_head[usize::from(head)], u32::MAX);
+            if b == u32::MAX {
+                // Reap checks the id is in flight, so this is our bookkeeping, not the device.
+                return Err(queue_err(self.index, VirtqueueError::UsedIdNotInFlight { id: head.into() }));
+            }
+            self.pending.push_back((b, len));
+        }
+        let hl = self.layout.header_len;
+        let mut frames = 0;
+        let mut reposted = 0usize;
+        let mut hdr = [0u8; vnet::HDR_LEN];
+        while frames < max {
+            let Some(&(b, len)) = self.pending.front() else { break };
+            let first = self.buffers[b as usize];
+            let mut header = NetHeader::default();
+            let mut take = 1usize;
+            let mut good = len as usize >= hl;
+            if good {
+                self.memory.table().read(first, &mut hdr[..hl])?;
+                header = NetHeader::from_bytes(&hdr[..hl]);
+                if self.layout.mrg_rxbuf {
+                    take = usize::from(header.num_buffers);
+                    if take == 0 || take > self.pending.len() {
+                        // Linux: "rx error: buffers missing", a length error. Drop what is here.
+                        good = false;
+                        take = take.clamp(1, self.pending.len());
+                    }
+                }
+            }
+            self.pieces.clear();
+            let mut total = 0usize;
+            if good {
+                let rest = len as usize - hl;
+                if rest > 0 {
+                    self.pieces.push((first + hl as u64, rest as u32));
+                }
+                total += rest;
+                for &(b2, len2) in self.pending.iter().skip(1).take(take - 1) {
+                    if len2 > 0 {
+                        self.pieces.push((self.buffers[b2 as usize], len2));
+                    }
+                    total += len2 as usize;
+                }
+            }
+            let result = if good {
+                f(RxFrame { header, pieces: &self.pieces, len: total })
+            } else {
+                self.counters.rx_dropped += 1;
+                Ok(())
+            };
+            for _ in 0..take {
+                if let Some((b, _)) = self.pending.pop_front() {
+                    self.post(queue, b)?;
+                    reposted += 1;
+                }
+            }
+            result?;
+            if good {
+                frames += 1;
+                self.counters.rx_frames += 1;
+                self.counters.rx_bytes += total as u64;
+            }
+        }
+        let kick = if reposted > 0 {
+            queue.publish();
+            queue.kick_needed()
+        } else {
+            false
+        };
+        Ok((frames, kick))
+    }
+}
+
+/// The TX half of a queue pair.
+#[derive(Debug)]
+pub struct TxRing {
+    memory: Arc<GuestMemory>,
+    index: u16,
+    layout: PairLayout,
+    /// Guest address of each slot.
+    slots: Vec<u64>,
+    free: Vec<u32>,
+    by_head: Vec<u32>,
+    used: Vec<(u16, u32)>,
+    scratch: Vec<u8>,
+    counters: PairCounters,
+}
+
+impl TxRing {
+    /// Allocates the slots of `queue` (one per descriptor, one per two with a split header).
+    pub fn new(memory: Arc<GuestMemory>, queue: &DriverQueue, index: u16, layout: PairLayout) -> Result<TxRing> {
+        let size = queue.ring().size;
+        let n = if layout.split_tx_header { size / 2 } else { size }.max(1);
+        let mut slots = Vec::with_capacity(usize::from(n));
+        for _ in 0..n {
+            slots.push(memory.alloc(u64::from(layout.tx_slot_len), 64)?);
+        }
+        Ok(TxRing {
+            memory,
+            index,
+            layout,
+            slots,
+            free: (0..u32::from(n)).rev().collect(),
+            by_head: vec![u32::MAX; usize::from(size)],
+            used: Vec::with_capacity(usize::from(size)),
+            scratch: Vec::with_capacity(layout.tx_slot_len as usize),
+            counters: PairCounters::default(),
+        })
+    }
+
+    /// Counters of this half (the `tx_*` fields).
+    pub fn counters(&self) -> PairCounters {
+        self.counters
+    }
+
+    /// Slots free right now (after [`TxRing::reclaim`]).
+    pub fn free_slots(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Takes back the slots the device is done with.
+    pub fn reclaim(&mut self, queue: &mut DriverQueue) -> Result<()> {
+        self.used.clear();
+        queue.reap(&mut self.used, usize::MAX).map_err(|e| queue_err(self.index, e))?;
+        for &(head, _) in &self.used {
+            let s = std::mem::replace(&mut self.by_head[usize::from(head)], u32::MAX);
+            if s == u32::MAX {
+                return Err(queue_err(self.index, VirtqueueError::UsedIdNotInFlight { id: head.into() }));
+            }
+            self.free.push(s);
+        }
+        Ok(())
+    }
+
+    /// Checks a frame `send` would be given.
+    pub fn check(&self, frame_len: usize) -> std::result::Result<(), String> {
+        if frame_len < vnet::MIN_FRAME_LEN || frame_len > self.layout.max_tx_frame() {
+            return Err(format!(
+                "a frame must be {}..={} bytes (the negotiated MTU and offloads), got {frame_len}",
+                vnet::MIN_FRAME_LEN,
+                self.layout.max_tx_frame()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Queues frames from `next` (called until it returns `None` or the slots run out; check
+    /// each frame with [`TxRing::check`] first), publishes once. Returns how many were queued
+    /// and whether the device wants a kick.
+    pub fn send(
+        &mut self,
+        queue: &mut DriverQueue,
+        frames: &mut dyn Iterator<Item = (NetHeader, &[u8])>,
+    ) -> Result<(usize, bool)> {
+        self.reclaim(queue)?;
+        let hl = self.layout.header_len;
+        let mut n = 0;
+        while !self.free.is_empty() {
+            let Some((mut header, frame)) = frames.next() else { break };
+            debug_assert!(frame.len() <= self.layout.max_tx_frame());
+            let slot = *self.free.last().unwrap_or(&0);
+            let gpa = self.slots[slot as usize];
+            header.num_buffers = 0; // the driver sets 0 on TX (§5.1.6.2)
+            self.scratch.clear();
+            self.scratch.extend_from_slice(&header.to_bytes()[..hl]);
+            self.scratch.extend_from_slice(frame);
+            self.memory.table().write(gpa, &self.scratch)?;
+            let total = self.scratch.len() as u32;
+            let head = if self.layout.split_tx_header {
+                queue.add(&[(gpa, hl as u32), (gpa + hl as u64, total - hl as u32)], &[])
+            } else {
+                queue.add(&[(gpa, total)], &[])
+            }
+            .map_err(|e| queue_err(self.index, e))?;
+            self.free.pop();
+            self.by_head[usize::from(head)] = slot;
+            self.counters.tx_frames += 1;
+            self.counters.tx_bytes += frame.len() as u64;
+            n += 1;
+        }
+        let kick = if n > 0 {
+            queue.publish();
+            queue.kick_needed()
+        } else {
+            false
+        };
+        Ok((n, kick))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MB: u64 = 1 << 20;
+
+    fn setup(features: u64, size: u16) -> (Arc<GuestMemory>, DriverQueue, DriverQueue, PairLayout) {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 16 * MB)]).unwrap());
+        let rx = DriverQueue::allocate(mem.clone(), size, false, 0).unwrap();
+        let tx = DriverQueue::allocate(mem.clone(), size, false, 0).unwrap();
+        (mem, rx, tx, PairLayout::new(features, None))
+    }
+
+    /// Writes what a device would into the RX buffer under `head` and uses it (by hand, as a
+    /// hostile or careful device would: the used ring is written directly).
+    fn use_rx(mem: &GuestMemory, q: &DriverQueue, entries: &[(u16, &[u8])]) {
+        let r = q.ring();
+        let t = mem.table();
+        let mut idx = [0u8; 2];
+        t.read(r.used + 2, &mut idx).unwrap();
+        let mut used = u16::from_le_bytes(idx);
+        for &(head, data) in entries {
+            let mut d = [0u8; 16];
+            t.read(r.desc + 16 * u64::from(head), &mut d).unwrap();
+            let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
+            t.write(addr, data).unwrap();
+            let slot = u64::from(used % r.size);
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            e[4..].copy_from_slice(&(data.len() as u32).to_le_bytes());
+            t.write(r.used + 4 + 8 * slot, &e).unwrap();
+            used = used.wrapping_add(1);
+        }
+        t.write(r.used + 2, &used.to_le_bytes()).unwrap();
+    }
+
+    fn hdr(num_buffers: u16) -> Vec<u8> {
+        NetHeader { num_buffers, ..NetHeader::default() }.to_bytes().to_vec()
+    }
+
+    #[test]
+    fn layout_follows_features() {
+        let v1 = VirtioFeatures::VERSION_1.bits();
+        let l = PairLayout::new(v1, None);
+        assert_eq!((l.header_len, l.rx_buffer_len, l.mrg_rxbuf, l.split_tx_header), (12, 12 + 1518, false, false));
+        assert_eq!(PairLayout::new(v1 | feature::MRG_RXBUF, Some(9000)).rx_buffer_len, MRG_BUFFER_LEN);
+        assert_eq!(PairLayout::new(v1 | feature::MRG_RXBUF, Some(9000)).max_tx_frame(), 9018);
+        assert_eq!(PairLayout::new(v1 | feature::GUEST_TSO4, None).rx_buffer_len as usize, 12 + vnet::MAX_FRAME_LEN);
+        assert!(PairLayout::new(0, None).split_tx_header);
+    }
+
+    #[test]
+    fn merged_frames_are_reassembled_and_buffers_reposted() {
+        let f = VirtioFeatures::VERSION_1.bits() | feature::MRG_RXBUF;
+        let (mem, mut q, _tx, layout) = setup(f, 8);
+        let mut rx = RxRing::new(mem.clone(), &mut q, 0, layout).unwrap();
+        assert_eq!(q.in_flight(), 8);
+        // Heads 0..8 were posted in order. A 3000-byte frame over two buffers, then a small one.
+        let big: Vec<u8> = (0..3000u32).map(|i| i as u8).collect();
+        let mut a = hdr(2);
+        a.extend_from_slice(&big[..2036]);
+        let mut c = hdr(1);
+        c.extend_from_slice(&[7u8; 60]);
+        use_rx(&mem, &q, &[(0, &a), (1, &big[2036..]), (2, &c)]);
+        let mut got = Vec::new();
+        let (n, _) = rx
+            .recv(&mut q, 64, &mut |fr| {
+                let mut v = vec![0u8; fr.len];
+                fr.copy_to(&mem, &mut v)?;
+                got.push((fr.header.num_buffers, v));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(got[0], (2, big));
+        assert_eq!(got[1], (1, vec![7u8; 60]));
+        assert_eq!(q.in_flight(), 8, "every used buffer is posted again");
+        assert_eq!(rx.counters().rx_frames, 2);
+    }
+
+    #[test]
+    fn bad_num_buffers_and_short_headers_are_drops() {
+        let f = VirtioFeatures::VERSION_1.bits() | feature::MRG_RXBUF;
+        let (mem, mut q, _tx, layout) = setup(f, 8);
+        let mut rx = RxRing::new(mem.clone(), &mut q, 0, layout).unwrap();
+        let mut big = hdr(200); // more buffers than were used
+        big.extend_from_slice(&[1u8; 100]);
+        use_rx(&mem, &q, &[(0, &big), (1, &[0u8; 5]), (2, &hdr(0))]);
+        let mut count = 0;
+        rx.recv(&mut q, 64, &mut |_| {
+            count += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(count, 0);
+        assert_eq!(rx.counters().rx_dropped, 1, "the frame and the entries after it are one drop");
+        assert_eq!(q.in_flight(), 8);
+        // A short header, then a zero num_buffers.
+        use_rx(&mem, &q, &[(3, &[0u8; 5]), (4, &hdr(0))]);
+        rx.recv(&mut q, 64, &mut |_| Ok(())).unwrap();
+        assert_eq!(rx.counters().rx_dropped, 3);
+    }
+
+    #[test]
+    fn used_length_beyond_the_buffer_is_an_error() {
+        let (mem, mut q, _tx, layout) = setup(VirtioFeatures::VERSION_1.bits(), 4);
+        let mut rx = RxRing::new(mem.clone(), &mut q, 0, layout).unwrap();
+        let r = q.ring();
+        let mut e = [0u8; 8];
+        e[4..].copy_from_slice(&(layout.rx_buffer_len + 1).to_le_bytes());
+        mem.table().write(r.used + 4, &e).unwrap();
+        mem.table().write(r.used + 2, &1u16.to_le_bytes()).unwrap();
+        let err = rx.recv(&mut q, 64, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. }), "{err}");
+    }
+
+    /// Uses every chain published on `q` so far with length 0; returns their descriptors'
+    /// (addr, len) lists.
+    fn use_all_tx(mem: &GuestMemory, q: &DriverQueue, from: u16) -> Vec<(u64, u32)> {
+        let r = q.ring();
+        let t = mem.table();
+        let mut b = [0u8; 2];
+        t.read(r.avail + 2, &mut b).unwrap();
+        let avail = u16::from_le_bytes(b);
+        let mut out = Vec::new();
+        let mut i = from;
+        while i != avail {
+            t.read(r.avail + 4 + 2 * u64::from(i % r.size), &mut b).unwrap();
+            let head = u16::from_le_bytes(b);
+            let mut d = [0u8; 16];
+            t.read(r.desc + 16 * u64::from(head), &mut d).unwrap();
+            out.push((
+                u64::from_le_bytes(d[..8].try_into().unwrap()),
+                u32::from_le_bytes(d[8..12].try_into().unwrap()),
+            ));
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            t.write(r.used + 4 + 8 * u64::from(i % r.size), &e).unwrap();
+            i = i.wrapping_add(1);
+        }
+        t.write(r.used + 2, &avail.to_le_bytes()).unwrap();
+        out
+    }
+
+    #[test]
+    fn tx_slots_are_recycled() {
+        let (mem, _rx, mut q, layout) = setup(VirtioFeatures::VERSION_1.bits(), 4);
+        let mut tx = TxRing::new(mem.clone(), &q, 1, layout).unwrap();
+        let frame = [0xabu8; 60];
+        let mut it = std::iter::repeat_n((NetHeader { num_buffers: 9, ..NetHeader::default() }, &frame[..]), 6);
+        let (n, _) = tx.send(&mut q, &mut it).unwrap();
+        assert_eq!(n, 4, "only as many as there are slots");
+        let descs = use_all_tx(&mem, &q, 0);
+        assert_eq!(descs.len(), 4);
+        let mut data = vec![0u8; 72];
+        mem.table().read(descs[0].0, &mut data).unwrap();
+        assert_eq!(descs[0].1, 72);
+        assert_eq!(&data[..12], &[0u8; 12], "num_buffers is 0 on TX");
+        assert_eq!(&data[12..], &frame[..]);
+        let (n, _) = tx.send(&mut q, &mut it).unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(tx.counters().tx_frames, 6);
+        assert!(tx.check(10).is_err() && tx.check(layout.max_tx_frame() + 1).is_err() && tx.check(60).is_ok());
+    }
+}
