@@ -103,6 +103,14 @@ impl<'a> Rings<'a> {
         Rings { before: &mut [], after: &mut [] }
     }
 
+    /// Publishes the rings written to during the last device call (once per batch, so a driver
+    /// sees its RX entries while the device is still draining its TX ring).
+    pub(crate) fn flush(&mut self) {
+        for slot in self.before.iter_mut().chain(self.after.iter_mut()) {
+            slot.flush();
+        }
+    }
+
     /// Ring `index`, if it runs on this worker and is enabled and usable.
     pub fn get(&mut self, index: u16) -> Option<RingHandle<'_>> {
         self.before

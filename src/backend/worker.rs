@@ -146,7 +146,14 @@ impl Slot {
             // A kick means new buffers: watch the device's fds again.
             self.listening = true;
             let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
-            let result = queue.drain(batch, 64, |q, b| device.process_batch(index, q, b, kept, others));
+            let result = queue.drain(batch, 64, |q, b| {
+                let r = device.process_batch(index, q, b, kept, others);
+                // Other rings written by this batch (net: the RX ring of the pair) are published
+                // now, not after the drain: a driver that keeps transmitting would otherwise
+                // never see them.
+                others.flush();
+                r
+            });
             match result {
                 Ok(true) => self.shared.notify_driver(),
                 Ok(false) => {}
@@ -193,7 +200,7 @@ impl Slot {
     }
 
     /// Publishes used entries written outside the drain loop and notifies the driver.
-    fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         if !self.dirty {
             return;
         }
