@@ -444,3 +444,43 @@ class NetPort:
     @property
     def active_pairs(self) -> int: ...
     def rx_mode(self) -> tuple[tuple[bool, ...], list[bytes], list[bytes]]: ...
+
+# net client (src/python/netclient.rs)
+__all__ += ["NetClientCore"]
+
+class _ClientCounters(TypedDict):
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    tx_frames: int
+    tx_bytes: int
+
+@final
+class NetClientCore:
+    """The driver data path of a virtio-net client (use vhostuser_rs.netclient.NetClient)."""
+
+    def __new__(
+        cls,
+        memory: GuestMemory,
+        features: int,
+        pairs: Sequence[tuple[DriverQueue, int, int, DriverQueue, int]],
+        *,
+        mtu: int | None = None,
+    ) -> NetClientCore: ...
+    @staticmethod
+    def buffer_memory(features: int, queue_size: int, *, mtu: int | None = None) -> int: ...
+    def send(self, queue_pair: int, frames: Iterable[Any]) -> int: ...
+    def recv(
+        self, queue_pair: int, max_frames: int = 64, timeout: float | None = None
+    ) -> list[tuple[NetHeader, bytes]]: ...
+    def fileno(self, queue_pair: int = 0) -> int: ...
+    def counters(self, queue_pair: int | None = None) -> _ClientCounters: ...
+    @property
+    def queue_pairs(self) -> int: ...
+    @property
+    def header_len(self) -> int: ...
+    @property
+    def max_frame_len(self) -> int: ...
+    @property
+    def rx_buffer_len(self) -> int: ...
+    def close(self) -> None: ...

@@ -76,6 +76,22 @@ SUPPORTED_PROTOCOL_FEATURES = (
     | ProtocolFeature.DEVICE_STATE
 )
 
+#: The transport feature bits (24..=40) are about the rings and the vhost layer, so the driver
+#: side of this library must implement what it acknowledges. These are the ones it does: split
+#: rings with EVENT_IDX and indirect tables (DriverQueue), VERSION_1, ANY_LAYOUT (a permission
+#: for the driver, implied by VERSION_1), PROTOCOL_FEATURES. LOG_ALL is turned on by
+#: :meth:`Frontend.enable_logging`; ACCESS_PLATFORM only when the caller asks for it (it then
+#: serves IOTLB_MSG). Never RING_PACKED, IN_ORDER, NOTIFICATION_DATA, ORDER_PLATFORM, SR_IOV,
+#: NOTIFY_ON_EMPTY, RING_RESET...: nothing here honours them.
+DRIVER_TRANSPORT_FEATURES = (
+    VirtioFeature.VERSION_1
+    | VirtioFeature.ANY_LAYOUT
+    | VirtioFeature.EVENT_IDX
+    | VirtioFeature.INDIRECT_DESC
+    | VirtioFeature.PROTOCOL_FEATURES
+)
+_TRANSPORT_BITS = ((1 << 41) - 1) & ~((1 << 24) - 1)  # bits 24..=40
+
 
 class BackendRequestHandler:
     """Answers requests the back-end sends on the back-end request channel.
@@ -569,8 +585,10 @@ class Frontend:
         GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES, memory
         (SET_MEM_TABLE, or ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS) and GET_CONFIG.
 
-        `features` (default: everything offered except ACCESS_PLATFORM) is intersected with the
-        offer, and VERSION_1 and PROTOCOL_FEATURES are kept when offered; `protocol_features` defaults to what this
+        `features` (default: everything offered) is intersected with the offer, and VERSION_1
+        and PROTOCOL_FEATURES are kept when offered; of the transport bits (24..=40) only
+        :data:`DRIVER_TRANSPORT_FEATURES` are acknowledged (plus ACCESS_PLATFORM when `features`
+        asks for it; never LOG_ALL, which :meth:`enable_logging` turns on); `protocol_features` defaults to what this
         library supports. Raises NegotiationError if the back-end has fewer queues than asked.
         """
         offered = self.get_features()
@@ -602,11 +620,13 @@ class Frontend:
         self.set_owner()
         acked = int(offered) if features is None else int(offered) & int(features)
         acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
-        acked &= ~int(VirtioFeature.LOG_ALL)  # logging is turned on by enable_logging
-        if features is None or not int(features) & int(VirtioFeature.ACCESS_PLATFORM):
+        # Transport bits: only what the driver side implements (device bits stay as asked).
+        transport = int(DRIVER_TRANSPORT_FEATURES)
+        if features is not None and int(features) & int(VirtioFeature.ACCESS_PLATFORM):
             # Only on request: with it every ring and buffer address is an IOVA the front-end
             # must serve through IOTLB_MSG.
-            acked &= ~int(VirtioFeature.ACCESS_PLATFORM)
+            transport |= int(VirtioFeature.ACCESS_PLATFORM)
+        acked &= ~_TRANSPORT_BITS | transport
         self.set_features(acked)
         if memory is not None:
             self.add_memory(memory)

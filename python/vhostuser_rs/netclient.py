@@ -1,0 +1,370 @@
+"""A virtio-net driver over the vhost-user front-end: put frames into a vhost-user net back-end
+(DPDK's vhost PMD, OVS-DPDK, VPP, ``vhostuser-rs serve-net``...) and read what comes out,
+from Python, without a VM.
+
+Example::
+
+    from vhostuser_rs.netclient import NetClient
+
+    with NetClient.connect("/tmp/vhost-net.sock") as nic:
+        nic.send([frame1, frame2])              # one call per burst; returns how many were queued
+        for header, data in nic.recv(timeout=1.0):
+            print(header.num_buffers, data.hex())
+
+The rings, the RX buffers (posted at start, reposted as used, merged with MRG_RXBUF) and the TX
+slots are driven in Rust (``_native.NetClientCore``, ``src/frontend/netio.rs``); each ``send`` or
+``recv`` crosses into Rust once per burst. Received frames are copies (``bytes``): they stay
+valid. The constants come from ``src/virtio/net.rs``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypedDict, Union
+
+from . import _native
+from ._native import GuestMemory, NetClientCore, NetHeader
+from .enums import ProtocolFeature, VirtioFeature
+from .exceptions import NegotiationError, VhostUserError, VhostUserTimeoutError
+from .frontend import BackendRequestHandler, Frontend, Virtqueue
+
+__all__ = ["ControlCommandError", "NetClient", "NetClientCounters", "NetConfig"]
+
+_N: dict[str, int] = dict(_native.VIRTIO_NET)
+CONFIG_SIZE = _N["CONFIG_SIZE"]
+_OK = _N["VIRTIO_NET_OK"]
+_S_LINK_UP = _N["VIRTIO_NET_S_LINK_UP"]
+
+
+def _f(name: str) -> int:
+    return 1 << _N[f"VIRTIO_NET_F_{name}"]
+
+
+_MAC, _MTU, _STATUS, _MRG = _f("MAC"), _f("MTU"), _f("STATUS"), _f("MRG_RXBUF")
+_CTRL_VQ, _MQ, _CTRL_RX, _CTRL_MAC_ADDR = _f("CTRL_VQ"), _f("MQ"), _f("CTRL_RX"), _f("CTRL_MAC_ADDR")
+
+#: What :meth:`NetClient.connect` asks for by default (acknowledged when offered). Transport bits
+#: are further limited by :data:`vhostuser_rs.frontend.DRIVER_TRANSPORT_FEATURES`.
+DEFAULT_FEATURES = (
+    _MRG
+    | _MAC
+    | _MTU
+    | _STATUS
+    | _MQ
+    | _CTRL_VQ
+    | _CTRL_RX
+    | _CTRL_MAC_ADDR
+    | int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC)
+)
+
+#: A frame for :meth:`NetClient.send`: bytes-like, or a ``(NetHeader, frame)`` pair for offloads.
+Frame = Union[bytes, bytearray, memoryview, tuple[NetHeader, Union[bytes, bytearray, memoryview]]]
+
+
+class NetClientCounters(TypedDict):
+    """What :meth:`NetClient.counters` returns (frames and bytes without headers)."""
+
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    tx_frames: int
+    tx_bytes: int
+
+
+class ControlCommandError(VhostUserError):
+    """The device answered a control-queue command with VIRTIO_NET_ERR (or not at all)."""
+
+
+@dataclass(frozen=True)
+class NetConfig:
+    """``struct virtio_net_config`` up to ``mtu`` (fields valid only with their feature bits)."""
+
+    mac: bytes
+    status: int
+    max_virtqueue_pairs: int
+    mtu: int
+
+    @classmethod
+    def parse(cls, data: bytes) -> NetConfig:
+        """Decode the little-endian config bytes (at least 12)."""
+        if len(data) < CONFIG_SIZE:
+            raise ValueError(f"virtio-net config needs {CONFIG_SIZE} bytes, got {len(data)}")
+        return cls(
+            bytes(data[0:6]),
+            int.from_bytes(data[6:8], "little"),
+            int.from_bytes(data[8:10], "little"),
+            int.from_bytes(data[10:12], "little"),
+        )
+
+    @property
+    def link_up(self) -> bool:
+        """VIRTIO_NET_S_LINK_UP."""
+        return bool(self.status & _S_LINK_UP)
+
+
+def _mac_bytes(mac: str | bytes) -> bytes:
+    b = bytes.fromhex(mac.replace(":", "").replace("-", "")) if isinstance(mac, str) else bytes(mac)
+    if len(b) != 6:
+        raise ValueError(f"a MAC address is 6 bytes, got {mac!r}")
+    return b
+
+
+class _ConfigWatch(BackendRequestHandler):
+    """Back-end request channel: a config change marks the cached config stale (it is re-read
+    on the main channel by the next :attr:`NetClient.config`, never from this thread)."""
+
+    def __init__(self) -> None:
+        self.changed = threading.Event()
+
+    def config_change_msg(self) -> int | None:
+        self.changed.set()
+        return 0
+
+
+class NetClient:
+    """A virtio-net driver on a vhost-user front-end. Thread-safety: ``send`` and ``recv`` may
+    run on different threads; control commands from one thread at a time."""
+
+    def __init__(
+        self,
+        frontend: Frontend,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes | None = None,
+        mtu: int | None = None,
+        features: int | None = None,
+        queue_size: int = 256,
+        timeout: float | None = 5.0,
+    ) -> None:
+        if queue_pairs < 1:
+            raise ValueError("queue_pairs must be at least 1")
+        self.frontend = frontend
+        self.timeout = timeout
+        self._closed = False
+        self._core: NetClientCore | None = None
+        offered = int(frontend.get_features())
+        wanted = DEFAULT_FEATURES if features is None else int(features) | int(VirtioFeature.VERSION_1)
+        if not offered & int(VirtioFeature.VERSION_1):
+            raise NegotiationError("the device does not offer VERSION_1")
+        if queue_pairs > 1 and not (offered & _MQ and offered & _CTRL_VQ):
+            raise NegotiationError(f"{queue_pairs} queue pairs need MQ and CTRL_VQ, which the device does not offer")
+        if queue_pairs > 1:
+            wanted |= _MQ | _CTRL_VQ
+        # Size the memory before the device's MTU is known: for the largest MTU (an upper bound
+        # is cheap, the memfd's pages are only allocated when touched).
+        room = NetClientCore.buffer_memory(offered & wanted, queue_size, mtu=0xFFFF) + 64 * queue_size + (64 << 10)
+        size = queue_pairs * room + (1 << 20)
+        self.memory = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
+        self._watch = _ConfigWatch()
+        result = frontend.negotiate(
+            features=wanted, memory=self.memory, handler=self._watch, config_size=CONFIG_SIZE
+        )
+        self.features = int(result.features)
+        self._config: NetConfig | None = NetConfig.parse(result.config) if result.config is not None else None
+        max_pairs = 1
+        if self.features & _MQ:
+            max_pairs = self._config.max_virtqueue_pairs if self._config else result.num_queues
+        if queue_pairs > max_pairs:
+            raise NegotiationError(f"the device has {max_pairs} queue pairs, {queue_pairs} requested")
+        device_mtu = self._config.mtu if self._config and self.features & _MTU else None
+        if mtu is not None and device_mtu is not None and mtu > device_mtu:
+            raise NegotiationError(f"the device's MTU is {device_mtu}, {mtu} requested")
+        self.mtu: int = mtu if mtu is not None else (device_mtu or 1500)
+        if mtu is not None and ProtocolFeature.MTU in frontend.protocol_features:
+            frontend.net_set_mtu(mtu)
+        self.queue_pairs = queue_pairs
+        rings: list[tuple[Virtqueue, Virtqueue]] = []
+        for p in range(queue_pairs):
+            rx = frontend.setup_queue(2 * p, queue_size, self.memory)
+            tx = frontend.setup_queue(2 * p + 1, queue_size, self.memory)
+            rings.append((rx, tx))
+        self._ctrl: Virtqueue | None = None
+        if self.features & _CTRL_VQ:
+            # The control queue is the last ring of the device (after all its pairs).
+            self._ctrl = frontend.setup_queue(2 * max_pairs, 64, self.memory)
+            self._ctrl_buf = self.memory.alloc(64, 64)
+        self._core = NetClientCore(
+            self.memory,
+            self.features,
+            [(rx.queue, rx.kick_fd, rx.call_fd, tx.queue, tx.kick_fd) for rx, tx in rings],
+            mtu=self.mtu,
+        )
+        if self.features & _MQ and queue_pairs > 1:
+            self.set_queue_pairs(queue_pairs)
+        if self.features & _MAC and self._config is not None:
+            self.mac = self._config.mac
+        else:
+            self.mac = bytes([0x02]) + secrets.token_bytes(5)  # locally administered, unicast
+        if mac is not None:
+            wanted_mac = _mac_bytes(mac)
+            if wanted_mac != self.mac and self.features & _CTRL_MAC_ADDR:
+                self.set_mac(wanted_mac)
+            self.mac = wanted_mac
+
+    @classmethod
+    def connect(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes | None = None,
+        mtu: int | None = None,
+        features: int | None = None,
+        queue_size: int = 256,
+        timeout: float | None = 5.0,
+    ) -> NetClient:
+        """Connect to a vhost-user net back-end, negotiate (MRG_RXBUF, MAC, MTU, STATUS, MQ,
+        CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR, EVENT_IDX, INDIRECT_DESC, VERSION_1 when offered, or
+        `features`), set up `queue_pairs` pairs of rings (and the control queue) and post the
+        receive buffers. `mtu` sizes the buffers (default: the device's MTU, else 1500) and is
+        sent with NET_SET_MTU when the back-end has the MTU protocol feature."""
+        fe = Frontend.connect(path, timeout=timeout)
+        try:
+            return cls(
+                fe, queue_pairs=queue_pairs, mac=mac, mtu=mtu, features=features, queue_size=queue_size,
+                timeout=timeout,
+            )
+        except BaseException:
+            fe.close()
+            raise
+
+    def __enter__(self) -> NetClient:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session and every fd it holds. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._core is not None:
+            self._core.close()
+        self.frontend.close()
+
+    @property
+    def core(self) -> NetClientCore:
+        """The native data path."""
+        if self._core is None:
+            raise NegotiationError("the client is not set up")
+        return self._core
+
+    # -- data path -------------------------------------------------------------------------------
+    def send(self, frames: Iterable[Frame], *, queue_pair: int = 0) -> int:
+        """Queue a burst of frames (Ethernet header onwards) for transmission; returns how many
+        were queued (fewer when the TX ring is full: send the rest later). ``ValueError`` if a
+        frame is shorter than 14 bytes or longer than the MTU allows (nothing is queued)."""
+        return self.core.send(queue_pair, frames)
+
+    def recv(
+        self, *, max_frames: int = 64, timeout: float | None = None, queue_pair: int = 0
+    ) -> list[tuple[NetHeader, bytes]]:
+        """Up to `max_frames` received frames with their headers (copies). Waits for the first
+        up to `timeout` seconds (``None``: forever, ``0``: not at all) with the GIL released;
+        returns an empty list when nothing came."""
+        return self.core.recv(queue_pair, max_frames, timeout)
+
+    def fileno(self, queue_pair: int = 0) -> int:
+        """The RX call eventfd of `queue_pair`: readable when frames may have arrived (for
+        ``selectors``/``asyncio``; :meth:`recv` clears it)."""
+        return self.core.fileno(queue_pair)
+
+    def counters(self, queue_pair: int | None = None) -> NetClientCounters:
+        """rx_frames, rx_bytes, rx_dropped (malformed deliveries), tx_frames, tx_bytes of one
+        pair or summed over all."""
+        return self.core.counters(queue_pair)
+
+    @property
+    def max_frame_len(self) -> int:
+        """Largest frame :meth:`send` accepts."""
+        return self.core.max_frame_len
+
+    # -- config and control ----------------------------------------------------------------------
+    @property
+    def config(self) -> NetConfig | None:
+        """The device's config space (re-read after the back-end signalled a change), or None
+        when the back-end does not serve GET_CONFIG."""
+        if self._watch.changed.is_set() and ProtocolFeature.CONFIG in self.frontend.protocol_features:
+            self._watch.changed.clear()
+            self._config = NetConfig.parse(self.frontend.get_config(0, CONFIG_SIZE))
+        return self._config
+
+    @property
+    def link_up(self) -> bool:
+        """Link status (always up without the STATUS feature)."""
+        cfg = self.config
+        return not (self.features & _STATUS) or cfg is None or cfg.link_up
+
+    def command(self, cls: int, cmd: int, data: bytes = b"") -> None:
+        """Send one control-queue command and wait for its ack; raises ControlCommandError on
+        VIRTIO_NET_ERR or no answer, NegotiationError without CTRL_VQ."""
+        vq = self._ctrl
+        if vq is None:
+            raise NegotiationError("CTRL_VQ was not negotiated")
+        if len(data) > 60:
+            raise ValueError("control command data is limited to 60 bytes here")
+        out, ack = self._ctrl_buf, self._ctrl_buf + 63
+        self.memory.write(out, bytes([cls, cmd]) + bytes(data))
+        self.memory.write(ack, b"\xff")
+        head = vq.queue.add([(out, 2 + len(data))], [(ack, 1)])
+        vq.queue.publish()
+        vq.kick_if_needed()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            done = {h: n for h, n in vq.queue.reap()}
+            if head in done:
+                status = self.memory.read(ack, 1)[0] if done[head] else None
+                if status != _OK:
+                    raise ControlCommandError(f"control command class {cls} command {cmd}: answer {status}")
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise VhostUserTimeoutError(f"control command class {cls} command {cmd} got no answer")
+            vq.wait(0.05 if left is None else min(left, 0.05))
+
+    def set_queue_pairs(self, n: int) -> None:
+        """VQ_PAIRS_SET: use `n` queue pairs (needs MQ)."""
+        if not self.features & _MQ:
+            raise NegotiationError("MQ was not negotiated")
+        self.command(_N["VIRTIO_NET_CTRL_MQ"], _N["VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET"], n.to_bytes(2, "little"))
+
+    def set_mac(self, mac: str | bytes) -> None:
+        """MAC_ADDR_SET (needs CTRL_MAC_ADDR)."""
+        if not self.features & _CTRL_MAC_ADDR:
+            raise NegotiationError("CTRL_MAC_ADDR was not negotiated")
+        b = _mac_bytes(mac)
+        self.command(_N["VIRTIO_NET_CTRL_MAC"], _N["VIRTIO_NET_CTRL_MAC_ADDR_SET"], b)
+        self.mac = b
+
+    def _rx_mode(self, cmd: str, on: bool) -> None:
+        if not self.features & _CTRL_RX:
+            raise NegotiationError("CTRL_RX was not negotiated")
+        self.command(_N["VIRTIO_NET_CTRL_RX"], _N[f"VIRTIO_NET_CTRL_RX_{cmd}"], bytes([1 if on else 0]))
+
+    def set_promisc(self, on: bool) -> None:
+        """RX mode PROMISC (needs CTRL_RX)."""
+        self._rx_mode("PROMISC", on)
+
+    def set_allmulti(self, on: bool) -> None:
+        """RX mode ALLMULTI (needs CTRL_RX)."""
+        self._rx_mode("ALLMULTI", on)
+
+    def send_rarp(self, mac: str | bytes | None = None) -> None:
+        """SEND_RARP: ask the back-end to announce `mac` (default: ours); needs the RARP
+        protocol feature."""
+        self.frontend.send_rarp(_mac_bytes(mac) if mac is not None else self.mac)
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (needs the MTU protocol feature). Buffers keep their size: frames larger
+        than the MTU given at connect time are still refused by :meth:`send`."""
+        self.frontend.net_set_mtu(mtu)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{self.queue_pairs} pair(s), mtu {self.mtu}"
+        return f"<NetClient {self.mac.hex(':')} {state}>"
