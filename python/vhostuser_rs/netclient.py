@@ -29,7 +29,7 @@ from typing import TypedDict, Union
 
 from . import _native
 from ._native import GuestMemory, NetClientCore, NetHeader
-from .enums import ProtocolFeature, VirtioFeature
+from .enums import DeviceStatus, ProtocolFeature, VirtioFeature
 from .exceptions import NegotiationError, VhostUserError, VhostUserTimeoutError
 from .frontend import BackendRequestHandler, Frontend, Virtqueue
 
@@ -140,6 +140,7 @@ class NetClient:
         features: int | None = None,
         queue_size: int = 256,
         timeout: float | None = 5.0,
+        control_queue: bool = False,
     ) -> None:
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be at least 1")
@@ -149,6 +150,11 @@ class NetClient:
         self._core: NetClientCore | None = None
         offered = int(frontend.get_features())
         wanted = DEFAULT_FEATURES if features is None else int(features) | int(VirtioFeature.VERSION_1)
+        self.control_queue = control_queue
+        if not control_queue:
+            # Without the ring, only what the front-end can do itself is acknowledged: MQ
+            # (VQ_PAIRS_SET becomes SET_VRING_ENABLE, as QEMU does), and CTRL_VQ that MQ needs.
+            wanted &= ~(_CTRL_RX | _CTRL_MAC_ADDR | _f("CTRL_VLAN") | _f("CTRL_GUEST_OFFLOADS") | _f("GUEST_ANNOUNCE"))
         if not offered & int(VirtioFeature.VERSION_1):
             raise NegotiationError("the device does not offer VERSION_1")
         if queue_pairs > 1 and not (offered & _MQ and offered & _CTRL_VQ):
@@ -184,7 +190,7 @@ class NetClient:
             tx = frontend.setup_queue(2 * p + 1, queue_size, self.memory)
             rings.append((rx, tx))
         self._ctrl: Virtqueue | None = None
-        if self.features & _CTRL_VQ:
+        if self.features & _CTRL_VQ and control_queue:
             # The control queue is the last ring of the device (after all its pairs).
             self._ctrl = frontend.setup_queue(2 * max_pairs, 64, self.memory)
             self._ctrl_buf = self.memory.alloc(64, 64)
@@ -194,7 +200,12 @@ class NetClient:
             [(rx.queue, rx.kick_fd, rx.call_fd, tx.queue, tx.kick_fd) for rx, tx in rings],
             mtu=self.mtu,
         )
-        if self.features & _MQ and queue_pairs > 1:
+        if ProtocolFeature.STATUS in frontend.protocol_features:
+            # DPDK's vhost starts the device only after DRIVER_OK (QEMU sends it at start too).
+            frontend.set_status(
+                DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK
+            )
+        if self.features & _MQ and queue_pairs > 1 and control_queue:
             self.set_queue_pairs(queue_pairs)
         if self.features & _MAC and self._config is not None:
             self.mac = self._config.mac
@@ -217,17 +228,26 @@ class NetClient:
         features: int | None = None,
         queue_size: int = 256,
         timeout: float | None = 5.0,
+        control_queue: bool = False,
     ) -> NetClient:
         """Connect to a vhost-user net back-end, negotiate (MRG_RXBUF, MAC, MTU, STATUS, MQ,
         CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR, EVENT_IDX, INDIRECT_DESC, VERSION_1 when offered, or
         `features`), set up `queue_pairs` pairs of rings (and the control queue) and post the
         receive buffers. `mtu` sizes the buffers (default: the device's MTU, else 1500) and is
-        sent with NET_SET_MTU when the back-end has the MTU protocol feature."""
+        sent with NET_SET_MTU when the back-end has the MTU protocol feature.
+
+        The control queue: vhost-user net back-ends written for QEMU (DPDK's vhost PMD, OVS,
+        VPP) never see it — QEMU handles it and turns VQ_PAIRS_SET into SET_VRING_ENABLE — and
+        drop the session if it is set up. So by default it is not: :meth:`set_queue_pairs`
+        enables and disables rings, and only the bits this makes true are acknowledged (MQ,
+        CTRL_VQ; not CTRL_RX, CTRL_MAC_ADDR). ``control_queue=True`` gives the ring (the last
+        one) to a back-end that serves it, such as ``vhostuser-rs serve-net``, and the
+        commands go through it."""
         fe = Frontend.connect(path, timeout=timeout)
         try:
             return cls(
                 fe, queue_pairs=queue_pairs, mac=mac, mtu=mtu, features=features, queue_size=queue_size,
-                timeout=timeout,
+                timeout=timeout, control_queue=control_queue,
             )
         except BaseException:
             fe.close()
@@ -306,7 +326,7 @@ class NetClient:
         VIRTIO_NET_ERR or no answer, NegotiationError without CTRL_VQ."""
         vq = self._ctrl
         if vq is None:
-            raise NegotiationError("CTRL_VQ was not negotiated")
+            raise NegotiationError("no control queue (CTRL_VQ not negotiated, or control_queue=False)")
         if len(data) > 60:
             raise ValueError("control command data is limited to 60 bytes here")
         out, ack = self._ctrl_buf, self._ctrl_buf + 63
@@ -329,10 +349,18 @@ class NetClient:
             vq.wait(0.05 if left is None else min(left, 0.05))
 
     def set_queue_pairs(self, n: int) -> None:
-        """VQ_PAIRS_SET: use `n` queue pairs (needs MQ)."""
+        """VQ_PAIRS_SET: use `n` of the pairs set up (needs MQ): on the control queue, or
+        without it SET_VRING_ENABLE of each pair's rings, as QEMU does."""
         if not self.features & _MQ:
             raise NegotiationError("MQ was not negotiated")
-        self.command(_N["VIRTIO_NET_CTRL_MQ"], _N["VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET"], n.to_bytes(2, "little"))
+        if not 1 <= n <= self.queue_pairs:
+            raise ValueError(f"{n} queue pairs: 1..{self.queue_pairs} were set up")
+        if self._ctrl is not None:
+            self.command(_N["VIRTIO_NET_CTRL_MQ"], _N["VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET"], n.to_bytes(2, "little"))
+            return
+        for p in range(self.queue_pairs):
+            for ring in (2 * p, 2 * p + 1):
+                self.frontend.set_vring_enable(ring, p < n)
 
     def set_mac(self, mac: str | bytes) -> None:
         """MAC_ADDR_SET (needs CTRL_MAC_ADDR)."""

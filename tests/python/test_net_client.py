@@ -1,20 +1,26 @@
 """vhostuser_rs.netclient.NetClient, the virtio-net driver, against our loopback device served
-in-process, and Frontend.negotiate acknowledging only the transport bits the driver implements."""
+in-process and against DPDK testpmd's net_vhost (macswap and io forwarding), and
+Frontend.negotiate acknowledging only the transport bits the driver implements."""
 
 from __future__ import annotations
 
+import os
+import re
 import selectors
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import dpdk
 import pytest
 
 import vhostuser_rs as vu
-from vhostuser_rs import _native
+from vhostuser_rs import _native, frontend
 from vhostuser_rs.devices import LoopbackNet
 from vhostuser_rs.net import NetHeader
-from vhostuser_rs.netclient import NetClient, NetConfig
+from vhostuser_rs.netclient import DEFAULT_FEATURES, NetClient, NetConfig
 
 from netdriver import frame, swapped
 from test_net_backend import serving
@@ -54,7 +60,7 @@ class GreedyOffer(vu.Device):
 def test_negotiate_acks_only_implemented_transport_bits(sock_dir: Path) -> None:
     sock = sock_dir / "greedy.sock"
     backend = vu.Backend.listen(sock, GreedyOffer())
-    with serving(backend, sock):
+    with serving(backend, sock, sessions=2):
         with vu.Frontend.connect(sock) as fe:
             mem = vu.GuestMemory.allocate(1 << 20)
             result = fe.negotiate(memory=mem)
@@ -68,9 +74,12 @@ def test_negotiate_acks_only_implemented_transport_bits(sock_dir: Path) -> None:
                         vu.VirtioFeature.PROTOCOL_FEATURES):
                 assert bit in vu.VirtioFeature(acked)
             assert acked & (1 << 5) and acked & (1 << 45)
-            # Asking for an unimplemented bit explicitly does not get it acked either.
-            fe2_features = int(vu.VirtioFeature.RING_PACKED | vu.VirtioFeature.VERSION_1)
-            assert fe2_features & ~acked
+        # Asking for unimplemented bits explicitly does not get them acked either.
+        with vu.Frontend.connect(sock) as fe:
+            asked = int(UNIMPLEMENTED | vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX) | (1 << 5)
+            acked = int(fe.negotiate(features=asked).features)
+            assert acked & ~int(vu.VirtioFeature.PROTOCOL_FEATURES) == int(
+                vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX) | (1 << 5)
 
 
 def test_send_and_receive_macs_swapped(sock_dir: Path) -> None:
@@ -114,7 +123,7 @@ def test_headers_and_buffers_as_frames(sock_dir: Path) -> None:
 
 def test_two_queue_pairs(sock_dir: Path) -> None:
     with serving(LoopbackNet(queue_pairs=2), sock_dir / "lo.sock") as sock, \
-            NetClient.connect(sock, queue_pairs=2) as nic:
+            NetClient.connect(sock, queue_pairs=2, control_queue=True) as nic:
         for qp in (0, 1):
             frames = [frame(64 + i, seed=qp * 50 + i) for i in range(40)]
             assert nic.send(frames, queue_pair=qp) == 40
@@ -126,6 +135,22 @@ def test_two_queue_pairs(sock_dir: Path) -> None:
         assert nic.counters()["rx_frames"] == 80
         with pytest.raises(ValueError):
             nic.recv(queue_pair=2, timeout=0)
+
+
+def test_two_queue_pairs_without_the_control_queue(sock_dir: Path) -> None:
+    """As QEMU does for vhost-user net: no control ring, pairs enabled with SET_VRING_ENABLE."""
+    with serving(LoopbackNet(queue_pairs=2), sock_dir / "lo.sock") as sock, \
+            NetClient.connect(sock, queue_pairs=2) as nic:
+        assert not nic.features & (1 << N["VIRTIO_NET_F_CTRL_RX"])
+        for qp in (1, 0):
+            assert nic.send([frame(64, seed=qp)], queue_pair=qp) == 1
+            assert [d for _, d in nic.recv(timeout=2.0, queue_pair=qp)] == [swapped(frame(64, seed=qp))]
+        nic.set_queue_pairs(1)
+        nic.set_queue_pairs(2)
+        with pytest.raises(vu.NegotiationError):
+            nic.set_promisc(True)
+        with pytest.raises(ValueError):
+            nic.set_queue_pairs(3)
 
 
 def test_jumbo_frames_over_merged_buffers(sock_dir: Path) -> None:
@@ -188,7 +213,7 @@ def test_recv_from_another_thread_while_sending(sock_dir: Path) -> None:
 
 def test_control_queue_commands(sock_dir: Path) -> None:
     dev = LoopbackNet()
-    with serving(dev, sock_dir / "lo.sock") as sock, NetClient.connect(sock, mac="02:aa:bb:cc:dd:ee") as nic:
+    with serving(dev, sock_dir / "lo.sock") as sock, NetClient.connect(sock, mac="02:aa:bb:cc:dd:ee", control_queue=True) as nic:
         assert nic.mac == bytes.fromhex("02aabbccddee")
         nic.set_promisc(True)
         nic.set_allmulti(True)
@@ -206,3 +231,106 @@ def test_close_releases_everything(sock_dir: Path) -> None:
         nic.close()
         with pytest.raises(vu.ConnectionClosedError):
             nic.recv(timeout=0)
+
+
+# -- DPDK testpmd's net_vhost as the back-end ------------------------------------------------------
+
+IMPLEMENTED = int(frontend.DRIVER_TRANSPORT_FEATURES) | int(DEFAULT_FEATURES)
+
+
+@contextmanager
+def vhost_pmd(sock: Path, workdir: Path, mode: str, *, queues: int = 1, mtu: int | None = None) -> Iterator[dpdk.Testpmd]:
+    """testpmd net_vhost forwarding in `mode`, logging the features it negotiates."""
+    dpdk.need_testpmd()
+    sock.unlink(missing_ok=True)
+    cpus = sorted(os.sched_getaffinity(0))
+    eal = dpdk.eal_args(main_cpu=cpus[0], fwd_cpu=cpus[-1], mem_mb=256,
+                        vdev=f"net_vhost0,iface={sock},queues={queues},client=0",
+                        extra=["--log-level=lib.vhost.config:debug"])
+    extra = [f"--max-pkt-len={mtu + 18}"] if mtu else []
+    app = dpdk.app_args(queues=queues, burst=32, txpkts=(64,), mbufs=16384, extra=extra)
+    pmd = dpdk.Testpmd(eal, app, log=workdir / f"net_vhost-{mode}.log")
+    try:
+        pmd.wait_for(re.escape(dpdk.PROMPT), 15)
+        pmd.set_fwd(mode)
+        pmd.start()
+        yield pmd
+    finally:
+        pmd.close()
+        sock.unlink(missing_ok=True)
+
+
+def exchange(nic: NetClient, frames: list[bytes], *, queue_pair: int = 0, window: int = 128,
+             timeout: float = 20.0) -> list[bytes]:
+    """Sends `frames` keeping at most `window` unanswered, returns what came back."""
+    got: list[bytes] = []
+    sent = 0
+    deadline = time.monotonic() + timeout
+    while len(got) < len(frames):
+        assert time.monotonic() < deadline, f"{len(got)} of {len(frames)} frames came back"
+        if sent < len(frames) and sent - len(got) < window:
+            sent += nic.send(frames[sent:sent + 32], queue_pair=queue_pair)
+        got += [d for _, d in nic.recv(timeout=0 if sent < len(frames) else 1.0, queue_pair=queue_pair)]
+    return got
+
+
+def check_features(pmd: dpdk.Testpmd, nic: NetClient) -> None:
+    """testpmd's negotiated features are ours, and contain nothing the driver does not implement
+    although DPDK offers RING_PACKED and IN_ORDER."""
+    m = re.findall(r"negotiated Virtio features: (0x[0-9a-f]+)", pmd.output)
+    assert m, pmd.tail()
+    negotiated = int(m[-1], 16)
+    assert negotiated == nic.features
+    offered = nic.frontend.negotiated["offered_features"]
+    assert offered & int(vu.VirtioFeature.RING_PACKED | vu.VirtioFeature.IN_ORDER)
+    assert not negotiated & int(vu.VirtioFeature.RING_PACKED | vu.VirtioFeature.IN_ORDER)
+    assert negotiated & ~IMPLEMENTED == 0, hex(negotiated & ~IMPLEMENTED)
+
+
+def check_port_counters(pmd: dpdk.Testpmd, nic: NetClient) -> None:
+    """testpmd's port counters (after stopping) agree with ours, both ways."""
+    pmd.stop()
+    stats = pmd.port_stats(xstats=False)
+    c = nic.counters()
+    assert (stats.rx_packets, stats.rx_bytes) == (c["tx_frames"], c["tx_bytes"])
+    assert (stats.tx_packets, stats.tx_bytes) == (c["rx_frames"], c["rx_bytes"])
+    assert c["rx_dropped"] == 0
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["macswap", "io"])
+def test_dpdk_vhost_pmd_forwards_back(tmp_path: Path, sock_dir: Path, mode: str) -> None:
+    sock = sock_dir / "vhost.sock"
+    with vhost_pmd(sock, tmp_path, mode) as pmd, NetClient.connect(sock) as nic:
+        dpdk.wait_ready(pmd)
+        check_features(pmd, nic)
+        frames = [frame(60 + (i % 1400), seed=i) for i in range(2000)]
+        got = exchange(nic, frames)
+        assert got == ([swapped(f) for f in frames] if mode == "macswap" else frames)
+        check_port_counters(pmd, nic)
+
+
+@pytest.mark.timeout(120)
+def test_dpdk_vhost_pmd_two_queue_pairs(tmp_path: Path, sock_dir: Path) -> None:
+    sock = sock_dir / "vhost.sock"
+    with vhost_pmd(sock, tmp_path, "macswap", queues=2) as pmd, NetClient.connect(sock, queue_pairs=2) as nic:
+        dpdk.wait_ready(pmd)
+        check_features(pmd, nic)
+        for qp in (0, 1):
+            frames = [frame(64 + i % 100, seed=qp * 7 + i) for i in range(500)]
+            assert exchange(nic, frames, queue_pair=qp) == [swapped(f) for f in frames]
+            assert nic.counters(qp)["rx_frames"] == 500
+        check_port_counters(pmd, nic)
+
+
+@pytest.mark.timeout(120)
+def test_dpdk_vhost_pmd_jumbo_frames_merged(tmp_path: Path, sock_dir: Path) -> None:
+    sock = sock_dir / "vhost.sock"
+    with vhost_pmd(sock, tmp_path, "macswap", mtu=9000) as pmd, NetClient.connect(sock, mtu=9000) as nic:
+        dpdk.wait_ready(pmd)
+        assert nic.features & MRG_RXBUF and nic.max_frame_len == 9018
+        frames = [frame(9014, seed=i) for i in range(50)]
+        got = exchange(nic, frames, window=16)
+        assert got == [swapped(f) for f in frames]
+        assert nic.counters()["rx_bytes"] == 50 * 9014
+        check_port_counters(pmd, nic)
