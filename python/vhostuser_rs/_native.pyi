@@ -466,6 +466,7 @@ class NetClientCore:
         pairs: Sequence[tuple[DriverQueue, int, int, DriverQueue, int]],
         *,
         mtu: int | None = None,
+        conn_fd: int | None = None,
     ) -> NetClientCore: ...
     @staticmethod
     def buffer_memory(features: int, queue_size: int, *, mtu: int | None = None) -> int: ...

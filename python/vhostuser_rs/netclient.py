@@ -199,6 +199,7 @@ class NetClient:
             self.features,
             [(rx.queue, rx.kick_fd, rx.call_fd, tx.queue, tx.kick_fd) for rx, tx in rings],
             mtu=self.mtu,
+            conn_fd=frontend.fileno(),
         )
         if ProtocolFeature.STATUS in frontend.protocol_features:
             # DPDK's vhost starts the device only after DRIVER_OK (QEMU sends it at start too).
@@ -287,7 +288,8 @@ class NetClient:
     ) -> list[tuple[NetHeader, bytes]]:
         """Up to `max_frames` received frames with their headers (copies). Waits for the first
         up to `timeout` seconds (``None``: forever, ``0``: not at all) with the GIL released;
-        returns an empty list when nothing came."""
+        returns an empty list when nothing came. A wait ends with ConnectionClosedError when
+        the back-end closes the session."""
         return self.core.recv(queue_pair, max_frames, timeout)
 
     def fileno(self, queue_pair: int = 0) -> int:

@@ -53,6 +53,8 @@ pub(crate) struct PyNetClientCore {
     layout: PairLayout,
     pairs: Mutex<Vec<Arc<Pair>>>,
     closed: AtomicBool,
+    /// A duplicate of the main channel's socket: its hang-up ends waits for frames.
+    conn: Mutex<Option<Arc<OwnedFd>>>,
     headers: Mutex<HashMap<[u8; 12], Py<PyNetHeader>>>,
 }
 
@@ -95,16 +97,31 @@ fn drain_eventfd(fd: RawFd) {
     unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
 }
 
-fn poll_in(fd: RawFd, timeout: std::time::Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+/// What a wait for frames saw.
+enum Woken {
+    /// The call eventfd (or nothing, on timeout).
+    Call,
+    /// The back-end closed the main channel.
+    HangUp,
+}
+
+/// Waits up to `timeout` for the call eventfd `fd`, or the hang-up of the main channel `conn`.
+fn wait_call(fd: RawFd, conn: Option<RawFd>, timeout: std::time::Duration) -> std::io::Result<Woken> {
+    let mut pfds = [
+        libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: conn.unwrap_or(-1), events: libc::POLLRDHUP, revents: 0 },
+    ];
     let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    // SAFETY: two valid pollfds (a negative fd is ignored by poll).
+    let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
     if n < 0 {
         let e = std::io::Error::last_os_error();
-        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(Woken::Call) } else { Err(e) };
     }
-    Ok(n > 0)
+    if pfds[1].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0 {
+        return Ok(Woken::HangUp);
+    }
+    Ok(Woken::Call)
 }
 
 fn counters_dict<'py>(py: Python<'py>, c: PairCounters) -> PyResult<Bound<'py, PyDict>> {
@@ -193,16 +210,26 @@ impl PyNetClientCore {
     /// Takes over the rings of each queue pair: ``pairs`` is a list of ``(rx_queue, rx_kick_fd,
     /// rx_call_fd, tx_queue, tx_kick_fd)`` (the fds are duplicated). Allocates the RX buffers and
     /// TX slots in `memory` for the negotiated `features` and `mtu`, posts every RX buffer and
-    /// kicks the RX rings.
+    /// kicks the RX rings. `conn_fd`, the main channel's socket (duplicated), makes waits for
+    /// frames end with ``ConnectionClosedError`` when the back-end goes away.
     #[new]
-    #[pyo3(signature = (memory, features, pairs, *, mtu=None))]
+    #[pyo3(signature = (memory, features, pairs, *, mtu=None, conn_fd=None))]
     fn new(
         py: Python<'_>,
         memory: &PyGuestMemory,
         features: u64,
         pairs: Vec<PairArgs>,
         mtu: Option<u16>,
+        conn_fd: Option<RawFd>,
     ) -> PyResult<PyNetClientCore> {
+        let conn = match conn_fd {
+            Some(fd) => {
+                let one = [fd];
+                let b = borrow_fds(&one)?;
+                Some(Arc::new(b[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?))
+            }
+            None => None,
+        };
         let layout = PairLayout::new(features, mtu);
         let mem = memory.inner.clone();
         let mut out = Vec::with_capacity(pairs.len());
@@ -240,6 +267,7 @@ impl PyNetClientCore {
             layout,
             pairs: Mutex::new(out),
             closed: AtomicBool::new(false),
+            conn: Mutex::new(conn),
             headers: Mutex::new(HashMap::new()),
         })
     }
@@ -296,10 +324,20 @@ impl PyNetClientCore {
             }
             let slice = deadline.remaining().map(|r| r.min(super::blocking::SLICE)).unwrap_or(super::blocking::SLICE);
             let fd = pair.rx_call.as_raw_fd();
-            py.detach(|| poll_in(fd, slice)).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+            let conn = lock(&self.conn).clone();
+            let woken = py.detach(|| wait_call(fd, conn.as_ref().map(|c| c.as_raw_fd()), slice));
+            drop(conn);
             py.check_signals()?;
             if self.closed.load(Ordering::Acquire) {
                 return Err(to_pyerr(py, Error::Disconnected));
+            }
+            if let Woken::HangUp = woken.map_err(|e| to_pyerr(py, Error::Io(e)))? {
+                // Frames the back-end used before it went are still returned.
+                let frames = self.try_recv(py, &pair, max_frames)?;
+                if frames.is_empty() {
+                    return Err(to_pyerr(py, Error::Disconnected));
+                }
+                break frames;
             }
         };
         let list = PyList::empty(py);
@@ -365,6 +403,7 @@ impl PyNetClientCore {
     fn close(&self) {
         self.closed.store(true, Ordering::Release);
         lock(&self.pairs).clear();
+        lock(&self.conn).take();
         lock(&self.headers).clear();
     }
 }

@@ -334,3 +334,24 @@ def test_dpdk_vhost_pmd_jumbo_frames_merged(tmp_path: Path, sock_dir: Path) -> N
         assert got == [swapped(f) for f in frames]
         assert nic.counters()["rx_bytes"] == 50 * 9014
         check_port_counters(pmd, nic)
+
+
+# -- vhostuser-rs serve-net in its own process -------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_serve_net_loopback_counters_and_a_vanishing_back_end(tmp_path: Path, sock_dir: Path) -> None:
+    sock = sock_dir / "serve-net.sock"
+    with dpdk.serve_net(sock, tmp_path, ["--loopback", "--poll-us", "50"]) as server, \
+            NetClient.connect(sock, queue_size=128) as nic:
+        frames = [frame(60 + i % 1000, seed=i) for i in range(3000)]
+        assert exchange(nic, frames, window=96) == [swapped(f) for f in frames]
+        mine = nic.counters()
+        theirs = server.counters()  # ends serve-net
+        assert (theirs.tx_frames, theirs.tx_bytes) == (mine["tx_frames"], mine["tx_bytes"])
+        assert (theirs.rx_frames, theirs.rx_bytes, theirs.rx_dropped) == (mine["rx_frames"], mine["rx_bytes"], 0)
+        # A wait for frames from a back-end that went away ends, without a timeout.
+        t = time.monotonic()
+        with pytest.raises(vu.ConnectionClosedError):
+            nic.recv(timeout=None)
+        assert time.monotonic() - t < 5
