@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import re
 import selectors
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,12 +19,12 @@ import pytest
 
 import vhostuser_rs as vu
 from vhostuser_rs import _native, frontend
-from vhostuser_rs.devices import LoopbackNet
+from vhostuser_rs.devices import LoopbackNet, TapNet
 from vhostuser_rs.net import NetHeader
 from vhostuser_rs.netclient import DEFAULT_FEATURES, NetClient, NetConfig
 
 from netdriver import frame, swapped
-from test_net_backend import serving
+from test_net_backend import serving, tap_only
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -355,3 +356,43 @@ def test_serve_net_loopback_counters_and_a_vanishing_back_end(tmp_path: Path, so
         with pytest.raises(vu.ConnectionClosedError):
             nic.recv(timeout=None)
         assert time.monotonic() - t < 5
+
+
+# -- the TAP bridge: frames checked on the TAP with an AF_PACKET socket ------------------------------
+
+
+@tap_only
+@pytest.mark.timeout(60)
+def test_tap_bridge_both_ways(sock_dir: Path) -> None:
+    name = f"vuc{int(time.time() * 1000) % 100000}"
+    dev = TapNet(name, mac="02:00:00:00:00:07")
+    cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    try:
+        cap.bind((name, 0))
+        cap.settimeout(5)
+        with serving(dev, sock_dir / "tap.sock") as sock, NetClient.connect(sock) as nic:
+            out = [frame(100 + 50 * i, dst=b"\x02\0\0\0\0\x99", seed=i) for i in range(10)]
+            assert nic.send(out) == 10
+            seen = []
+            while len(seen) < 10:
+                seen.append(cap.recv(65536))
+            assert seen == out
+            inject = [frame(200 + i, dst=b"\x02\0\0\0\0\x07", seed=40 + i) for i in range(10)]
+            for f in inject:
+                cap.send(f)
+            got: list[bytes] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 10 and time.monotonic() < deadline:
+                got += [d for _, d in nic.recv(timeout=1.0) if d[12:14] == b"\x88\xb5"]  # skip IPv6 noise
+            assert got == inject
+            assert vu.ProtocolFeature.RARP in nic.frontend.protocol_features
+            cap.close()
+            cap = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x8035))
+            cap.bind((name, 0))
+            cap.settimeout(5)
+            nic.send_rarp()
+            rarp = cap.recv(65536)
+            assert rarp[:6] == b"\xff" * 6 and rarp[6:12] == nic.mac == bytes.fromhex("020000000007")
+    finally:
+        cap.close()
+        del dev
