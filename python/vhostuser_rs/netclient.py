@@ -63,7 +63,7 @@ DEFAULT_FEATURES = (
 )
 
 #: A frame for :meth:`NetClient.send`: bytes-like, or a ``(NetHeader, frame)`` pair for offloads.
-Frame = Union[bytes, bytearray, memoryview, tuple[NetHeader, Union[bytes, bytearray, memoryview]]]
+TxFrame = Union[bytes, bytearray, memoryview, tuple[NetHeader, Union[bytes, bytearray, memoryview]]]
 
 
 class NetClientCounters(TypedDict):
@@ -277,7 +277,7 @@ class NetClient:
         return self._core
 
     # -- data path -------------------------------------------------------------------------------
-    def send(self, frames: Iterable[Frame], *, queue_pair: int = 0) -> int:
+    def send(self, frames: Iterable[TxFrame], *, queue_pair: int = 0) -> int:
         """Queue a burst of frames (Ethernet header onwards) for transmission; returns how many
         were queued (fewer when the TX ring is full: send the rest later). ``ValueError`` if a
         frame is shorter than 14 bytes or longer than the MTU allows (nothing is queued)."""

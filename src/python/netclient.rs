@@ -170,7 +170,12 @@ impl PyNetClientCore {
                 }
                 Ok(())
             });
-            r.map_err(|e| to_pyerr(py, e))?.1
+            let kick = r.map_err(|e| to_pyerr(py, e))?.1;
+            if rx.has_pending() {
+                // Frames are left for the next call: keep fileno() readable for event loops.
+                notify(pair.rx_call.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+            }
+            kick
         };
         if kick {
             notify(pair.rx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
