@@ -111,7 +111,7 @@ def test_headers_and_buffers_as_frames(sock_dir: Path) -> None:
         f = frame(200, seed=3)
         hdr = NetHeader(num_buffers=7)  # the driver sends 0 whatever it is given
         assert nic.send([bytearray(f), memoryview(f), (hdr, f)]) == 3
-        got = []
+        got: list[tuple[NetHeader, bytes]] = []
         while len(got) < 3:
             got += nic.recv(timeout=2.0)
         assert [d for _, d in got] == [swapped(f)] * 3
@@ -159,7 +159,7 @@ def test_jumbo_frames_over_merged_buffers(sock_dir: Path) -> None:
         assert nic.mtu == 9000 and nic.features & MRG_RXBUF
         big = [frame(9014, seed=s) for s in range(20)]
         assert nic.send(big) == 20
-        got = []
+        got: list[tuple[NetHeader, bytes]] = []
         while len(got) < 20:
             got += nic.recv(timeout=2.0)
         assert [d for _, d in got] == [swapped(f) for f in big]
@@ -188,7 +188,7 @@ def test_fileno_wakes_an_event_loop(sock_dir: Path) -> None:
             assert sel.select(0.05) == []  # recv cleared it
             # Frames left over by a short recv keep it readable.
             nic.send([frame(64, seed=s) for s in range(5)])
-            got = []
+            got: list[tuple[NetHeader, bytes]] = []
             while len(got) < 5:
                 assert sel.select(2.0)
                 got += nic.recv(max_frames=2, timeout=0)
@@ -239,6 +239,34 @@ def test_close_releases_everything(sock_dir: Path) -> None:
         nic.close()
         with pytest.raises(vu.ConnectionClosedError):
             nic.recv(timeout=0)
+
+
+class Mirror(vu.NetDevice):
+    """A Python net device that sends every frame back as it came."""
+
+    queue_pairs = 1
+
+    def receive(self, queue_pair: int, frames: list[vu.net.Frame]) -> None:
+        self.send(queue_pair, [bytes(f) for f in frames])
+
+
+@pytest.mark.timeout(30)
+def test_python_net_device_and_link_status_changes(sock_dir: Path) -> None:
+    dev = Mirror()
+    backend = vu.Backend.listen(sock_dir / "py.sock", dev)
+    with backend, serving(backend, sock_dir / "py.sock") as sock, NetClient.connect(sock) as nic:
+        frames = [frame(64 + i, seed=i) for i in range(50)]
+        assert exchange(nic, frames) == frames
+        assert nic.link_up
+        dev.link_down()  # CONFIG_CHANGE_MSG on the back-end request channel
+        deadline = time.monotonic() + 5
+        while nic.link_up:
+            assert time.monotonic() < deadline, "the config change was not seen"
+            time.sleep(0.01)
+        dev.link_up()
+        while not nic.link_up:
+            assert time.monotonic() < deadline, "the config change was not seen"
+            time.sleep(0.01)
 
 
 # -- DPDK testpmd's net_vhost as the back-end ------------------------------------------------------
@@ -380,7 +408,7 @@ def test_tap_bridge_both_ways(sock_dir: Path) -> None:
         with serving(dev, sock_dir / "tap.sock") as sock, NetClient.connect(sock) as nic:
             out = [frame(100 + 50 * i, dst=b"\x02\0\0\0\0\x99", seed=i) for i in range(10)]
             assert nic.send(out) == 10
-            seen = []
+            seen: list[bytes] = []
             while len(seen) < 10:
                 seen.append(cap.recv(65536))
             assert seen == out
