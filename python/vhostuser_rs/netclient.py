@@ -19,6 +19,7 @@ valid. The constants come from ``src/virtio/net.rs``.
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import threading
@@ -30,10 +31,12 @@ from typing import TypedDict, Union
 from . import _native
 from ._native import GuestMemory, NetClientCore, NetHeader
 from .enums import DeviceStatus, ProtocolFeature, VirtioFeature
-from .exceptions import NegotiationError, VhostUserError, VhostUserTimeoutError
+from .exceptions import NegotiationError, RequestRejectedError, VhostUserError, VhostUserTimeoutError
 from .frontend import BackendRequestHandler, Frontend, Virtqueue
 
 __all__ = ["ControlCommandError", "NetClient", "NetClientCounters", "NetConfig"]
+
+log = logging.getLogger("vhostuser_rs.netclient")
 
 _N: dict[str, int] = dict(_native.VIRTIO_NET)
 CONFIG_SIZE = _N["CONFIG_SIZE"]
@@ -167,11 +170,14 @@ class NetClient:
         size = queue_pairs * room + (1 << 20)
         self.memory = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
         self._watch = _ConfigWatch()
-        result = frontend.negotiate(
-            features=wanted, memory=self.memory, handler=self._watch, config_size=CONFIG_SIZE
-        )
+        result = frontend.negotiate(features=wanted, memory=self.memory, handler=self._watch)
         self.features = int(result.features)
-        self._config: NetConfig | None = NetConfig.parse(result.config) if result.config is not None else None
+        self._config: NetConfig | None = None
+        if ProtocolFeature.CONFIG in frontend.protocol_features:
+            try:
+                self._config = NetConfig.parse(frontend.get_config(0, CONFIG_SIZE))
+            except RequestRejectedError:
+                log.info("the back-end does not answer GET_CONFIG: no MAC, status or MTU from it")
         max_pairs = 1
         if self.features & _MQ:
             max_pairs = self._config.max_virtqueue_pairs if self._config else result.num_queues
@@ -312,7 +318,7 @@ class NetClient:
     def config(self) -> NetConfig | None:
         """The device's config space (re-read after the back-end signalled a change), or None
         when the back-end does not serve GET_CONFIG."""
-        if self._watch.changed.is_set() and ProtocolFeature.CONFIG in self.frontend.protocol_features:
+        if self._watch.changed.is_set() and self._config is not None:
             self._watch.changed.clear()
             self._config = NetConfig.parse(self.frontend.get_config(0, CONFIG_SIZE))
         return self._config

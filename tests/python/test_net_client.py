@@ -269,6 +269,55 @@ def test_python_net_device_and_link_status_changes(sock_dir: Path) -> None:
             time.sleep(0.01)
 
 
+class HostileRx(vu.Device):
+    """Fills the first RX buffers it is given with what `script` says (header + payload) and
+    keeps the others: a back-end that lies about num_buffers and sends short headers."""
+
+    num_queues = 2
+    features = int(vu.VirtioFeature.VERSION_1) | MRG_RXBUF
+
+    def __init__(self, script: list[bytes]) -> None:
+        self.script = script
+
+    def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+        for chain in chains:
+            if queue.index == 0 and self.script:
+                data = self.script.pop(0)
+                chain.write(data)
+                queue.complete(chain, len(data))
+            elif queue.index == 0:
+                queue.defer(chain)
+            else:
+                queue.complete(chain, 0)
+
+
+@pytest.mark.timeout(30)
+def test_hostile_num_buffers_and_short_headers_are_counted_drops(sock_dir: Path) -> None:
+    def hdr(num_buffers: int) -> bytes:
+        return NetHeader(num_buffers=num_buffers).to_bytes()
+
+    good = frame(64, seed=1)
+    script = [
+        hdr(1) + good,           # a frame
+        b"\0" * 5,               # shorter than the header: a drop
+        hdr(0) + good,           # num_buffers 0: a drop
+        hdr(1) + good,           # a frame again
+        hdr(200) + good,         # more buffers than the device used: a drop (and what follows)
+        good,
+    ]
+    dev = HostileRx(script)
+    backend = vu.Backend.listen(sock_dir / "h.sock", dev)
+    with backend, serving(backend, sock_dir / "h.sock") as sock, NetClient.connect(sock) as nic:
+        got: list[tuple[NetHeader, bytes]] = []
+        deadline = time.monotonic() + 5
+        while nic.counters()["rx_dropped"] < 3:
+            assert time.monotonic() < deadline, nic.counters()
+            got += nic.recv(timeout=0.2)
+        assert [d for _, d in got] == [good, good]
+        assert nic.counters()["rx_dropped"] == 3 and nic.counters()["rx_frames"] == 2
+        assert nic.send([good]) == 1  # the client goes on
+
+
 # -- DPDK testpmd's net_vhost as the back-end ------------------------------------------------------
 
 IMPLEMENTED = int(frontend.DRIVER_TRANSPORT_FEATURES) | int(DEFAULT_FEATURES)
