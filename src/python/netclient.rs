@@ -345,12 +345,21 @@ impl PyNetClientCore {
                 break frames;
             }
         };
-        let list = PyList::empty(py);
+        let mut items = Vec::with_capacity(frames.len());
+        let mut last: Option<(NetHeader, Bound<'py, PyAny>)> = None;
         for (h, b) in frames {
-            let header = self.header_object(py, h)?;
-            list.append(PyTuple::new(py, [header.into_bound(py).into_any(), b.into_any()])?)?;
+            // Frames of a burst mostly carry the same header: reuse the object without a lookup.
+            let header = match &last {
+                Some((lh, o)) if *lh == h => o.clone(),
+                _ => {
+                    let o = self.header_object(py, h)?.into_bound(py).into_any();
+                    last = Some((h, o.clone()));
+                    o
+                }
+            };
+            items.push(PyTuple::new(py, [header, b.into_any()])?);
         }
-        Ok(list)
+        PyList::new(py, items)
     }
 
     /// The RX call eventfd of pair `queue_pair` (readable when frames may have arrived; ``recv``
