@@ -207,22 +207,26 @@ class NetClient:
             mtu=self.mtu,
             conn_fd=frontend.fileno(),
         )
-        if ProtocolFeature.STATUS in frontend.protocol_features:
-            # DPDK's vhost starts the device only after DRIVER_OK (QEMU sends it at start too).
-            frontend.set_status(
-                DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK
-            )
-        if self.features & _MQ and queue_pairs > 1 and control_queue:
-            self.set_queue_pairs(queue_pairs)
-        if self.features & _MAC and self._config is not None:
-            self.mac = self._config.mac
-        else:
-            self.mac = bytes([0x02]) + secrets.token_bytes(5)  # locally administered, unicast
-        if mac is not None:
-            wanted_mac = _mac_bytes(mac)
-            if wanted_mac != self.mac and self.features & _CTRL_MAC_ADDR:
-                self.set_mac(wanted_mac)
-            self.mac = wanted_mac
+        try:
+            if ProtocolFeature.STATUS in frontend.protocol_features:
+                # DPDK's vhost starts the device only after DRIVER_OK (QEMU sends it at start too).
+                frontend.set_status(
+                    DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK
+                )
+            if self.features & _MQ and queue_pairs > 1 and control_queue:
+                self.set_queue_pairs(queue_pairs)
+            if self.features & _MAC and self._config is not None:
+                self.mac = self._config.mac
+            else:
+                self.mac = bytes([0x02]) + secrets.token_bytes(5)  # locally administered, unicast
+            if mac is not None:
+                wanted_mac = _mac_bytes(mac)
+                if wanted_mac != self.mac and self.features & _CTRL_MAC_ADDR:
+                    self.set_mac(wanted_mac)
+                self.mac = wanted_mac
+        except BaseException:
+            self._core.close()
+            raise
 
     @classmethod
     def connect(

@@ -231,6 +231,16 @@ def test_control_queue_commands(sock_dir: Path) -> None:
             nic.set_mac("02:00")
 
 
+def test_failed_connects_release_everything(sock_dir: Path) -> None:
+    with serving(LoopbackNet(queue_pairs=2), sock_dir / "lo.sock", sessions=3) as sock:
+        with pytest.raises(vu.NegotiationError, match="2 queue pairs, 3 requested"):
+            NetClient.connect(sock, queue_pairs=3)
+        with pytest.raises(ValueError, match="MAC"):
+            NetClient.connect(sock, mac="02:00", control_queue=True)
+        with NetClient.connect(sock, queue_pairs=2, mac=b"\x02\0\0\0\0\x05") as nic:
+            assert nic.mac == b"\x02\0\0\0\0\x05"
+
+
 def test_close_releases_everything(sock_dir: Path) -> None:
     with serving(LoopbackNet(), sock_dir / "lo.sock") as sock:
         nic = NetClient.connect(sock)
