@@ -42,6 +42,7 @@ _N: dict[str, int] = dict(_native.VIRTIO_NET)
 CONFIG_SIZE = _N["CONFIG_SIZE"]
 _OK = _N["VIRTIO_NET_OK"]
 _S_LINK_UP = _N["VIRTIO_NET_S_LINK_UP"]
+_S_ANNOUNCE = _N["VIRTIO_NET_S_ANNOUNCE"]
 
 
 def _f(name: str) -> int:
@@ -50,6 +51,7 @@ def _f(name: str) -> int:
 
 _MAC, _MTU, _STATUS, _MRG = _f("MAC"), _f("MTU"), _f("STATUS"), _f("MRG_RXBUF")
 _CTRL_VQ, _MQ, _CTRL_RX, _CTRL_MAC_ADDR = _f("CTRL_VQ"), _f("MQ"), _f("CTRL_RX"), _f("CTRL_MAC_ADDR")
+_GUEST_ANNOUNCE = _f("GUEST_ANNOUNCE")
 
 #: What :meth:`NetClient.connect` asks for by default (acknowledged when offered). Transport bits
 #: are further limited by :data:`vhostuser_rs.frontend.DRIVER_TRANSPORT_FEATURES`.
@@ -62,6 +64,7 @@ DEFAULT_FEATURES = (
     | _CTRL_VQ
     | _CTRL_RX
     | _CTRL_MAC_ADDR
+    | _GUEST_ANNOUNCE
     | int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC)
 )
 
@@ -320,12 +323,25 @@ class NetClient:
     # -- config and control ----------------------------------------------------------------------
     @property
     def config(self) -> NetConfig | None:
-        """The device's config space (re-read after the back-end signalled a change), or None
-        when the back-end does not serve GET_CONFIG."""
-        if self._watch.changed.is_set() and self._config is not None:
-            self._watch.changed.clear()
-            self._config = NetConfig.parse(self.frontend.get_config(0, CONFIG_SIZE))
+        """The device's config space (re-read after the back-end signalled a change, see
+        :meth:`handle_config_change`), or None when the back-end does not serve GET_CONFIG."""
+        self.handle_config_change()
         return self._config
+
+    def handle_config_change(self) -> bool:
+        """If the back-end signalled a config change (CONFIG_CHANGE_MSG): re-read the config
+        and, when it asks for an announcement (status ANNOUNCE, GUEST_ANNOUNCE negotiated),
+        send a gratuitous RARP for our MAC on pair 0 and ANNOUNCE_ACK on the control queue.
+        Returns whether there was a change. (The back-end request channel's thread only marks
+        the change: requests on the main channel from it could deadlock.)"""
+        if not self._watch.changed.is_set() or self._config is None:
+            return False
+        self._watch.changed.clear()
+        self._config = NetConfig.parse(self.frontend.get_config(0, CONFIG_SIZE))
+        if self._config.status & _S_ANNOUNCE and self.features & _GUEST_ANNOUNCE and self._ctrl is not None:
+            self.send([NetClientCore.rarp_frame(self.mac)])
+            self.command(_N["VIRTIO_NET_CTRL_ANNOUNCE"], _N["VIRTIO_NET_CTRL_ANNOUNCE_ACK"])
+        return True
 
     @property
     def link_up(self) -> bool:

@@ -277,6 +277,12 @@ impl PyNetClientCore {
         })
     }
 
+    /// The gratuitous RARP frame announcing `mac` (what a driver sends for GUEST_ANNOUNCE).
+    #[staticmethod]
+    fn rarp_frame<'py>(py: Python<'py>, mac: [u8; 6]) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &crate::virtio::net::rarp_frame(mac))
+    }
+
     /// Guest memory the buffers of one queue pair take (rings excluded).
     #[staticmethod]
     #[pyo3(signature = (features, queue_size, *, mtu=None))]

@@ -279,6 +279,25 @@ def test_python_net_device_and_link_status_changes(sock_dir: Path) -> None:
             time.sleep(0.01)
 
 
+@pytest.mark.timeout(30)
+def test_announce_on_request(sock_dir: Path) -> None:
+    """GUEST_ANNOUNCE: the device sets status ANNOUNCE and signals a config change; the client
+    sends a gratuitous RARP for its MAC and acks on the control queue (status ANNOUNCE cleared)."""
+    dev = Mirror()
+    backend = vu.Backend.listen(sock_dir / "py.sock", dev)
+    with backend, serving(backend, sock_dir / "py.sock") as sock, \
+            NetClient.connect(sock, control_queue=True) as nic:
+        assert nic.features & (1 << N["VIRTIO_NET_F_GUEST_ANNOUNCE"])
+        assert dev.announce()
+        deadline = time.monotonic() + 5
+        while not nic.handle_config_change():
+            assert time.monotonic() < deadline, "the config change was not seen"
+            time.sleep(0.01)
+        (_, rarp), = nic.recv(timeout=2.0)  # the mirror sends it back
+        assert rarp[12:14] == b"\x80\x35" and rarp[6:12] == nic.mac
+        assert nic.frontend.get_config(0, N["CONFIG_SIZE"])[6] & N["VIRTIO_NET_S_ANNOUNCE"] == 0  # acked
+
+
 class HostileRx(vu.Device):
     """Fills the first RX buffers it is given with what `script` says (header + payload) and
     keeps the others: a back-end that lies about num_buffers and sends short headers."""
