@@ -31,7 +31,13 @@ from typing import TypedDict, Union
 from . import _native
 from ._native import GuestMemory, NetClientCore, NetHeader
 from .enums import DeviceStatus, ProtocolFeature, VirtioFeature
-from .exceptions import NegotiationError, RequestRejectedError, VhostUserError, VhostUserTimeoutError
+from .exceptions import (
+    ConnectionClosedError,
+    NegotiationError,
+    RequestRejectedError,
+    VhostUserError,
+    VhostUserTimeoutError,
+)
 from .frontend import BackendRequestHandler, Frontend, Virtqueue
 
 __all__ = ["ControlCommandError", "NetClient", "NetClientCounters", "NetConfig"]
@@ -150,7 +156,7 @@ class NetClient:
     ) -> None:
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be at least 1")
-        self.frontend = frontend
+        self._frontend: Frontend | None = frontend
         self.timeout = timeout
         self._closed = False
         self._core: NetClientCore | None = None
@@ -171,7 +177,7 @@ class NetClient:
         # is cheap, the memfd's pages are only allocated when touched).
         room = NetClientCore.buffer_memory(offered & wanted, queue_size, mtu=0xFFFF) + 64 * queue_size + (64 << 10)
         size = queue_pairs * room + (1 << 20)
-        self.memory = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
+        self._memory: GuestMemory | None = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
         self._watch = _ConfigWatch()
         result = frontend.negotiate(features=wanted, memory=self.memory, handler=self._watch)
         self.features = int(result.features)
@@ -274,13 +280,33 @@ class NetClient:
         self.close()
 
     def close(self) -> None:
-        """Close the session and every fd it holds. Idempotent."""
+        """Close the session and every fd it holds (the socket and the memory's memfd too, as
+        soon as nothing else refers to them). Idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._core is not None:
             self._core.close()
-        self.frontend.close()
+        if self._frontend is not None:
+            self._frontend.close()
+        # The Frontend's core owns the socket and the rings own the memory: let them go now.
+        self._frontend = None
+        self._memory = None
+        self._ctrl = None
+
+    @property
+    def frontend(self) -> Frontend:
+        """The vhost-user session (for requests of your own); ConnectionClosedError once closed."""
+        if self._frontend is None:
+            raise ConnectionClosedError("the NetClient is closed")
+        return self._frontend
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory shared with the back-end (rings, buffers)."""
+        if self._memory is None:
+            raise ConnectionClosedError("the NetClient is closed")
+        return self._memory
 
     @property
     def core(self) -> NetClientCore:

@@ -4,9 +4,9 @@
 //! RX: every descriptor of the ring gets a device-writable buffer at start; each buffer used by
 //! the device is copied out and posted again. With MRG_RXBUF a frame spans `num_buffers` used
 //! entries (2048-byte buffers); without it one buffer holds a whole frame (sized for the MTU, or
-//! for 64 KiB when GUEST_TSO/UFO is negotiated). A frame whose header is short, or whose
-//! `num_buffers` is 0 or asks for more entries than the device has used, is counted as a drop
-//! (what Linux's virtio_net does); an id not in flight or a length beyond the buffer is an error
+//! for 64 KiB when GUEST_TSO/UFO is negotiated). A frame whose header is short, that is shorter
+//! than an Ethernet header, or whose `num_buffers` is 0 or asks for more entries than the device
+//! has used, is counted as a drop (what Linux's virtio_net does); an id not in flight or a length beyond the buffer is an error
 //! from [`DriverQueue::reap`].
 //!
 //! TX: one slot (header + frame, contiguous) per descriptor, preallocated; a burst is copied into
@@ -190,6 +190,11 @@ impl RxRing {
         Ok(())
     }
 
+    /// The guest memory of the buffers.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.memory
+    }
+
     /// Counters of this half (the `rx_*` fields).
     pub fn counters(&self) -> PairCounters {
         self.counters
@@ -255,6 +260,10 @@ impl RxRing {
                     }
                     total += len2 as usize;
                 }
+            }
+            if total < vnet::MIN_FRAME_LEN {
+                // A runt (header only, or less than an Ethernet header): Linux's length error.
+                good = false;
             }
             let result = if good {
                 f(RxFrame { header, pieces: &self.pieces, len: total })
@@ -503,6 +512,12 @@ mod tests {
         use_rx(&mem, &q, &[(3, &[0u8; 5]), (4, &hdr(0))]);
         rx.recv(&mut q, 64, &mut |_| Ok(())).unwrap();
         assert_eq!(rx.counters().rx_dropped, 3);
+        // A runt: a header and 13 bytes.
+        let mut runt = hdr(1);
+        runt.extend_from_slice(&[0u8; 13]);
+        use_rx(&mem, &q, &[(5, &runt)]);
+        rx.recv(&mut q, 64, &mut |_| Ok(())).unwrap();
+        assert_eq!((rx.counters().rx_dropped, rx.counters().rx_frames), (4, 0));
     }
 
     #[test]

@@ -23,7 +23,6 @@ use super::virtqueue::PyDriverQueue;
 use crate::connection::Deadline;
 use crate::error::Error;
 use crate::frontend::netio::{notify, PairCounters, PairLayout, RxRing, TxRing};
-use crate::memory::GuestMemory;
 use crate::virtio::net::NetHeader;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -49,7 +48,6 @@ const HEADER_CACHE_MAX: usize = 64;
 /// The driver data path of a virtio-net client (use ``vhostuser_rs.netclient.NetClient``).
 #[pyclass(module = "vhostuser_rs", name = "NetClientCore", frozen)]
 pub(crate) struct PyNetClientCore {
-    memory: Arc<GuestMemory>,
     layout: PairLayout,
     pairs: Mutex<Vec<Arc<Pair>>>,
     closed: AtomicBool,
@@ -111,7 +109,7 @@ fn wait_call(fd: RawFd, conn: Option<RawFd>, timeout: std::time::Duration) -> st
         libc::pollfd { fd, events: libc::POLLIN, revents: 0 },
         libc::pollfd { fd: conn.unwrap_or(-1), events: libc::POLLRDHUP, revents: 0 },
     ];
-    let ms = i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX);
+    let ms = if timeout.is_zero() { 0 } else { i32::try_from(timeout.as_millis().max(1)).unwrap_or(i32::MAX) };
     // SAFETY: two valid pollfds (a negative fd is ignored by poll).
     let n = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
     if n < 0 {
@@ -146,6 +144,15 @@ impl PyNetClientCore {
             .ok_or_else(|| PyValueError::new_err(format!("queue pair {index} out of range (0..{})", pairs.len())))
     }
 
+    /// Whether the back-end closed the main channel (a poll without waiting).
+    fn hung_up(&self) -> bool {
+        let conn = lock(&self.conn).clone();
+        match conn {
+            Some(c) => matches!(wait_call(-1, Some(c.as_raw_fd()), std::time::Duration::ZERO), Ok(Woken::HangUp)),
+            None => false,
+        }
+    }
+
     /// Reaps and copies up to `max` frames (no waiting).
     fn try_recv<'py>(
         &self,
@@ -159,7 +166,8 @@ impl PyNetClientCore {
         let kick = {
             let mut rx = lock(&pair.rx);
             let mut q = lock(&pair.rx_queue.get().inner);
-            let memory = &self.memory;
+            let memory = rx.memory().clone();
+            let memory = &memory;
             let r = rx.recv(&mut q, max, &mut |fr| {
                 let bytes = PyBytes::new_with(py, fr.len, |b| {
                     fr.copy_to(memory, b).map_err(|e| PyValueError::new_err(e.to_string()))
@@ -268,7 +276,6 @@ impl PyNetClientCore {
             }));
         }
         Ok(PyNetClientCore {
-            memory: mem,
             layout,
             pairs: Mutex::new(out),
             closed: AtomicBool::new(false),
@@ -311,6 +318,10 @@ impl PyNetClientCore {
         };
         if kick {
             notify(pair.tx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+        }
+        if n < items.len() && self.hung_up() {
+            // The ring is full: if the back-end is gone it never will be less so.
+            return Err(to_pyerr(py, Error::Disconnected));
         }
         Ok(n)
     }

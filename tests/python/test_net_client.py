@@ -249,6 +249,10 @@ def test_close_releases_everything(sock_dir: Path) -> None:
         nic.close()
         with pytest.raises(vu.ConnectionClosedError):
             nic.recv(timeout=0)
+        with pytest.raises(vu.ConnectionClosedError):
+            nic.send([frame(64)])
+        with pytest.raises(vu.ConnectionClosedError):
+            nic.frontend.get_features()
 
 
 class Mirror(vu.NetDevice):
