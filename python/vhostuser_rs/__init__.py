@@ -19,7 +19,7 @@ Layers available today:
 
 from __future__ import annotations
 
-from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net
+from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient
 from ._native import (
     Connection,
     DescriptorChain,
@@ -49,7 +49,7 @@ from .exceptions import (
 from .backend import Backend, Device
 from .frontend import BackendRequestHandler, Frontend, InflightBuffer, Virtqueue
 from .messages import Message
-from .net import NetDevice
+from .net import NetClient, NetDevice
 
 __all__ = [
     "Backend",
@@ -76,6 +76,7 @@ __all__ = [
     "MalformedMessageError",
     "Message",
     "NegotiationError",
+    "NetClient",
     "NetDevice",
     "ProtocolError",
     "ProtocolFeature",
@@ -96,4 +97,5 @@ __all__ = [
     "hazmat",
     "messages",
     "net",
+    "netclient",
 ]

@@ -25,8 +25,9 @@ from . import _native
 from ._native import Frame, NetHeader, NetPort
 from .devices import NetCounters
 from .enums import VirtioFeature
+from .netclient import NetClient
 
-__all__ = ["Frame", "NetDevice", "NetFeature", "NetHeader", "OutgoingFrame", "VIRTIO_NET"]
+__all__ = ["Frame", "NetClient", "NetDevice", "NetFeature", "NetHeader", "OutgoingFrame", "VIRTIO_NET"]
 
 #: Every virtio-net constant by its spec name (feature bit numbers, header flags, GSO types,
 #: status bits, control-queue classes and commands, sizes).

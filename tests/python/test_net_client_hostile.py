@@ -432,13 +432,6 @@ def test_used_length_shorter_than_the_header_is_a_counted_drop(sock_dir: Path, l
         assert [d for _, d in nic.recv(timeout=1.0)] == [good[HDR_LEN:]]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RxRing::recv (src/frontend/netio.rs, `let mut good = len as usize >= hl`) only checks "
-    "that the used length covers the virtio-net header, so a header-only or runt delivery is "
-    "returned as a 0..13-byte 'frame' and counted in rx_frames; Linux drops len < hdr_len + "
-    "ETH_HLEN as a length error, and send refuses frames under MIN_FRAME_LEN (14)",
-)
 @pytest.mark.parametrize("frame_len", [0, 1, 13])
 def test_runt_frame_after_the_header_is_a_counted_drop(sock_dir: Path, frame_len: int) -> None:
     with session(sock_dir) as (_fake, nic, rx):
@@ -542,14 +535,6 @@ def test_backend_dies_mid_burst(sock_dir: Path) -> None:
     nic.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NetClient.close() ('Close the session and every fd it holds') leaves two fds open "
-    "until the object is garbage-collected: the main-channel socket, because Frontend.close -> "
-    "FrontendCore.close (src/python/frontend.rs) only calls shutdown(SHUT_RDWR) and the fd is "
-    "closed on drop, and the memfd of NetClient.memory (GuestMemory.allocate in netclient.py "
-    "__init__), which close() does not release (GuestMemory has no close)",
-)
 @pytest.mark.parametrize("backend_died", [False, True])
 def test_close_releases_every_fd_at_once(sock_dir: Path, backend_died: bool) -> None:
     """close() with the client still referenced leaves nothing open, whether the back-end is
@@ -572,14 +557,6 @@ def test_close_releases_every_fd_at_once(sock_dir: Path, backend_died: bool) -> 
     assert left == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="NetClient.send never notices that the back-end closed the session: "
-    "PyNetClientCore.send (src/python/netclient.rs) only reclaims, copies and kicks the eventfd, "
-    "with no hang-up check (recv polls the main channel for POLLRDHUP, send does not), so frames "
-    "are queued into a dead ring and counted in tx_frames, and once the ring is full send "
-    "returns 0 forever: a send-until-queued loop spins without a timeout",
-)
 def test_send_after_the_backend_died_raises(sock_dir: Path) -> None:
     with session(sock_dir) as (fake, nic, _rx):
         assert nic.send([frame(64, 1)]) == 1
