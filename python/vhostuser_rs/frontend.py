@@ -2,7 +2,7 @@
 
 :class:`Frontend` has one method per front-end request of the spec, named after it in snake
 case (``set_vring_addr`` sends SET_VRING_ADDR), plus compositions with verbs (:meth:`negotiate`,
-:meth:`setup_queue`, :meth:`stop_queue`, :meth:`enable_logging`). It remembers what was
+:meth:`setup_queue`, :meth:`stop_queue`, :meth:`enable_logging`, :meth:`announce`). It remembers what was
 negotiated: a request whose feature was not negotiated raises
 :class:`~vhostuser_rs.FeatureNotNegotiatedError` before anything is sent (the ``hazmat`` layer
 can still send it on purpose). With REPLY_ACK negotiated, every request without a reply of its
@@ -91,6 +91,9 @@ DRIVER_TRANSPORT_FEATURES = (
     | VirtioFeature.PROTOCOL_FEATURES
 )
 _TRANSPORT_BITS = ((1 << 41) - 1) & ~((1 << 24) - 1)  # bits 24..=40
+#: One bit of the dirty log covers this many bytes of guest-physical memory (VHOST_LOG_PAGE).
+LOG_PAGE_SIZE = 0x1000
+_GUEST_ANNOUNCE = 1 << _native.VIRTIO_NET["VIRTIO_NET_F_GUEST_ANNOUNCE"]
 
 
 class BackendRequestHandler:
@@ -262,6 +265,8 @@ class Frontend:
         self.memory: GuestMemory | None = None
         self.handler: BackendRequestHandler | None = None
         self._queues: dict[int, Virtqueue] = {}
+        #: The dirty log handed to the back-end while logging is on (:meth:`enable_logging`).
+        self.dirty_log: DirtyLog | None = None
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------------
@@ -714,18 +719,74 @@ class Frontend:
         return base
 
     def enable_logging(self, memory: GuestMemory | None = None) -> DirtyLog:
-        """Start dirty logging for migration: allocate the log, SET_LOG_BASE, SET_FEATURES with
-        LOG_ALL, and SET_VRING_ADDR with the log flag for each ring set up (needs LOG_SHMFD)."""
+        """Start dirty logging for migration, in QEMU's order (spec §6.7): allocate a log
+        covering `memory` (default: the memory shared), SET_LOG_BASE with its fd (LOG_SHMFD),
+        SET_FEATURES with LOG_ALL, and SET_VRING_ADDR with VHOST_VRING_F_LOG for each ring set
+        up. Without REPLY_ACK each step is followed by a GET_FEATURES barrier, so the back-end
+        logs from the moment this returns. Read the pages with :meth:`DirtyLog.take_dirty`
+        (read and clear); :attr:`dirty_log` keeps the log in use."""
         mem = memory or self.memory
         if mem is None:
             raise NegotiationError("no guest memory to log")
         dirty = DirtyLog.allocate(mem.guest_end)
         self.set_log_base(dirty)
+        self.dirty_log = dirty
         self.set_features(int(self.features) | int(VirtioFeature.LOG_ALL))
+        self._barrier()
+        self._set_ring_logging(True)
+        return dirty
+
+    def resize_logging(self, memory: GuestMemory | int) -> DirtyLog:
+        """Memory grew while logging: hand the back-end a new log covering `memory` (or guest
+        addresses up to the int given) with SET_LOG_BASE, as QEMU does on a memory change. The
+        pages still marked in the old log are carried over to the new one, which is returned
+        (and kept as :attr:`dirty_log`). A log already large enough is kept."""
+        old = self.dirty_log
+        if old is None:
+            raise NegotiationError("logging is not enabled")
+        guest_end = memory if isinstance(memory, int) else memory.guest_end
+        if guest_end <= old.size * 8 * LOG_PAGE_SIZE:
+            return old
+        new = DirtyLog.allocate(guest_end)
+        self.set_log_base(new)  # replied to (LOG_SHMFD): the back-end no longer writes the old one
+        self.dirty_log = new
+        for page in old.take_dirty():
+            new.mark(page * LOG_PAGE_SIZE, LOG_PAGE_SIZE)
+        return new
+
+    def disable_logging(self) -> DirtyLog | None:
+        """Stop dirty logging: SET_FEATURES without LOG_ALL, then SET_VRING_ADDR without the log
+        flag for each ring (each awaited, with a GET_FEATURES barrier without REPLY_ACK).
+        Returns the log, whose marks are still there to read, or None if logging was off."""
+        dirty, self.dirty_log = self.dirty_log, None
+        self.set_features(int(self.features) & ~int(VirtioFeature.LOG_ALL))
+        self._barrier()
+        self._set_ring_logging(False)
+        return dirty
+
+    def announce(self, mac: bytes) -> bool:
+        """After a switch-over (the destination's rings are running): SEND_RARP for the
+        guest's `mac` when the guest cannot announce itself, i.e. VIRTIO_NET_F_GUEST_ANNOUNCE
+        was not negotiated and the back-end has the RARP protocol feature (what QEMU's
+        vhost_net does). Returns whether it was sent."""
+        if self.features & _GUEST_ANNOUNCE or ProtocolFeature.RARP not in self.protocol_features:
+            return False
+        self.send_rarp(mac)
+        return True
+
+    def _set_ring_logging(self, on: bool) -> None:
         for index, vq in self._queues.items():
             desc, avail, used = vq.queue.user_addrs
-            self.set_vring_addr(index, desc, used, avail, log_guest_addr=vq.queue.guest_addrs[2], log=True)
-        return dirty
+            self.set_vring_addr(index, desc, used, avail, log_guest_addr=vq.queue.guest_addrs[2], log=on)
+        if self._queues:
+            self._barrier()
+
+    def _barrier(self) -> None:
+        """Without REPLY_ACK, a GET_FEATURES whose reply says every earlier request was handled
+        (spec §5.4: what QEMU does after SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log
+        flag and SET_VRING_ENABLE). With REPLY_ACK those requests were acked already."""
+        if ProtocolFeature.REPLY_ACK not in self.protocol_features:
+            self.get_features()
 
     def queue(self, index: int) -> Virtqueue:
         """The ring set up at `index`."""
