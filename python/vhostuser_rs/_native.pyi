@@ -455,6 +455,19 @@ class _ClientCounters(TypedDict):
     tx_frames: int
     tx_bytes: int
 
+class _NetBenchResult(TypedDict):
+    mode: str
+    tx_frames: int
+    tx_bytes: int
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    tx_full: int
+    in_flight: int
+    waits: int
+    elapsed: float
+    cpu: float
+
 @final
 class NetClientCore:
     """The driver data path of a virtio-net client (use vhostuser_rs.netclient.NetClient)."""
@@ -478,6 +491,16 @@ class NetClientCore:
     ) -> list[tuple[NetHeader, bytes]]: ...
     def fileno(self, queue_pair: int = 0) -> int: ...
     def counters(self, queue_pair: int | None = None) -> _ClientCounters: ...
+    def run_bench(
+        self,
+        mode: str,
+        *,
+        pktlen: int = 64,
+        burst: int = 32,
+        seconds: float = 10.0,
+        poll: float = 0.0,
+        queue_pair: int = 0,
+    ) -> _NetBenchResult: ...
     @property
     def queue_pairs(self) -> int: ...
     @property

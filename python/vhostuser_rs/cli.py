@@ -310,7 +310,162 @@ def _builtin_backend(queues: int, cpus: list[int] | None = None) -> tuple[Any, s
     return proc, str(sock), work
 
 
+def run_net_bench(
+    socket_path: str,
+    *,
+    mode: str = "txonly",
+    pktlen: int = 64,
+    queue_pairs: int = 1,
+    burst: int = 32,
+    duration: float = 10.0,
+    poll_us: float = 50.0,
+    cpus: list[int] | None = None,
+    timeout: float = 5.0,
+) -> dict[str, Any]:
+    """Connect a :class:`~vhostuser_rs.netclient.NetClient` to a vhost-user net back-end and run
+    the Rust burst loop (:meth:`NetClient.run_bench`) on each of `queue_pairs` pairs, one thread
+    each (pinned to ``cpus[i % len(cpus)]``). Rates count frames sent (txonly) or received
+    (rxonly, loopback); Gbit/s is frame bytes (no preamble, gap or CRC); CPU is the loop
+    threads' own. Drops: malformed deliveries, plus in loopback the frames that never came back.
+    """
+    import threading
+    import time
+
+    from .netclient import NetBenchResult, NetClient
+
+    t0 = time.perf_counter()
+    client = NetClient.connect(socket_path, queue_pairs=queue_pairs, timeout=timeout)
+    handshake = time.perf_counter() - t0
+    try:
+        results: list[NetBenchResult | None] = [None] * queue_pairs
+        errors: list[BaseException] = []
+
+        def one(i: int) -> None:
+            if cpus:
+                os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+            try:
+                results[i] = client.run_bench(
+                    mode, pktlen=pktlen, burst=burst, seconds=duration, poll=poll_us / 1e6, queue_pair=i
+                )
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                errors.append(e)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(queue_pairs)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+    finally:
+        client.close()
+    done: list[dict[str, Any]] = [dict(r) for r in results if r is not None]
+
+    def total(key: str) -> int:
+        return sum(int(r[key]) for r in done)
+
+    elapsed = max(r["elapsed"] for r in done)
+    cpu = sum(r["cpu"] for r in done)
+    counted = "tx" if mode == "txonly" else "rx"
+    frames, nbytes = total(f"{counted}_frames"), total(f"{counted}_bytes")
+    lost = total("in_flight") if mode == "loopback" else 0
+    return {
+        "socket": socket_path,
+        "device": "net",
+        "mode": mode,
+        "pktlen": pktlen,
+        "burst": burst,
+        "queue_pairs": queue_pairs,
+        "frames": frames,
+        "tx_frames": total("tx_frames"),
+        "rx_frames": total("rx_frames"),
+        "tx_bytes": total("tx_bytes"),
+        "rx_bytes": total("rx_bytes"),
+        "rx_dropped": total("rx_dropped"),
+        "tx_full": total("tx_full"),
+        "in_flight": total("in_flight"),
+        "drops": total("rx_dropped") + lost,
+        "waits": total("waits"),
+        "elapsed_s": elapsed,
+        "mpps": frames / elapsed / 1e6 if elapsed else 0.0,
+        "gbit_s": nbytes * 8 / elapsed / 1e9 if elapsed else 0.0,
+        "cpu_s": cpu,
+        "cpu_ns_per_frame": cpu / frames * 1e9 if frames else 0.0,
+        "handshake_ms": handshake * 1000,
+        "poll_us": poll_us,
+        "errors": 0,
+    }
+
+
+def _builtin_net_backend(queue_pairs: int, cpus: list[int] | None = None) -> tuple[Any, str, Any]:
+    """Starts `serve-net --loopback` on a socket in a temporary folder."""
+    import subprocess
+    import tempfile
+    import time
+    from pathlib import Path
+
+    work = tempfile.TemporaryDirectory(prefix="vhostuser-rs-bench-")
+    sock = Path(work.name) / "net.sock"
+    cmd = [sys.executable, "-m", "vhostuser_rs", "serve-net", "--loopback", "--socket-path", str(sock),
+           "--queue-pairs", str(queue_pairs)]
+    if cpus:
+        cmd += ["--cpus", ",".join(map(str, cpus))]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            work.cleanup()
+            raise OSError("the built-in net back-end did not start")
+        time.sleep(0.01)
+    return proc, str(sock), work
+
+
+def _cmd_bench_net(args: argparse.Namespace) -> int:
+    backend = None
+    socket_path = args.socket
+    if socket_path is None and args.mode == "rxonly":
+        print("vhostuser-rs bench: serve-net --loopback sends nothing by itself: rxonly needs --socket of a "
+              "back-end that generates traffic (e.g. testpmd's net_vhost in txonly)", file=sys.stderr)
+        return 2
+    try:
+        if socket_path is None:
+            backend = _builtin_net_backend(args.queue_pairs, args.backend_cpus)
+            socket_path = backend[1]
+        doc = run_net_bench(
+            socket_path, mode=args.mode, pktlen=args.pktlen, queue_pairs=args.queue_pairs, burst=args.burst,
+            duration=args.time, poll_us=50.0 if args.poll_us is None else args.poll_us, cpus=args.cpus,
+        )
+        if backend is not None:
+            doc["backend"] = "built-in serve-net --loopback"
+    except (VhostUserError, OSError, ValueError, RuntimeError) as e:
+        print(f"vhostuser-rs bench: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if backend is not None:
+            proc, _, work = backend
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except Exception:  # noqa: BLE001 - subprocess.TimeoutExpired
+                proc.kill()
+                proc.wait()
+            work.cleanup()
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"net {doc['mode']} pktlen={doc['pktlen']} burst={doc['burst']} queue_pairs={doc['queue_pairs']}: "
+            f"{doc['mpps']:.2f} Mpps, {doc['gbit_s']:.2f} Gbit/s, CPU {doc['cpu_ns_per_frame']:.0f} ns/frame, "
+            f"drops {doc['drops']}"
+        )
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if args.device == "net":
+        return _cmd_bench_net(args)
     backend = None
     socket_path = args.socket
     try:
@@ -442,8 +597,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("blk", "none"), default="blk", help="decode the config space as")
     p.set_defaults(func=_cmd_probe)
 
-    p = sub.add_parser("bench", help="fio-like block benchmark against a vhost-user-blk back-end")
+    p = sub.add_parser("bench", help="fio-like block benchmark (or --device net: a packet generator) against a "
+                       "vhost-user back-end")
     p.add_argument("--socket", help="the back-end's Unix socket (default: start the built-in one)")
+    p.add_argument("--device", choices=("blk", "net"), default="blk",
+                   help="blk: I/O loop on a virtio-blk device; net: burst loop on a virtio-net device")
     p.add_argument("--rw", choices=("randread", "randwrite", "read", "write", "rw"), default="randread")
     p.add_argument("--bs", default="4k", help="block size (e.g. 512, 4k, 64k)")
     p.add_argument("--iodepth", type=int, default=32)
@@ -452,8 +610,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="stamp the device, then check every read")
     p.add_argument("--poll-us", type=float, default=None,
                    help="hybrid polling: yield and re-check the used ring this long before sleeping on the call "
-                   "eventfd (default: 50 at iodepth <= 4, else 0)")
+                   "eventfd (default: blk 50 at iodepth <= 4, else 0; net 50)")
     p.add_argument("--cpus", type=_cpu_list, help="pin the I/O threads to these CPUs (e.g. 0 or 0,1 or 0-3)")
+    net = p.add_argument_group("--device net")
+    net.add_argument("--mode", choices=("txonly", "rxonly", "loopback"), default="txonly",
+                     help="send only, receive only, or send and count what comes back")
+    net.add_argument("--pktlen", type=int, default=64, help="frame length in bytes (Ethernet header onwards, no CRC)")
+    net.add_argument("--queue-pairs", type=int, default=1, help="queue pairs, one thread each")
+    net.add_argument("--burst", type=int, default=32, help="frames per send / most frames per receive")
     p.add_argument("--backend-cpus", type=_cpu_list,
                    help="pin the built-in back-end started without --socket to these CPUs")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -40,7 +40,7 @@ from .exceptions import (
 )
 from .frontend import BackendRequestHandler, Frontend, Virtqueue
 
-__all__ = ["ControlCommandError", "NetClient", "NetClientCounters", "NetConfig"]
+__all__ = ["ControlCommandError", "NetBenchResult", "NetClient", "NetClientCounters", "NetConfig"]
 
 log = logging.getLogger("vhostuser_rs.netclient")
 
@@ -86,6 +86,22 @@ class NetClientCounters(TypedDict):
     rx_dropped: int
     tx_frames: int
     tx_bytes: int
+
+
+class NetBenchResult(TypedDict):
+    """What :meth:`NetClient.run_bench` returns (bytes without headers, times in seconds)."""
+
+    mode: str
+    tx_frames: int
+    tx_bytes: int
+    rx_frames: int
+    rx_bytes: int
+    rx_dropped: int
+    tx_full: int
+    in_flight: int
+    waits: int
+    elapsed: float
+    cpu: float
 
 
 class ControlCommandError(VhostUserError):
@@ -340,6 +356,28 @@ class NetClient:
         """rx_frames, rx_bytes, rx_dropped (malformed deliveries), tx_frames, tx_bytes of one
         pair or summed over all."""
         return self.core.counters(queue_pair)
+
+    def run_bench(
+        self,
+        mode: str = "txonly",
+        *,
+        pktlen: int = 64,
+        burst: int = 32,
+        seconds: float = 10.0,
+        poll: float = 0.0,
+        queue_pair: int = 0,
+    ) -> NetBenchResult:
+        """Run a timed burst loop on `queue_pair` in Rust (one call, the GIL released):
+        ``"txonly"`` keeps sending `burst`-frame bursts of `pktlen`-byte frames, ``"rxonly"``
+        receives and reposts, ``"loopback"`` does both with at most one RX ring of frames out
+        (against a device that sends every frame back). `poll` seconds of hybrid polling before
+        sleeping on the RX notification. Returns tx/rx frames and bytes, ``rx_dropped``,
+        ``tx_full`` (sends the ring was too full for), ``in_flight`` at the end (loopback: frames
+        that did not come back), ``elapsed`` and ``cpu`` (seconds of this thread). ``send`` and
+        ``recv`` on the pair raise RuntimeError while it runs."""
+        return self.core.run_bench(
+            mode, pktlen=pktlen, burst=burst, seconds=seconds, poll=poll, queue_pair=queue_pair
+        )
 
     @property
     def max_frame_len(self) -> int:

@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
@@ -336,6 +337,11 @@ impl TxRing {
         self.counters
     }
 
+    /// Slots in all (the most frames in flight).
+    pub fn num_slots(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Slots free right now (after [`TxRing::reclaim`]).
     pub fn free_slots(&self) -> usize {
         self.free.len()
@@ -409,6 +415,259 @@ impl TxRing {
         };
         Ok((n, kick))
     }
+}
+
+/// What [`run_bench`] does on a queue pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchMode {
+    /// Keep the TX ring full, reclaiming slots; receive nothing.
+    TxOnly,
+    /// Receive whatever the device delivers and post the buffers again; send nothing.
+    RxOnly,
+    /// Send and receive, keeping at most one RX ring's worth of frames out: what comes back is
+    /// counted (against a device that returns every frame, `serve-net --loopback`, testpmd io).
+    Loopback,
+}
+
+impl BenchMode {
+    /// Parses `txonly`, `rxonly`, `loopback` (testpmd's names for the first two).
+    pub fn parse(s: &str) -> Option<BenchMode> {
+        Some(match s {
+            "txonly" => BenchMode::TxOnly,
+            "rxonly" => BenchMode::RxOnly,
+            "loopback" => BenchMode::Loopback,
+            _ => return None,
+        })
+    }
+}
+
+/// What [`run_bench`] runs.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchJob {
+    /// The mode.
+    pub mode: BenchMode,
+    /// Length of every frame sent (Ethernet header onwards, no CRC).
+    pub frame_len: usize,
+    /// Frames per send and most frames per receive.
+    pub burst: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Hybrid polling: while nothing arrives, yield the CPU and look at the used ring again for
+    /// up to this long before sleeping on the RX call eventfd (zero: sleep at once). A full TX
+    /// ring has no notification here (its interrupts are off): the loop yields and retries.
+    pub poll: Duration,
+}
+
+/// What [`run_bench`] measured.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BenchReport {
+    /// Frames queued for transmission.
+    pub tx_frames: u64,
+    /// Their bytes (frames, without headers).
+    pub tx_bytes: u64,
+    /// Frames received.
+    pub rx_frames: u64,
+    /// Their bytes.
+    pub rx_bytes: u64,
+    /// Frames the device delivered malformed.
+    pub rx_dropped: u64,
+    /// Sends that found fewer free TX slots than the burst (the device was the bottleneck).
+    pub tx_full: u64,
+    /// At the end: TX slots the device has not used yet (txonly), frames sent and not received
+    /// after a short drain (loopback: frames the device dropped), 0 (rxonly).
+    pub in_flight: u64,
+    /// Wall time of the timed part (the drain excluded).
+    pub elapsed: Duration,
+    /// CPU time of the calling thread over the timed part (user + system).
+    pub cpu: Duration,
+    /// Sleeps on the RX call eventfd.
+    pub waits: u64,
+}
+
+/// The rings and eventfds of one queue pair, borrowed for a run.
+pub struct PairIo<'a> {
+    /// RX half and its ring.
+    pub rx: &'a mut RxRing,
+    /// The RX ring.
+    pub rx_queue: &'a mut DriverQueue,
+    /// TX half.
+    pub tx: &'a mut TxRing,
+    /// The TX ring.
+    pub tx_queue: &'a mut DriverQueue,
+    /// Kick of the RX ring (reposted buffers).
+    pub rx_kick: BorrowedFd<'a>,
+    /// Call of the RX ring.
+    pub rx_call: BorrowedFd<'a>,
+    /// Kick of the TX ring.
+    pub tx_kick: BorrowedFd<'a>,
+}
+
+/// CPU time (user + system) of the calling thread.
+pub fn thread_cpu_time() -> Duration {
+    // SAFETY: getrusage fills the zeroed struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid rusage pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut ru) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, (t.tv_usec * 1000) as u32);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Waits up to `ms` for the eventfd `fd` and clears it. Whether it was signalled.
+fn wait_eventfd(fd: BorrowedFd<'_>, ms: i32) -> io::Result<bool> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+    }
+    if n > 0 {
+        let mut v = [0u8; 8];
+        // SAFETY: reading 8 bytes from an eventfd into a local buffer.
+        unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+    }
+    Ok(n > 0)
+}
+
+/// The frame [`run_bench`] sends: locally administered unicast MACs, the local experimental
+/// EtherType 0x88b5, a zero payload.
+pub fn bench_frame(len: usize) -> Vec<u8> {
+    let mut f = vec![0u8; len];
+    if len >= vnet::MIN_FRAME_LEN {
+        f[..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+        f[6..12].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x01]);
+        f[12..14].copy_from_slice(&[0x88, 0xb5]);
+    }
+    f
+}
+
+/// Runs `job` on one queue pair with everything in this thread: no allocation, no lock, one
+/// `send` and one `recv` of the rings per turn. `stop` is called about every millisecond;
+/// returning true ends the run early (Ctrl-C).
+pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) -> Result<BenchReport> {
+    let PairIo { rx, rx_queue, tx, tx_queue, rx_kick, rx_call, tx_kick } = io;
+    if job.burst == 0 {
+        return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "the burst must be at least 1")));
+    }
+    if job.mode != BenchMode::RxOnly {
+        tx.check(job.frame_len).map_err(|e| Error::Io(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
+    }
+    let frame = bench_frame(job.frame_len);
+    let header = NetHeader::default();
+    let sends = job.mode != BenchMode::RxOnly;
+    let receives = job.mode != BenchMode::TxOnly;
+    // Loopback keeps at most one RX ring of frames out, so the device never finds it empty.
+    let window = u64::from(rx_queue.ring().size);
+    let rx0 = rx.counters();
+    let tx0 = tx.counters();
+    let mut report = BenchReport::default();
+    let mut count = |_: RxFrame<'_>| Ok(());
+    // One turn: a send and a receive. Returns the frames moved and whether TX was short of slots.
+    let mut turn = |rx: &mut RxRing,
+                    rx_queue: &mut DriverQueue,
+                    tx: &mut TxRing,
+                    tx_queue: &mut DriverQueue,
+                    sending: bool|
+     -> Result<(usize, bool)> {
+        let mut moved = 0;
+        let mut full = false;
+        if sending {
+            let out = tx.counters().tx_frames - tx0.tx_frames;
+            let back = rx.counters().rx_frames - rx0.rx_frames + rx.counters().rx_dropped - rx0.rx_dropped;
+            let room = if receives { window.saturating_sub(out - back.min(out)) as usize } else { job.burst };
+            let want = room.min(job.burst);
+            if want > 0 {
+                let mut it = std::iter::repeat_n((header, &frame[..]), want);
+                let (n, kick) = tx.send(tx_queue, &mut it)?;
+                if kick {
+                    notify(tx_kick).map_err(Error::Io)?;
+                }
+                full = n < want;
+                moved += n;
+            }
+        }
+        if receives {
+            let (n, kick) = rx.recv(rx_queue, job.burst, &mut count)?;
+            if kick {
+                notify(rx_kick).map_err(Error::Io)?;
+            }
+            moved += n;
+        }
+        Ok((moved, full))
+    };
+    rx_queue.set_interrupts(false);
+    let cpu0 = thread_cpu_time();
+    let start = Instant::now();
+    let end = start + job.duration;
+    let mut last_progress = start;
+    let mut last_stop = start;
+    let mut now = start;
+    while now < end {
+        let (moved, full) = turn(rx, rx_queue, tx, tx_queue, sends)?;
+        report.tx_full += u64::from(full);
+        now = Instant::now();
+        if moved > 0 {
+            last_progress = now;
+        } else if !receives || now.duration_since(last_progress) < job.poll {
+            // Yielding rather than spinning: a back-end sharing this CPU runs now.
+            std::thread::yield_now();
+        } else {
+            // Ask for an interrupt, look once more (the device may have used buffers before it
+            // saw the request), then sleep.
+            rx_queue.set_interrupts(true);
+            if turn(rx, rx_queue, tx, tx_queue, false)?.0 == 0 {
+                report.waits += 1;
+                wait_eventfd(rx_call, 1).map_err(Error::Io)?;
+            }
+            rx_queue.set_interrupts(false);
+            now = Instant::now();
+            last_progress = now;
+        }
+        if now.duration_since(last_stop) >= Duration::from_millis(1) {
+            last_stop = now;
+            if stop() {
+                break;
+            }
+        }
+    }
+    report.elapsed = now.duration_since(start);
+    report.cpu = thread_cpu_time().saturating_sub(cpu0);
+    // Drain: what loopback has out comes back (or is lost); TX slots are taken back.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    let mut quiet_since = Instant::now();
+    loop {
+        let moved = if receives { turn(rx, rx_queue, tx, tx_queue, false)?.0 } else { 0 };
+        tx.reclaim(tx_queue)?;
+        let out = tx.counters().tx_frames - tx0.tx_frames;
+        let back = rx.counters().rx_frames - rx0.rx_frames + rx.counters().rx_dropped - rx0.rx_dropped;
+        let now = Instant::now();
+        if moved > 0 {
+            quiet_since = now;
+        }
+        let settled = match job.mode {
+            BenchMode::Loopback => back >= out,
+            _ => tx.free_slots() == tx.num_slots(),
+        };
+        if settled || now > deadline || now.duration_since(quiet_since) > Duration::from_millis(50) {
+            break;
+        }
+        std::thread::yield_now();
+    }
+    rx_queue.set_interrupts(true);
+    let (rx1, tx1) = (rx.counters(), tx.counters());
+    report.tx_frames = tx1.tx_frames - tx0.tx_frames;
+    report.tx_bytes = tx1.tx_bytes - tx0.tx_bytes;
+    report.rx_frames = rx1.rx_frames - rx0.rx_frames;
+    report.rx_bytes = rx1.rx_bytes - rx0.rx_bytes;
+    report.rx_dropped = rx1.rx_dropped - rx0.rx_dropped;
+    report.in_flight = match job.mode {
+        BenchMode::TxOnly => (tx.num_slots() - tx.free_slots()) as u64,
+        BenchMode::RxOnly => 0,
+        BenchMode::Loopback => report.tx_frames.saturating_sub(report.rx_frames + report.rx_dropped),
+    };
+    Ok(report)
 }
 
 #[cfg(test)]

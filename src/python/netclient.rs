@@ -11,7 +11,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -22,7 +22,9 @@ use super::socket::borrow_fds;
 use super::virtqueue::PyDriverQueue;
 use crate::connection::Deadline;
 use crate::error::Error;
-use crate::frontend::netio::{notify, PairCounters, PairLayout, RxRing, TxRing};
+use crate::frontend::netio::{
+    notify, run_bench, BenchJob, BenchMode, PairCounters, PairIo, PairLayout, RxRing, TxRing,
+};
 use crate::virtio::net::NetHeader;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -37,6 +39,8 @@ struct Pair {
     rx_kick: OwnedFd,
     rx_call: OwnedFd,
     tx_kick: OwnedFd,
+    /// A `run_bench` has the rings (``send``/``recv`` on the pair are refused meanwhile).
+    busy: AtomicBool,
 }
 
 /// What the constructor takes per pair: `(rx_queue, rx_kick, rx_call, tx_queue, tx_kick)`.
@@ -142,6 +146,16 @@ impl PyNetClientCore {
             .get(index)
             .cloned()
             .ok_or_else(|| PyValueError::new_err(format!("queue pair {index} out of range (0..{})", pairs.len())))
+    }
+
+    /// The pair, refused while a benchmark runs on it (its thread holds the rings with the GIL
+    /// released; waiting for them with the GIL held would deadlock its Ctrl-C checks).
+    fn idle_pair(&self, py: Python<'_>, index: usize) -> PyResult<Arc<Pair>> {
+        let pair = self.pair(py, index)?;
+        if pair.busy.load(Ordering::Acquire) {
+            return Err(PyRuntimeError::new_err(format!("queue pair {index} is running a benchmark")));
+        }
+        Ok(pair)
     }
 
     /// Whether the back-end closed the main channel (a poll without waiting).
@@ -273,6 +287,7 @@ impl PyNetClientCore {
                 rx_kick,
                 rx_call,
                 tx_kick,
+                busy: AtomicBool::new(false),
             }));
         }
         Ok(PyNetClientCore {
@@ -302,7 +317,7 @@ impl PyNetClientCore {
     /// shorter than an Ethernet header or longer than the MTU allows raises ``ValueError`` and
     /// nothing is queued.
     fn send(&self, py: Python<'_>, queue_pair: usize, frames: &Bound<'_, PyAny>) -> PyResult<usize> {
-        let pair = self.pair(py, queue_pair)?;
+        let pair = self.idle_pair(py, queue_pair)?;
         let mut items = Vec::with_capacity(frames.len().unwrap_or(0));
         for item in frames.try_iter()? {
             items.push(outgoing(&item?)?);
@@ -337,7 +352,7 @@ impl PyNetClientCore {
         max_frames: usize,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyList>> {
-        let pair = self.pair(py, queue_pair)?;
+        let pair = self.idle_pair(py, queue_pair)?;
         let deadline = Deadline::after(super::blocking::timeout(timeout)?);
         let frames = loop {
             let frames = self.try_recv(py, &pair, max_frames)?;
@@ -377,6 +392,98 @@ impl PyNetClientCore {
             items.push(PyTuple::new(py, [header, b.into_any()])?);
         }
         PyList::new(py, items)
+    }
+
+    /// Runs a timed burst loop on pair `queue_pair` in Rust, the GIL released: `mode`
+    /// ``"txonly"`` (keep sending `burst`-frame bursts of `pktlen`-byte frames, reclaiming TX
+    /// slots), ``"rxonly"`` (receive and repost) or ``"loopback"`` (both, at most one RX ring of
+    /// frames out). `poll` seconds of hybrid polling (yield and re-check the used ring) before
+    /// sleeping on the RX call eventfd. Returns the counts, ``elapsed`` and ``cpu`` (seconds of
+    /// this thread's CPU time). Ctrl-C ends the run early (and raises ``KeyboardInterrupt``).
+    #[pyo3(signature = (mode, *, pktlen=64, burst=32, seconds=10.0, poll=0.0, queue_pair=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn run_bench<'py>(
+        &self,
+        py: Python<'py>,
+        mode: &str,
+        pktlen: usize,
+        burst: usize,
+        seconds: f64,
+        poll: f64,
+        queue_pair: usize,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let mode = BenchMode::parse(mode)
+            .ok_or_else(|| PyValueError::new_err(format!("mode must be txonly, rxonly or loopback, got {mode:?}")))?;
+        if burst == 0 {
+            return Err(PyValueError::new_err("burst must be at least 1"));
+        }
+        let duration = super::blocking::timeout(Some(seconds))?.unwrap_or_default();
+        let poll = super::blocking::timeout(Some(poll))?.unwrap_or_default();
+        let pair = self.idle_pair(py, queue_pair)?;
+        if mode != BenchMode::RxOnly {
+            lock(&pair.tx).check(pktlen).map_err(|e| PyValueError::new_err(format!("pktlen: {e}")))?;
+        }
+        if pair.busy.swap(true, Ordering::AcqRel) {
+            return Err(PyRuntimeError::new_err(format!("queue pair {queue_pair} is running a benchmark")));
+        }
+        let job = BenchJob { mode, frame_len: pktlen, burst, duration, poll };
+        let mut interrupted = false;
+        let result = py.detach(|| {
+            let mut rx = lock(&pair.rx);
+            let mut tx = lock(&pair.tx);
+            let mut rxq = lock(&pair.rx_queue.get().inner);
+            let mut txq = lock(&pair.tx_queue.get().inner);
+            drain_eventfd(pair.rx_call.as_raw_fd());
+            let io = PairIo {
+                rx: &mut rx,
+                rx_queue: &mut rxq,
+                tx: &mut tx,
+                tx_queue: &mut txq,
+                rx_kick: pair.rx_kick.as_fd(),
+                rx_call: pair.rx_call.as_fd(),
+                tx_kick: pair.tx_kick.as_fd(),
+            };
+            let mut last = std::time::Instant::now();
+            let mut stop = || {
+                if last.elapsed() < std::time::Duration::from_millis(100) {
+                    return false;
+                }
+                last = std::time::Instant::now();
+                if self.closed.load(Ordering::Acquire) || Python::attach(|py| py.check_signals()).is_err() {
+                    interrupted = true;
+                }
+                interrupted
+            };
+            run_bench(io, job, &mut stop)
+        });
+        pair.busy.store(false, Ordering::Release);
+        if interrupted {
+            py.check_signals()?;
+            if self.closed.load(Ordering::Acquire) {
+                return Err(to_pyerr(py, Error::Disconnected));
+            }
+        }
+        let r = result.map_err(|e| to_pyerr(py, e))?;
+        let d = PyDict::new(py);
+        d.set_item(
+            "mode",
+            match mode {
+                BenchMode::TxOnly => "txonly",
+                BenchMode::RxOnly => "rxonly",
+                BenchMode::Loopback => "loopback",
+            },
+        )?;
+        d.set_item("tx_frames", r.tx_frames)?;
+        d.set_item("tx_bytes", r.tx_bytes)?;
+        d.set_item("rx_frames", r.rx_frames)?;
+        d.set_item("rx_bytes", r.rx_bytes)?;
+        d.set_item("rx_dropped", r.rx_dropped)?;
+        d.set_item("tx_full", r.tx_full)?;
+        d.set_item("in_flight", r.in_flight)?;
+        d.set_item("waits", r.waits)?;
+        d.set_item("elapsed", r.elapsed.as_secs_f64())?;
+        d.set_item("cpu", r.cpu.as_secs_f64())?;
+        Ok(d)
     }
 
     /// The RX call eventfd of pair `queue_pair` (readable when frames may have arrived; ``recv``
