@@ -303,6 +303,9 @@ pub struct TxRing {
     layout: PairLayout,
     /// Guest address of each slot.
     slots: Vec<u64>,
+    /// Host address of each slot (0: it spans two regions, written through the table). The
+    /// slots are in our own memory, kept mapped by `memory`: translated once, not per frame.
+    slot_host: Vec<usize>,
     /// Free slots, the longest free first (measured against DPDK's vhost PMD: 6% faster than
     /// reusing the slot the device read last).
     free: VecDeque<u32>,
@@ -321,11 +324,16 @@ impl TxRing {
         for _ in 0..n {
             slots.push(memory.alloc(u64::from(layout.tx_slot_len), 64)?);
         }
+        let slot_host = slots
+            .iter()
+            .map(|&gpa| memory.table().translate(gpa, u64::from(layout.tx_slot_len)).map_or(0, |p| p as usize))
+            .collect();
         Ok(TxRing {
             memory,
             index,
             layout,
             slots,
+            slot_host,
             free: (0..u32::from(n)).collect(),
             by_head: vec![u32::MAX; usize::from(size)],
             used: Vec::with_capacity(usize::from(size)),
@@ -397,15 +405,32 @@ impl TxRing {
         let mut n = 0;
         while !self.free.is_empty() {
             let Some((mut header, frame)) = frames.next() else { break };
-            debug_assert!(frame.len() <= self.layout.max_tx_frame());
+            if frame.len() > self.layout.max_tx_frame() {
+                // Callers check first (TxRing::check); never write past a slot.
+                return Err(queue_err(self.index, VirtqueueError::LengthOverflow { head: 0 }));
+            }
             let slot = *self.free.front().unwrap_or(&0);
             let gpa = self.slots[slot as usize];
             header.num_buffers = 0; // the driver sets 0 on TX (§5.1.6.2)
-            self.scratch.clear();
-            self.scratch.extend_from_slice(&header.to_bytes()[..hl]);
-            self.scratch.extend_from_slice(frame);
-            self.memory.table().write(gpa, &self.scratch)?;
-            let total = self.scratch.len() as u32;
+            let total = (hl + frame.len()) as u32;
+            match self.slot_host[slot as usize] {
+                0 => {
+                    self.scratch.clear();
+                    self.scratch.extend_from_slice(&header.to_bytes()[..hl]);
+                    self.scratch.extend_from_slice(frame);
+                    self.memory.table().write(gpa, &self.scratch)?;
+                }
+                host => {
+                    let host = host as *mut u8;
+                    // SAFETY: the slot was translated with tx_slot_len bytes inside one region
+                    // of our memory (kept mapped by self.memory); header + frame fit the slot
+                    // (frames were checked against max_tx_frame). The device only reads it.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(header.to_bytes().as_ptr(), host, hl);
+                        std::ptr::copy_nonoverlapping(frame.as_ptr(), host.add(hl), frame.len());
+                    }
+                }
+            }
             let head = if self.layout.split_tx_header {
                 queue.add(&[(gpa, hl as u32), (gpa + hl as u64, total - hl as u32)], &[])
             } else {
