@@ -251,3 +251,45 @@ def test_serve_net_exits_on_one_signal_while_serving(
     assert status == 0, server.stderr()
     counters = dpdk.parse_serve_net_counters(server.stderr())
     assert (counters.tx_frames, counters.tx_bytes) == (sent.tx_packets, sent.tx_bytes)
+
+
+NET_DEVICE = Path(__file__).resolve().parents[2] / "benches" / "python" / "net_device.py"
+
+
+@pytest.mark.timeout(40)
+def test_python_echo_device_macswap(sock_dir: Path, tmp_path: Path) -> None:
+    """A Python NetDevice echoing every burst (benches/python/net_device.py echo) behind testpmd's
+    virtio_user in macswap: frames come back, and testpmd's totals equal the device's."""
+    dpdk.need_testpmd()
+    sock = sock_dir / "net.sock"
+    command = [sys.executable, str(NET_DEVICE), str(sock), "echo", "--cpus", str(BE_CPU)]
+    backend = dpdk.ServeNet(sock, tmp_path, [], name="python-echo", command=command)
+    try:
+        with front_end(sock, tmp_path) as pmd:
+            run = ping_pong(pmd, "macswap", bursts=4)
+            stats = pmd.port_stats()
+            counters = backend.counters()
+    finally:
+        backend.stop()
+    assert run.delta.rx_packets > 1_000, f"frames did not come back: {run.delta}"
+    assert_counts_agree(stats, counters, pmd)
+
+
+@pytest.mark.timeout(40)
+def test_serve_net_tap_txonly(sock_dir: Path, tmp_path: Path) -> None:
+    """testpmd's virtio_user transmits into `serve-net --tap` (a TAP it creates): every frame
+    testpmd sent is written to the TAP, none refused."""
+    dpdk.need_testpmd()
+    if not os.path.exists("/dev/net/tun") or os.geteuid() != 0:
+        pytest.skip("creating a TAP needs root and /dev/net/tun")
+    sock = sock_dir / "net.sock"
+    tap = f"vudp{os.getpid() % 100000}"
+    with dpdk.serve_net(sock, tmp_path, ["--tap", tap, "--cpus", str(BE_CPU)], name="serve-net-tap") as server:
+        with front_end(sock, tmp_path) as pmd:
+            run = dpdk.forward(pmd, "txonly", 1.0)
+            sent = pmd.port_stats(xstats=False)
+            counters = server.counters()
+    assert run.delta.tx_packets > 1_000, run.delta
+    assert (counters.tx_frames, counters.tx_bytes) == (sent.tx_packets, sent.tx_bytes), counters
+    assert "tx_errors=0" in server.stderr()
+    assert not Path(f"/sys/class/net/{tap}").exists(), "the TAP serve-net created outlived it"
