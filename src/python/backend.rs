@@ -82,8 +82,8 @@ pub(crate) fn serve_device(
     let device: Arc<dyn Device> = match device.bind(py).call_method0("_net_port") {
         // A ``vhostuser_rs.NetDevice``: rings, control queue and RX buffers handled in Rust.
         Ok(port) => {
-            let port = port.cast::<super::net::PyNetPort>()?.clone();
-            Arc::new(super::net::PyNetDevice::new(py, device, &port)?)
+            let port = port.cast::<super::netdevice::PyNetPort>()?.clone();
+            Arc::new(super::netdevice::PyNetDevice::new(py, device, &port)?)
         }
         Err(_) => Arc::new(super::device::PyDevice::new(py, device)?),
     };

@@ -11,6 +11,7 @@ mod frontend;
 mod memory;
 mod net;
 mod netclient;
+mod netdevice;
 mod socket;
 mod virtio;
 mod virtqueue;
@@ -34,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     device::register(m)?;
     virtio::register(m)?;
     net::register(m)?;
+    netdevice::register(m)?;
     netclient::register(m)?;
     Ok(())
 }

@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use super::errors::to_pyerr;
 use super::memory::PyGuestMemory;
-use super::net::PyNetHeader;
+use super::netdevice::PyNetHeader;
 use super::socket::borrow_fds;
 use super::virtqueue::PyDriverQueue;
 use crate::connection::Deadline;

@@ -4,11 +4,11 @@
 
 use std::cell::RefCell;
 
-use super::{check_tx, copy_out, deliver, Delivery, NetCore, NetOptions};
-use crate::backend::{Device, DeviceRequest, Rings};
+use super::{check_tx, copy_out, deliver, Delivery, NetCore, NetOptions, NetPort};
+use crate::backend::Rings;
 use crate::protocol::ProtocolFeatures;
-use crate::virtio::net::{self as vnet, NetHeader, QueueRole};
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+use crate::virtio::net::{self as vnet, NetHeader};
+use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
 
 thread_local! {
     /// One frame's bounce buffer per worker thread (a 64 KiB GSO frame and its header).
@@ -33,7 +33,8 @@ impl Loopback {
         &self.core
     }
 
-    fn transmit(
+    /// TX chains of `pair`: each frame comes back on the pair's RX, MACs swapped.
+    fn send_back(
         &self,
         pair: u16,
         queue: &mut DeviceQueue,
@@ -78,74 +79,28 @@ impl Loopback {
             Ok(())
         })?;
         if let Some(c) = self.core.counters(pair) {
-            use std::sync::atomic::Ordering::Relaxed;
-            c.tx_frames.fetch_add(frames, Relaxed);
-            c.tx_bytes.fetch_add(bytes, Relaxed);
-            c.tx_errors.fetch_add(errors, Relaxed);
-            c.rx_frames.fetch_add(delivered, Relaxed);
-            c.rx_bytes.fetch_add(rx_bytes, Relaxed);
-            c.rx_dropped.fetch_add(dropped, Relaxed);
+            c.count_tx(frames, bytes, errors);
+            c.count_rx(delivered, rx_bytes, dropped);
         }
         Ok(())
     }
 }
 
-impl super::NetDevice for Loopback {
+impl NetPort for Loopback {
     fn core(&self) -> &NetCore {
         &self.core
-    }
-}
-
-impl Device for Loopback {
-    fn num_queues(&self) -> u16 {
-        self.core.num_queues()
-    }
-    fn max_queue_size(&self) -> u16 {
-        self.core.max_queue_size()
-    }
-    fn queue_num(&self) -> u64 {
-        u64::from(self.core.queue_pairs())
-    }
-    fn ring_group(&self, queue_index: u16) -> u16 {
-        queue_index / 2
-    }
-    fn features(&self) -> u64 {
-        self.core.features()
     }
     fn protocol_features(&self) -> ProtocolFeatures {
         // No RARP: a loopback port has nobody to announce the guest to.
         ProtocolFeatures::MTU
     }
-    fn config(&self) -> Vec<u8> {
-        self.core.config()
-    }
-    fn features_acked(&self, features: u64) {
-        self.core.features_acked(features);
-    }
-    fn device_request(&self, request: DeviceRequest) -> Result<(), String> {
-        self.core.set_mtu(request)
-    }
-    fn process(&self, _queue_index: u16, _queue: &mut DeviceQueue, _batch: &ChainBatch) -> Result<(), VirtqueueError> {
-        // Every ring goes through process_batch.
-        Ok(())
-    }
-    fn process_batch(
+    fn transmit(
         &self,
-        queue_index: u16,
+        pair: u16,
         queue: &mut DeviceQueue,
         batch: &ChainBatch,
-        kept: &mut KeptChains,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {
-        match vnet::queue_role(queue_index, self.core.queue_pairs()) {
-            // Receive buffers wait for frames.
-            Some(QueueRole::Rx(_)) => {
-                kept.keep_all(batch);
-                Ok(())
-            }
-            Some(QueueRole::Tx(pair)) => self.transmit(pair, queue, batch, others),
-            Some(QueueRole::Ctrl) => self.core.control(queue, batch),
-            None => Ok(()),
-        }
+        self.send_back(pair, queue, batch, others)
     }
 }

@@ -13,15 +13,152 @@ pub use tap::TapNet;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use crate::backend::{DeviceRequest, RingHandle};
-use crate::protocol::{ProtocolFeatures, VirtioFeatures};
-use crate::virtio::net::{self as vnet, ctrl, feature, NetConfig, NetHeader};
-use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, Segment, VirtqueueError};
+use std::os::fd::RawFd;
 
-/// A built-in net device: a [`Device`](crate::backend::Device) with the shared net state.
-pub trait NetDevice: crate::backend::Device {
+use crate::backend::{Device, DeviceRequest, RingHandle, Rings};
+use crate::protocol::{ProtocolFeatures, VirtioFeatures};
+use crate::virtio::net::{self as vnet, ctrl, feature, NetConfig, NetHeader, QueueRole};
+use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, KeptChains, Segment, VirtqueueError};
+
+/// What makes one net device differ from another: where transmitted frames go and where
+/// received ones come from. Every `NetPort` is a [`Device`] with what all net devices share —
+/// the queue layout (pairs, then the control queue), a pair's rings on one worker, RX buffers
+/// kept until frames arrive, the control queue, GET_QUEUE_NUM in pairs, NET_SET_MTU — so a new
+/// net device implements only these methods.
+pub trait NetPort: Send + Sync + 'static {
     /// Counters, config and negotiated state.
     fn core(&self) -> &NetCore;
+    /// A batch of chains the driver put on pair `pair`'s transmit queue: complete each on
+    /// `queue` (the receive queue of the pair is in `others`).
+    fn transmit(
+        &self,
+        pair: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        others: &mut Rings<'_>,
+    ) -> Result<(), VirtqueueError>;
+    /// Virtio features offered.
+    fn features(&self) -> u64 {
+        self.core().features()
+    }
+    /// Protocol features offered on top of the session's (RARP only if SEND_RARP is handled).
+    fn protocol_features(&self) -> ProtocolFeatures {
+        self.core().protocol_features()
+    }
+    /// SET_FEATURES, after the core recorded them.
+    fn features_acked(&self, _features: u64) {}
+    /// SEND_RARP / NET_SET_MTU (default: NET_SET_MTU checked and stored, SEND_RARP refused).
+    fn device_request(&self, request: DeviceRequest) -> Result<(), String> {
+        self.core().set_mtu(request)
+    }
+    /// Fds that feed pair `pair`'s receive queue, watched by its worker.
+    fn rx_fds(&self, _pair: u16) -> Vec<RawFd> {
+        Vec::new()
+    }
+    /// `fd` of [`rx_fds`](NetPort::rx_fds) is readable: fill `rx`. False parks the fds until
+    /// the driver kicks the receive queue.
+    fn rx_event(
+        &self,
+        _pair: u16,
+        _fd: RawFd,
+        _rx: &mut RingHandle<'_>,
+        _others: &mut Rings<'_>,
+    ) -> Result<bool, VirtqueueError> {
+        Ok(false)
+    }
+    /// A batch of the control queue (default: the core's handling).
+    fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        self.core().control(queue, batch)
+    }
+    /// See [`Device::reset`].
+    fn reset(&self) {}
+    /// See [`Device::queue_started`].
+    fn queue_started(&self, _queue_index: u16) {}
+    /// See [`Device::queue_stopped`].
+    fn queue_stopped(&self, _queue_index: u16) {}
+    /// See [`Device::wake_scope`].
+    fn wake_scope(&self, run: &mut dyn FnMut()) {
+        run()
+    }
+}
+
+impl<P: NetPort> Device for P {
+    fn num_queues(&self) -> u16 {
+        self.core().num_queues()
+    }
+    fn max_queue_size(&self) -> u16 {
+        self.core().max_queue_size()
+    }
+    fn queue_num(&self) -> u64 {
+        u64::from(self.core().queue_pairs())
+    }
+    fn ring_group(&self, queue_index: u16) -> u16 {
+        // A pair's receive and transmit queues on one thread: TX fills RX without a lock.
+        queue_index / 2
+    }
+    fn features(&self) -> u64 {
+        NetPort::features(self)
+    }
+    fn protocol_features(&self) -> ProtocolFeatures {
+        NetPort::protocol_features(self)
+    }
+    fn config(&self) -> Vec<u8> {
+        self.core().config()
+    }
+    fn features_acked(&self, features: u64) {
+        self.core().features_acked(features);
+        NetPort::features_acked(self, features);
+    }
+    fn device_request(&self, request: DeviceRequest) -> Result<(), String> {
+        NetPort::device_request(self, request)
+    }
+    fn reset(&self) {
+        NetPort::reset(self)
+    }
+    fn queue_started(&self, queue_index: u16) {
+        NetPort::queue_started(self, queue_index)
+    }
+    fn queue_stopped(&self, queue_index: u16) {
+        NetPort::queue_stopped(self, queue_index)
+    }
+    fn wake_scope(&self, run: &mut dyn FnMut()) {
+        NetPort::wake_scope(self, run)
+    }
+    fn event_fds(&self, queue_index: u16) -> Vec<RawFd> {
+        match vnet::queue_role(queue_index, self.core().queue_pairs()) {
+            Some(QueueRole::Rx(pair)) => self.rx_fds(pair),
+            _ => Vec::new(),
+        }
+    }
+    fn event(&self, fd: RawFd, mut ring: RingHandle<'_>, others: &mut Rings<'_>) -> Result<bool, VirtqueueError> {
+        match vnet::queue_role(ring.index(), self.core().queue_pairs()) {
+            Some(QueueRole::Rx(pair)) => self.rx_event(pair, fd, &mut ring, others),
+            _ => Ok(false),
+        }
+    }
+    fn process(&self, _queue_index: u16, _queue: &mut DeviceQueue, _batch: &ChainBatch) -> Result<(), VirtqueueError> {
+        // The worker calls process_batch; nothing reaches here.
+        Ok(())
+    }
+    fn process_batch(
+        &self,
+        queue_index: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        kept: &mut KeptChains,
+        others: &mut Rings<'_>,
+    ) -> Result<(), VirtqueueError> {
+        match vnet::queue_role(queue_index, self.core().queue_pairs()) {
+            // Receive buffers wait for frames.
+            Some(QueueRole::Rx(_)) => {
+                kept.keep_all(batch);
+                Ok(())
+            }
+            Some(QueueRole::Tx(pair)) => self.transmit(pair, queue, batch, others),
+            Some(QueueRole::Ctrl) => self.control(queue, batch),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Counters of one queue pair. `tx` is what the driver transmitted, `rx` what was delivered
@@ -61,6 +198,20 @@ pub struct NetCounters {
 }
 
 impl PairCounters {
+    /// Adds a burst's transmit-side counts.
+    pub fn count_tx(&self, frames: u64, bytes: u64, errors: u64) {
+        self.tx_frames.fetch_add(frames, Ordering::Relaxed);
+        self.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.tx_errors.fetch_add(errors, Ordering::Relaxed);
+    }
+
+    /// Adds a burst's receive-side counts.
+    pub fn count_rx(&self, frames: u64, bytes: u64, dropped: u64) {
+        self.rx_frames.fetch_add(frames, Ordering::Relaxed);
+        self.rx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.rx_dropped.fetch_add(dropped, Ordering::Relaxed);
+    }
+
     fn snapshot(&self) -> NetCounters {
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NetCounters {

@@ -11,13 +11,11 @@ use std::cell::RefCell;
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::Ordering::Relaxed;
 
-use super::{check_tx, deliver, Delivery, NetCore, NetOptions};
-use crate::backend::{Device, DeviceRequest, RingHandle, Rings};
-use crate::protocol::ProtocolFeatures;
-use crate::virtio::net::{self as vnet, feature, NetHeader, QueueRole};
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+use super::{check_tx, deliver, Delivery, NetCore, NetOptions, NetPort};
+use crate::backend::{DeviceRequest, RingHandle, Rings};
+use crate::virtio::net::{self as vnet, feature, NetHeader};
+use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
 
 // <linux/if_tun.h> and <linux/if.h>.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -170,7 +168,8 @@ impl TapNet {
         ioctl(fd.as_raw_fd(), TUNSETOFFLOAD, off as usize as *mut libc::c_void)
     }
 
-    fn transmit(&self, pair: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    /// TX chains of `pair`, each written to the pair's TAP queue with one writev.
+    fn write_out(&self, pair: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         let header_len = self.core.header_len();
         let fd = self.queues[usize::from(pair)].as_raw_fd();
         let (mut frames, mut bytes, mut errors) = (0u64, 0u64, 0u64);
@@ -201,9 +200,7 @@ impl TapNet {
             queue.complete(batch, chain, 0)?;
         }
         if let Some(c) = self.core.counters(pair) {
-            c.tx_frames.fetch_add(frames, Relaxed);
-            c.tx_bytes.fetch_add(bytes, Relaxed);
-            c.tx_errors.fetch_add(errors, Relaxed);
+            c.count_tx(frames, bytes, errors);
         }
         Ok(())
     }
@@ -248,9 +245,7 @@ impl TapNet {
             Ok(true)
         });
         if let Some(c) = self.core.counters(pair) {
-            c.rx_frames.fetch_add(frames, Relaxed);
-            c.rx_bytes.fetch_add(bytes, Relaxed);
-            c.rx_dropped.fetch_add(dropped, Relaxed);
+            c.count_rx(frames, bytes, dropped);
         }
         result
     }
@@ -262,36 +257,20 @@ impl NetCore {
     }
 }
 
-impl super::NetDevice for TapNet {
+impl NetPort for TapNet {
     fn core(&self) -> &NetCore {
         &self.core
     }
-}
-
-impl Device for TapNet {
-    fn num_queues(&self) -> u16 {
-        self.core.num_queues()
-    }
-    fn max_queue_size(&self) -> u16 {
-        self.core.max_queue_size()
-    }
-    fn queue_num(&self) -> u64 {
-        u64::from(self.core.queue_pairs())
-    }
-    fn ring_group(&self, queue_index: u16) -> u16 {
-        queue_index / 2
-    }
-    fn features(&self) -> u64 {
-        self.core.features()
-    }
-    fn protocol_features(&self) -> ProtocolFeatures {
-        self.core.protocol_features()
-    }
-    fn config(&self) -> Vec<u8> {
-        self.core.config()
+    fn transmit(
+        &self,
+        pair: u16,
+        queue: &mut DeviceQueue,
+        batch: &ChainBatch,
+        _others: &mut Rings<'_>,
+    ) -> Result<(), VirtqueueError> {
+        self.write_out(pair, queue, batch)
     }
     fn features_acked(&self, features: u64) {
-        self.core.features_acked(features);
         let size = vnet::header_len(features) as libc::c_int;
         for q in &self.queues {
             let mut s = size;
@@ -325,37 +304,16 @@ impl Device for TapNet {
             }
         }
     }
-    fn event_fds(&self, queue_index: u16) -> Vec<RawFd> {
-        match vnet::queue_role(queue_index, self.core.queue_pairs()) {
-            Some(QueueRole::Rx(pair)) => vec![self.queues[usize::from(pair)].as_raw_fd()],
-            _ => Vec::new(),
-        }
+    fn rx_fds(&self, pair: u16) -> Vec<RawFd> {
+        vec![self.queues[usize::from(pair)].as_raw_fd()]
     }
-    fn event(&self, _fd: RawFd, mut ring: RingHandle<'_>, _others: &mut Rings<'_>) -> Result<bool, VirtqueueError> {
-        match vnet::queue_role(ring.index(), self.core.queue_pairs()) {
-            Some(QueueRole::Rx(pair)) => self.receive(pair, &mut ring),
-            _ => Ok(false),
-        }
-    }
-    fn process(&self, _queue_index: u16, _queue: &mut DeviceQueue, _batch: &ChainBatch) -> Result<(), VirtqueueError> {
-        Ok(())
-    }
-    fn process_batch(
+    fn rx_event(
         &self,
-        queue_index: u16,
-        queue: &mut DeviceQueue,
-        batch: &ChainBatch,
-        kept: &mut KeptChains,
+        pair: u16,
+        _fd: RawFd,
+        rx: &mut RingHandle<'_>,
         _others: &mut Rings<'_>,
-    ) -> Result<(), VirtqueueError> {
-        match vnet::queue_role(queue_index, self.core.queue_pairs()) {
-            Some(QueueRole::Rx(_)) => {
-                kept.keep_all(batch);
-                Ok(())
-            }
-            Some(QueueRole::Tx(pair)) => self.transmit(pair, queue, batch),
-            Some(QueueRole::Ctrl) => self.core.control(queue, batch),
-            None => Ok(()),
-        }
+    ) -> Result<bool, VirtqueueError> {
+        self.receive(pair, rx)
     }
 }
