@@ -281,22 +281,17 @@ def _cpu_list(text: str) -> list[int]:
     return cpus
 
 
-def _builtin_backend(queues: int, cpus: list[int] | None = None) -> tuple[Any, str, Any]:
-    """Starts `serve-blk` on a temporary 256 MiB image (on tmpfs when there is one)."""
+def _spawn_backend(cmd: list[str], sock: Any, work: Any, *, quiet: bool = False,
+                   cpus: list[int] | None = None) -> Any:
+    """Starts a built-in back-end (`cmd`) and waits up to 10 s for its socket `sock`; on failure
+    ends it, removes `work` and raises OSError."""
     import subprocess
-    import tempfile
     import time
-    from pathlib import Path
 
-    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    work = tempfile.TemporaryDirectory(prefix="vhostuser-rs-bench-", dir=base)
-    image, sock = Path(work.name) / "disk.img", Path(work.name) / "blk.sock"
-    with open(image, "wb") as f:
-        f.truncate(256 << 20)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock),
-         "--num-queues", str(queues)],
+        cmd,
         stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL if quiet else None,
         # Runs in the child before exec, so every thread of the back-end inherits the mask.
         preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
     )
@@ -304,10 +299,26 @@ def _builtin_backend(queues: int, cpus: list[int] | None = None) -> tuple[Any, s
     while not sock.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
+            proc.wait()
             work.cleanup()
-            raise OSError("the built-in back-end did not start")
+            raise OSError(f"the built-in back-end did not start: {' '.join(cmd[2:4])}")
         time.sleep(0.01)
-    return proc, str(sock), work
+    return proc
+
+
+def _builtin_backend(queues: int, cpus: list[int] | None = None) -> tuple[Any, str, Any]:
+    """Starts `serve-blk` on a temporary 256 MiB image (on tmpfs when there is one)."""
+    import tempfile
+    from pathlib import Path
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    work = tempfile.TemporaryDirectory(prefix="vhostuser-rs-bench-", dir=base)
+    image, sock = Path(work.name) / "disk.img", Path(work.name) / "blk.sock"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    cmd = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock),
+           "--num-queues", str(queues)]
+    return _spawn_backend(cmd, sock, work, cpus=cpus), str(sock), work
 
 
 def run_net_bench(
@@ -399,9 +410,7 @@ def run_net_bench(
 
 def _builtin_net_backend(queue_pairs: int, cpus: list[int] | None = None) -> tuple[Any, str, Any]:
     """Starts `serve-net --loopback` on a socket in a temporary folder."""
-    import subprocess
     import tempfile
-    import time
     from pathlib import Path
 
     work = tempfile.TemporaryDirectory(prefix="vhostuser-rs-bench-")
@@ -410,16 +419,7 @@ def _builtin_net_backend(queue_pairs: int, cpus: list[int] | None = None) -> tup
            "--queue-pairs", str(queue_pairs)]
     if cpus:
         cmd += ["--cpus", ",".join(map(str, cpus))]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            work.cleanup()
-            raise OSError("the built-in net back-end did not start")
-        time.sleep(0.01)
-    return proc, str(sock), work
+    return _spawn_backend(cmd, sock, work, quiet=True), str(sock), work
 
 
 def _cmd_bench_net(args: argparse.Namespace) -> int:

@@ -4,10 +4,11 @@
 //! Python.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::eventfd;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::virtio::blk::{RequestHeader, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -104,34 +105,6 @@ fn xorshift(state: &mut u64) -> u64 {
     x
 }
 
-fn wait_fd(fd: BorrowedFd<'_>, timeout_ms: i32) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
-    }
-    if n > 0 {
-        let mut v = [0u8; 8];
-        // SAFETY: reading 8 bytes into a local buffer from an eventfd.
-        unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
-    }
-    Ok(n > 0)
-}
-
-fn signal(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writing 8 bytes to an eventfd.
-    if unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) } != 8 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
-        }
-    }
-    Ok(())
-}
-
 /// Runs `job` on one ring. `stop` is polled about every millisecond; returning true ends the run
 /// early (Ctrl-C, a progress display).
 pub fn run(
@@ -210,7 +183,7 @@ pub fn run(
     queue.set_interrupts(true);
     queue.publish();
     if queue.kick_needed() {
-        signal(kick).map_err(Error::Io)?;
+        eventfd::signal(kick).map_err(Error::Io)?;
     }
     let mut used = Vec::with_capacity(depth);
     let mut done_slots = Vec::with_capacity(depth);
@@ -233,7 +206,7 @@ pub fn run(
                 std::thread::yield_now();
                 continue;
             }
-            wait_fd(call, 1).map_err(Error::Io)?;
+            eventfd::wait(call, 1).map_err(Error::Io)?;
             last_progress = Instant::now();
         } else {
             last_progress = now;
@@ -277,7 +250,7 @@ pub fn run(
         if !used.is_empty() && running {
             queue.publish();
             if queue.kick_needed() {
-                signal(kick).map_err(Error::Io)?;
+                eventfd::signal(kick).map_err(Error::Io)?;
             }
         }
         let second = now.duration_since(start).as_secs();
@@ -318,7 +291,7 @@ fn finish(
         used.clear();
         queue.reap(&mut used, depth).map_err(|e| Error::Queue { queue: 0, source: e })?;
         if used.is_empty() {
-            wait_fd(call, 1).map_err(Error::Io)?;
+            eventfd::wait(call, 1).map_err(Error::Io)?;
         }
         if Instant::now() > deadline {
             return Err(Error::Timeout("draining the requests in flight"));

@@ -7,6 +7,7 @@
 
 pub mod blkio;
 pub mod channel;
+pub mod eventfd;
 pub mod netio;
 
 use std::os::fd::BorrowedFd;

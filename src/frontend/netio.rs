@@ -15,10 +15,11 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::eventfd;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::protocol::VirtioFeatures;
@@ -101,19 +102,6 @@ pub struct PairCounters {
 
 fn queue_err(index: u16, source: VirtqueueError) -> Error {
     Error::Queue { queue: index, source }
-}
-
-/// Writes the eventfd `fd` (a kick).
-pub fn notify(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writing 8 bytes from a local buffer to an eventfd.
-    if unsafe { libc::write(fd.as_raw_fd(), one.as_ptr().cast(), 8) } != 8 {
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::WouldBlock {
-            return Err(e);
-        }
-    }
-    Ok(())
 }
 
 /// A received frame: its header and where its bytes are in guest memory.
@@ -551,23 +539,6 @@ pub fn thread_cpu_time() -> Duration {
     tv(ru.ru_utime) + tv(ru.ru_stime)
 }
 
-/// Waits up to `ms` for the eventfd `fd` and clears it. Whether it was signalled.
-fn wait_eventfd(fd: BorrowedFd<'_>, ms: i32) -> io::Result<bool> {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-    if n < 0 {
-        let e = io::Error::last_os_error();
-        return if e.kind() == io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
-    }
-    if n > 0 {
-        let mut v = [0u8; 8];
-        // SAFETY: reading 8 bytes from an eventfd into a local buffer.
-        unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
-    }
-    Ok(n > 0)
-}
-
 /// The frame [`run_bench`] sends: locally administered unicast MACs, the local experimental
 /// EtherType 0x88b5, a zero payload.
 pub fn bench_frame(len: usize) -> Vec<u8> {
@@ -628,7 +599,7 @@ pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) 
                     let mut it = std::iter::repeat_n((header, &frame[..]), want);
                     let (n, kick) = tx.fill(tx_queue, &mut it)?;
                     if kick {
-                        notify(tx_kick).map_err(Error::Io)?;
+                        eventfd::signal(tx_kick).map_err(Error::Io)?;
                     }
                     moved += n;
                 }
@@ -637,7 +608,7 @@ pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) 
         if receives {
             let (n, kick) = rx.recv(rx_queue, job.burst, &mut count)?;
             if kick {
-                notify(rx_kick).map_err(Error::Io)?;
+                eventfd::signal(rx_kick).map_err(Error::Io)?;
             }
             moved += n;
         }
@@ -665,7 +636,7 @@ pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) 
             rx_queue.set_interrupts(true);
             if turn(rx, rx_queue, tx, tx_queue, false)?.0 == 0 {
                 report.waits += 1;
-                wait_eventfd(rx_call, 1).map_err(Error::Io)?;
+                eventfd::wait(rx_call, 1).map_err(Error::Io)?;
             }
             rx_queue.set_interrupts(false);
             now = Instant::now();

@@ -22,9 +22,8 @@ use super::socket::borrow_fds;
 use super::virtqueue::PyDriverQueue;
 use crate::connection::Deadline;
 use crate::error::Error;
-use crate::frontend::netio::{
-    notify, run_bench, BenchJob, BenchMode, PairCounters, PairIo, PairLayout, RxRing, TxRing,
-};
+use crate::frontend::eventfd;
+use crate::frontend::netio::{run_bench, BenchJob, BenchMode, PairCounters, PairIo, PairLayout, RxRing, TxRing};
 use crate::virtio::net::NetHeader;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -195,12 +194,12 @@ impl PyNetClientCore {
             let kick = r.map_err(|e| to_pyerr(py, e))?.1;
             if rx.has_pending() {
                 // Frames are left for the next call: keep fileno() readable for event loops.
-                notify(pair.rx_call.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+                eventfd::signal(pair.rx_call.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
             }
             kick
         };
         if kick {
-            notify(pair.rx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+            eventfd::signal(pair.rx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
         }
         match failure {
             Some(e) => Err(e),
@@ -278,7 +277,7 @@ impl PyNetClientCore {
                 let tx = TxRing::new(mem.clone(), &txq, tx_index, layout).map_err(|e| to_pyerr(py, e))?;
                 (rx, tx)
             };
-            notify(rx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+            eventfd::signal(rx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
             out.push(Arc::new(Pair {
                 rx_queue,
                 tx_queue,
@@ -332,7 +331,7 @@ impl PyNetClientCore {
             tx.send(&mut q, &mut it).map_err(|e| to_pyerr(py, e))?
         };
         if kick {
-            notify(pair.tx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+            eventfd::signal(pair.tx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
         }
         if n < items.len() && self.hung_up() {
             // The ring is full: if the back-end is gone it never will be less so.
