@@ -50,9 +50,13 @@ pub struct DriverQueue {
     avail: *mut u8,
     used: *mut u8,
     tables: *mut u8,
-    /// Free list, kept privately: the device could scribble on the shared table.
+    /// Free list, kept privately: the device could scribble on the shared table. First in,
+    /// first out: a device that completes in order gets the same descriptors back in the same
+    /// avail slots lap after lap, so [`DriverQueue::add`] finds them already written and leaves
+    /// the cache lines the device reads alone.
     next_free: Vec<u16>,
     free_head: u16,
+    free_tail: u16,
     num_free: u16,
     inflight: Vec<InFlight>,
     avail_idx: u16,
@@ -125,6 +129,7 @@ impl DriverQueue {
             tables,
             next_free,
             free_head: 0,
+            free_tail: size - 1,
             num_free: size,
             inflight: vec![InFlight::default(); usize::from(size)],
             avail_idx: 0,
@@ -182,6 +187,7 @@ impl DriverQueue {
         let size = self.ring.size;
         self.next_free = (1..=size).map(|i| i % size).collect();
         self.free_head = 0;
+        self.free_tail = size - 1;
         self.num_free = size;
         self.in_flight = 0;
         self.inflight.iter_mut().for_each(|f| *f = InFlight::default());
@@ -195,6 +201,12 @@ impl DriverQueue {
             store_u16(self.avail.add(2), base, Ordering::Release);
             store_u16(self.used.add(2), base, Ordering::Release);
         }
+    }
+
+    /// The head the next [`add`](Self::add) or [`add_indirect`](Self::add_indirect) will
+    /// return (`None`: the ring is full). Lets a caller tie a buffer to a descriptor.
+    pub fn next_head(&self) -> Option<u16> {
+        (self.num_free > 0).then_some(self.free_head)
     }
 
     fn take_free(&mut self) -> u16 {
@@ -226,7 +238,7 @@ impl DriverQueue {
             let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 } | if i + 1 < n { VIRTQ_DESC_F_NEXT } else { 0 };
             let next = if i + 1 < n { self.free_head } else { 0 };
             // SAFETY: d < N, inside the descriptor table.
-            unsafe { Descriptor { addr, len, flags, next }.write(self.desc.add(usize::from(d) * 16)) };
+            unsafe { write_if_changed(Descriptor { addr, len, flags, next }, self.desc.add(usize::from(d) * 16)) };
             tail = d;
         }
         self.inflight[usize::from(head)] = InFlight { ndesc: n as u16, tail, writable: cap, active: true };
@@ -267,7 +279,7 @@ impl DriverQueue {
         let table_gpa = self.ring.indirect_tables + (usize::from(head) * stride) as u64;
         let d = Descriptor { addr: table_gpa, len: (n * 16) as u32, flags: VIRTQ_DESC_F_INDIRECT, next: 0 };
         // SAFETY: head < N.
-        unsafe { d.write(self.desc.add(usize::from(head) * 16)) };
+        unsafe { write_if_changed(d, self.desc.add(usize::from(head) * 16)) };
         self.inflight[usize::from(head)] = InFlight { ndesc: 1, tail: head, writable: cap, active: true };
         self.push_avail(head);
         Ok(head)
@@ -276,7 +288,14 @@ impl DriverQueue {
     fn push_avail(&mut self, head: u16) {
         let slot = usize::from(self.avail_idx & (self.ring.size - 1));
         // SAFETY: slot < N, inside the avail ring.
-        unsafe { std::ptr::write_volatile(self.avail.add(4 + 2 * slot).cast::<u16>(), head.to_le()) };
+        unsafe {
+            let p = self.avail.add(4 + 2 * slot).cast::<u16>();
+            // Only the driver writes avail entries; leaving one that already holds `head`
+            // keeps the device's cached copy of the line valid.
+            if std::ptr::read_volatile(p) != head.to_le() {
+                std::ptr::write_volatile(p, head.to_le());
+            }
+        }
         self.avail_idx = self.avail_idx.wrapping_add(1);
         self.in_flight += 1;
     }
@@ -356,9 +375,14 @@ impl DriverQueue {
             }
             let head = id as u16;
             self.inflight[usize::from(head)].active = false;
-            // Return the chain to the free list: it was taken as a run head..tail of the list.
-            self.next_free[usize::from(entry.tail)] = self.free_head;
-            self.free_head = head;
+            // Return the chain to the end of the free list: it was taken as a run head..tail
+            // of the list, still linked inside.
+            if self.num_free == 0 {
+                self.free_head = head;
+            } else {
+                self.next_free[usize::from(self.free_tail)] = head;
+            }
+            self.free_tail = entry.tail;
             self.num_free += entry.ndesc;
             self.in_flight -= 1;
             self.last_used = self.last_used.wrapping_add(1);
@@ -378,5 +402,18 @@ impl DriverQueue {
     /// Copies `data` into guest memory (a convenience over the queue's memory).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.memory.table().write(gpa, data)
+    }
+}
+
+/// Writes `d` at `p` unless it is there already. The device only reads descriptors: a line left
+/// untouched stays valid in its cache (a driver recycling the same buffers in the same
+/// descriptors, as a TX ring of fixed slots does, writes nothing here in the steady state).
+///
+/// # Safety
+/// `p..p+16` must be inside the mapped descriptor table.
+#[inline(always)]
+unsafe fn write_if_changed(d: Descriptor, p: *mut u8) {
+    if Descriptor::read(p) != d {
+        d.write(p);
     }
 }
