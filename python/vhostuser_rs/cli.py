@@ -508,11 +508,14 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
     from .devices import BlockDevice
 
     if args.print_capabilities:
-        # The spec's back-end program conventions (vhost-user.json "type": "block").
+        # The spec's back-end program conventions: vhost-user.json's "block" capabilities name
+        # options this command accepts (--read-only, --blk-file).
         print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
         return 0
-    if args.image is None or (args.socket_path is None) == (args.fd is None):
-        print("vhostuser-rs serve-blk: give IMAGE and exactly one of --socket-path / --fd", file=sys.stderr)
+    image = args.image if args.blk_file is None else args.blk_file
+    if (args.image is None) == (args.blk_file is None) or (args.socket_path is None) == (args.fd is None):
+        print("vhostuser-rs serve-blk: give the image (IMAGE or --blk-file PATH) and exactly one of "
+              "--socket-path / --fd", file=sys.stderr)
         return 2
 
     def terminate(_sig: int, _frame: object) -> None:
@@ -520,7 +523,7 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        BlockDevice(args.image, readonly=args.read_only, num_queues=args.num_queues).serve(
+        BlockDevice(image, readonly=args.read_only, num_queues=args.num_queues).serve(
             args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6
         )
     except KeyboardInterrupt:
@@ -537,8 +540,9 @@ def _cmd_serve_net(args: argparse.Namespace) -> int:
     from .devices import LoopbackNet, TapNet
 
     if args.print_capabilities:
-        # The spec's back-end program conventions (vhost-user.json "type": "net").
-        print(json.dumps({"type": "net", "features": ["tap", "loopback", "queue-pairs", "mtu", "mac"]}))
+        # The spec's back-end program conventions: vhost-user.json defines no "net" features, so
+        # the type is all there is to say.
+        print(json.dumps({"type": "net"}))
         return 0
     if (args.tap is None) == (not args.loopback) or (args.socket_path is None) == (args.fd is None):
         print("vhostuser-rs serve-net: give exactly one of --tap NAME / --loopback and one of --socket-path / --fd",
@@ -624,11 +628,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("serve-blk", help="serve a disk image with the built-in virtio-blk back-end")
-    p.add_argument("image", nargs="?", help="raw image file or block device")
+    p.add_argument("image", nargs="?", help="raw image file or block device (or --blk-file)")
+    p.add_argument("--blk-file", metavar="PATH", help="the image, as the spec's back-end conventions name it")
     p.add_argument("--socket-path", help="listen on this Unix socket")
     p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
     p.add_argument("--num-queues", type=int, default=1)
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
     p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
     p.add_argument("--poll-us", type=float, default=0.0,
