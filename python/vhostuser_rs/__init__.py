@@ -19,6 +19,10 @@ Layers available today:
 
 from __future__ import annotations
 
+import logging as _logging
+import os as _os
+import sys as _sys
+
 from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient
 from ._native import (
     Connection,
@@ -30,6 +34,7 @@ from ._native import (
     GuestMemory,
     Listener,
     __version__,
+    refresh_logging,
 )
 from .enums import BackendRequest, Channel, DeviceStatus, FrontendRequest, ProtocolFeature, VirtioFeature
 from .exceptions import (
@@ -52,6 +57,7 @@ from .messages import Message
 from .net import NetClient, NetDevice
 
 __all__ = [
+    "refresh_logging",
     "Backend",
     "BackendRequest",
     "BackendRequestHandler",
@@ -99,3 +105,20 @@ __all__ = [
     "net",
     "netclient",
 ]
+
+
+def _trace_from_environment() -> None:
+    # VHOSTUSER_RS_TRACE=1: every request and ring event on stderr, without touching logging
+    # configuration in code (the records go to the logger ``vhostuser_rs.trace`` either way).
+    if _os.environ.get("VHOSTUSER_RS_TRACE", "") in ("", "0"):
+        return
+    trace = _logging.getLogger("vhostuser_rs.trace")
+    trace.setLevel(_logging.DEBUG)
+    if not trace.handlers:
+        handler = _logging.StreamHandler(_sys.stderr)
+        handler.setFormatter(_logging.Formatter("%(message)s"))
+        trace.addHandler(handler)
+    refresh_logging()
+
+
+_trace_from_environment()

@@ -45,9 +45,14 @@ MAX_FDS: int
 
 # virtio device definitions (src/python/virtio.rs; the values live in src/virtio/)
 __all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG", "VIRTIO_NET", "BuiltinNet", "Frame", "NetHeader", "NetPort", "RingQueue"]
+__all__ += ["refresh_logging"]
 VIRTIO_BLK: dict[str, int]
 VIRTIO_BLK_CONFIG: dict[str, tuple[int, int]]
 VIRTIO_NET: dict[str, int]
+
+def refresh_logging() -> None:
+    """Make changes to Python's logging configuration visible to the Rust side (it caches loggers
+    and their levels after first use)."""
 
 def encode_message(message: Message) -> bytes: ...
 def encode_raw(code: int, payload: bytes, flags: int, size: int | None = None) -> bytes: ...

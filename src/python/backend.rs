@@ -16,10 +16,8 @@ use crate::devices::BlockDevice;
 use crate::error::Error;
 use crate::protocol::BackendRequest;
 
-fn warn(py: Python<'_>, text: String) {
-    if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
-        let _ = log.call_method1("warning", ("%s", text));
-    }
+fn warn(_py: Python<'_>, text: String) {
+    log::warn!(target: "vhostuser_rs::backend", "{text}");
 }
 
 /// Serves `image` with the built-in virtio-blk device on `socket_path` (or on the connected

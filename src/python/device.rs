@@ -19,10 +19,7 @@ use crate::backend::{RingHandle, Rings};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 fn warn(py: Python<'_>, what: &str, err: &PyErr) {
-    if let Ok(log) = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.backend",))) {
-        let tb = err.traceback(py).and_then(|t| t.format().ok()).unwrap_or_default();
-        let _ = log.call_method1("warning", ("device %s failed: %s\n%s", what, err.to_string(), tb));
-    }
+    super::log::callback_failed(py, "vhostuser_rs::backend", &format!("device {what}"), err);
 }
 
 /// The queue handed to ``Device.process``: completes chains of the batch being processed. Valid

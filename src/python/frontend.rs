@@ -55,13 +55,7 @@ impl BackendRequestHandler for PyHandler {
     }
 
     fn malformed(&mut self, error: &Error) {
-        let text = error.to_string();
-        Python::attach(|py| {
-            let log = py.import("logging").and_then(|l| l.call_method1("getLogger", ("vhostuser_rs.frontend",)));
-            if let Ok(log) = log {
-                let _ = log.call_method1("warning", ("back-end request channel: %s", text));
-            }
-        });
+        log::warn!(target: "vhostuser_rs::frontend", "back-end request channel: {error}");
     }
 }
 

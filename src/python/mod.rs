@@ -8,6 +8,7 @@ mod blocking;
 mod device;
 mod errors;
 mod frontend;
+mod log;
 mod memory;
 mod net;
 mod netclient;
@@ -26,6 +27,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("HEADER_SIZE", crate::protocol::HEADER_SIZE)?;
     m.add("MAX_PAYLOAD_SIZE", crate::protocol::MAX_PAYLOAD_SIZE)?;
     m.add("MAX_FDS", crate::protocol::MAX_FDS)?;
+    log::register(m)?;
     wire::register(m)?;
     socket::register(m)?;
     memory::register(m)?;
