@@ -286,6 +286,8 @@ def serve_blk(
     workers: int | None = None,
     cpus: list[int] | None = None,
     poll: float = 0.0,
+    io_engine: str = "auto",
+    direct: bool = False,
 ) -> None: ...
 
 def serve_device(

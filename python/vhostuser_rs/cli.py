@@ -523,7 +523,8 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, terminate)
     try:
-        BlockDevice(image, readonly=args.read_only, num_queues=args.num_queues).serve(
+        BlockDevice(image, readonly=args.read_only, num_queues=args.num_queues, io_engine=args.io_engine,
+                    direct=args.direct).serve(
             args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6
         )
     except KeyboardInterrupt:
@@ -634,6 +635,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
+    p.add_argument("--io-engine", choices=("auto", "uring", "sync"), default="auto",
+                   help="io_uring with batched submission (auto: when the kernel allows it) or preadv/pwritev")
+    p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT (no host page cache)")
     p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
     p.add_argument("--poll-us", type=float, default=0.0,

@@ -110,6 +110,10 @@ pub trait Device: Send + Sync + 'static {
     ) -> Result<(), VirtqueueError> {
         self.process(queue_index, queue, batch)
     }
+    /// Ring `ring` is about to stop (GET_VRING_BASE, a restart, the end of the session), on its
+    /// worker thread: complete the chains the device holds outside the ring's kept list (I/O
+    /// still in flight), so none is lost and nothing writes guest memory after the ring stopped.
+    fn ring_stopping(&self, _ring: RingHandle<'_>) {}
     /// Runs one wake-up of a worker (every batch it drains). The Python adapter takes the GIL
     /// here once, so a wake-up costs one GIL acquisition however many batches it holds.
     fn wake_scope(&self, run: &mut dyn FnMut()) {

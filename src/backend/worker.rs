@@ -336,12 +336,18 @@ impl Group {
                     Command::Add(slot) => slots.push(slot),
                     Command::Remove(index, reply) => {
                         if let Some(pos) = slots.iter().position(|s| s.index == index) {
-                            let _ = reply.send(slots.swap_remove(pos).into_queue());
+                            let mut slot = slots.swap_remove(pos);
+                            device.ring_stopping(RingHandle::new(&mut slot));
+                            slot.flush();
+                            let _ = reply.send(slot.into_queue());
                         }
                     }
                 }
             }
             if self.stop.load(Ordering::Acquire) {
+                for slot in &mut slots {
+                    device.ring_stopping(RingHandle::new(slot));
+                }
                 return;
             }
             let mut again = false;

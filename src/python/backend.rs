@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 use super::errors::{os_error, to_pyerr, IntoPyResult};
 use crate::backend::{serve_session, BackendRequests, Device, WorkerPolicy};
 use crate::connection::{Connection, Deadline, Listener};
+use crate::devices::blk::{BlockOptions, IoEngine};
 use crate::devices::BlockDevice;
 use crate::error::Error;
 use crate::protocol::BackendRequest;
@@ -24,7 +25,7 @@ fn warn(_py: Python<'_>, text: String) {
 /// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
 /// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
 #[pyfunction]
-#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=0.0))]
+#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=0.0, io_engine="auto", direct=false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_blk(
     py: Python<'_>,
@@ -37,8 +38,13 @@ pub(crate) fn serve_blk(
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
     poll: f64,
+    io_engine: &str,
+    direct: bool,
 ) -> PyResult<()> {
-    let device: Arc<dyn Device> = Arc::new(BlockDevice::open(&image, readonly, num_queues).map_err(|e| os_error(&e))?);
+    let engine = IoEngine::parse(io_engine)
+        .ok_or_else(|| PyValueError::new_err(format!("io_engine must be auto, uring or sync, not {io_engine:?}")))?;
+    let options = BlockOptions { readonly, num_queues, direct, engine };
+    let device: Arc<dyn Device> = Arc::new(BlockDevice::open_with(&image, options).map_err(|e| os_error(&e))?);
     let policy = policy(workers, cpus, poll)?;
     let at = Where { socket_path, fd, listener: None };
     serve(py, device, at, max_connections, None, Arc::new(BackendRequests::new()), policy)

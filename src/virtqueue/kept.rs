@@ -58,15 +58,23 @@ impl KeptChains {
 
     /// Keeps `chain` of `batch` (appended: the oldest stays first).
     pub fn keep(&mut self, batch: &ChainBatch, chain: &Chain) {
+        let kept = self.detach(batch, chain);
+        self.chains.push_back(kept);
+    }
+
+    /// A copy of `chain` held outside this list (the caller completes or recycles it): for a
+    /// device that tracks chains itself, e.g. by the I/O it submitted for them. Reuses the
+    /// segment storage of recycled chains.
+    pub fn detach(&mut self, batch: &ChainBatch, chain: &Chain) -> KeptChain {
         let mut segments = self.spare.pop().unwrap_or_default();
         segments.extend_from_slice(batch.segments(chain));
-        self.chains.push_back(KeptChain {
+        KeptChain {
             head: chain.head,
             readable_len: chain.readable_len,
             writable_len: chain.writable_len,
             readable: batch.readable(chain).len(),
             segments,
-        });
+        }
     }
 
     /// Keeps every chain of `batch`.

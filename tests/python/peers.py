@@ -88,12 +88,16 @@ def virtiofsd(shared: Path, sock: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 @contextmanager
-def serve_blk(image: Path, sock: Path, *, num_queues: int = 2, readonly: bool = False) -> Iterator[subprocess.Popen[bytes]]:
+def serve_blk(image: Path, sock: Path, *, num_queues: int = 2, readonly: bool = False,
+              io_engine: str = "auto", direct: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     """Our own built-in back-end (`vhostuser-rs serve-blk`) in a separate process."""
     import sys
 
-    args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock), "--num-queues", str(num_queues)]
+    args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock), "--num-queues",
+            str(num_queues), "--io-engine", io_engine]
     if readonly:
         args.append("--read-only")
+    if direct:
+        args.append("--direct")
     with peer(args, sock) as proc:
         yield proc
