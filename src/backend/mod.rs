@@ -17,9 +17,9 @@ pub use rings::{RingHandle, Rings};
 pub use session::{serve_connection, serve_session, Session};
 pub use worker::WorkerPolicy;
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 
-use crate::protocol::ProtocolFeatures;
+use crate::protocol::{CryptoSession, ProtocolFeatures};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 /// A front-end request that belongs to the device rather than to the session. The session
@@ -85,6 +85,22 @@ pub trait Device: Send + Sync + 'static {
     /// ack under REPLY_ACK). Offer the gating protocol feature only if this is implemented.
     fn device_request(&self, _request: DeviceRequest) -> Result<(), String> {
         Err("not implemented by this device".into())
+    }
+    /// CREATE_CRYPTO_SESSION (CRYPTO_SESSION, virtio-crypto devices): create a session and
+    /// return its id (≥ 0). `Err` answers with a negative session id, the spec's failure. Offer
+    /// CRYPTO_SESSION in [`protocol_features`](Device::protocol_features) only if implemented
+    /// (and [`close_crypto_session`](Device::close_crypto_session)).
+    fn create_crypto_session(&self, _session: &CryptoSession) -> Result<i64, String> {
+        Err("not a virtio-crypto device".into())
+    }
+    /// CLOSE_CRYPTO_SESSION (CRYPTO_SESSION): close a session `create_crypto_session` made.
+    fn close_crypto_session(&self, _session_id: u64) -> Result<(), String> {
+        Err("not a virtio-crypto device".into())
+    }
+    /// GPU_SET_SOCKET (vhost-user-gpu devices): the socket of the separate vhost-user-gpu
+    /// protocol. `Err` refuses it (a failure ack under REPLY_ACK; the socket is closed).
+    fn gpu_set_socket(&self, _socket: OwnedFd) -> Result<(), String> {
+        Err("not a vhost-user-gpu device".into())
     }
     /// Fds the worker of ring `queue_index` watches for this device while the ring runs (a
     /// TAP, a socket, a timerfd), next to the kicks; [`event`](Device::event) runs when one is
