@@ -7,14 +7,18 @@
 //! GET_VRING_BASE; independently it is *enabled* by SET_VRING_ENABLE, or at SET_FEATURES when
 //! PROTOCOL_FEATURES was not negotiated. Only started and enabled rings are processed.
 
+mod coverage;
 mod requests;
 mod rings;
 mod session;
 mod worker;
 
+pub use coverage::{coverage, offer, refusal, Coverage, Handling, Offer, Refusal};
 pub use requests::BackendRequests;
 pub use rings::{RingHandle, Rings};
-pub use session::{serve_connection, serve_session, Session};
+pub use session::{
+    serve_connection, serve_session, Session, DEVICE_PROTOCOL_FEATURES, NEVER_OFFERED, SESSION_PROTOCOL_FEATURES,
+};
 pub use worker::WorkerPolicy;
 
 use std::os::fd::{OwnedFd, RawFd};
@@ -132,3 +136,6 @@ pub trait Device: Send + Sync + 'static {
         run()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -4,6 +4,7 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::coverage::{refusal, Refusal};
 use super::requests::BackendRequests;
 use super::worker::{
     Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_NEEDS_RESET,
@@ -16,7 +17,7 @@ use crate::memory::{
 };
 use crate::protocol::{
     Channel, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion, Message,
-    Payload, ProtocolFeatures, Request, VirtioFeatures, VringAddr, VRING_F_LOG,
+    Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VRING_F_LOG,
 };
 use crate::virtqueue::{
     avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
@@ -33,6 +34,31 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
         | ProtocolFeatures::STATUS.0
         | ProtocolFeatures::INFLIGHT_SHMFD.0,
+);
+
+/// Protocol features the session leaves to a device that declares them in
+/// [`Device::protocol_features`]: the device requests (RARP, MTU, CRYPTO_SESSION) and
+/// INBAND_NOTIFICATIONS, which the session implements but the spec advises against outside
+/// simulation, and which QEMU acks whenever it is offered (protocol.md §5.4.4).
+pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
+    ProtocolFeatures::RARP.0
+        | ProtocolFeatures::MTU.0
+        | ProtocolFeatures::CRYPTO_SESSION.0
+        | ProtocolFeatures::INBAND_NOTIFICATIONS.0,
+);
+
+/// Protocol features not implemented here, never offered even if a device declares them:
+/// CROSS_ENDIAN (rings are little-endian, VERSION_1 only), PAGEFAULT (postcopy: no
+/// userfaultfd registration of guest memory), XEN_MMAP, GET_VRING_BASE_INFLIGHT and
+/// GET_VRING_BASE_SKIP_DRAIN (stopping a ring never leaves requests recorded in flight on
+/// purpose), GPA_ADDRESSES (not tested against a front-end that sends GPAs).
+pub const NEVER_OFFERED: ProtocolFeatures = ProtocolFeatures(
+    ProtocolFeatures::CROSS_ENDIAN.0
+        | ProtocolFeatures::PAGEFAULT.0
+        | ProtocolFeatures::XEN_MMAP.0
+        | ProtocolFeatures::GET_VRING_BASE_INFLIGHT.0
+        | ProtocolFeatures::GPA_ADDRESSES.0
+        | ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN.0,
 );
 
 /// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
@@ -132,7 +158,8 @@ impl Session {
     }
 
     fn offered_protocol(&self) -> ProtocolFeatures {
-        self.device.protocol_features() | SESSION_PROTOCOL_FEATURES
+        // A feature nobody implements is never offered, whatever the device declares.
+        (self.device.protocol_features() & !NEVER_OFFERED) | SESSION_PROTOCOL_FEATURES
     }
 
     fn ring(&mut self, message: &Message) -> std::result::Result<usize, Error> {
@@ -190,6 +217,12 @@ impl Session {
     fn gate(&self, req: FrontendRequest) -> std::result::Result<(), Error> {
         let missing = |feature: String| Err(Error::NotNegotiated { request: req.into(), feature });
         let acked = VirtioFeatures(self.acked_features);
+        if req == FrontendRequest::GET_VRING_BASE_SKIP_DRAIN {
+            // Without bit 23 it is answered as GET_VRING_BASE: draining is always allowed (it
+            // is what GET_VRING_BASE does), the front-end gets its base, and the spec defines
+            // no failure reply that would let the session go on.
+            return Ok(());
+        }
         match req.rules().gate {
             // PROTOCOL_FEATURES is always offered.
             Gate::None | Gate::ProtocolFeaturesOffered => Ok(()),
@@ -214,33 +247,24 @@ impl Session {
     }
 
     /// The spec's failure answer for a refused request that is answered even on failure, if
-    /// it defines one.
+    /// it defines one ([`refusal`] says which).
     fn failure_reply(&self, req: FrontendRequest, message: &Message) -> Option<Payload> {
-        use FrontendRequest::*;
-        match req {
-            // "zero length of payload to indicate an error".
-            GET_CONFIG => Some(Payload::Empty),
-            // mmap_size 0 and no fd: "no inflight buffer"; the front-end goes on without one.
-            GET_INFLIGHT_FD => Some(Payload::Inflight(InflightDesc::default())),
-            // u64 status replies: non-zero is failure.
-            IOTLB_MSG | POSTCOPY_LISTEN | POSTCOPY_END | CHECK_DEVICE_STATE => Some(Payload::U64(FAILED)),
-            // With LOG_SHMFD the front-end waits for this reply whatever happened.
-            SET_LOG_BASE if self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD) => Some(Payload::U64(FAILED)),
-            // No userfaultfd in the reply: QEMU then fails the postcopy advise cleanly.
-            POSTCOPY_ADVISE => Some(Payload::Empty),
-            // "The back-end must return the session id, 0 or positive for success, negative
-            // for failure."
-            CREATE_CRYPTO_SESSION => {
+        Some(match refusal(req, self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD)) {
+            Refusal::Ack | Refusal::Close => return None,
+            Refusal::Status => Payload::U64(FAILED),
+            Refusal::EmptyConfig | Refusal::NoUserfaultfd => Payload::Empty,
+            Refusal::NoInflightBuffer => Payload::Inflight(InflightDesc::default()),
+            Refusal::NegativeSessionId => {
                 let echo = match &message.payload {
                     Payload::CryptoSession(c) => c.clone(),
                     _ => CryptoSession::default(),
                 };
-                Some(Payload::CryptoSession(CryptoSession { session_id: -i64::from(libc::EINVAL), ..echo }))
+                Payload::CryptoSession(CryptoSession { session_id: -i64::from(libc::EINVAL), ..echo })
             }
-            // Bits 0-7: error; bit 8: no fd in this reply (an error never carries one).
-            SET_DEVICE_STATE_FD => Some(Payload::U64(1 | 1 << 8)),
-            _ => None,
-        }
+            Refusal::DeviceStateError => Payload::U64(1 | 1 << 8),
+            Refusal::NoSharedObject => Payload::U64(FAILED),
+            Refusal::NoShmemRegions => Payload::ShmemConfig(ShmemConfig::default()),
+        })
     }
 
     /// Rings run only when the status allows it (see `status_written`).
@@ -455,6 +479,8 @@ impl Session {
                             },
                             None => return refuse("polling rings (NOFD kick) is not supported"),
                         };
+                        // A new kick fd for a running ring: restart it on the new fd.
+                        self.stop_ring(i);
                         self.rings[i].kick = Some(fd);
                         self.start(i)
                     }
