@@ -7,19 +7,23 @@
 //! GET_VRING_BASE; independently it is *enabled* by SET_VRING_ENABLE, or at SET_FEATURES when
 //! PROTOCOL_FEATURES was not negotiated. Only started and enabled rings are processed.
 
+mod coverage;
 mod requests;
 mod rings;
 mod session;
 mod worker;
 
+pub use coverage::{coverage, offer, refusal, Coverage, Handling, Offer, Refusal};
 pub use requests::BackendRequests;
 pub use rings::{RingHandle, Rings};
-pub use session::{serve_connection, serve_session, Session};
+pub use session::{
+    serve_connection, serve_session, Session, DEVICE_PROTOCOL_FEATURES, NEVER_OFFERED, SESSION_PROTOCOL_FEATURES,
+};
 pub use worker::WorkerPolicy;
 
-use std::os::fd::RawFd;
+use std::os::fd::{OwnedFd, RawFd};
 
-use crate::protocol::ProtocolFeatures;
+use crate::protocol::{CryptoSession, ProtocolFeatures};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 /// A front-end request that belongs to the device rather than to the session. The session
@@ -86,6 +90,22 @@ pub trait Device: Send + Sync + 'static {
     fn device_request(&self, _request: DeviceRequest) -> Result<(), String> {
         Err("not implemented by this device".into())
     }
+    /// CREATE_CRYPTO_SESSION (CRYPTO_SESSION, virtio-crypto devices): create a session and
+    /// return its id (≥ 0). `Err` answers with a negative session id, the spec's failure. Offer
+    /// CRYPTO_SESSION in [`protocol_features`](Device::protocol_features) only if implemented
+    /// (and [`close_crypto_session`](Device::close_crypto_session)).
+    fn create_crypto_session(&self, _session: &CryptoSession) -> Result<i64, String> {
+        Err("not a virtio-crypto device".into())
+    }
+    /// CLOSE_CRYPTO_SESSION (CRYPTO_SESSION): close a session `create_crypto_session` made.
+    fn close_crypto_session(&self, _session_id: u64) -> Result<(), String> {
+        Err("not a virtio-crypto device".into())
+    }
+    /// GPU_SET_SOCKET (vhost-user-gpu devices): the socket of the separate vhost-user-gpu
+    /// protocol. `Err` refuses it (a failure ack under REPLY_ACK; the socket is closed).
+    fn gpu_set_socket(&self, _socket: OwnedFd) -> Result<(), String> {
+        Err("not a vhost-user-gpu device".into())
+    }
     /// Fds the worker of ring `queue_index` watches for this device while the ring runs (a
     /// TAP, a socket, a timerfd), next to the kicks; [`event`](Device::event) runs when one is
     /// readable. Asked each time the ring starts; the device keeps them open meanwhile.
@@ -120,3 +140,6 @@ pub trait Device: Send + Sync + 'static {
         run()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -59,6 +59,11 @@ impl BackendRequests {
         self.negotiated(0, ProtocolFeatures::empty());
     }
 
+    /// The protocol features the session has acknowledged.
+    pub fn acked_protocol(&self) -> ProtocolFeatures {
+        ProtocolFeatures(self.negotiated.lock().unwrap_or_else(|e| e.into_inner()).acked_protocol)
+    }
+
     /// Whether a channel is set up now.
     pub fn is_open(&self) -> bool {
         self.lock().is_some()

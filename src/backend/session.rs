@@ -1,11 +1,14 @@
 //! One front-end session: every front-end request, validated and answered per the spec.
 
 use std::os::fd::OwnedFd;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::coverage::{refusal, Refusal};
 use super::requests::BackendRequests;
-use super::worker::{RingShared, Worker, WorkerPolicy, Workers};
+use super::worker::{
+    Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_NEEDS_RESET,
+};
 use super::{Device, DeviceRequest};
 use crate::connection::{Connection, Deadline};
 use crate::error::{Error, Result};
@@ -13,8 +16,8 @@ use crate::memory::{
     DirtyLog, Iotlb, IotlbFault, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS, IOTLB_READ, IOTLB_WRITE,
 };
 use crate::protocol::{
-    Channel, DeviceConfig, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message, Payload, ProtocolFeatures,
-    Request, VirtioFeatures, VringAddr, VRING_F_LOG,
+    Channel, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion, Message,
+    Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VRING_F_LOG,
 };
 use crate::virtqueue::{
     avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
@@ -31,6 +34,31 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
         | ProtocolFeatures::STATUS.0
         | ProtocolFeatures::INFLIGHT_SHMFD.0,
+);
+
+/// Protocol features the session leaves to a device that declares them in
+/// [`Device::protocol_features`]: the device requests (RARP, MTU, CRYPTO_SESSION) and
+/// INBAND_NOTIFICATIONS, which the session implements but the spec advises against outside
+/// simulation, and which QEMU acks whenever it is offered (protocol.md §5.4.4).
+pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
+    ProtocolFeatures::RARP.0
+        | ProtocolFeatures::MTU.0
+        | ProtocolFeatures::CRYPTO_SESSION.0
+        | ProtocolFeatures::INBAND_NOTIFICATIONS.0,
+);
+
+/// Protocol features not implemented here, never offered even if a device declares them:
+/// CROSS_ENDIAN (rings are little-endian, VERSION_1 only), PAGEFAULT (postcopy: no
+/// userfaultfd registration of guest memory), XEN_MMAP, GET_VRING_BASE_INFLIGHT and
+/// GET_VRING_BASE_SKIP_DRAIN (stopping a ring never leaves requests recorded in flight on
+/// purpose), GPA_ADDRESSES (not tested against a front-end that sends GPAs).
+pub const NEVER_OFFERED: ProtocolFeatures = ProtocolFeatures(
+    ProtocolFeatures::CROSS_ENDIAN.0
+        | ProtocolFeatures::PAGEFAULT.0
+        | ProtocolFeatures::XEN_MMAP.0
+        | ProtocolFeatures::GET_VRING_BASE_INFLIGHT.0
+        | ProtocolFeatures::GPA_ADDRESSES.0
+        | ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN.0,
 );
 
 /// Status of an ack for a refused request (-EINVAL, as rust-vmm answers).
@@ -61,15 +89,23 @@ pub struct Session {
     region_refs: std::collections::HashMap<(u64, u64, u64), u32>,
     rings: Vec<Ring>,
     log: Option<DirtyLog>,
-    status: u8,
+    /// SET_LOG_FD's eventfd. The spec makes writing it optional ("may be used to inform the
+    /// front-end that the log has been modified"); the log itself is shared memory the
+    /// front-end reads, so it is kept (and replaced, closing the old one) but never written.
+    log_fd: Option<OwnedFd>,
+    /// The virtio device status byte (SET/GET_STATUS), shared with the rings, which set
+    /// DEVICE_NEEDS_RESET when they break.
+    status: Arc<AtomicU8>,
+    /// The front-end has written a status: from then on rings run only with DRIVER_OK set
+    /// and FAILED clear (virtio 1.x §2.1.2: no buffers consumed before DRIVER_OK). Front-ends
+    /// that never use STATUS are not held to it.
+    status_written: bool,
     requests: Arc<BackendRequests>,
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
     iotlb: Arc<RwLock<Iotlb>>,
     /// Declared after `rings`: rings leave their threads before the threads end.
     workers: Workers,
-    /// VHOSTUSER_RS_TRACE: print requests and ring events to stderr.
-    trace: bool,
 }
 
 enum Outcome {
@@ -77,8 +113,11 @@ enum Outcome {
     Reply(Payload, Vec<OwnedFd>),
     /// No reply of its own: ack with 0 if asked.
     Done,
-    /// Refused: failure ack if asked.
+    /// Refused: the spec's failure answer (failure ack if asked, or the request's failure
+    /// reply shape; a request whose reply has no failure shape ends the session).
     Refused(Error),
+    /// The spec asks the back-end to close the connection.
+    Close(Error),
 }
 
 impl Session {
@@ -101,13 +140,13 @@ impl Session {
             region_refs: std::collections::HashMap::new(),
             rings: (0..n).map(|_| Ring::default()).collect(),
             log: None,
-            status: 0,
+            log_fd: None,
+            status: Arc::new(AtomicU8::new(0)),
+            status_written: false,
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
             workers: Workers::new(policy),
-            // A debugging aid for users and for tests that check what a real front-end sent.
-            trace: std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0"),
         }
     }
 
@@ -119,7 +158,8 @@ impl Session {
     }
 
     fn offered_protocol(&self) -> ProtocolFeatures {
-        self.device.protocol_features() | SESSION_PROTOCOL_FEATURES
+        // A feature nobody implements is never offered, whatever the device declares.
+        (self.device.protocol_features() & !NEVER_OFFERED) | SESSION_PROTOCOL_FEATURES
     }
 
     fn ring(&mut self, message: &Message) -> std::result::Result<usize, Error> {
@@ -127,7 +167,9 @@ impl Session {
         Ok(message.ring_index().unwrap_or(0) as usize)
     }
 
-    /// Handles one request; returns the reply to send, if any.
+    /// Handles one request; returns the reply to send, if any. An `Err` ends the session (a
+    /// refused request whose mandatory reply has no failure shape in the spec, or one the spec
+    /// answers by closing the connection).
     pub fn handle(&mut self, message: &Message, fds: Vec<OwnedFd>) -> Result<Option<(Message, Vec<OwnedFd>)>> {
         let request = message.request;
         let Request::Frontend(req) = request else {
@@ -135,10 +177,13 @@ impl Session {
             drop(fds);
             return Ok(message.need_reply().then(|| (Message::reply(request, Payload::U64(FAILED)), Vec::new())));
         };
-        let outcome = self.dispatch(req, message, fds);
-        if let (true, Outcome::Refused(e)) = (self.trace, &outcome) {
-            eprintln!("vhost-user back-end: {req} refused: {e}");
-        }
+        let outcome = match self.gate(req) {
+            Ok(()) => self.dispatch(req, message, fds),
+            Err(e) => {
+                drop(fds);
+                Outcome::Refused(e)
+            }
+        };
         let reply_ack = self.acked_protocol.contains(ProtocolFeatures::REPLY_ACK);
         Ok(match outcome {
             Outcome::Reply(payload, fds) => Some((Message::reply(request, payload), fds)),
@@ -146,12 +191,114 @@ impl Session {
                 Some((Message::reply(request, Payload::U64(0)), Vec::new()))
             }
             Outcome::Done => None,
-            Outcome::Refused(e) if req.rules().has_reply() => return Err(e),
-            Outcome::Refused(_) if message.need_reply() && reply_ack => {
-                Some((Message::reply(request, Payload::U64(FAILED)), Vec::new()))
+            Outcome::Close(e) => {
+                log::warn!("{req}: closing the connection: {e}");
+                return Err(e);
             }
-            Outcome::Refused(_) => None,
+            Outcome::Refused(e) => {
+                log::debug!("{req} refused: {e}");
+                match self.failure_reply(req, message) {
+                    Some(payload) => Some((Message::reply(request, payload), Vec::new())),
+                    None if req.rules().has_reply() => {
+                        log::warn!("{req} refused and its reply has no failure form: ending the session: {e}");
+                        return Err(e);
+                    }
+                    None if message.need_reply() && reply_ack => {
+                        Some((Message::reply(request, Payload::U64(FAILED)), Vec::new()))
+                    }
+                    None => None,
+                }
+            }
         })
+    }
+
+    /// Whether what `req` needs was negotiated (protocol.md §3.1 gates, §5.4), with the
+    /// leniency real front-ends need (protocol.md §9).
+    fn gate(&self, req: FrontendRequest) -> std::result::Result<(), Error> {
+        let missing = |feature: String| Err(Error::NotNegotiated { request: req.into(), feature });
+        let acked = VirtioFeatures(self.acked_features);
+        if req == FrontendRequest::GET_VRING_BASE_SKIP_DRAIN {
+            // Without bit 23 it is answered as GET_VRING_BASE: draining is always allowed (it
+            // is what GET_VRING_BASE does), the front-end gets its base, and the spec defines
+            // no failure reply that would let the session go on.
+            return Ok(());
+        }
+        match req.rules().gate {
+            // PROTOCOL_FEATURES is always offered.
+            Gate::None | Gate::ProtocolFeaturesOffered => Ok(()),
+            // QEMU's net front-end enables rings before SET_FEATURES: SET_PROTOCOL_FEATURES
+            // already showed that PROTOCOL_FEATURES will be acked.
+            Gate::ProtocolFeaturesAcked if acked.contains(VirtioFeatures::PROTOCOL_FEATURES) || self.protocol_set => {
+                Ok(())
+            }
+            Gate::ProtocolFeaturesAcked => missing("PROTOCOL_FEATURES".into()),
+            Gate::Protocol(p) if self.acked_protocol.contains(p) => Ok(()),
+            Gate::Protocol(p) => missing((p & !self.acked_protocol).names().join("|")),
+            Gate::Virtio(v) if acked.contains(v) => Ok(()),
+            Gate::Virtio(v) => missing((v & !acked).names().join("|")),
+            // NET_SET_MTU: QEMU sends it before SET_FEATURES, so VIRTIO_NET_F_MTU *offered*
+            // is what counts.
+            Gate::Both(p, _) if !self.acked_protocol.contains(p) => {
+                missing((p & !self.acked_protocol).names().join("|"))
+            }
+            Gate::Both(_, v) if VirtioFeatures(self.offered_features()).contains(v) => Ok(()),
+            Gate::Both(_, v) => missing(format!("{} (not offered)", v.names().join("|"))),
+        }
+    }
+
+    /// The spec's failure answer for a refused request that is answered even on failure, if
+    /// it defines one ([`refusal`] says which).
+    fn failure_reply(&self, req: FrontendRequest, message: &Message) -> Option<Payload> {
+        Some(match refusal(req, self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD)) {
+            Refusal::Ack | Refusal::Close => return None,
+            Refusal::Status => Payload::U64(FAILED),
+            Refusal::EmptyConfig | Refusal::NoUserfaultfd => Payload::Empty,
+            Refusal::NoInflightBuffer => Payload::Inflight(InflightDesc::default()),
+            Refusal::NegativeSessionId => {
+                let echo = match &message.payload {
+                    Payload::CryptoSession(c) => c.clone(),
+                    _ => CryptoSession::default(),
+                };
+                Payload::CryptoSession(CryptoSession { session_id: -i64::from(libc::EINVAL), ..echo })
+            }
+            Refusal::DeviceStateError => Payload::U64(1 | 1 << 8),
+            Refusal::NoSharedObject => Payload::U64(FAILED),
+            Refusal::NoShmemRegions => Payload::ShmemConfig(ShmemConfig::default()),
+        })
+    }
+
+    /// Rings run only when the status allows it (see `status_written`).
+    fn status_allows_running(&self) -> bool {
+        let status = self.status.load(Ordering::Acquire);
+        !self.status_written || (status & STATUS_DRIVER_OK != 0 && status & STATUS_FAILED == 0)
+    }
+
+    /// Applies enable state and status to the running rings.
+    fn apply_run_state(&mut self) {
+        let allowed = self.status_allows_running();
+        for ring in &self.rings {
+            if let Some(w) = &ring.worker {
+                w.shared.enabled.store(ring.enabled && allowed, Ordering::Release);
+                w.shared.wake();
+            }
+        }
+    }
+
+    /// RESET_DEVICE, and SET_STATUS(0): disable all rings and reset the device to its initial
+    /// state; the connection, its ownership, the protocol features, the memory table and the
+    /// back-end request channel stay.
+    fn reset_device(&mut self) {
+        self.stop_all();
+        for r in &mut self.rings {
+            // The error fd stays: QEMU sends SET_VRING_ERR once, when it sets the device up.
+            *r = Ring { err: r.err.take(), ..Ring::default() };
+        }
+        self.acked_features = 0;
+        self.requests.negotiated(self.acked_features, self.acked_protocol);
+        self.status.store(0, Ordering::Release);
+        self.status_written = false;
+        self.inflight = None;
+        self.device.reset();
     }
 
     fn dispatch(&mut self, req: FrontendRequest, message: &Message, mut fds: Vec<OwnedFd>) -> Outcome {
@@ -164,6 +311,13 @@ impl Session {
                 if v & !self.offered_features() != 0 {
                     return refuse("acknowledges features that were not offered");
                 }
+                // protocol.md §5.4: IOTLB misses travel on the back-end request channel and
+                // wait for REPLY_ACK acks.
+                if v & VirtioFeatures::ACCESS_PLATFORM.bits() != 0
+                    && !self.acked_protocol.contains(ProtocolFeatures::BACKEND_REQ | ProtocolFeatures::REPLY_ACK)
+                {
+                    return refuse("ACCESS_PLATFORM needs BACKEND_REQ and REPLY_ACK");
+                }
                 self.acked_features = *v;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
                 self.device.features_acked(*v);
@@ -174,6 +328,7 @@ impl Session {
                     }
                 }
                 self.apply_logging();
+                self.apply_run_state();
                 Outcome::Done
             }
             (SET_OWNER, _) => Outcome::Done,
@@ -186,7 +341,22 @@ impl Session {
                 if v & !self.offered_protocol().bits() != 0 {
                     return refuse("acknowledges protocol features that were not offered");
                 }
-                self.acked_protocol = ProtocolFeatures(*v);
+                let v = ProtocolFeatures(*v);
+                let inband = ProtocolFeatures::INBAND_NOTIFICATIONS;
+                let needs = ProtocolFeatures::BACKEND_REQ | ProtocolFeatures::REPLY_ACK;
+                if v.contains(inband) && !v.contains(needs) {
+                    // Spec (In-band notifications): "the back-end should close the connection
+                    // as a response to a SET_PROTOCOL_FEATURES message that sets the in-band
+                    // notifications feature flag without the other two".
+                    return Outcome::Close(Error::NotNegotiated {
+                        request: req.into(),
+                        feature: "BACKEND_REQ|REPLY_ACK (INBAND_NOTIFICATIONS needs both)".into(),
+                    });
+                }
+                if let Some(why) = protocol_dependency_violation(v) {
+                    return refuse(why);
+                }
+                self.acked_protocol = v;
                 self.protocol_set = true;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
                 Outcome::Done
@@ -278,14 +448,10 @@ impl Session {
                     Ok(i) => i,
                     Err(e) => return Outcome::Refused(e),
                 };
+                self.stop_ring(i);
                 let ring = &mut self.rings[i];
-                if let Some(w) = ring.worker.take() {
-                    if let Some(q) = w.stop() {
-                        ring.base = q.next_avail();
-                    }
-                    self.device.queue_stopped(i as u16);
-                }
-                // After the reply the ring must not touch the fds: forget them.
+                // After the reply the ring must not touch the fds: forget them (the error fd
+                // stays: QEMU sends SET_VRING_ERR once, at device initialisation).
                 ring.kick = None;
                 ring.call = None;
                 Outcome::Reply(
@@ -303,10 +469,19 @@ impl Session {
                 let fd = if f.nofd { None } else { fds.pop() };
                 match req {
                     SET_VRING_KICK => {
-                        if fd.is_none() {
-                            return refuse("polling rings (NOFD kick) is not supported");
-                        }
-                        self.rings[i].kick = fd;
+                        let fd = match fd {
+                            Some(fd) => fd,
+                            // Spec (SET_VRING_KICK): with INBAND_NOTIFICATIONS the ring may be
+                            // kicked by VRING_KICK messages instead; they write this eventfd.
+                            None if self.inband() => match eventfd() {
+                                Ok(fd) => fd,
+                                Err(e) => return Outcome::Refused(Error::Io(e)),
+                            },
+                            None => return refuse("polling rings (NOFD kick) is not supported"),
+                        };
+                        // A new kick fd for a running ring: restart it on the new fd.
+                        self.stop_ring(i);
+                        self.rings[i].kick = Some(fd);
                         self.start(i)
                     }
                     SET_VRING_CALL => {
@@ -319,26 +494,44 @@ impl Session {
                         Outcome::Done
                     }
                     _ => {
-                        self.rings[i].err = fd;
+                        let ring = &mut self.rings[i];
+                        match &ring.worker {
+                            Some(w) => *w.shared.err.lock().unwrap_or_else(|e| e.into_inner()) = fd,
+                            None => ring.err = fd,
+                        }
                         Outcome::Done
                     }
                 }
             }
             (SET_VRING_ENABLE, Payload::VringState(s)) => {
-                // QEMU's net front-end enables its rings before SET_FEATURES (protocol.md §9):
-                // SET_PROTOCOL_FEATURES already showed that PROTOCOL_FEATURES will be acked.
-                if self.acked_features & VirtioFeatures::PROTOCOL_FEATURES.bits() == 0 && !self.protocol_set {
-                    return refuse("PROTOCOL_FEATURES was not negotiated");
-                }
                 let i = match self.ring(message) {
                     Ok(i) => i,
                     Err(e) => return Outcome::Refused(e),
                 };
-                let ring = &mut self.rings[i];
-                ring.enabled = s.num == 1;
-                if let Some(w) = &ring.worker {
-                    w.shared.enabled.store(ring.enabled, Ordering::Release);
-                    w.shared.wake();
+                self.rings[i].enabled = s.num == 1;
+                self.apply_run_state();
+                Outcome::Done
+            }
+            (VRING_KICK, Payload::VringState(_)) => {
+                // Spec: the ring starts on this message as on a kick of its kick fd; a kick fd
+                // the front-end set is written (it is preferred over the message).
+                let i = match self.ring(message) {
+                    Ok(i) => i,
+                    Err(e) => return Outcome::Refused(e),
+                };
+                if self.rings[i].kick.is_none() {
+                    match eventfd() {
+                        Ok(fd) => self.rings[i].kick = Some(fd),
+                        Err(e) => return Outcome::Refused(Error::Io(e)),
+                    }
+                }
+                if self.rings[i].worker.is_none() {
+                    if let Outcome::Refused(e) = self.start(i) {
+                        return Outcome::Refused(e);
+                    }
+                }
+                if let Some(kick) = &self.rings[i].kick {
+                    signal_fd(kick);
                 }
                 Outcome::Done
             }
@@ -375,7 +568,13 @@ impl Session {
                     Ok(log) => {
                         self.log = Some(log);
                         self.apply_logging();
-                        Outcome::Reply(Payload::U64(0), Vec::new())
+                        // Replied to only with LOG_SHMFD (spec: Communication); QEMU checks the
+                        // id, peers send 0/8/16 bytes (protocol.md §9): a u64 0.
+                        if self.acked_protocol.contains(ProtocolFeatures::LOG_SHMFD) {
+                            Outcome::Reply(Payload::U64(0), Vec::new())
+                        } else {
+                            Outcome::Done
+                        }
                     }
                     Err(e) => Outcome::Refused(e.into()),
                 }
@@ -469,37 +668,71 @@ impl Session {
                 }
             }
             (SEND_RARP, Payload::U64(v)) => {
-                if !self.acked_protocol.contains(ProtocolFeatures::RARP) {
-                    return refuse("RARP was not negotiated");
-                }
                 let b = v.to_le_bytes();
                 self.device_request(DeviceRequest::SendRarp([b[0], b[1], b[2], b[3], b[4], b[5]]))
             }
             (NET_SET_MTU, Payload::U64(v)) => {
-                // QEMU sends it before SET_FEATURES: VIRTIO_NET_F_MTU offered is what counts.
-                if !self.acked_protocol.contains(ProtocolFeatures::MTU)
-                    || self.offered_features() & VirtioFeatures::NET_MTU.bits() == 0
-                {
-                    return refuse("the MTU protocol feature was not negotiated or VIRTIO_NET_F_MTU not offered");
-                }
+                // The gate checks VIRTIO_NET_F_MTU offered: QEMU sends this before SET_FEATURES.
                 self.device_request(DeviceRequest::NetSetMtu(*v))
             }
             (SET_STATUS, Payload::U64(v)) => {
-                self.status = *v as u8;
+                let v = *v as u8; // the decoder refuses values above 0xff
+                if v == 0 {
+                    // Virtio 1.x §2.1: writing 0 resets the device.
+                    self.reset_device();
+                    return Outcome::Done;
+                }
+                // DEVICE_NEEDS_RESET is the device's to set and stays until a reset.
+                let needs_reset = self.status.load(Ordering::Acquire) & STATUS_NEEDS_RESET;
+                self.status.store(v | needs_reset, Ordering::Release);
+                self.status_written = true;
+                self.apply_run_state();
                 Outcome::Done
             }
-            (GET_STATUS, _) => Outcome::Reply(Payload::U64(u64::from(self.status)), Vec::new()),
+            (GET_STATUS, _) => Outcome::Reply(Payload::U64(u64::from(self.status.load(Ordering::Acquire))), Vec::new()),
             (RESET_DEVICE, _) => {
-                self.stop_all();
-                for r in &mut self.rings {
-                    *r = Ring::default();
-                }
-                self.acked_features = 0;
-                self.requests.negotiated(self.acked_features, self.acked_protocol);
-                self.status = 0;
-                self.inflight = None;
-                self.device.reset();
+                self.reset_device();
                 Outcome::Done
+            }
+            (SET_LOG_FD, _) => match fds.pop() {
+                Some(fd) => {
+                    self.log_fd = Some(fd);
+                    Outcome::Done
+                }
+                None => refuse("no fd"),
+            },
+            (CREATE_CRYPTO_SESSION, Payload::CryptoSession(c)) => match self.device.create_crypto_session(c) {
+                Ok(id) if id >= 0 => {
+                    Outcome::Reply(Payload::CryptoSession(CryptoSession { session_id: id, ..c.clone() }), Vec::new())
+                }
+                Ok(_) => refuse("the device returned a negative session id"),
+                Err(why) => {
+                    log::debug!("{req} refused by the device: {why}");
+                    refuse("the device refused it")
+                }
+            },
+            (CLOSE_CRYPTO_SESSION, Payload::U64(id)) => match self.device.close_crypto_session(*id) {
+                Ok(()) => Outcome::Done,
+                Err(why) => {
+                    log::debug!("{req} refused by the device: {why}");
+                    refuse("the device refused it")
+                }
+            },
+            (GPU_SET_SOCKET, _) => match fds.pop() {
+                Some(fd) => match self.device.gpu_set_socket(fd) {
+                    Ok(()) => Outcome::Done,
+                    Err(why) => {
+                        log::debug!("{req} refused by the device: {why}");
+                        refuse("the device does not speak the vhost-user-gpu protocol")
+                    }
+                },
+                None => refuse("no fd"),
+            },
+            // Never offered (gates refuse them first); explicit so the coverage table and the
+            // dispatcher agree. CROSS_ENDIAN: rings are little-endian only (VERSION_1);
+            // PAGEFAULT: postcopy is not implemented (see `coverage`).
+            (SET_VRING_ENDIAN, _) | (POSTCOPY_ADVISE, _) | (POSTCOPY_LISTEN, _) | (POSTCOPY_END, _) => {
+                refuse("not offered by this back-end")
             }
             _ => {
                 drop(fds);
@@ -512,9 +745,7 @@ impl Session {
         match self.device.device_request(request) {
             Ok(()) => Outcome::Done,
             Err(why) => {
-                if self.trace {
-                    eprintln!("vhost-user back-end: {request:?} refused: {why}");
-                }
+                log::debug!("{request:?} refused by the device: {why}");
                 Outcome::Refused(Error::InvalidState {
                     request: match request {
                         DeviceRequest::SendRarp(_) => FrontendRequest::SEND_RARP.into(),
@@ -524,6 +755,11 @@ impl Session {
                 })
             }
         }
+    }
+
+    /// INBAND_NOTIFICATIONS was negotiated (and with it BACKEND_REQ and REPLY_ACK).
+    fn inband(&self) -> bool {
+        self.acked_protocol.contains(ProtocolFeatures::INBAND_NOTIFICATIONS)
     }
 
     fn iommu(&self) -> bool {
@@ -556,6 +792,12 @@ impl Session {
     }
 
     fn restart(&mut self, i: usize) {
+        self.stop_ring(i);
+        let _ = self.start(i);
+    }
+
+    /// Takes ring `i` off its worker (if it runs), keeping its base and its fds.
+    fn stop_ring(&mut self, i: usize) {
         let ring = &mut self.rings[i];
         if let Some(w) = ring.worker.take() {
             let shared = w.shared.clone();
@@ -564,12 +806,14 @@ impl Session {
             }
             self.device.queue_stopped(i as u16);
             ring.call = shared.call.lock().unwrap_or_else(|e| e.into_inner()).take();
+            ring.err = shared.err.lock().unwrap_or_else(|e| e.into_inner()).take();
         }
-        let _ = self.start(i);
     }
 
     /// Starts ring `i` if everything it needs is known.
     fn start(&mut self, i: usize) -> Outcome {
+        let allowed = self.status_allows_running();
+        let inband = self.inband();
         let logging = self.logging();
         let iommu = self.iommu();
         let event_idx = self.acked_features & VirtioFeatures::EVENT_IDX.bits() != 0;
@@ -642,10 +886,7 @@ impl Session {
         }
         if let Some(region) = inflight {
             match queue.attach_inflight(region) {
-                Ok(n) if self.trace => {
-                    eprintln!("vhost-user back-end: ring {i}: {n} requests resubmitted from the inflight buffer")
-                }
-                Ok(_) => {}
+                Ok(n) => log::debug!("ring {i}: {n} requests resubmitted from the inflight buffer"),
                 Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
             }
         }
@@ -657,7 +898,8 @@ impl Session {
             Ok(g) => g,
             Err(e) => return Outcome::Refused(Error::Io(e)),
         };
-        let shared = RingShared::new(ring.enabled, ring.call.take(), group);
+        let notifier = Notifier { requests: Some(self.requests.clone()), inband, status: self.status.clone() };
+        let shared = RingShared::new(ring.enabled && allowed, ring.call.take(), ring.err.take(), notifier, group);
         let requests = iommu.then(|| self.requests.clone());
         let events = device.event_fds(i as u16);
         ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests, events));
@@ -666,14 +908,9 @@ impl Session {
     }
 
     fn stop_all(&mut self) {
-        for (i, r) in self.rings.iter_mut().enumerate() {
-            if let Some(w) = r.worker.take() {
-                if let Some(q) = w.stop() {
-                    r.base = q.next_avail();
-                }
-                self.device.queue_stopped(i as u16);
-            }
-            r.enabled = false;
+        for i in 0..self.rings.len() {
+            self.stop_ring(i);
+            self.rings[i].enabled = false;
         }
     }
 }
@@ -682,6 +919,38 @@ impl Drop for Session {
     fn drop(&mut self) {
         self.stop_all();
     }
+}
+
+/// protocol.md §5.4: protocol features that need another one, if `v` acks one without it.
+fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'static str> {
+    use ProtocolFeatures as P;
+    let needs_channel = P::BACKEND_SEND_FD | P::HOST_NOTIFIER | P::SHARED_OBJECT | P::SHMEM;
+    if (v & needs_channel) != P::empty() && !v.contains(P::BACKEND_REQ) {
+        Some("BACKEND_SEND_FD, HOST_NOTIFIER, SHARED_OBJECT and SHMEM need BACKEND_REQ")
+    } else if v.contains(P::GET_VRING_BASE_INFLIGHT) && !v.contains(P::INFLIGHT_SHMFD) {
+        Some("GET_VRING_BASE_INFLIGHT needs INFLIGHT_SHMFD")
+    } else if v.contains(P::GET_VRING_BASE_SKIP_DRAIN) && !v.contains(P::GET_VRING_BASE_INFLIGHT) {
+        Some("GET_VRING_BASE_SKIP_DRAIN needs GET_VRING_BASE_INFLIGHT")
+    } else {
+        None
+    }
+}
+
+fn eventfd() -> std::io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: eventfd returned a new descriptor.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Writes one kick into an eventfd (or pipe).
+fn signal_fd(fd: &OwnedFd) {
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: writing 8 bytes from a local buffer to a descriptor we hold.
+    unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(fd), one.as_ptr().cast(), 8) };
 }
 
 fn refuse_state(request: FrontendRequest, state: &'static str) -> Outcome {
@@ -706,6 +975,33 @@ fn region_desc(r: &MemoryRegion) -> RegionDesc {
     RegionDesc { guest_addr: r.guest_addr, size: r.size, user_addr: r.user_addr, mmap_offset: r.mmap_offset }
 }
 
+/// VHOSTUSER_RS_TRACE=1: a debugging aid for users and for tests that check what a real
+/// front-end sent. Prints the back-end's `log` records (one line per request received, refusals,
+/// ring events) to stderr, unless the program installed a logger of its own.
+fn install_trace_logger() {
+    struct Trace;
+    impl log::Log for Trace {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.target().starts_with("vhostuser_rs::backend") && metadata.level() <= log::Level::Debug
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                eprintln!("vhost-user back-end: {}", record.args());
+            }
+        }
+        fn flush(&self) {}
+    }
+    static TRACE: Trace = Trace;
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0")
+            && log::set_logger(&TRACE).is_ok()
+        {
+            log::set_max_level(log::LevelFilter::Debug);
+        }
+    });
+}
+
 /// Serves one front-end on `conn` until it disconnects (or `stop` returns true between
 /// messages). A message that breaks the spec ends the session with an error.
 pub fn serve_connection(conn: &Connection, device: Arc<dyn Device>, stop: &dyn Fn() -> bool) -> Result<()> {
@@ -721,8 +1017,8 @@ pub fn serve_session(
     policy: &WorkerPolicy,
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
+    install_trace_logger();
     let mut session = Session::with_options(device.clone(), requests.clone(), policy.clone());
-    let trace = session.trace;
     let result = loop {
         if stop() {
             break Ok(());
@@ -735,10 +1031,8 @@ pub fn serve_session(
             Err(Error::Disconnected) => break Ok(()),
             Err(e) => break Err(e),
         };
-        if trace {
-            let m = &received.message;
-            eprintln!("vhost-user back-end: {} {:?} ({} fds)", m.request, m.payload, received.fds.len());
-        }
+        let m = &received.message;
+        log::debug!("{} {:?} ({} fds)", m.request, m.payload, received.fds.len());
         match session.handle(&received.message, received.fds) {
             Ok(Some((reply, fds))) => {
                 let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();

@@ -6,7 +6,7 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use super::requests::BackendRequests;
 use super::rings::{RingHandle, Rings};
 use super::Device;
+use crate::protocol::{BackendRequest, Payload, ProtocolFeatures, VringState};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
 /// Misses for the same address in a row before a ring is given up on.
@@ -76,17 +77,52 @@ fn pin_to(cpu: usize) {
     }
 }
 
+/// How a ring tells the front-end about used buffers and errors besides its eventfds.
+#[derive(Debug, Default)]
+pub(crate) struct Notifier {
+    /// The session's back-end request channel (in-band VRING_CALL / VRING_ERR,
+    /// CONFIG_CHANGE_MSG after DEVICE_NEEDS_RESET).
+    pub requests: Option<Arc<BackendRequests>>,
+    /// INBAND_NOTIFICATIONS was negotiated: a ring without a call (err) fd sends VRING_CALL
+    /// (VRING_ERR) on the back-end request channel instead (spec: SET_VRING_CALL / ERR).
+    pub inband: bool,
+    /// The device status byte the session keeps (SET/GET_STATUS); a ring that breaks sets
+    /// DEVICE_NEEDS_RESET in it.
+    pub status: Arc<AtomicU8>,
+}
+
 /// Shared between the session and the thread running a ring.
 #[derive(Debug)]
 pub(crate) struct RingShared {
     pub enabled: AtomicBool,
     pub call: Mutex<Option<OwnedFd>>,
+    /// The error fd of SET_VRING_ERR, signalled when the ring breaks.
+    pub err: Mutex<Option<OwnedFd>>,
+    /// The ring broke (malformed chain, IOTLB failure) and was reported.
+    pub broken: AtomicBool,
+    notifier: Notifier,
     group: Arc<Group>,
 }
 
+/// How long the worker waits for the front-end to process an in-band notification.
+const INBAND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl RingShared {
-    pub fn new(enabled: bool, call: Option<OwnedFd>, group: Arc<Group>) -> Arc<RingShared> {
-        Arc::new(RingShared { enabled: AtomicBool::new(enabled), call: Mutex::new(call), group })
+    pub fn new(
+        enabled: bool,
+        call: Option<OwnedFd>,
+        err: Option<OwnedFd>,
+        notifier: Notifier,
+        group: Arc<Group>,
+    ) -> Arc<RingShared> {
+        Arc::new(RingShared {
+            enabled: AtomicBool::new(enabled),
+            call: Mutex::new(call),
+            err: Mutex::new(err),
+            broken: AtomicBool::new(false),
+            notifier,
+            group,
+        })
     }
 
     /// Makes the thread look at its rings again (after an enable).
@@ -94,13 +130,75 @@ impl RingShared {
         self.group.wake();
     }
 
-    fn notify_driver(&self) {
+    /// Sends an in-band notification and waits for the front-end's ack (spec: INBAND_NOTIFICATIONS
+    /// needs REPLY_ACK "to block until they are processed").
+    fn inband(&self, request: BackendRequest, index: u16) {
+        let Some(requests) = self.notifier.requests.as_deref().filter(|_| self.notifier.inband) else { return };
+        let state = VringState { index: u32::from(index), num: 0 };
+        if let Err(e) = requests.send(request, Payload::VringState(state), &[], true, Some(INBAND_TIMEOUT)) {
+            log::warn!("ring {index}: in-band {request} failed: {e}");
+        }
+    }
+
+    /// Used buffers: signals the call fd; false if there is none and the notification must go
+    /// in-band (VRING_CALL), which the worker sends outside the device's wake scope (it waits
+    /// for the front-end, and a Python device holds the GIL inside the scope).
+    fn signal_call(&self) -> bool {
         let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(fd) = call.as_ref() {
-            signal(fd.as_raw_fd());
+        match call.as_ref() {
+            Some(fd) => {
+                signal(fd.as_raw_fd());
+                true
+            }
+            None => !self.notifier.inband,
+        }
+    }
+
+    /// The ring broke: signal the error fd (or VRING_ERR in-band), not the call fd, and set
+    /// DEVICE_NEEDS_RESET (virtio 1.x §2.1.1: "SHOULD set DEVICE_NEEDS_RESET when it enters an
+    /// error state that a reset is needed"; with DRIVER_OK set it "MUST send a device
+    /// configuration change notification": CONFIG_CHANGE_MSG when CONFIG and STATUS allow).
+    fn report_broken(&self, index: u16) {
+        if self.broken.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::warn!(
+            "ring {index} is broken (malformed ring or unmapped address): not processed until it is set up again"
+        );
+        let err = self.err.lock().unwrap_or_else(|e| e.into_inner());
+        match err.as_ref() {
+            Some(fd) => signal(fd.as_raw_fd()),
+            None => {
+                drop(err);
+                self.inband(BackendRequest::VRING_ERR, index);
+            }
+        }
+        let before = self.notifier.status.fetch_or(STATUS_NEEDS_RESET, Ordering::AcqRel);
+        if before & STATUS_DRIVER_OK != 0 {
+            if let Some(requests) = self.notifier.requests.as_deref() {
+                let negotiated = requests.acked_protocol();
+                if negotiated.contains(ProtocolFeatures::STATUS) && negotiated.contains(ProtocolFeatures::CONFIG) {
+                    if let Err(e) = requests.send(
+                        BackendRequest::CONFIG_CHANGE_MSG,
+                        Payload::Empty,
+                        &[],
+                        false,
+                        Some(INBAND_TIMEOUT),
+                    ) {
+                        log::warn!("ring {index}: CONFIG_CHANGE_MSG after DEVICE_NEEDS_RESET failed: {e}");
+                    }
+                }
+            }
         }
     }
 }
+
+/// Device status bits (virtio 1.x §2.1) the back-end acts on.
+pub(crate) const STATUS_DRIVER_OK: u8 = 4;
+/// The driver gave up on the device.
+pub(crate) const STATUS_FAILED: u8 = 128;
+/// Set by the device when it needs a reset.
+pub(crate) const STATUS_NEEDS_RESET: u8 = 64;
 
 /// A ring as its thread holds it.
 pub(crate) struct Slot {
@@ -125,6 +223,8 @@ pub(crate) struct Slot {
     listening: bool,
     last_miss: Option<u64>,
     misses: u32,
+    /// Used buffers were published on a ring without a call fd: VRING_CALL is due (in-band).
+    inband_call: bool,
 }
 
 impl Slot {
@@ -145,6 +245,7 @@ impl Slot {
             self.pending = false;
             // A kick means new buffers: watch the device's fds again.
             self.listening = true;
+            let used_before = self.queue.next_used();
             let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
             let result = queue.drain(batch, 64, |q, b| {
                 let r = device.process_batch(index, q, b, kept, others);
@@ -155,17 +256,20 @@ impl Slot {
                 r
             });
             match result {
-                Ok(true) => self.shared.notify_driver(),
+                Ok(true) => self.notify_driver(),
                 Ok(false) => {}
                 Err(VirtqueueError::IotlbMiss { iova, perm }) => {
                     // Chains before the miss may have completed: let the driver know.
-                    self.shared.notify_driver();
+                    self.notify_driver();
                     miss = Some((iova, perm));
                 }
                 Err(_) => {
                     // The queue is broken (malformed ring): stop processing it, keep the session.
-                    // Signal once so a waiting driver notices nothing more comes.
-                    self.shared.notify_driver();
+                    // The worker reports it on the error fd after the wake-up; the call fd only
+                    // hears about chains completed before the bad one.
+                    if self.queue.next_used() != used_before {
+                        self.notify_driver();
+                    }
                 }
             }
         }
@@ -206,12 +310,28 @@ impl Slot {
         }
         self.dirty = false;
         match self.queue.publish_used() {
-            Ok(true) => self.shared.notify_driver(),
+            Ok(true) => self.notify_driver(),
             Ok(false) => {}
-            Err(_) => {
-                self.queue.mark_broken();
-                self.shared.notify_driver();
-            }
+            Err(_) => self.queue.mark_broken(),
+        }
+    }
+
+    /// Used buffers for the driver: the call fd now, or VRING_CALL after the wake-up.
+    fn notify_driver(&mut self) {
+        if !self.shared.signal_call() {
+            self.inband_call = true;
+        }
+    }
+
+    /// What must go to the front-end on the back-end request channel after a wake-up (it waits
+    /// for answers, so never inside the device's wake scope): in-band VRING_CALL, and the report
+    /// of a ring that broke.
+    fn after_wakeup(&mut self) {
+        if std::mem::take(&mut self.inband_call) {
+            self.shared.inband(BackendRequest::VRING_CALL, self.index);
+        }
+        if self.queue.is_broken() && !self.shared.broken.load(Ordering::Acquire) {
+            self.shared.report_broken(self.index);
         }
     }
 
@@ -371,6 +491,9 @@ impl Group {
             }
             for (k, iova, perm) in misses.drain(..) {
                 again |= slots[k].after_miss(iova, perm);
+            }
+            for slot in &mut slots {
+                slot.after_wakeup();
             }
             if worked {
                 last_work = std::time::Instant::now();
@@ -537,6 +660,7 @@ impl Worker {
             listening: true,
             last_miss: None,
             misses: 0,
+            inband_call: false,
         };
         shared.group.command(Command::Add(Box::new(slot)));
         Worker { shared, index, stopped: false }
