@@ -21,6 +21,11 @@ Each started ring runs on a Rust worker thread which takes the GIL once per batc
 exception in a device method is logged at WARNING and answered per the spec (an empty
 GET_CONFIG reply, a refused SET_CONFIG); chains a ``process`` call did not complete are returned
 with 0 bytes written; the device keeps serving.
+
+Live migration: while QEMU logs dirty pages (LOG_ALL), completing a chain — however many bytes
+``written`` says, and also when an exception returns it with 0 — marks every page of its
+writable buffers in the log, since a device may write anywhere in its writable views (the
+virtio-blk status byte is the last one). A device must not write into a chain after completing it.
 """
 
 from __future__ import annotations

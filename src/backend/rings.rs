@@ -5,7 +5,7 @@
 //! every ring that was written to once per wake-up and notifies the driver once per burst.
 
 use super::worker::Slot;
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChain, KeptChains, VirtqueueError};
+use crate::virtqueue::{prefix, ChainBatch, DeviceQueue, KeptChain, KeptChains, VirtqueueError};
 
 /// One ring of the worker, lent to the device for the current wake-up.
 pub struct RingHandle<'a> {
@@ -62,13 +62,29 @@ impl<'a> RingHandle<'a> {
         self.slot.kept.take()
     }
 
-    /// Completes a kept chain with `written` bytes (capped at its writable length; logged when
-    /// LOG_ALL is on); the used entry becomes visible when the worker publishes.
+    /// Completes a kept chain with used length `written` (capped at its writable length); when
+    /// LOG_ALL is on its writable buffers are logged whole, as [`DeviceQueue::complete`] does.
+    /// The used entry becomes visible when the worker publishes.
     pub fn complete(&mut self, chain: KeptChain, written: u32) -> Result<(), VirtqueueError> {
+        self.complete_logging(chain, written, false)
+    }
+
+    /// Completes a kept chain whose device wrote exactly its first `written` bytes and nothing
+    /// else: only those are logged (as [`DeviceQueue::complete_prefix`]).
+    pub fn complete_prefix(&mut self, chain: KeptChain, written: u32) -> Result<(), VirtqueueError> {
+        self.complete_logging(chain, written, true)
+    }
+
+    fn complete_logging(&mut self, chain: KeptChain, written: u32, exact: bool) -> Result<(), VirtqueueError> {
         let written = written.min(chain.writable_len);
         let slot = &mut *self.slot;
         slot.dirty = true;
-        let result = slot.queue.complete_with(chain.head, chain.writable().iter().map(|s| (s.gpa, s.len)), written);
+        let whole = chain.writable().iter().map(|s| (s.gpa, s.len));
+        let result = if exact {
+            slot.queue.complete_with(chain.head, prefix(whole, written), written)
+        } else {
+            slot.queue.complete_with(chain.head, whole, written)
+        };
         slot.kept.recycle(chain);
         result
     }

@@ -3,13 +3,33 @@
 
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use super::error::MemoryError;
 use super::mapping::{memfd, Mapping};
 
 /// Bytes of guest memory per log bit (`VHOST_LOG_PAGE`).
 pub const LOG_PAGE_SIZE: u64 = 0x1000;
+
+/// Environment variable of the test-only switch [`data_logging_disabled_for_tests`].
+pub const TEST_BREAK_ENV: &str = "VHOSTUSER_RS_TEST_BREAK_DIRTY_LOG";
+
+/// **Test-only**: whether the back-end must skip logging the guest buffers it writes, because
+/// `VHOSTUSER_RS_TEST_BREAK_DIRTY_LOG=1` was set when the process first asked (read once). The
+/// used-ring writes (VHOST_VRING_F_LOG) are still logged. This exists so that a live-migration
+/// test can show that it fails when the back-end's log is ineffective
+/// (tests/python/test_migration_guest.py); a process serving real guests must never set it: a
+/// migrated guest would find stale data in the pages the back-end filled during migration.
+pub fn data_logging_disabled_for_tests() -> bool {
+    static BROKEN: OnceLock<bool> = OnceLock::new();
+    *BROKEN.get_or_init(|| {
+        let broken = std::env::var_os(TEST_BREAK_ENV).is_some_and(|v| v == "1");
+        if broken {
+            log::warn!("{TEST_BREAK_ENV}=1: guest buffers written by this back-end are NOT logged (a test aid)");
+        }
+        broken
+    })
+}
 
 /// A mapped dirty log.
 #[derive(Clone, Debug)]

@@ -15,6 +15,6 @@ mod table;
 pub use alloc::GuestMemory;
 pub use error::{AddressSpace, MemoryError};
 pub use iotlb::{Iotlb, IotlbFault, IOTLB_READ, IOTLB_WRITE};
-pub use log::{DirtyLog, LOG_PAGE_SIZE};
+pub use log::{data_logging_disabled_for_tests, DirtyLog, LOG_PAGE_SIZE, TEST_BREAK_ENV};
 pub use mapping::{memfd, sealed_memfd, Mapping};
 pub use table::{MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS};

@@ -246,7 +246,7 @@ impl PyDevice {
             // process_request could not even be looked up: return the chains empty.
             None => {
                 for chain in batch.chains() {
-                    queue.complete_with(chain.head, std::iter::empty(), 0)?;
+                    queue.complete(batch, chain, 0)?;
                 }
             }
         }
@@ -426,9 +426,10 @@ impl Device for PyDevice {
                 }
             }
         });
-        // Chains the device did not complete are returned empty so the driver is not left hanging.
-        for head in leftover {
-            queue.complete_with(head, std::iter::empty(), 0)?;
+        // Chains the device did not complete are returned empty so the driver is not left hanging;
+        // their buffers are still logged: the device may have written into them before it raised.
+        for chain in batch.chains().iter().filter(|c| leftover.contains(&c.head)) {
+            queue.complete(batch, chain, 0)?;
         }
         Ok(())
     }

@@ -71,6 +71,20 @@ pub fn for_each_span(
     done
 }
 
+/// The first `len` bytes of a buffer made of `pieces` (guest address, length), as ranges: what
+/// a device that wrote exactly that prefix logs.
+pub fn prefix(pieces: impl IntoIterator<Item = (u64, u32)>, len: u32) -> impl Iterator<Item = (u64, u32)> {
+    let mut left = len;
+    pieces.into_iter().map_while(move |(gpa, n)| {
+        if left == 0 {
+            return None;
+        }
+        let take = n.min(left);
+        left -= take;
+        Some((gpa, take))
+    })
+}
+
 /// One contiguous piece of a buffer, already translated.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment {
@@ -318,9 +332,10 @@ impl DeviceQueue {
     }
 
     /// LOG_ALL: log every byte written into guest buffers in `data`; VHOST_VRING_F_LOG: log
-    /// used-ring writes at `log_guest_addr` + offset in `used`.
+    /// used-ring writes at `log_guest_addr` + offset in `used`. (The test-only switch
+    /// [`crate::memory::data_logging_disabled_for_tests`] drops `data`.)
     pub fn set_dirty_log(&mut self, data: Option<DirtyLog>, used: Option<(DirtyLog, u64)>) {
-        self.data_log = data;
+        self.data_log = data.filter(|_| !crate::memory::data_logging_disabled_for_tests());
         self.used_log = used;
     }
 
@@ -661,33 +676,43 @@ impl DeviceQueue {
         Ok(())
     }
 
-    /// Completes a chain of `batch`: logs the first `written` bytes of its writable buffers when
-    /// LOG_ALL is on, and writes its used entry.
-    pub fn complete(&mut self, batch: &ChainBatch, chain: &Chain, written: u32) -> Result<(), VirtqueueError> {
-        let written = written.min(chain.writable_len);
-        self.complete_with(chain.head, batch.writable(chain).iter().map(|s| (s.gpa, s.len)), written)
+    /// Completes a chain of `batch` with used length `len` and, when LOG_ALL is on, logs **every
+    /// writable buffer of the chain**, whole. The used length cannot say what the device wrote:
+    /// it only promises the first `len` bytes, and the device "MAY write more" (virtio 1.2
+    /// §2.7.8.2) — virtio-blk puts its status in the *last* writable byte, after data it may not
+    /// have filled (IOERR, a short GET_ID), and a Python device writes anywhere through its views.
+    /// A page logged but not written only costs QEMU one more send of that page; a page written
+    /// but not logged reaches the destination stale. Devices that know they wrote exactly the
+    /// first `len` bytes and nothing else use [`complete_prefix`](Self::complete_prefix).
+    pub fn complete(&mut self, batch: &ChainBatch, chain: &Chain, len: u32) -> Result<(), VirtqueueError> {
+        let len = len.min(chain.writable_len);
+        self.complete_with(chain.head, batch.writable(chain).iter().map(|s| (s.gpa, s.len)), len)
     }
 
-    /// Completes chain `head` whose writable buffers are `writable` (guest address, length):
-    /// logs the first `written` bytes when LOG_ALL is on and writes the used entry.
+    /// Completes a chain of `batch` whose device wrote **exactly** its first `len` writable bytes
+    /// and no other byte (net RX: header and frame, nothing after): only those are logged.
+    pub fn complete_prefix(&mut self, batch: &ChainBatch, chain: &Chain, len: u32) -> Result<(), VirtqueueError> {
+        let len = len.min(chain.writable_len);
+        self.complete_with(chain.head, prefix(batch.writable(chain).iter().map(|s| (s.gpa, s.len)), len), len)
+    }
+
+    /// Completes chain `head` with used length `len`; when LOG_ALL is on, first logs each
+    /// (guest address, length) range of `written` — what the device wrote into the chain's
+    /// buffers (its whole writable buffers, or [`prefix`] of them). The log is marked after the
+    /// device's writes and before the used entry: a front-end that reads and clears the log in
+    /// between sends the page again at its next pass.
     pub fn complete_with(
         &mut self,
         head: u16,
-        writable: impl IntoIterator<Item = (u64, u32)>,
-        written: u32,
+        written: impl IntoIterator<Item = (u64, u32)>,
+        len: u32,
     ) -> Result<(), VirtqueueError> {
         if let Some(log) = &self.data_log {
-            let mut left = u64::from(written);
-            for (gpa, len) in writable {
-                if left == 0 {
-                    break;
-                }
-                let n = left.min(u64::from(len));
-                log.mark(gpa, n)?;
-                left -= n;
+            for (gpa, n) in written {
+                log.mark(gpa, u64::from(n))?;
             }
         }
-        self.add_used(head, written)
+        self.add_used(head, len)
     }
 
     fn log_used(&self, offset: u64, len: u64) -> Result<(), VirtqueueError> {

@@ -16,7 +16,9 @@ mod layout;
 #[cfg(test)]
 mod tests;
 
-pub use device::{for_each_span, Chain, ChainBatch, DeviceQueue, QueueConfig, RingAddressSpace, Segment, MAX_SEGMENTS};
+pub use device::{
+    for_each_span, prefix, Chain, ChainBatch, DeviceQueue, QueueConfig, RingAddressSpace, Segment, MAX_SEGMENTS,
+};
 pub use driver::{Buffer, DriverQueue, DriverRing};
 pub use error::VirtqueueError;
 pub use inflight::{queue_region_size, InflightBuffer, InflightQueue, Recovery, INFLIGHT_VERSION};

@@ -521,12 +521,23 @@ fn dirty_log_marks_buffers_and_used_ring() {
     let mut batch = ChainBatch::new();
     p.device.pop_batch(&mut batch, 8).unwrap();
     let c = batch.chains()[0];
-    // The device wrote 4097 bytes: pages 0x30 and 0x31, not 0x32.
-    p.device.complete(&batch, &c, LOG_PAGE_SIZE as u32 + 1).unwrap();
+    // The device wrote exactly 4097 bytes from the start: pages 0x30 and 0x31, not 0x32.
+    p.device.complete_prefix(&batch, &c, LOG_PAGE_SIZE as u32 + 1).unwrap();
     p.device.publish_used().unwrap();
     let dirty = log.take_dirty();
     assert!(dirty.contains(&0x30) && dirty.contains(&0x31) && !dirty.contains(&0x32), "{dirty:x?}");
     assert!(dirty.contains(&(used_gpa / LOG_PAGE_SIZE)), "used ring logged");
+    // `complete` logs every writable buffer whole, whatever the used length says (a device may
+    // write past it: virtio-blk's status byte is the chain's last).
+    p.driver.reap(&mut Vec::new(), 8).unwrap();
+    p.driver.add(&[], &[(buf, LOG_PAGE_SIZE as u32), (0x50000, 1)]).unwrap();
+    p.driver.publish();
+    batch.clear();
+    p.device.pop_batch(&mut batch, 8).unwrap();
+    let c = batch.chains()[0];
+    p.device.complete(&batch, &c, 1).unwrap();
+    let dirty = log.take_dirty();
+    assert!(dirty.contains(&0x30) && dirty.contains(&0x50) && !dirty.contains(&0x31), "{dirty:x?}");
     // CVE-2019-14835 class: a log too small for the write is an error, not an overflow.
     // One byte of log: 8 pages, while the buffer is at page 0x30.
     let small = DirtyLog::from_fd(crate::memory::memfd("log", 4096).unwrap(), 1, 0).unwrap();

@@ -600,3 +600,121 @@ fn complete_kept(
     kept.recycle(chain);
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::memory::{DirtyLog, GuestMemory, LOG_PAGE_SIZE};
+    use crate::virtqueue::{DriverQueue, QueueConfig, RingAddressSpace};
+
+    const MIB: u64 = 1 << 20;
+    const PAGE: u64 = LOG_PAGE_SIZE;
+
+    struct Rig {
+        mem: Arc<GuestMemory>,
+        driver: DriverQueue,
+        device: DeviceQueue,
+        blk: BlockDevice,
+        log: DirtyLog,
+        image: std::path::PathBuf,
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.image);
+        }
+    }
+
+    /// A 64 KiB image behind a ring over 4 MiB of guest memory, with LOG_ALL on.
+    fn rig(name: &str) -> Rig {
+        let image = std::env::temp_dir().join(format!("vhostuser_rs-blk-{}-{name}.img", std::process::id()));
+        std::fs::write(&image, vec![0x5a; 64 << 10]).unwrap();
+        let blk = BlockDevice::open(&image, false, 1).unwrap();
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 4 * MIB)]).unwrap());
+        let driver = DriverQueue::allocate(mem.clone(), 8, false, 0).unwrap();
+        let (desc_addr, avail_addr, used_addr) = driver.user_addrs();
+        let cfg = QueueConfig {
+            size: 8,
+            desc_addr,
+            avail_addr,
+            used_addr,
+            addr_space: RingAddressSpace::User,
+            event_idx: false,
+            indirect: false,
+            next_avail: 0,
+        };
+        let mut device = DeviceQueue::new(Arc::new(mem.table().clone()), cfg).unwrap();
+        let log = DirtyLog::allocate(4 * MIB).unwrap();
+        device.set_dirty_log(Some(log.clone()), None);
+        Rig { mem, driver, device, blk, log, image }
+    }
+
+    impl Rig {
+        /// Sends one request (header at page 0x100, `data` writable bytes at page 0x110, the
+        /// status byte alone at page 0x120, as Linux lays them out) and returns the status, the
+        /// used length and the pages the device logged.
+        fn request(&mut self, type_: u32, sector: u64, data: u32) -> (u8, u32, Vec<u64>) {
+            let (hdr, buf, status) = (0x100 * PAGE, 0x110 * PAGE, 0x120 * PAGE);
+            self.driver.write(hdr, &RequestHeader { type_, reserved: 0, sector }.to_le_bytes()).unwrap();
+            self.driver.write(status, &[0xff]).unwrap();
+            let mut writable = vec![(status, 1)];
+            if data > 0 {
+                writable.insert(0, (buf, data));
+            }
+            self.driver.add(&[(hdr, RequestHeader::SIZE as u32)], &writable).unwrap();
+            self.driver.publish();
+            let mut batch = ChainBatch::new();
+            assert_eq!(self.device.pop_batch(&mut batch, 8).unwrap(), 1);
+            self.blk.process(0, &mut self.device, &batch).unwrap();
+            self.device.publish_used().unwrap();
+            let mut used = Vec::new();
+            assert_eq!(self.driver.reap(&mut used, 8).unwrap(), 1);
+            let mut st = [0u8];
+            self.mem.table().read(status, &mut st).unwrap();
+            (st[0], used[0].1, self.log.take_dirty())
+        }
+    }
+
+    const STATUS_PAGE: u64 = 0x120;
+
+    #[test]
+    fn the_status_byte_is_logged_when_a_request_fails() {
+        let mut r = rig("ioerr");
+        // A read past the end of the image: IOERR, used length 1, no data written, but the
+        // status byte (the chain's last writable byte, on a page of its own) was.
+        let (status, len, dirty) = r.request(VIRTIO_BLK_T_IN, 1 << 20, 4096);
+        assert_eq!((status, len), (VIRTIO_BLK_S_IOERR, 1));
+        assert!(dirty.contains(&STATUS_PAGE), "status page not logged: {dirty:x?}");
+        // An unknown request type: UNSUPP.
+        let (status, len, dirty) = r.request(99, 0, 512);
+        assert_eq!((status, len), (VIRTIO_BLK_S_UNSUPP, 1));
+        assert!(dirty.contains(&STATUS_PAGE), "status page not logged: {dirty:x?}");
+        // A write has only the status byte writable.
+        let (status, _, dirty) = r.request(VIRTIO_BLK_T_OUT, 1 << 20, 0);
+        assert_eq!(status, VIRTIO_BLK_S_IOERR);
+        assert_eq!(dirty, [STATUS_PAGE]);
+    }
+
+    #[test]
+    fn get_id_logs_the_id_and_the_status_byte() {
+        let mut r = rig("getid");
+        // Linux asks with a 20-byte buffer; a driver may give more: 20 bytes are written at its
+        // start and the status after the whole buffer.
+        let (status, len, dirty) = r.request(VIRTIO_BLK_T_GET_ID, 0, 4096);
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, VIRTIO_BLK_ID_BYTES as u32 + 1));
+        assert!(dirty.contains(&0x110) && dirty.contains(&STATUS_PAGE), "{dirty:x?}");
+    }
+
+    #[test]
+    fn a_read_logs_its_data_and_status_pages() {
+        let mut r = rig("read");
+        let (status, len, dirty) = r.request(VIRTIO_BLK_T_IN, 0, 2 * PAGE as u32);
+        assert_eq!((status, len), (VIRTIO_BLK_S_OK, 2 * PAGE as u32 + 1));
+        assert_eq!(dirty, [0x110, 0x111, STATUS_PAGE]);
+        let mut data = vec![0u8; 2 * PAGE as usize];
+        r.mem.table().read(0x110 * PAGE, &mut data).unwrap();
+        assert!(data.iter().all(|&b| b == 0x5a));
+    }
+}

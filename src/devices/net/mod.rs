@@ -707,7 +707,9 @@ pub fn deliver(
             *src = &src[n..];
             at += n;
         }
-        rx.complete(chain, at as u32)?;
+        // Header and frame fill the chain from its start and nothing else is written: only
+        // those bytes are logged (an RX buffer can be 64 KiB for a 60-byte frame).
+        rx.complete_prefix(chain, at as u32)?;
     }
     Ok(Delivery::Delivered)
 }
