@@ -66,6 +66,8 @@ pub struct Session {
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
     iotlb: Arc<RwLock<Iotlb>>,
+    /// DEVICE_STATE: the state transfer in progress or its outcome.
+    transfer: super::state::Transfer,
     /// Declared after `rings`: rings leave their threads before the threads end.
     workers: Workers,
     /// VHOSTUSER_RS_TRACE: print requests and ring events to stderr.
@@ -105,6 +107,7 @@ impl Session {
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
+            transfer: super::state::Transfer::default(),
             workers: Workers::new(policy),
             // A debugging aid for users and for tests that check what a real front-end sent.
             trace: std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0"),
@@ -501,6 +504,23 @@ impl Session {
                 self.device.reset();
                 Outcome::Done
             }
+            // Device-facing requests (state transfer, shared objects, shared memory): each
+            // answered only once its protocol feature was negotiated.
+            (SET_DEVICE_STATE_FD, Payload::DeviceStateParams(params)) if self.acked(ProtocolFeatures::DEVICE_STATE) => {
+                let running = self.rings.iter().any(|r| r.worker.is_some());
+                let status = self.transfer.start(&self.device, *params, fds.pop(), running);
+                Outcome::Reply(Payload::U64(status), Vec::new())
+            }
+            (CHECK_DEVICE_STATE, _) if self.acked(ProtocolFeatures::DEVICE_STATE) => {
+                Outcome::Reply(Payload::U64(self.transfer.check()), Vec::new())
+            }
+            (GET_SHARED_OBJECT, p) if self.acked(ProtocolFeatures::SHARED_OBJECT) => {
+                let (payload, fds) = super::shared::get_shared_object(&*self.device, p);
+                Outcome::Reply(payload, fds)
+            }
+            (GET_SHMEM_CONFIG, _) if self.acked(ProtocolFeatures::SHMEM) => {
+                Outcome::Reply(Payload::ShmemConfig(super::shmem::shmem_config(&*self.device)), Vec::new())
+            }
             _ => {
                 drop(fds);
                 refuse("not supported by this back-end")
@@ -524,6 +544,10 @@ impl Session {
                 })
             }
         }
+    }
+
+    fn acked(&self, feature: ProtocolFeatures) -> bool {
+        self.acked_protocol.contains(feature)
     }
 
     fn iommu(&self) -> bool {
