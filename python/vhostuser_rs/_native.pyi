@@ -320,6 +320,30 @@ class BackendRequests:
         need_reply: bool = False,
         timeout: float | None = 5.0,
     ) -> int | None: ...
+    def shared_object_lookup(self, uuid: bytes, *, timeout: float | None = 5.0) -> tuple[int, int | None]: ...
+    def shmem_map(
+        self,
+        regions: list[int],
+        shmid: int,
+        fd: int,
+        *,
+        fd_offset: int,
+        shm_offset: int,
+        length: int,
+        writable: bool,
+        need_reply: bool = False,
+        timeout: float | None = 5.0,
+    ) -> int | None: ...
+    def shmem_unmap(
+        self,
+        regions: list[int],
+        shmid: int,
+        *,
+        shm_offset: int,
+        length: int,
+        need_reply: bool = False,
+        timeout: float | None = 5.0,
+    ) -> int | None: ...
 
 @final
 class StopFlag:

@@ -35,11 +35,12 @@ import functools
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain, RingQueue
 from .enums import BackendRequest, FrontendRequest, VirtioFeature
+from .messages import SharedObject
 from .exceptions import RequestRejectedError
 
 if TYPE_CHECKING:
@@ -116,6 +117,38 @@ class Device:
 
     def reset(self) -> None:
         """The front-end went away or reset the device."""
+
+    # -- device state transfer (DEVICE_STATE), shared objects, shared memory -----------------
+    #: VIRTIO Shared Memory Region sizes by shmid (index; 0 = unused id; at most 256 entries,
+    #: multiples of the page size), the answer to GET_SHMEM_CONFIG. Fixed for the life of a
+    #: connection (read when the device is served). A non-zero entry makes the back-end offer
+    #: SHMEM (and BACKEND_SEND_FD, which SHMEM_MAP needs); map fds into the regions with
+    #: :meth:`Backend.shmem_map`.
+    shmem_regions: Sequence[int] = ()
+
+    def save_state(self, stream: BinaryIO) -> None:
+        """DEVICE_STATE, source side: write this device's internal state to `stream` (an
+        in-memory binary stream; the format is yours) for :meth:`load_state` on the
+        destination. Called with every ring stopped (the spec's STOPPED phase). Overriding both
+        this and :meth:`load_state` makes the back-end offer DEVICE_STATE. An exception refuses
+        the save: the front-end sees an error in SET_DEVICE_STATE_FD's reply and in
+        CHECK_DEVICE_STATE, and the session goes on."""
+        raise NotImplementedError
+
+    def load_state(self, stream: BinaryIO) -> None:
+        """DEVICE_STATE, destination side: restore what :meth:`save_state` wrote (all of it is
+        in `stream`), so that the driver goes on without re-initialising the device. Called
+        with every ring stopped, on a thread of the back-end. An exception fails
+        CHECK_DEVICE_STATE."""
+        raise NotImplementedError
+
+    def get_shared_object(self, uuid: bytes) -> int | None:
+        """SHARED_OBJECT: the front-end asks (GET_SHARED_OBJECT) for the dma-buf fd this device
+        exported under `uuid` with :meth:`Backend.shared_object_add`; return it (the back-end
+        sends a copy; you keep yours) or None if nothing is exported under it. Overriding this
+        makes the back-end offer SHARED_OBJECT. QEMU sends this request without its UUID: it
+        arrives as 16 zero bytes."""
+        return None
 
 
 class Backend:
@@ -238,6 +271,65 @@ class Backend:
                 f"the front-end failed CONFIG_CHANGE_MSG: {status:#x}",
                 request=BackendRequest.CONFIG_CHANGE_MSG, status=status,
             )
+
+    def shared_object_add(self, uuid: bytes, *, need_reply: bool = False, timeout: float | None = 5.0) -> None:
+        """SHARED_OBJECT_ADD: export the object `uuid` (16 bytes); the front-end then asks this
+        back-end for its fd with GET_SHARED_OBJECT (:meth:`Device.get_shared_object`). Needs
+        SHARED_OBJECT negotiated; raises RequestRejectedError if the front-end refuses."""
+        self._status(BackendRequest.SHARED_OBJECT_ADD, SharedObject(bytes(uuid)), (), need_reply, timeout)
+
+    def shared_object_remove(self, uuid: bytes, *, need_reply: bool = False, timeout: float | None = 5.0) -> None:
+        """SHARED_OBJECT_REMOVE: stop exporting `uuid` (only its exporter may remove it)."""
+        self._status(BackendRequest.SHARED_OBJECT_REMOVE, SharedObject(bytes(uuid)), (), need_reply, timeout)
+
+    def shared_object_lookup(self, uuid: bytes, *, timeout: float | None = 5.0) -> int:
+        """SHARED_OBJECT_LOOKUP: the dma-buf fd exported under `uuid` by any back-end of the
+        front-end (yours to close). The front-end always replies; a non-zero status raises
+        RequestRejectedError."""
+        status, fd = self.requests.shared_object_lookup(bytes(uuid), timeout=timeout)
+        if status or fd is None:
+            if fd is not None:
+                os.close(fd)
+            raise RequestRejectedError(
+                f"the front-end found no shared object {bytes(uuid).hex()}: {status:#x}",
+                request=BackendRequest.SHARED_OBJECT_LOOKUP, status=status or 1,
+            )
+        return fd
+
+    def shmem_map(
+        self, shmid: int, fd: int, *, shm_offset: int, length: int, fd_offset: int = 0, writable: bool = True,
+        need_reply: bool = False, timeout: float | None = 5.0,
+    ) -> None:
+        """SHMEM_MAP: ask the front-end to map `length` bytes of `fd` (from `fd_offset`) at
+        `shm_offset` of shared memory region `shmid` (one of :attr:`Device.shmem_regions`),
+        read-write unless `writable` is False. The range must be page-aligned and inside the
+        region, else InvalidStateError before anything is sent. Needs SHMEM and BACKEND_SEND_FD; RequestRejectedError if the front-end refuses."""
+        status = self.requests.shmem_map(
+            list(getattr(self.device, "shmem_regions", ())), shmid, fd, fd_offset=fd_offset,
+            shm_offset=shm_offset, length=length, writable=writable, need_reply=need_reply, timeout=timeout,
+        )
+        self._check(BackendRequest.SHMEM_MAP, status)
+
+    def shmem_unmap(
+        self, shmid: int, *, shm_offset: int, length: int, need_reply: bool = False, timeout: float | None = 5.0,
+    ) -> None:
+        """SHMEM_UNMAP: ask the front-end to drop the mapping at `shm_offset` (exactly `length`
+        bytes, as mapped) of region `shmid`."""
+        status = self.requests.shmem_unmap(
+            list(getattr(self.device, "shmem_regions", ())), shmid, shm_offset=shm_offset, length=length,
+            need_reply=need_reply, timeout=timeout,
+        )
+        self._check(BackendRequest.SHMEM_UNMAP, status)
+
+    def _status(
+        self, request: BackendRequest, payload: object, fds: Sequence[int], need_reply: bool, timeout: float | None,
+    ) -> None:
+        self._check(request, self.backend_request(request, payload, fds, need_reply=need_reply, timeout=timeout))
+
+    @staticmethod
+    def _check(request: BackendRequest, status: int | None) -> None:
+        if status:
+            raise RequestRejectedError(f"the front-end failed {request.name}: {status:#x}", request=request, status=status)
 
     def start(self, *, max_connections: int | None = None) -> None:
         """Serve on a background thread (see :meth:`stop`); errors land in :attr:`error`."""

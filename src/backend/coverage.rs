@@ -212,9 +212,10 @@ fn row(request: FrontendRequest) -> (Handling, &'static str) {
         REM_MEM_REG => (Session, "unmaps one region (after its last repeat)"),
         SET_STATUS => (Session, "0 resets; rings run with DRIVER_OK, stop with FAILED"),
         GET_STATUS => (Session, "the status byte, DEVICE_NEEDS_RESET once a ring broke"),
-        GET_SHARED_OBJECT => (Refused, "SHARED_OBJECT not offered"),
-        SET_DEVICE_STATE_FD | CHECK_DEVICE_STATE => (Refused, "DEVICE_STATE not offered"),
-        GET_SHMEM_CONFIG => (Refused, "SHMEM not offered"),
+        GET_SHARED_OBJECT => (Device, "the dma-buf the device exported under the UUID (SHARED_OBJECT)"),
+        SET_DEVICE_STATE_FD => (Device, "save or load over the front-end's pipe on a thread of its own (DEVICE_STATE)"),
+        CHECK_DEVICE_STATE => (Device, "the outcome of the last transfer, waited for up to 5 s (DEVICE_STATE)"),
+        GET_SHMEM_CONFIG => (Device, "the device's declared shared memory regions (SHMEM)"),
         GET_VRING_BASE_SKIP_DRAIN => {
             (Session, "answered as GET_VRING_BASE even without bit 23: draining is always allowed")
         }

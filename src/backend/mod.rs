@@ -11,6 +11,9 @@ mod coverage;
 mod requests;
 mod rings;
 mod session;
+mod shared;
+mod shmem;
+mod state;
 mod worker;
 
 pub use coverage::{coverage, offer, refusal, Coverage, Handling, Offer, Refusal};
@@ -19,6 +22,9 @@ pub use rings::{RingHandle, Rings};
 pub use session::{
     serve_connection, serve_session, Session, DEVICE_PROTOCOL_FEATURES, NEVER_OFFERED, SESSION_PROTOCOL_FEATURES,
 };
+pub use shared::{shared_object_add, shared_object_lookup, shared_object_remove};
+pub use shmem::{check_mapping, shmem_map, shmem_unmap};
+pub use state::{StateReader, StateWriter, MAX_STATE};
 pub use worker::WorkerPolicy;
 
 use std::os::fd::{OwnedFd, RawFd};
@@ -138,6 +144,32 @@ pub trait Device: Send + Sync + 'static {
     /// here once, so a wake-up costs one GIL acquisition however many batches it holds.
     fn wake_scope(&self, run: &mut dyn FnMut()) {
         run()
+    }
+    /// DEVICE_STATE (SET_DEVICE_STATE_FD, direction SAVE): the device's internal state, in a
+    /// format of its own, for a back-end of the same kind to [`load_state`](Device::load_state)
+    /// on the migration destination. Called with every ring stopped (the STOPPED phase). `Err`
+    /// is reported to the front-end (the reply's error bits, and CHECK_DEVICE_STATE). Offer
+    /// DEVICE_STATE in [`protocol_features`](Device::protocol_features) only if this works.
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Err("this device cannot save its state".into())
+    }
+    /// DEVICE_STATE, direction LOAD: restores what [`save_state`](Device::save_state) produced
+    /// on the source, so that the driver goes on without re-initialising the device. Called on
+    /// the transfer thread with every ring stopped. `Err` fails CHECK_DEVICE_STATE.
+    fn load_state(&self, _state: &[u8]) -> Result<(), String> {
+        Err("this device cannot load a state".into())
+    }
+    /// SHARED_OBJECT: GET_SHARED_OBJECT asks for the dma-buf this device exported under `uuid`
+    /// (with SHARED_OBJECT_ADD); return a new fd for it (sent to the front-end and closed
+    /// here), or `None` if it is not exported.
+    fn shared_object(&self, _uuid: &[u8; 16]) -> Option<OwnedFd> {
+        None
+    }
+    /// SHMEM: the size of each VIRTIO Shared Memory Region by shmid (index; 0 = unused id, at
+    /// most 256 entries, sizes multiples of the page size), answered to GET_SHMEM_CONFIG. Fixed
+    /// for the life of the connection (protocol.md §6.15).
+    fn shmem_regions(&self) -> Vec<u64> {
+        Vec::new()
     }
 }
 

@@ -135,3 +135,47 @@ impl BackendRequests {
         self.send(BackendRequest::IOTLB_MSG, Payload::Iotlb(miss), &[], need_reply, timeout)
     }
 }
+
+impl BackendRequests {
+    /// Sends a request whose reply is mandatory whatever REPLY_ACK says (SHARED_OBJECT_LOOKUP)
+    /// and returns the reply's u64 and fds. Gated like [`send`](Self::send); a missing or wrong
+    /// reply closes the channel.
+    pub fn request_with_reply(
+        &self,
+        request: BackendRequest,
+        payload: Payload,
+        timeout: Option<Duration>,
+    ) -> Result<(u64, Vec<std::os::fd::OwnedFd>)> {
+        let Some(conn) = self.lock().clone() else {
+            return Err(Error::InvalidState {
+                request: request.into(),
+                state: "the front-end set up no back-end request channel (SET_BACKEND_REQ_FD)",
+            });
+        };
+        let negotiated = *self.negotiated.lock().unwrap_or_else(|e| e.into_inner());
+        negotiated.check_gate(request)?;
+        let deadline = Deadline::after(timeout);
+        let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
+        conn.send(&Message::request(request, payload), &[], deadline)?;
+        let answer = (|| {
+            if !conn.readable(deadline.remaining())? {
+                return Err(Error::Timeout("waiting for the front-end's reply on the back-end request channel"));
+            }
+            let raw = conn.recv_raw(deadline, crate::protocol::MAX_PAYLOAD_SIZE)?;
+            let received = raw.into_reply(Channel::Backend, Request::Backend(request))?;
+            match received.message.payload {
+                Payload::U64(status) => Ok((status, received.fds)),
+                _ => Err(ProtocolError::Direction { request: request.into(), reason: "the reply is not a u64 status" }
+                    .into()),
+            }
+        })();
+        if answer.is_err() {
+            let mut open = self.lock();
+            if open.as_ref().is_some_and(|c| Arc::ptr_eq(c, &conn)) {
+                open.take();
+            }
+            conn.shutdown();
+        }
+        answer
+    }
+}

@@ -37,14 +37,18 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
 );
 
 /// Protocol features the session leaves to a device that declares them in
-/// [`Device::protocol_features`]: the device requests (RARP, MTU, CRYPTO_SESSION) and
+/// [`Device::protocol_features`]: the device requests (RARP, MTU, CRYPTO_SESSION), the
+/// device-facing DEVICE_STATE, SHARED_OBJECT and SHMEM (answered from `Device` hooks), and
 /// INBAND_NOTIFICATIONS, which the session implements but the spec advises against outside
 /// simulation, and which QEMU acks whenever it is offered (protocol.md §5.4.4).
 pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
     ProtocolFeatures::RARP.0
         | ProtocolFeatures::MTU.0
         | ProtocolFeatures::CRYPTO_SESSION.0
-        | ProtocolFeatures::INBAND_NOTIFICATIONS.0,
+        | ProtocolFeatures::INBAND_NOTIFICATIONS.0
+        | ProtocolFeatures::DEVICE_STATE.0
+        | ProtocolFeatures::SHARED_OBJECT.0
+        | ProtocolFeatures::SHMEM.0,
 );
 
 /// Protocol features not implemented here, never offered even if a device declares them:
@@ -104,6 +108,8 @@ pub struct Session {
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
     iotlb: Arc<RwLock<Iotlb>>,
+    /// DEVICE_STATE: the state transfer in progress or its outcome.
+    transfer: super::state::Transfer,
     /// Declared after `rings`: rings leave their threads before the threads end.
     workers: Workers,
 }
@@ -146,6 +152,7 @@ impl Session {
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
+            transfer: super::state::Transfer::default(),
             workers: Workers::new(policy),
         }
     }
@@ -734,6 +741,23 @@ impl Session {
             (SET_VRING_ENDIAN, _) | (POSTCOPY_ADVISE, _) | (POSTCOPY_LISTEN, _) | (POSTCOPY_END, _) => {
                 refuse("not offered by this back-end")
             }
+            // Device-facing requests (state transfer, shared objects, shared memory): each
+            // answered only once its protocol feature was negotiated.
+            (SET_DEVICE_STATE_FD, Payload::DeviceStateParams(params)) if self.acked(ProtocolFeatures::DEVICE_STATE) => {
+                let running = self.rings.iter().any(|r| r.worker.is_some());
+                let status = self.transfer.start(&self.device, *params, fds.pop(), running);
+                Outcome::Reply(Payload::U64(status), Vec::new())
+            }
+            (CHECK_DEVICE_STATE, _) if self.acked(ProtocolFeatures::DEVICE_STATE) => {
+                Outcome::Reply(Payload::U64(self.transfer.check()), Vec::new())
+            }
+            (GET_SHARED_OBJECT, p) if self.acked(ProtocolFeatures::SHARED_OBJECT) => {
+                let (payload, fds) = super::shared::get_shared_object(&*self.device, p);
+                Outcome::Reply(payload, fds)
+            }
+            (GET_SHMEM_CONFIG, _) if self.acked(ProtocolFeatures::SHMEM) => {
+                Outcome::Reply(Payload::ShmemConfig(super::shmem::shmem_config(&*self.device)), Vec::new())
+            }
             _ => {
                 drop(fds);
                 refuse("not supported by this back-end")
@@ -760,6 +784,10 @@ impl Session {
     /// INBAND_NOTIFICATIONS was negotiated (and with it BACKEND_REQ and REPLY_ACK).
     fn inband(&self) -> bool {
         self.acked_protocol.contains(ProtocolFeatures::INBAND_NOTIFICATIONS)
+    }
+
+    fn acked(&self, feature: ProtocolFeatures) -> bool {
+        self.acked_protocol.contains(feature)
     }
 
     fn iommu(&self) -> bool {

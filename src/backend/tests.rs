@@ -56,6 +56,22 @@ impl Device for TestDevice {
     fn gpu_set_socket(&self, _socket: OwnedFd) -> Result<(), String> {
         self.hook()
     }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        self.hook().map(|()| vec![1, 2, 3])
+    }
+    fn load_state(&self, _state: &[u8]) -> Result<(), String> {
+        self.hook()
+    }
+    fn shared_object(&self, _uuid: &[u8; 16]) -> Option<OwnedFd> {
+        self.hook().ok().map(|()| memfd(4096))
+    }
+    fn shmem_regions(&self) -> Vec<u64> {
+        if self.hook().is_ok() {
+            vec![0, 2 << 20]
+        } else {
+            Vec::new()
+        }
+    }
 }
 
 impl TestDevice {
@@ -143,8 +159,21 @@ fn sample(s: &mut Session, req: FrontendRequest) -> (Payload, Vec<OwnedFd>) {
         | RESET_DEVICE
         | GET_MAX_MEM_SLOTS
         | GET_STATUS
-        | CHECK_DEVICE_STATE
         | GET_SHMEM_CONFIG => (Payload::Empty, none),
+        CHECK_DEVICE_STATE => {
+            // Something to check: a SAVE into a pipe whose read end is dropped at once (the
+            // device's state is produced either way; the hook decides the outcome).
+            let mut fds = [0; 2];
+            // SAFETY: plain syscall filling a local array; the fds are owned right after.
+            assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+            // SAFETY: fresh descriptors nobody else owns.
+            let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+            let params = Payload::DeviceStateParams(DeviceStateParams { direction: 0, phase: 0 });
+            ask(s, SET_DEVICE_STATE_FD, params, vec![w]);
+            // Keep the read end open until the state is written (a full pipe would not be).
+            std::mem::forget(r);
+            (Payload::Empty, none)
+        }
         SET_FEATURES => {
             (Payload::U64(VirtioFeatures::VERSION_1.bits() | VirtioFeatures::PROTOCOL_FEATURES.bits()), none)
         }

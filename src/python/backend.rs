@@ -154,6 +154,80 @@ impl PyBackendRequests {
         let inner = self.inner.clone();
         py.detach(|| inner.send(request, payload, &borrowed, need_reply, timeout)).map_err(|e| to_pyerr(py, e))
     }
+
+    /// SHARED_OBJECT_LOOKUP for `uuid`: waits up to `timeout` seconds for the front-end's
+    /// mandatory reply; returns ``(status, fd or None)`` (the fd is the caller's to close).
+    #[pyo3(signature = (uuid, *, timeout=5.0))]
+    fn shared_object_lookup(
+        &self,
+        py: Python<'_>,
+        uuid: Vec<u8>,
+        timeout: Option<f64>,
+    ) -> PyResult<(u64, Option<RawFd>)> {
+        let uuid: [u8; 16] = uuid.try_into().map_err(|_| PyValueError::new_err("a UUID is 16 bytes"))?;
+        let timeout = super::blocking::timeout(timeout)?;
+        let inner = self.inner.clone();
+        let (status, fd) =
+            py.detach(|| crate::backend::shared_object_lookup(&inner, uuid, timeout)).map_err(|e| to_pyerr(py, e))?;
+        Ok((status, fd.map(std::os::fd::IntoRawFd::into_raw_fd)))
+    }
+
+    /// SHMEM_MAP of `fd` into region `shmid`, checked against `regions` (the device's declared
+    /// sizes) before it is sent.
+    #[pyo3(signature = (regions, shmid, fd, *, fd_offset, shm_offset, length, writable, need_reply=false, timeout=5.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn shmem_map(
+        &self,
+        py: Python<'_>,
+        regions: Vec<u64>,
+        shmid: u8,
+        fd: RawFd,
+        fd_offset: u64,
+        shm_offset: u64,
+        length: u64,
+        writable: bool,
+        need_reply: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<u64>> {
+        let timeout = super::blocking::timeout(timeout)?;
+        let borrowed = super::socket::borrow_fds(std::slice::from_ref(&fd))?;
+        let inner = self.inner.clone();
+        py.detach(|| {
+            crate::backend::shmem_map(
+                &inner,
+                &regions,
+                shmid,
+                borrowed[0],
+                fd_offset,
+                shm_offset,
+                length,
+                writable,
+                need_reply,
+                timeout,
+            )
+        })
+        .map_err(|e| to_pyerr(py, e))
+    }
+
+    /// SHMEM_UNMAP of `length` bytes at `shm_offset` of region `shmid`, checked against
+    /// `regions` first.
+    #[pyo3(signature = (regions, shmid, *, shm_offset, length, need_reply=false, timeout=5.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn shmem_unmap(
+        &self,
+        py: Python<'_>,
+        regions: Vec<u64>,
+        shmid: u8,
+        shm_offset: u64,
+        length: u64,
+        need_reply: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<u64>> {
+        let timeout = super::blocking::timeout(timeout)?;
+        let inner = self.inner.clone();
+        py.detach(|| crate::backend::shmem_unmap(&inner, &regions, shmid, shm_offset, length, need_reply, timeout))
+            .map_err(|e| to_pyerr(py, e))
+    }
 }
 
 /// A flag that ends a background ``serve_device`` loop.

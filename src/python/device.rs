@@ -158,6 +158,12 @@ pub(crate) struct PyDevice {
     per_request: bool,
     /// The class overrides ``event_fds``: it watches fds of its own and may defer chains.
     has_events: bool,
+    /// The class overrides ``save_state`` and ``load_state``: DEVICE_STATE is offered.
+    has_state: bool,
+    /// The class overrides ``get_shared_object``: SHARED_OBJECT is offered.
+    has_shared: bool,
+    /// ``shmem_regions``, read once (fixed for the connection): SHMEM is offered if non-empty.
+    shmem_regions: Vec<u64>,
 }
 
 impl PyDevice {
@@ -176,6 +182,9 @@ impl PyDevice {
             protocol_features: b.getattr("protocol_features")?.extract()?,
             per_request,
             has_events: overrides("event_fds")?,
+            has_state: overrides("save_state")? && overrides("load_state")?,
+            has_shared: overrides("get_shared_object")?,
+            shmem_regions: b.getattr("shmem_regions")?.extract()?,
             obj,
         })
     }
@@ -268,7 +277,19 @@ impl Device for PyDevice {
     }
 
     fn protocol_features(&self) -> crate::protocol::ProtocolFeatures {
-        crate::protocol::ProtocolFeatures(self.protocol_features)
+        use crate::protocol::ProtocolFeatures as P;
+        let mut p = P(self.protocol_features);
+        if self.has_state {
+            p |= P::DEVICE_STATE;
+        }
+        if self.has_shared {
+            p |= P::SHARED_OBJECT;
+        }
+        if self.shmem_regions.iter().any(|&s| s != 0) {
+            // SHMEM_MAP carries the fd to map: it needs BACKEND_SEND_FD too.
+            p |= P::SHMEM | P::BACKEND_SEND_FD;
+        }
+        p
     }
 
     fn device_request(&self, request: crate::backend::DeviceRequest) -> Result<(), String> {
@@ -440,6 +461,70 @@ impl Device for PyDevice {
                 warn(py, "reset()", &e);
             }
         });
+    }
+
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        if !self.has_state {
+            return Err("the device does not implement save_state and load_state".into());
+        }
+        self.with_stream("save_state", &[])
+    }
+
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        if !self.has_state {
+            return Err("the device does not implement save_state and load_state".into());
+        }
+        self.with_stream("load_state", state).map(|_| ())
+    }
+
+    fn shared_object(&self, uuid: &[u8; 16]) -> Option<std::os::fd::OwnedFd> {
+        Python::attach(|py| {
+            let fd = match self.obj.bind(py).call_method1("get_shared_object", (PyBytes::new(py, uuid),)) {
+                Ok(r) if r.is_none() => return None,
+                Ok(r) => match r.extract::<RawFd>() {
+                    Ok(fd) if fd >= 0 => fd,
+                    _ => {
+                        let e = PyValueError::new_err("get_shared_object must return an open fd or None");
+                        warn(py, "get_shared_object()", &e);
+                        return None;
+                    }
+                },
+                Err(e) => {
+                    warn(py, "get_shared_object()", &e);
+                    return None;
+                }
+            };
+            // SAFETY: the device returned an fd it keeps open during this call; we send a copy.
+            match unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned() {
+                Ok(owned) => Some(owned),
+                Err(e) => {
+                    warn(py, "get_shared_object()", &super::errors::os_error(&e));
+                    None
+                }
+            }
+        })
+    }
+
+    fn shmem_regions(&self) -> Vec<u64> {
+        self.shmem_regions.clone()
+    }
+}
+
+impl PyDevice {
+    /// Calls ``method(stream)`` with an ``io.BytesIO`` (holding `data`) and returns what the
+    /// stream holds afterwards; an exception is logged and becomes the refusal's reason.
+    fn with_stream(&self, method: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+        Python::attach(|py| {
+            let run = || -> PyResult<Vec<u8>> {
+                let stream = py.import("io")?.getattr("BytesIO")?.call1((PyBytes::new(py, data),))?;
+                self.obj.bind(py).call_method1(method, (stream.clone(),))?;
+                stream.call_method0("getvalue")?.extract()
+            };
+            run().map_err(|e| {
+                warn(py, &format!("{method}()"), &e);
+                e.to_string()
+            })
+        })
     }
 }
 

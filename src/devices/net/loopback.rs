@@ -92,7 +92,7 @@ impl NetPort for Loopback {
     }
     fn protocol_features(&self) -> ProtocolFeatures {
         // No RARP: a loopback port has nobody to announce the guest to.
-        ProtocolFeatures::MTU
+        ProtocolFeatures::MTU | ProtocolFeatures::DEVICE_STATE
     }
     fn transmit(
         &self,

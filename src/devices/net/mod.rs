@@ -15,7 +15,7 @@ use std::sync::Mutex;
 
 use std::os::fd::RawFd;
 
-use crate::backend::{Device, DeviceRequest, RingHandle, Rings};
+use crate::backend::{Device, DeviceRequest, RingHandle, Rings, StateReader, StateWriter};
 use crate::protocol::{ProtocolFeatures, VirtioFeatures};
 use crate::virtio::net::{self as vnet, ctrl, feature, NetConfig, NetHeader, QueueRole};
 use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, KeptChains, Segment, VirtqueueError};
@@ -80,6 +80,14 @@ pub trait NetPort: Send + Sync + 'static {
     fn wake_scope(&self, run: &mut dyn FnMut()) {
         run()
     }
+    /// See [`Device::save_state`] (default: the core's state, which is all a built-in port has).
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        Ok(self.core().save_state())
+    }
+    /// See [`Device::load_state`].
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        self.core().load_state(state)
+    }
 }
 
 impl<P: NetPort> Device for P {
@@ -124,6 +132,12 @@ impl<P: NetPort> Device for P {
     fn wake_scope(&self, run: &mut dyn FnMut()) {
         NetPort::wake_scope(self, run)
     }
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        NetPort::save_state(self)
+    }
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        NetPort::load_state(self, state)
+    }
     fn event_fds(&self, queue_index: u16) -> Vec<RawFd> {
         match vnet::queue_role(queue_index, self.core().queue_pairs()) {
             Some(QueueRole::Rx(pair)) => self.rx_fds(pair),
@@ -160,6 +174,9 @@ impl<P: NetPort> Device for P {
         }
     }
 }
+
+/// Tag and format version of a net device's saved state (DEVICE_STATE).
+const NET_STATE_TAG: &[u8; 4] = b"VNT1";
 
 /// Counters of one queue pair. `tx` is what the driver transmitted, `rx` what was delivered
 /// into its receive queue.
@@ -341,9 +358,75 @@ impl NetCore {
         f
     }
 
-    /// Protocol features a net device implements (SEND_RARP needs the device's `rarp`).
+    /// Protocol features a net device implements (SEND_RARP needs the device's `rarp`;
+    /// DEVICE_STATE saves this core, see [`save_state`](Self::save_state)).
     pub fn protocol_features(&self) -> ProtocolFeatures {
-        ProtocolFeatures::MTU | ProtocolFeatures::RARP
+        ProtocolFeatures::MTU | ProtocolFeatures::RARP | ProtocolFeatures::DEVICE_STATE
+    }
+
+    /// DEVICE_STATE: what the driver set and would not set again after a migration — the
+    /// config space (MAC from MAC_ADDR_SET, link and announce status), the MTU from
+    /// NET_SET_MTU, the queue pairs in use (VQ_PAIRS_SET) and the RX filters (RX mode, MAC
+    /// tables). Counters are statistics of this back-end and stay behind.
+    pub fn save_state(&self) -> Vec<u8> {
+        let config = self.net_config();
+        let rx = self.rx_mode();
+        let mut w = StateWriter::new(NET_STATE_TAG);
+        w.u16(self.options.queue_pairs).bytes(&config.mac).u16(config.status).u16(config.mtu);
+        w.u16(self.mtu()).u16(self.active_pairs()).u8(u8::from(self.announce_pending.load(Ordering::Relaxed)));
+        for f in rx.flags {
+            w.u8(u8::from(f));
+        }
+        for table in [&rx.unicast, &rx.multicast] {
+            w.u64(table.len() as u64);
+            for mac in table {
+                w.bytes(mac);
+            }
+        }
+        w.finish()
+    }
+
+    /// Restores [`save_state`](Self::save_state)'s output; a state of a device with another
+    /// number of queue pairs is refused (the driver would address rings that do not exist).
+    pub fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        let mut r = StateReader::new(state, NET_STATE_TAG)?;
+        let pairs = r.u16()?;
+        if pairs != self.options.queue_pairs {
+            return Err(format!("the source device had {pairs} queue pairs, this one {}", self.options.queue_pairs));
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(r.bytes(6)?);
+        let (status, config_mtu, mtu, active, announce) = (r.u16()?, r.u16()?, r.u16()?, r.u16()?, r.u8()? != 0);
+        if !(ctrl::MQ_VQ_PAIRS_MIN..=pairs).contains(&active) {
+            return Err(format!("{active} queue pairs in use is outside 1..={pairs}"));
+        }
+        let mut rx = RxMode::default();
+        for f in &mut rx.flags {
+            *f = r.u8()? != 0;
+        }
+        for table in [&mut rx.unicast, &mut rx.multicast] {
+            let n = r.u64()?;
+            // Bounded by what is left: a forged count cannot make us allocate.
+            if n > (state.len() / 6) as u64 {
+                return Err("a MAC table is longer than the state".into());
+            }
+            for _ in 0..n {
+                let mut m = [0u8; 6];
+                m.copy_from_slice(r.bytes(6)?);
+                table.push(m);
+            }
+        }
+        r.end()?;
+        self.update_config(|c| {
+            c.mac = mac;
+            c.status = status;
+            c.mtu = config_mtu;
+        });
+        self.mtu.store(mtu, Ordering::Relaxed);
+        self.active_pairs.store(active, Ordering::Relaxed);
+        self.announce_pending.store(announce, Ordering::Relaxed);
+        *self.rx_mode.lock().unwrap_or_else(|e| e.into_inner()) = rx;
+        Ok(())
     }
 
     /// The config space.
@@ -742,6 +825,35 @@ mod tests {
         assert_eq!(check_tx(&chain(12 + 60, 1), 12), Err(TxError::Writable));
         assert_eq!(check_tx(&chain(12 + 13, 0), 12), Err(TxError::TooShort));
         assert_eq!(check_tx(&chain((12 + vnet::MAX_FRAME_LEN + 1) as u32, 0), 12), Err(TxError::TooLong));
+    }
+
+    #[test]
+    fn state_round_trips_and_foreign_states_are_refused() {
+        let src = NetCore::new(NetOptions { queue_pairs: 2, ..NetOptions::default() });
+        src.features_acked(src.features());
+        src.update_config(|c| c.mac = [2, 0, 0, 0, 0, 9]);
+        assert_eq!(src.command(ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET, &2u16.to_le_bytes()), ctrl::OK);
+        assert_eq!(src.command(ctrl::CLASS_RX, ctrl::RX_PROMISC, &[1]), ctrl::OK);
+        let mut tables = 1u32.to_le_bytes().to_vec();
+        tables.extend([0x0a; 6]);
+        tables.extend(0u32.to_le_bytes());
+        assert_eq!(src.command(ctrl::CLASS_MAC, ctrl::MAC_TABLE_SET, &tables), ctrl::OK);
+        src.set_mtu(DeviceRequest::NetSetMtu(9000)).unwrap();
+        let state = src.save_state();
+
+        let dst = NetCore::new(NetOptions { queue_pairs: 2, ..NetOptions::default() });
+        dst.load_state(&state).unwrap();
+        assert_eq!(dst.net_config(), src.net_config());
+        assert_eq!((dst.rx_mode(), dst.mtu(), dst.active_pairs()), (src.rx_mode(), 9000, 2));
+
+        let other = NetCore::new(NetOptions::default());
+        assert!(other.load_state(&state).unwrap_err().contains("queue pairs"));
+        for cut in [0, 3, 10, state.len() - 1] {
+            assert!(dst.load_state(&state[..cut]).is_err(), "truncated at {cut}");
+        }
+        let mut long = state.clone();
+        long.push(0);
+        assert!(dst.load_state(&long).is_err());
     }
 
     #[test]
