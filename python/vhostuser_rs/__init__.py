@@ -47,7 +47,17 @@ from .exceptions import (
     VirtqueueError,
 )
 from .backend import Backend, Device
-from .frontend import BackendRequestHandler, Frontend, InflightBuffer, Virtqueue
+from .frontend import (
+    BackendRequestHandler,
+    BuiltinHandler,
+    Frontend,
+    HostNotifier,
+    InflightBuffer,
+    IommuTable,
+    SharedObjectTable,
+    SharedRegion,
+    Virtqueue,
+)
 from .messages import Message
 from .net import NetClient, NetDevice
 
@@ -55,6 +65,7 @@ __all__ = [
     "Backend",
     "BackendRequest",
     "BackendRequestHandler",
+    "BuiltinHandler",
     "Channel",
     "Connection",
     "ConnectionClosedError",
@@ -68,7 +79,9 @@ __all__ = [
     "DeviceStatus",
     "FeatureNotNegotiatedError",
     "Frontend",
+    "HostNotifier",
     "InflightBuffer",
+    "IommuTable",
     "FrontendRequest",
     "GuestMemoryError",
     "InvalidStateError",
@@ -81,6 +94,8 @@ __all__ = [
     "ProtocolError",
     "ProtocolFeature",
     "RequestRejectedError",
+    "SharedObjectTable",
+    "SharedRegion",
     "UnexpectedReplyError",
     "VhostUserError",
     "VhostUserTimeoutError",
