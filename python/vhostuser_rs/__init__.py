@@ -52,7 +52,17 @@ from .exceptions import (
     VirtqueueError,
 )
 from .backend import Backend, Device
-from .frontend import BackendRequestHandler, Frontend, InflightBuffer, Virtqueue
+from .frontend import (
+    BackendRequestHandler,
+    BuiltinHandler,
+    Frontend,
+    HostNotifier,
+    InflightBuffer,
+    IommuTable,
+    SharedObjectTable,
+    SharedRegion,
+    Virtqueue,
+)
 from .messages import Message
 from .net import NetClient, NetDevice
 
@@ -61,6 +71,7 @@ __all__ = [
     "Backend",
     "BackendRequest",
     "BackendRequestHandler",
+    "BuiltinHandler",
     "Channel",
     "Connection",
     "ConnectionClosedError",
@@ -74,7 +85,9 @@ __all__ = [
     "DeviceStatus",
     "FeatureNotNegotiatedError",
     "Frontend",
+    "HostNotifier",
     "InflightBuffer",
+    "IommuTable",
     "FrontendRequest",
     "GuestMemoryError",
     "InvalidStateError",
@@ -87,6 +100,8 @@ __all__ = [
     "ProtocolError",
     "ProtocolFeature",
     "RequestRejectedError",
+    "SharedObjectTable",
+    "SharedRegion",
     "UnexpectedReplyError",
     "VhostUserError",
     "VhostUserTimeoutError",

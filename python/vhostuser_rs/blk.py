@@ -23,8 +23,8 @@ from typing import Any
 
 from . import _native
 from ._native import GuestMemory
-from .enums import VirtioFeature
-from .exceptions import NegotiationError, VhostUserError, VhostUserTimeoutError
+from .enums import ProtocolFeature, VirtioFeature
+from .exceptions import ConnectionClosedError, NegotiationError, VhostUserError, VhostUserTimeoutError
 from .frontend import Frontend, Virtqueue
 
 __all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature"]
@@ -142,7 +142,15 @@ CLIENT_FEATURES = (
 
 
 class BlockClient:
-    """A virtio-blk driver on a vhost-user front-end. Thread-safety: one thread per client."""
+    """A virtio-blk driver on a vhost-user front-end. Thread-safety: one thread per client.
+
+    With ``reconnect=SECONDS`` (:meth:`connect`) a back-end that dies or restarts is replaced
+    by a new session on the same socket path while a request waits (QEMU's ``reconnect=``):
+    the front-end negotiates again, hands over the rings and the inflight buffer
+    (INFLIGHT_SHMFD, set up at connect when offered), and the new back-end resubmits what the
+    old one had not completed. A request either completes or raises VhostUserTimeoutError after
+    `timeout`; none is lost. Without it a hang-up raises ConnectionClosedError.
+    """
 
     def __init__(
         self,
@@ -157,7 +165,7 @@ class BlockClient:
     ) -> None:
         self.frontend = frontend
         self.timeout = timeout
-        self.memory = GuestMemory.allocate(memory_size)
+        self._memory: GuestMemory | None = GuestMemory.allocate(memory_size)
         offered = frontend.get_features()
         wanted = int(CLIENT_FEATURES) | int(VirtioFeature.VERSION_1)
         if indirect:
@@ -176,6 +184,9 @@ class BlockClient:
         if self.config is not None and int(self.features) & BlockFeature.MQ and num_queues > self.config.num_queues:
             raise NegotiationError(f"the device has {self.config.num_queues} queues, {num_queues} requested")
         self.indirect = indirect
+        if frontend.reconnect is not None and ProtocolFeature.INFLIGHT_SHMFD in result.protocol_features:
+            # Kept by the front-end for the next back-end (vhost-user-blk does this in QEMU).
+            frontend.setup_inflight(num_queues, queue_size)
         self.queues: list[Virtqueue] = [
             frontend.setup_queue(i, queue_size, self.memory, indirect_max=8 if indirect else 0)
             for i in range(num_queues)
@@ -195,9 +206,11 @@ class BlockClient:
         indirect: bool = False,
         event_idx: bool | None = None,
         timeout: float | None = 5.0,
+        reconnect: float | None = None,
     ) -> BlockClient:
-        """Connect to a vhost-user-blk back-end and set up `num_queues` rings."""
-        fe = Frontend.connect(path, timeout=timeout)
+        """Connect to a vhost-user-blk back-end and set up `num_queues` rings. `reconnect`:
+        seconds to keep trying to reach a restarted back-end after it hangs up (see the class)."""
+        fe = Frontend.connect(path, timeout=timeout, reconnect=reconnect)
         try:
             return cls(
                 fe,
@@ -219,8 +232,21 @@ class BlockClient:
         self.close()
 
     def close(self) -> None:
-        """Close the session. Idempotent."""
+        """Close the session and release every fd at once, from any state (also after the
+        back-end died): the socket, the back-end request channel, the rings' eventfds, the
+        inflight buffer, and the client's guest memory (its memfd goes when nothing else refers
+        to it: views and rings taken from this client keep it). Idempotent."""
         self.frontend.close()
+        self.queues = []
+        # The rings and the staging area live in the memory: let it go now.
+        self._memory = None
+
+    @property
+    def memory(self) -> GuestMemory:
+        """The guest memory shared with the back-end (rings, staging area)."""
+        if self._memory is None:
+            raise ConnectionClosedError("the BlockClient is closed")
+        return self._memory
 
     @property
     def capacity(self) -> int:
@@ -266,7 +292,10 @@ class BlockClient:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 raise VhostUserTimeoutError("virtio-blk request timed out")
-            vq.wait(min(left, 0.1) if left is not None else 0.1)
+            if not vq.wait(min(left, 0.1) if left is not None else 0.1):
+                fe = self.frontend
+                if fe.reconnect is None and fe.peer_closed:
+                    raise ConnectionClosedError("the back-end hung up with the request in flight")
 
     def read(self, offset: int, length: int, *, queue: int = 0) -> bytes:
         """Read `length` bytes at byte `offset` (both multiples of 512)."""

@@ -19,18 +19,28 @@ from __future__ import annotations
 
 import errno
 import logging
+import mmap
 import os
 import select
 import socket
-from collections.abc import Sequence
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import EllipsisType
 from typing import Any
 
 from . import _native
-from ._native import DirtyLog, DriverQueue, GuestMemory
+from ._native import DirtyLog, DriverQueue, GuestMemory, SharedRegion
 from .enums import BackendRequest, DeviceStatus, FrontendRequest, ProtocolFeature, VirtioFeature
-from .exceptions import NegotiationError, RequestRejectedError, VhostUserTimeoutError
+from .exceptions import (
+    ConnectionClosedError,
+    NegotiationError,
+    RequestRejectedError,
+    VhostUserError,
+    VhostUserTimeoutError,
+)
 from .messages import (
     CryptoSession,
     DeviceConfig,
@@ -50,7 +60,19 @@ from .messages import (
     VringState,
 )
 
-__all__ = ["BackendRequestHandler", "Frontend", "NegotiationResult", "Virtqueue"]
+__all__ = [
+    "BackendRequestHandler",
+    "BuiltinHandler",
+    "Frontend",
+    "HostNotifier",
+    "InflightBuffer",
+    "IommuEntry",
+    "IommuTable",
+    "NegotiationResult",
+    "SharedObjectTable",
+    "SharedRegion",
+    "Virtqueue",
+]
 
 log = logging.getLogger("vhostuser_rs.frontend")
 
@@ -95,15 +117,54 @@ _TRANSPORT_BITS = ((1 << 41) - 1) & ~((1 << 24) - 1)  # bits 24..=40
 LOG_PAGE_SIZE = 0x1000
 _GUEST_ANNOUNCE = 1 << _native.VIRTIO_NET["VIRTIO_NET_F_GUEST_ANNOUNCE"]
 
+#: Protocol features whose use needs someone serving the back-end request channel.
+_CHANNEL_FEATURES = (
+    ProtocolFeature.BACKEND_REQ
+    | ProtocolFeature.BACKEND_SEND_FD
+    | ProtocolFeature.HOST_NOTIFIER
+    | ProtocolFeature.SHARED_OBJECT
+    | ProtocolFeature.SHMEM
+    | ProtocolFeature.INBAND_NOTIFICATIONS
+)
+
+#: Spec dependencies between protocol features (protocol.md §5.4): a bit is only acked with
+#: the bits it needs.
+_DEPENDENCIES = (
+    (ProtocolFeature.INBAND_NOTIFICATIONS, ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK),
+    (ProtocolFeature.BACKEND_SEND_FD, ProtocolFeature.BACKEND_REQ),
+    (ProtocolFeature.HOST_NOTIFIER, ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD),
+    (ProtocolFeature.SHARED_OBJECT, ProtocolFeature.BACKEND_REQ),
+    (ProtocolFeature.SHMEM, ProtocolFeature.BACKEND_REQ | ProtocolFeature.BACKEND_SEND_FD),
+    (ProtocolFeature.GET_VRING_BASE_INFLIGHT, ProtocolFeature.INFLIGHT_SHMFD),
+    (ProtocolFeature.GET_VRING_BASE_SKIP_DRAIN, ProtocolFeature.GET_VRING_BASE_INFLIGHT),
+)
+
+
+def _drop_unmet_dependencies(proto: ProtocolFeature) -> ProtocolFeature:
+    changed = True
+    while changed:
+        changed = False
+        for bit, needs in _DEPENDENCIES:
+            if bit in proto and needs & ~proto:
+                proto &= ~bit
+                changed = True
+    return proto
+
 
 class BackendRequestHandler:
     """Answers requests the back-end sends on the back-end request channel.
 
-    Override the methods named after the requests you handle. Each returns ``None`` or ``0`` for
+    Override the methods named after the requests you handle (or start from
+    :class:`BuiltinHandler`, which answers all of them). Each returns ``None`` or ``0`` for
     success, or a non-zero status; raising an exception answers with a failure and logs a
     warning; the default methods raise :class:`NotImplementedError`, answered as "not
     supported". File descriptors passed in are closed after the method returns (``os.dup`` one
     to keep it). :meth:`shared_object_lookup` returns ``(status, fd)``.
+
+    The answer is sent as the ack when the back-end set NEED_REPLY (REPLY_ACK on the back-end
+    request channel) and always for SHARED_OBJECT_LOOKUP, whose reply is mandatory.
+    :meth:`Frontend.negotiate` acknowledges only the protocol features whose requests the
+    handler answers (:meth:`protocol_features`).
     """
 
     def iotlb_msg(self, msg: IotlbMsg) -> int | None:
@@ -136,7 +197,8 @@ class BackendRequestHandler:
         raise NotImplementedError
 
     def shared_object_lookup(self, uuid: bytes) -> tuple[int, int | None]:
-        """Look up a shared object: ``(0, dma_buf_fd)`` or ``(error, None)``."""
+        """Look up a shared object: ``(0, dma_buf_fd)`` or ``(error, None)``. The fd stays
+        yours (a duplicate is sent)."""
         raise NotImplementedError
 
     def shmem_map(self, request: MmapRequest, fd: int) -> int | None:
@@ -147,19 +209,53 @@ class BackendRequestHandler:
         """Unmap part of a VIRTIO shared memory region."""
         raise NotImplementedError
 
-    # Called by the Rust channel thread; returns (status, fd to send or None).
-    def _vhostuser_dispatch(self, message: Message, fds: list[int]) -> tuple[int, int | None]:
+    def shmem_config(self, sizes: Sequence[int]) -> None:
+        """Called by :meth:`Frontend.negotiate` with GET_SHMEM_CONFIG's answer (size by shmid,
+        0 = unused) when SHMEM was negotiated, before any SHMEM_MAP can arrive."""
+
+    def attach(self, frontend: Frontend) -> None:
+        """Called when `frontend` starts serving the channel with this handler (SET_BACKEND_REQ_FD,
+        again after each reconnect: a new session starts from scratch)."""
+
+    def detach(self, frontend: Frontend) -> None:
+        """Called when `frontend` closes: release what the session's requests made you hold."""
+
+    def protocol_features(self) -> ProtocolFeature:
+        """The protocol features whose back-end requests this handler answers: BACKEND_REQ and
+        CONFIG always, the others when the method(s) of their requests are overridden.
+        INBAND_NOTIFICATIONS is acknowledged only when :meth:`Frontend.negotiate` is asked for it."""
+        cls = type(self)
+        base = BackendRequestHandler
+
+        def has(*names: str) -> bool:
+            return all(getattr(cls, n) is not getattr(base, n) for n in names)
+
+        bits = ProtocolFeature.BACKEND_REQ | ProtocolFeature.CONFIG
+        if has("vring_host_notifier_msg"):
+            bits |= ProtocolFeature.HOST_NOTIFIER | ProtocolFeature.BACKEND_SEND_FD
+        if has("shared_object_add", "shared_object_remove", "shared_object_lookup"):
+            bits |= ProtocolFeature.SHARED_OBJECT
+        if has("shmem_map", "shmem_unmap", "shmem_config"):
+            bits |= ProtocolFeature.SHMEM | ProtocolFeature.BACKEND_SEND_FD
+        if has("vring_call", "vring_err"):
+            bits |= ProtocolFeature.INBAND_NOTIFICATIONS
+        return bits
+
+    # Called by the Rust channel thread; returns (status, fd to send or None, hand the fd over).
+    def _vhostuser_dispatch(self, message: Message, fds: list[int]) -> tuple[int, int | None, bool]:
         request = message.request
         name = request.name.lower() if isinstance(request, BackendRequest) else None
         method = getattr(self, name, None) if name else None
         if method is None:
-            return _errno_status(errno.ENOSYS), None
+            return _errno_status(errno.ENOSYS), None, False
         payload = message.payload
         try:
             if request is BackendRequest.SHARED_OBJECT_LOOKUP:
                 assert isinstance(payload, SharedObject)
                 status, fd = method(payload.uuid)
-                return int(status), fd
+                if isinstance(fd, _HandOver):
+                    return int(status), fd.fd, True
+                return int(status), fd, False
             if request in (BackendRequest.SHARED_OBJECT_ADD, BackendRequest.SHARED_OBJECT_REMOVE):
                 assert isinstance(payload, SharedObject)
                 result = method(payload.uuid)
@@ -172,15 +268,439 @@ class BackendRequestHandler:
             else:
                 result = method(payload)
         except NotImplementedError:
-            return _errno_status(errno.ENOSYS), None
+            return _errno_status(errno.ENOSYS), None, False
         except Exception:
             log.warning("back-end request %s failed in %r", getattr(request, "name", request), self, exc_info=True)
-            return 1, None
-        return (0 if result is None else int(result)), None
+            return 1, None, False
+        return (0 if result is None else int(result)), None, False
 
 
 def _errno_status(errno_value: int) -> int:
     return (-errno_value) & 0xFFFF_FFFF_FFFF_FFFF
+
+
+class _HandOver(int):
+    """An fd returned by :meth:`BackendRequestHandler.shared_object_lookup` that was opened for
+    the reply: the channel closes it once sent."""
+
+    @property
+    def fd(self) -> int:
+        return int(self)
+
+
+@dataclass(frozen=True)
+class IommuEntry:
+    """One mapping of an :class:`IommuTable`: `size` bytes from `iova` to guest-physical `addr`
+    with permission `perm` (1 read-only, 2 write-only, 3 read-write: the device's access)."""
+
+    iova: int
+    size: int
+    addr: int
+    perm: int
+
+
+class IommuTable:
+    """The front-end's IOMMU for back-ends driven with ACCESS_PLATFORM (spec: "IOMMU support";
+    protocol.md §6.6): every ring and buffer address the driver hands out is an IOVA, and the
+    back-end asks for each translation it lacks with an IOTLB MISS on the back-end request
+    channel. The table answers each MISS by sending IOTLB_MSG UPDATE on the main channel (the
+    entry covering the IOVA, clipped to the guest-memory region it falls in, with the entry's
+    permission) before acking the MISS, as the spec requires; a MISS nothing covers (or with a
+    permission the entry does not grant) is answered with a failure (-EFAULT). :meth:`unmap`
+    sends IOTLB_MSG INVALIDATE to every session using the table. ACCESS_FAIL reports are kept
+    in :attr:`access_failures`.
+
+    Three lines drive an ACCESS_PLATFORM back-end::
+
+        iommu = vu.IommuTable()
+        iommu.map(IOVA, mem.size, 0)        # the whole guest memory at IOVA, read-write
+        fe.negotiate(memory=mem, features=wanted | vu.VirtioFeature.ACCESS_PLATFORM,
+                     handler=vu.BuiltinHandler(iommu=iommu))
+    """
+
+    RO = 1
+    WO = 2
+    RW = 3
+
+    def __init__(self) -> None:
+        self._entries: list[IommuEntry] = []  # sorted by iova, never overlapping
+        self._lock = threading.Lock()
+        self._sessions: list[Frontend] = []
+        #: IOTLB MISS requests answered (with an UPDATE or a failure).
+        self.misses: list[IotlbMsg] = []
+        #: IOTLB ACCESS_FAIL reports received.
+        self.access_failures: list[IotlbMsg] = []
+
+    @property
+    def entries(self) -> list[IommuEntry]:
+        """The mappings, by IOVA."""
+        with self._lock:
+            return list(self._entries)
+
+    def map(self, iova: int, size: int, addr: int, perm: int = RW) -> None:
+        """Map `size` bytes at `iova` to guest-physical `addr` with `perm` (RO, WO or RW). The
+        range may not overlap an existing mapping (unmap it first)."""
+        if size <= 0 or iova < 0 or addr < 0 or iova + size > 1 << 64 or addr + size > 1 << 64:
+            raise ValueError(f"bad IOMMU range {iova:#x}+{size:#x} -> {addr:#x}")
+        if perm not in (self.RO, self.WO, self.RW):
+            raise ValueError(f"IOMMU permission must be RO (1), WO (2) or RW (3), not {perm}")
+        with self._lock:
+            for e in self._entries:
+                if e.iova < iova + size and iova < e.iova + e.size:
+                    raise ValueError(f"IOVA range {iova:#x}+{size:#x} overlaps {e}")
+            self._entries.append(IommuEntry(iova, size, addr, perm))
+            self._entries.sort(key=lambda e: e.iova)
+
+    def unmap(self, iova: int, size: int) -> None:
+        """Remove the IOVA range (splitting mappings that straddle its ends) and invalidate it
+        in every back-end using the table (IOTLB_MSG INVALIDATE, acked)."""
+        if size <= 0 or iova < 0 or iova + size > 1 << 64:
+            raise ValueError(f"bad IOMMU range {iova:#x}+{size:#x}")
+        end = iova + size
+        with self._lock:
+            kept: list[IommuEntry] = []
+            for e in self._entries:
+                e_end = e.iova + e.size
+                if e_end <= iova or e.iova >= end:
+                    kept.append(e)
+                    continue
+                if e.iova < iova:
+                    kept.append(IommuEntry(e.iova, iova - e.iova, e.addr, e.perm))
+                if e_end > end:
+                    kept.append(IommuEntry(end, e_end - end, e.addr + (end - e.iova), e.perm))
+            self._entries = kept
+            sessions = list(self._sessions)
+        for fe in sessions:
+            if VirtioFeature.ACCESS_PLATFORM in fe.features and not fe.closed:
+                fe.iotlb_msg(IotlbMsg(iova, size, 0, 0, IotlbMsg.INVALIDATE))
+
+    def translate(self, iova: int, perm: int = RO) -> int | None:
+        """The guest-physical address of `iova` if a mapping grants `perm`, else None."""
+        e = self._find(iova, perm)
+        return None if e is None else e.addr + (iova - e.iova)
+
+    def _find(self, iova: int, perm: int) -> IommuEntry | None:
+        with self._lock:
+            for e in self._entries:
+                if e.iova <= iova < e.iova + e.size:
+                    return e if perm & ~e.perm == 0 else None
+        return None
+
+    def _attach(self, fe: Frontend) -> None:
+        with self._lock:
+            if fe not in self._sessions:
+                self._sessions.append(fe)
+
+    def _detach(self, fe: Frontend) -> None:
+        with self._lock:
+            if fe in self._sessions:
+                self._sessions.remove(fe)
+
+    def _miss(self, fe: Frontend, msg: IotlbMsg) -> int:
+        with self._lock:
+            self.misses.append(msg)
+        entry = self._find(msg.iova, msg.perm)
+        memory = fe.memory
+        if entry is None or memory is None:
+            return _errno_status(errno.EFAULT)
+        gpa = entry.addr + (msg.iova - entry.iova)
+        # The UPDATE must name one contiguous range of front-end addresses: clip the entry to
+        # the guest-memory region the missed address is in.
+        for r in memory.regions:
+            if r.guest_addr <= gpa < r.guest_addr + r.size:
+                lo = max(entry.addr, r.guest_addr)
+                hi = min(entry.addr + entry.size, r.guest_addr + r.size)
+                iova = entry.iova + (lo - entry.addr)
+                fe.iotlb_msg(IotlbMsg(iova, hi - lo, r.user_addr + (lo - r.guest_addr), entry.perm, IotlbMsg.UPDATE))
+                return 0
+        return _errno_status(errno.EFAULT)
+
+
+class SharedObjectTable:
+    """The front-end's UUID → exporter table for SHARED_OBJECT (spec: "Shared objects";
+    protocol.md §6.15). Back-ends export objects with SHARED_OBJECT_ADD and withdraw them with
+    SHARED_OBJECT_REMOVE (only the exporter may); SHARED_OBJECT_LOOKUP is answered with the
+    object's dma-buf fd, fetched from the exporting back-end with GET_SHARED_OBJECT on its
+    main channel, or with an fd the application exported itself (:meth:`add`). Share one
+    table between the :class:`BuiltinHandler` of several sessions to let their back-ends
+    exchange objects, as QEMU's global table does."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._objects: dict[bytes, Frontend | int] = {}
+
+    def add(self, uuid: bytes, fd: int) -> None:
+        """Export an object of the application's own: LOOKUP answers with a duplicate of `fd`
+        (which stays yours; keep it open while exported)."""
+        with self._lock:
+            if bytes(uuid) in self._objects:
+                raise KeyError(f"shared object {uuid.hex()} is already exported")
+            self._objects[bytes(uuid)] = fd
+
+    def remove(self, uuid: bytes) -> None:
+        """Withdraw an object (any exporter's)."""
+        with self._lock:
+            del self._objects[bytes(uuid)]
+
+    def exporter(self, uuid: bytes) -> Frontend | int | None:
+        """The session that exported `uuid` (or the application's fd), or None."""
+        with self._lock:
+            return self._objects.get(bytes(uuid))
+
+    def __contains__(self, uuid: object) -> bool:
+        with self._lock:
+            return isinstance(uuid, bytes) and uuid in self._objects
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._objects)
+
+    def _add(self, fe: Frontend, uuid: bytes) -> int:
+        with self._lock:
+            if uuid in self._objects:
+                return _errno_status(errno.EEXIST)
+            self._objects[uuid] = fe
+        return 0
+
+    def _remove(self, fe: Frontend, uuid: bytes) -> int:
+        with self._lock:
+            owner = self._objects.get(uuid)
+            if owner is None:
+                return _errno_status(errno.ENOENT)
+            if owner is not fe:
+                return _errno_status(errno.EPERM)  # only the exporter may remove (spec)
+            del self._objects[uuid]
+        return 0
+
+    def _lookup(self, uuid: bytes) -> tuple[int, int | None]:
+        owner = self.exporter(uuid)
+        if owner is None:
+            return _errno_status(errno.ENOENT), None
+        if isinstance(owner, int):
+            return 0, owner
+        fd = owner.get_shared_object(uuid)
+        if fd is None:
+            return _errno_status(errno.ENOENT), None
+        return 0, _HandOver(fd)
+
+    def _forget(self, fe: Frontend) -> None:
+        with self._lock:
+            for uuid in [u for u, o in self._objects.items() if o is fe]:
+                del self._objects[uuid]
+
+
+class HostNotifier:
+    """A ring's doorbell page mapped from the fd the back-end sent with
+    VRING_HOST_NOTIFIER_MSG (HOST_NOTIFIER). While it is mapped, :meth:`Virtqueue.kick`
+    writes the ring index there (a virtio-pci queue notification, 16 bits) instead of the
+    kick eventfd, as a guest driver does through the notify region QEMU exposes."""
+
+    def __init__(self, index: int, fd: int, size: int, offset: int) -> None:
+        self.index = index
+        self.size = size
+        self.offset = offset
+        self._map: mmap.mmap | None = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+
+    def notify(self) -> None:
+        """Write the ring index to the doorbell."""
+        if self._map is None:
+            raise ValueError("the host notifier was unmapped")
+        self._map[0:2] = struct.pack("<H", self.index)
+
+    def read(self, offset: int = 0, size: int = 2) -> bytes:
+        """Bytes of the page (for tests and debugging)."""
+        if self._map is None:
+            raise ValueError("the host notifier was unmapped")
+        return bytes(self._map[offset : offset + size])
+
+    @property
+    def closed(self) -> bool:
+        """Whether the page was unmapped."""
+        return self._map is None
+
+    def close(self) -> None:
+        """Unmap the page (idempotent)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+class BuiltinHandler(BackendRequestHandler):
+    """Ready-made answers to every back-end request of the spec; pass it to
+    :meth:`Frontend.negotiate` (``handler=``) instead of writing a handler, or subclass it to
+    change one answer and keep the others.
+
+    - IOTLB_MSG: MISS answered from :attr:`iommu` (:class:`IommuTable`); ACCESS_FAIL recorded.
+    - CONFIG_CHANGE_MSG: counted in :attr:`config_changes`, then each callback of
+      :attr:`config_callbacks` is called with the frontend (e.g. to re-read GET_CONFIG).
+    - VRING_HOST_NOTIFIER_MSG: the page is mapped (:attr:`host_notifiers`, a
+      :class:`HostNotifier` per ring) after QEMU's checks: ring set up or below the queue
+      count, size equal to the page size, offset page-aligned, an fd; NOFD unmaps it.
+    - VRING_CALL / VRING_ERR (INBAND_NOTIFICATIONS, see ``negotiate(inband_notifications=)``):
+      signal the ring's local call / err eventfd, so :meth:`Virtqueue.wait` works the same;
+      errors are counted in :attr:`vring_errors`.
+    - SHARED_OBJECT_ADD / REMOVE / LOOKUP: :attr:`shared_objects` (:class:`SharedObjectTable`).
+    - SHMEM_MAP / SHMEM_UNMAP: into :attr:`shared_regions` (a :class:`SharedRegion` per shmid
+      GET_SHMEM_CONFIG announced), with the spec's range, overlap and exact-unmap checks.
+
+    A handler serves one :class:`Frontend` (across its reconnects); the IOMMU and shared-object
+    tables may be shared.
+    """
+
+    def __init__(
+        self,
+        *,
+        iommu: IommuTable | None = None,
+        shared_objects: SharedObjectTable | None = None,
+        on_config_change: Callable[[Frontend], object] | None = None,
+    ) -> None:
+        self.iommu = iommu if iommu is not None else IommuTable()
+        self.shared_objects = shared_objects if shared_objects is not None else SharedObjectTable()
+        self.config_callbacks: list[Callable[[Frontend], object]] = [] if on_config_change is None else [on_config_change]
+        self.config_changes = 0
+        self.host_notifiers: dict[int, HostNotifier] = {}
+        self.shared_regions: dict[int, SharedRegion] = {}
+        self.vring_errors: dict[int, int] = {}
+        self.frontend: Frontend | None = None
+        self._lock = threading.Lock()
+
+    def protocol_features(self) -> ProtocolFeature:
+        """Everything: BACKEND_REQ, BACKEND_SEND_FD, CONFIG, HOST_NOTIFIER, SHARED_OBJECT, SHMEM
+        and INBAND_NOTIFICATIONS (acked only when asked for)."""
+        return (
+            ProtocolFeature.BACKEND_REQ
+            | ProtocolFeature.BACKEND_SEND_FD
+            | ProtocolFeature.CONFIG
+            | ProtocolFeature.HOST_NOTIFIER
+            | ProtocolFeature.SHARED_OBJECT
+            | ProtocolFeature.SHMEM
+            | ProtocolFeature.INBAND_NOTIFICATIONS
+        )
+
+    def attach(self, frontend: Frontend) -> None:
+        if self.frontend is not None and self.frontend is not frontend:
+            raise ValueError("a BuiltinHandler serves one Frontend")
+        self._end_session()
+        self.frontend = frontend
+        self.iommu._attach(frontend)
+
+    def detach(self, frontend: Frontend) -> None:
+        if frontend is not self.frontend:
+            return
+        self._end_session()
+        self.iommu._detach(frontend)
+        self.frontend = None
+
+    def _end_session(self) -> None:
+        """What the back-end made us hold goes with its session (a new one starts from scratch)."""
+        with self._lock:
+            notifiers, self.host_notifiers = self.host_notifiers, {}
+            regions, self.shared_regions = self.shared_regions, {}
+        for n in notifiers.values():
+            n.close()
+        for r in regions.values():
+            r.unmap_all()
+        if self.frontend is not None:
+            self.shared_objects._forget(self.frontend)
+
+    def _fe(self) -> Frontend:
+        if self.frontend is None:
+            raise NegotiationError("the handler serves no front-end session")
+        return self.frontend
+
+    def iotlb_msg(self, msg: IotlbMsg) -> int | None:
+        if msg.type == IotlbMsg.MISS:
+            return self.iommu._miss(self._fe(), msg)
+        if msg.type == IotlbMsg.ACCESS_FAIL:
+            self.iommu.access_failures.append(msg)
+            log.warning("the back-end reports an IOTLB access failure at IOVA %#x (perm %d)", msg.iova, msg.perm)
+            return 0
+        return _errno_status(errno.EINVAL)  # UPDATE / INVALIDATE are front-end requests
+
+    def config_change_msg(self) -> int | None:
+        self.config_changes += 1
+        fe = self._fe()
+        for callback in list(self.config_callbacks):
+            callback(fe)
+        return 0
+
+    def vring_host_notifier_msg(self, area: VringArea, fd: int | None) -> int | None:
+        fe = self._fe()
+        if not fe._knows_queue(area.index):
+            return _errno_status(errno.EINVAL)
+        with self._lock:
+            old = self.host_notifiers.pop(area.index, None)
+        if old is not None:
+            old.close()
+        if area.nofd or fd is None:
+            return 0
+        if area.size != mmap.PAGESIZE or area.offset % mmap.PAGESIZE:
+            return _errno_status(errno.EINVAL)
+        try:
+            notifier = HostNotifier(area.index, fd, area.size, area.offset)
+        except (OSError, ValueError, OverflowError):
+            return _errno_status(errno.EINVAL)
+        with self._lock:
+            self.host_notifiers[area.index] = notifier
+        return 0
+
+    def host_notifier(self, index: int) -> HostNotifier | None:
+        """The doorbell page mapped for ring `index`, if any."""
+        with self._lock:
+            return self.host_notifiers.get(index)
+
+    def vring_call(self, state: VringState) -> int | None:
+        vq = self._fe()._queues.get(state.index)
+        if vq is None or vq._closed:
+            return _errno_status(errno.EINVAL)
+        os.eventfd_write(vq.call_fd, 1)
+        return 0
+
+    def vring_err(self, state: VringState) -> int | None:
+        vq = self._fe()._queues.get(state.index)
+        if vq is None or vq._closed:
+            return _errno_status(errno.EINVAL)
+        self.vring_errors[state.index] = self.vring_errors.get(state.index, 0) + 1
+        os.eventfd_write(vq.err_fd, 1)
+        return 0
+
+    def shared_object_add(self, uuid: bytes) -> int | None:
+        return self.shared_objects._add(self._fe(), uuid)
+
+    def shared_object_remove(self, uuid: bytes) -> int | None:
+        return self.shared_objects._remove(self._fe(), uuid)
+
+    def shared_object_lookup(self, uuid: bytes) -> tuple[int, int | None]:
+        return self.shared_objects._lookup(uuid)
+
+    def shmem_config(self, sizes: Sequence[int]) -> None:
+        regions = {shmid: SharedRegion(shmid, size) for shmid, size in enumerate(sizes) if size}
+        with self._lock:
+            old, self.shared_regions = self.shared_regions, regions
+        for r in old.values():
+            r.unmap_all()
+
+    def shmem_map(self, request: MmapRequest, fd: int) -> int | None:
+        region = self.shared_regions.get(request.shmid)
+        if region is None or request.flags & ~1:
+            return _errno_status(errno.EINVAL)
+        try:
+            region.map(fd, request.fd_offset, request.shm_offset, request.len, writable=bool(request.flags & 1))
+        except VhostUserError:
+            return _errno_status(errno.EINVAL)
+        except OSError as e:
+            return _errno_status(e.errno or errno.EINVAL)
+        return 0
+
+    def shmem_unmap(self, request: MmapRequest) -> int | None:
+        region = self.shared_regions.get(request.shmid)
+        if region is None:
+            return _errno_status(errno.EINVAL)
+        try:
+            region.unmap(request.shm_offset, request.len)
+        except VhostUserError:
+            return _errno_status(errno.EINVAL)
+        return 0
 
 
 @dataclass
@@ -209,7 +729,12 @@ class InflightBuffer:
 
 @dataclass
 class Virtqueue:
-    """A ring set up by :meth:`Frontend.setup_queue`: the driver side plus its eventfds."""
+    """A ring set up by :meth:`Frontend.setup_queue`: the driver side plus its eventfds.
+
+    With INBAND_NOTIFICATIONS negotiated the back-end got no kick or call fd: :meth:`kick`
+    sends VRING_KICK and the back-end's VRING_CALL / VRING_ERR messages signal the local
+    `call_fd` / `err_fd` (:class:`BuiltinHandler`), so :meth:`wait` is unchanged. With a host
+    notifier page mapped for the ring (HOST_NOTIFIER), :meth:`kick` writes the doorbell."""
 
     index: int
     queue: DriverQueue
@@ -217,9 +742,22 @@ class Virtqueue:
     call_fd: int
     err_fd: int
     _closed: bool = field(default=False, repr=False)
+    frontend: Frontend | None = field(default=None, repr=False, compare=False)
+    inband: bool = False
 
     def kick(self) -> None:
-        """Notify the device (write the kick eventfd)."""
+        """Notify the device: the host-notifier page if the back-end mapped one, VRING_KICK
+        with INBAND_NOTIFICATIONS, else the kick eventfd."""
+        fe = self.frontend
+        handler = fe.handler if fe is not None else None
+        if isinstance(handler, BuiltinHandler):
+            notifier = handler.host_notifier(self.index)
+            if notifier is not None and not notifier.closed:
+                notifier.notify()
+                return
+        if self.inband and fe is not None:
+            fe.vring_kick(self.index)
+            return
         os.eventfd_write(self.kick_fd, 1)
 
     def kick_if_needed(self) -> bool:
@@ -230,12 +768,34 @@ class Virtqueue:
         return False
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Wait for a call notification; ``False`` on timeout."""
-        ready, _, _ = select.select([self.call_fd], [], [], timeout)
-        if not ready:
-            return False
-        os.eventfd_read(self.call_fd)
-        return True
+        """Wait for a call notification; ``False`` on timeout. On a front-end made with
+        ``reconnect=``, a back-end hang-up seen meanwhile re-establishes the session
+        (:meth:`Frontend.reconnect_now`, bounded by `timeout`) and returns ``False``: reap again."""
+        fe = self.frontend
+        watch = [self.call_fd]
+        if fe is not None and fe.reconnect is not None:
+            main = fe._main_fd()
+            if main is None:  # the session is already lost: try again now
+                fe._reconnect_within(timeout)
+                return False
+            watch.append(main)
+        ready, _, _ = select.select(watch, [], [], timeout)
+        if self.call_fd in ready:
+            try:
+                os.eventfd_read(self.call_fd)
+            except BlockingIOError:
+                pass
+            return True
+        if ready and fe is not None:
+            if fe.peer_closed:
+                fe._reconnect_within(timeout)
+            else:
+                # An unsolicited message on the main channel: not ours to read; wait for a call.
+                ready, _, _ = select.select([self.call_fd], [], [], timeout)
+                if ready:
+                    os.eventfd_read(self.call_fd)
+                    return True
+        return False
 
     def close(self) -> None:
         """Close the eventfds (the ring memory belongs to the GuestMemory)."""
@@ -259,26 +819,78 @@ class NegotiationResult:
 class Frontend:
     """A session with a vhost-user back-end, as its front-end (context manager)."""
 
-    def __init__(self, core: _native.FrontendCore, *, timeout: float | None = 5.0) -> None:
+    def __init__(
+        self,
+        core: _native.FrontendCore,
+        *,
+        timeout: float | None = 5.0,
+        path: str | os.PathLike[str] | None = None,
+        reconnect: float | None = None,
+    ) -> None:
+        if reconnect is not None and path is None:
+            raise ValueError("reconnect= needs the socket path (use Frontend.connect)")
         self._core = core
         self.timeout = timeout
+        #: Seconds to keep trying to reach a restarted back-end after a hang-up (None: no
+        #: reconnecting). See :meth:`reconnect_now`.
+        self.reconnect = reconnect
+        self.path = None if path is None else os.fspath(path)
         self.memory: GuestMemory | None = None
         self.handler: BackendRequestHandler | None = None
         self._queues: dict[int, Virtqueue] = {}
         #: The dirty log handed to the back-end while logging is on (:meth:`enable_logging`).
         self.dirty_log: DirtyLog | None = None
+        #: The inflight buffer kept for the next back-end (``reconnect=`` sessions only).
+        self.inflight: InflightBuffer | None = None
+        #: Sessions established so far (1 + reconnects).
+        self.sessions = 1
+        self._negotiation: dict[str, Any] | None = None
+        self._num_queues: int | None = None
+        self._lost = False
         self._closed = False
 
     # -- connection ----------------------------------------------------------------------------
     @classmethod
-    def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 5.0) -> Frontend:
-        """Connect to the back-end listening on `path` (retried while it starts, up to `timeout`)."""
-        return cls(_native.FrontendCore.connect(path, timeout=timeout), timeout=timeout)
+    def connect(
+        cls, path: str | os.PathLike[str], *, timeout: float | None = 5.0, reconnect: float | None = None
+    ) -> Frontend:
+        """Connect to the back-end listening on `path` (retried while it starts, up to `timeout`).
+
+        With `reconnect` (seconds), a back-end that hangs up (crash, restart) is replaced by a
+        new session on the same path, as QEMU's ``reconnect=`` does: see :meth:`reconnect_now`."""
+        return cls(_native.FrontendCore.connect(path, timeout=timeout), timeout=timeout, path=path, reconnect=reconnect)
 
     @classmethod
     def from_socket(cls, sock: socket.socket, *, timeout: float | None = 5.0) -> Frontend:
         """Use a connected Unix stream socket (a duplicate of its fd; `sock` stays yours)."""
         return cls(_native.FrontendCore.from_fd(sock.fileno()), timeout=timeout)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether the back-end hung up (looked at without waiting; nothing is read)."""
+        if self._closed:
+            return True
+        if self._lost:
+            return True
+        try:
+            return bool(self._core.peer_closed)
+        except ConnectionClosedError:
+            return True
+
+    def _main_fd(self) -> int | None:
+        if self._closed:
+            raise ConnectionClosedError("the session is closed")
+        if self._lost:
+            return None
+        return self._core.fileno()
+
+    def _knows_queue(self, index: int) -> bool:
+        return index in self._queues or (self._num_queues is not None and 0 <= index < self._num_queues)
 
     def __enter__(self) -> Frontend:
         return self
@@ -287,7 +899,12 @@ class Frontend:
         self.close()
 
     def close(self) -> None:
-        """Close the session and every eventfd of the queues set up. Idempotent."""
+        """Close the session and release every fd it holds, at once and from any state (also
+        after the back-end died or broke the protocol): the main channel, the back-end request
+        channel and its thread, the eventfds of the rings set up, the dirty log, and what the
+        built-in handlers hold (host-notifier pages, shared-memory mappings). Guest memory passed
+        in stays the caller's: only this object's reference to it is dropped. A request blocked
+        on another thread fails with ConnectionClosedError. Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -295,6 +912,15 @@ class Frontend:
         for q in self._queues.values():
             q.close()
         self._queues.clear()
+        self.memory = None
+        self.dirty_log = None
+        self._negotiation = None
+        if self.inflight is not None:
+            self.inflight.close()
+            self.inflight = None
+        handler, self.handler = self.handler, None
+        if isinstance(handler, BackendRequestHandler):
+            handler.detach(self)
 
     def fileno(self) -> int:
         """The main channel's fd."""
@@ -433,12 +1059,16 @@ class Frontend:
     def set_backend_req_fd(self, handler: BackendRequestHandler) -> None:
         """SET_BACKEND_REQ_FD: open the back-end request channel, served by `handler` on its
         own thread (replacing any previous channel)."""
+        old = self.handler
+        if old is not None and old is not handler:
+            old.detach(self)
+        handler.attach(self)
+        self.handler = handler
         fd = self._core.start_backend_channel(handler)
         try:
             self._call(F.SET_BACKEND_REQ_FD, None, [fd])
         finally:
             os.close(fd)
-        self.handler = handler
 
     @property
     def backend_channel_running(self) -> bool:
@@ -505,7 +1135,9 @@ class Frontend:
         """What QEMU does before starting the rings of a device that tracks inflight I/O:
         GET_INFLIGHT_FD for a new buffer (unless `buffer`, kept from an earlier back-end, is
         passed), then SET_INFLIGHT_FD. Returns the buffer to keep (yours to close), or None when
-        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only."""
+        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only. On a
+        ``reconnect=`` front-end the buffer is also kept as :attr:`inflight` and handed to each
+        new back-end; the front-end then owns it (closed by :meth:`close`)."""
         if buffer is None:
             desc, fd = self.get_inflight_fd(num_queues, queue_size)
             if fd is None or desc.mmap_size == 0:
@@ -514,6 +1146,8 @@ class Frontend:
                 return None
             buffer = InflightBuffer(InflightDesc(desc.mmap_size, desc.mmap_offset, num_queues, queue_size), fd)
         self.set_inflight_fd(buffer.desc, buffer.fd)
+        if self.reconnect is not None:
+            self.inflight = buffer
         return buffer
 
     def gpu_set_socket(self, fd: int) -> None:
@@ -585,40 +1219,51 @@ class Frontend:
         num_queues: int | None = None,
         handler: BackendRequestHandler | None = None,
         config_size: int | None = None,
+        inband_notifications: bool = False,
     ) -> NegotiationResult:
         """The sequence QEMU uses: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-        GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES, memory
-        (SET_MEM_TABLE, or ADD_MEM_REG per region with CONFIGURE_MEM_SLOTS) and GET_CONFIG.
+        GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES,
+        GET_SHMEM_CONFIG (SHMEM), memory (SET_MEM_TABLE, or ADD_MEM_REG per region with
+        CONFIGURE_MEM_SLOTS) and GET_CONFIG.
 
         `features` (default: everything offered) is intersected with the offer, and VERSION_1
         and PROTOCOL_FEATURES are kept when offered; of the transport bits (24..=40) only
         :data:`DRIVER_TRANSPORT_FEATURES` are acknowledged (plus ACCESS_PLATFORM when `features`
-        asks for it; never LOG_ALL, which :meth:`enable_logging` turns on); `protocol_features` defaults to what this
-        library supports. Raises NegotiationError if the back-end has fewer queues than asked.
+        asks for it; never LOG_ALL, which :meth:`enable_logging` turns on). `protocol_features`
+        defaults to what this library supports; of the features that need the back-end request
+        channel only those `handler` answers are acknowledged (none without a handler; see
+        :meth:`BackendRequestHandler.protocol_features`), and a feature whose dependencies
+        (spec: protocol.md §5.4) are not acknowledged is dropped. INBAND_NOTIFICATIONS is
+        acknowledged only with `inband_notifications` (rings then get no kick/call/err fds:
+        :class:`Virtqueue`). Raises NegotiationError if the back-end has fewer queues than asked.
+        On a ``reconnect=`` front-end the same arguments are replayed for each new back-end.
         """
+        self._negotiation = dict(
+            features=features, protocol_features=protocol_features, memory=memory, num_queues=num_queues,
+            handler=handler, config_size=config_size, inband_notifications=inband_notifications,
+        )
         offered = self.get_features()
         proto = ProtocolFeature(0)
         if VirtioFeature.PROTOCOL_FEATURES in offered:
             offered_proto = self.get_protocol_features()
-            wanted = SUPPORTED_PROTOCOL_FEATURES if protocol_features is None else ProtocolFeature(protocol_features)
-            proto = ProtocolFeature(int(offered_proto) & int(wanted))
-            if handler is None:
-                # Without a handler there is nobody to serve the channel and what needs it.
-                proto = ProtocolFeature(
-                    int(proto)
-                    & ~int(
-                        ProtocolFeature.BACKEND_REQ
-                        | ProtocolFeature.BACKEND_SEND_FD
-                        | ProtocolFeature.HOST_NOTIFIER
-                        | ProtocolFeature.SHARED_OBJECT
-                    )
-                )
+            if protocol_features is None:
+                wanted = SUPPORTED_PROTOCOL_FEATURES | ProtocolFeature.SHMEM
+                if inband_notifications:
+                    wanted |= ProtocolFeature.INBAND_NOTIFICATIONS
+            else:
+                wanted = ProtocolFeature(protocol_features)
+            served = handler.protocol_features() if handler is not None else ProtocolFeature(0)
+            if not inband_notifications:
+                served &= ~ProtocolFeature.INBAND_NOTIFICATIONS
+            proto = ProtocolFeature(int(offered_proto) & int(wanted) & (~int(_CHANNEL_FEATURES) | int(served)))
+            proto = _drop_unmet_dependencies(proto)
             self.set_protocol_features(proto)
         queues = 1
         if ProtocolFeature.MQ in proto:
             queues = self.get_queue_num()
             if num_queues is not None and num_queues > queues:
                 raise NegotiationError(f"the back-end supports {queues} queues, {num_queues} requested")
+        self._num_queues = queues if ProtocolFeature.MQ in proto else None
         slots = self.get_max_mem_slots() if ProtocolFeature.CONFIGURE_MEM_SLOTS in proto else None
         if handler is not None and ProtocolFeature.BACKEND_REQ in proto:
             self.set_backend_req_fd(handler)
@@ -633,6 +1278,8 @@ class Frontend:
             transport |= int(VirtioFeature.ACCESS_PLATFORM)
         acked &= ~_TRANSPORT_BITS | transport
         self.set_features(acked)
+        if ProtocolFeature.SHMEM in proto and handler is not None:
+            handler.shmem_config(self.get_shmem_config())
         if memory is not None:
             self.add_memory(memory)
         config = None
@@ -687,17 +1334,9 @@ class Frontend:
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        vq = Virtqueue(index, dq, kick, call, err)
+        vq = Virtqueue(index, dq, kick, call, err, frontend=self)
         try:
-            self.set_vring_num(index, size)
-            self.set_vring_base(index, base)
-            desc, avail, used = dq.user_addrs
-            self.set_vring_addr(index, desc, used, avail, log_guest_addr=dq.guest_addrs[2])
-            self.set_vring_kick(index, kick)
-            self.set_vring_call(index, call)
-            self.set_vring_err(index, err)
-            if enable and VirtioFeature.PROTOCOL_FEATURES in self.features:
-                self.set_vring_enable(index, True)
+            self._start_ring(vq, base, enable=enable)
         except BaseException:
             vq.close()
             raise
@@ -706,6 +1345,93 @@ class Frontend:
             old.close()
         self._queues[index] = vq
         return vq
+
+    def _start_ring(self, vq: Virtqueue, base: int, *, enable: bool) -> None:
+        index, dq = vq.index, vq.queue
+        # INBAND_NOTIFICATIONS: no fds; kicks travel as VRING_KICK, calls and errors come back
+        # as VRING_CALL / VRING_ERR (spec: "In-band notifications").
+        vq.inband = ProtocolFeature.INBAND_NOTIFICATIONS in self.protocol_features
+        self.set_vring_num(index, dq.size)
+        self.set_vring_base(index, base)
+        desc, avail, used = dq.user_addrs
+        self.set_vring_addr(index, desc, used, avail, log_guest_addr=dq.guest_addrs[2])
+        self.set_vring_kick(index, None if vq.inband else vq.kick_fd)
+        self.set_vring_call(index, None if vq.inband else vq.call_fd)
+        self.set_vring_err(index, None if vq.inband else vq.err_fd)
+        if enable and VirtioFeature.PROTOCOL_FEATURES in self.features:
+            self.set_vring_enable(index, True)
+
+    def reconnect_now(self, timeout: float | None = None) -> None:
+        """Replace a back-end that hung up with a new session on the same socket path, as QEMU
+        does with ``reconnect=`` (spec: protocol.md §6.16): connect (retrying until
+        `timeout`, default :attr:`reconnect` seconds), redo :meth:`negotiate` with the same
+        arguments (the handler is attached again and starts from scratch), hand over the
+        inflight buffer (:attr:`inflight`, SET_INFLIGHT_FD) so the new back-end resubmits what
+        the old one had taken and not completed, then hand over every ring with its requests
+        in flight (SET_VRING_BASE = the used index; with the inflight record the back-end
+        resumes after what it resubmits) and kick each. The :class:`Virtqueue` objects stay the
+        same (new eventfds inside). Raises VhostUserTimeoutError if no back-end answered in
+        time (the session stays lost; call again)."""
+        if self._closed:
+            raise ConnectionClosedError("the session is closed")
+        if self.path is None:
+            raise NegotiationError("reconnecting needs the socket path (Frontend.connect)")
+        if timeout is None:
+            timeout = self.reconnect
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._lost = True
+        self._core.close()
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                core = _native.FrontendCore.connect(self.path, timeout=left)
+            except (OSError, VhostUserError) as e:
+                raise VhostUserTimeoutError(f"no back-end at {self.path} to reconnect to: {e}") from e
+            self._core = core
+            self._lost = False
+            try:
+                self._resume(deadline)
+                break
+            except ConnectionClosedError:
+                # The new back-end went away during set-up: start over while time is left.
+                self._lost = True
+                core.close()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise VhostUserTimeoutError(f"the back-end at {self.path} kept hanging up") from None
+        self.sessions += 1
+        log.info("reconnected to %s (session %d)", self.path, self.sessions)
+
+    def _reconnect_within(self, timeout: float | None) -> None:
+        limit = self.reconnect
+        if timeout is not None and (limit is None or timeout < limit):
+            limit = timeout
+        try:
+            self.reconnect_now(limit)
+        except VhostUserTimeoutError:
+            pass  # the caller's own deadline decides what happens next
+
+    def _resume(self, deadline: float | None) -> None:
+        args = dict(self._negotiation or {})
+        memory = args.get("memory") or self.memory
+        args["memory"] = memory
+        # A memory table the caller shared by hand after negotiate() is shared again.
+        self.memory = None
+        self.negotiate(**args)
+        if memory is not None and self.memory is None:
+            self.add_memory(memory)
+        if self.inflight is not None:
+            if ProtocolFeature.INFLIGHT_SHMFD in self.protocol_features:
+                self.set_inflight_fd(self.inflight.desc, self.inflight.fd)
+            else:
+                log.warning("the new back-end has no INFLIGHT_SHMFD: requests it had taken are re-read from the rings")
+        for vq in list(self._queues.values()):
+            fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
+            for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
+                os.close(fd)
+            vq.kick_fd, vq.call_fd, vq.err_fd = fds
+            self._start_ring(vq, vq.queue.used_idx, enable=True)
+        for vq in self._queues.values():
+            vq.kick()
 
     def stop_queue(self, index: int) -> int:
         """Disable (with PROTOCOL_FEATURES) and stop a ring with GET_VRING_BASE; returns the base

@@ -9,6 +9,7 @@ pub mod blkio;
 pub mod channel;
 pub mod eventfd;
 pub mod netio;
+pub mod shmem;
 
 use std::os::fd::BorrowedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -212,6 +213,26 @@ impl Frontend {
             (FrontendRequest::SET_PROTOCOL_FEATURES, Payload::U64(v)) => st.acked_protocol = *v,
             _ => {}
         }
+    }
+
+    /// Whether the back-end hung up: the main channel reads end-of-file (or is in error). Looks
+    /// without waiting and consumes nothing; an unread message waiting there is not a hang-up.
+    pub fn peer_closed(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = self.conn.as_raw_fd();
+        let mut pfd = libc::pollfd { fd, events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+        // SAFETY: one valid pollfd for the duration of the call; no waiting.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n <= 0 {
+            return false;
+        }
+        if pfd.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL | libc::POLLRDHUP) != 0 {
+            return true;
+        }
+        let mut byte = 0u8;
+        // SAFETY: peeks one byte into a local; MSG_DONTWAIT never blocks.
+        let got = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        got == 0
     }
 
     /// Wakes any blocked request (it fails with a disconnect) and closes the channel for I/O.

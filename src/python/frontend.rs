@@ -23,8 +23,30 @@ use crate::protocol::{FrontendRequest, Message};
 /// The Rust core of a front-end session (use ``vhostuser_rs.Frontend``).
 #[pyclass(module = "vhostuser_rs", name = "FrontendCore", frozen)]
 pub(crate) struct PyFrontendCore {
-    inner: Arc<Frontend>,
+    /// `None` once closed: the main channel's fd goes with the last `Arc` (a request still
+    /// running on another thread holds one until the shutdown wakes it).
+    inner: Mutex<Option<Arc<Frontend>>>,
     channel: Mutex<Option<BackendChannel>>,
+}
+
+impl PyFrontendCore {
+    fn new(fe: Frontend) -> PyFrontendCore {
+        PyFrontendCore { inner: Mutex::new(Some(Arc::new(fe))), channel: Mutex::new(None) }
+    }
+
+    fn frontend(&self, py: Python<'_>) -> PyResult<Arc<Frontend>> {
+        let fe = self.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        fe.ok_or_else(|| {
+            let exc = py
+                .import("vhostuser_rs.exceptions")
+                .and_then(|m| m.getattr("ConnectionClosedError"))
+                .and_then(|cls| cls.call1(("the session is closed",)));
+            match exc {
+                Ok(value) => PyErr::from_value(value),
+                Err(e) => e,
+            }
+        })
+    }
 }
 
 struct PyHandler {
@@ -39,12 +61,17 @@ impl BackendRequestHandler for PyHandler {
                 .and_then(|m| self.handler.bind(py).call_method1("_vhostuser_dispatch", (m, raw)));
             // The fds were lent to the handler for the call; they are closed now.
             drop(fds);
-            match result.and_then(|r| r.extract::<(u64, Option<RawFd>)>()) {
-                Ok((status, None)) => (status, None),
-                Ok((status, Some(fd))) => {
+            match result.and_then(|r| r.extract::<(u64, Option<RawFd>, bool)>()) {
+                Ok((status, None, _)) => (status, None),
+                Ok((status, Some(fd), false)) => {
                     // SAFETY: the handler returns an fd it keeps open; we send a duplicate.
                     let dup = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().ok();
                     (status, dup)
+                }
+                Ok((status, Some(fd), true)) => {
+                    // SAFETY: the handler hands this fd over (it was opened for this reply and
+                    // nobody else closes it); it is closed once sent.
+                    (status, Some(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }))
                 }
                 Err(e) => {
                     e.print(py);
@@ -67,7 +94,7 @@ impl PyFrontendCore {
     fn connect(py: Python<'_>, path: PathBuf, timeout: Option<f64>) -> PyResult<PyFrontendCore> {
         let t = super::blocking::timeout(timeout)?;
         let conn = py.detach(|| Connection::connect(&path, t)).py_err(py)?;
-        Ok(PyFrontendCore { inner: Arc::new(Frontend::new(conn)), channel: Mutex::new(None) })
+        Ok(PyFrontendCore::new(Frontend::new(conn)))
     }
 
     /// Adopts a duplicate of a connected Unix stream socket's fd.
@@ -76,7 +103,7 @@ impl PyFrontendCore {
         let one = [fd];
         let owned = borrow_fds(&one)?[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?;
         let conn = Connection::from_fd(owned).py_err(py)?;
-        Ok(PyFrontendCore { inner: Arc::new(Frontend::new(conn)), channel: Mutex::new(None) })
+        Ok(PyFrontendCore::new(Frontend::new(conn)))
     }
 
     /// Sends one request and waits for its reply or ack; returns ``(reply, fds)`` (reply is
@@ -106,7 +133,7 @@ impl PyFrontendCore {
             deadline: Deadline::after(super::blocking::timeout(timeout)?),
             ..RequestOptions::default()
         };
-        let fe = self.inner.clone();
+        let fe = self.frontend(py)?;
         let result = py.detach(|| {
             let mut interrupt = || Python::attach(|py| py.check_signals()).map_err(|e| Error::Io(io::Error::other(e)));
             fe.request(req, payload, &borrowed, opts, &mut interrupt)
@@ -123,7 +150,7 @@ impl PyFrontendCore {
 
     /// What was offered and acknowledged so far.
     fn negotiated<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let n = self.inner.negotiated();
+        let n = self.frontend(py)?.negotiated();
         let d = PyDict::new(py);
         d.set_item("offered_features", n.offered_features)?;
         d.set_item("acked_features", n.acked_features)?;
@@ -133,7 +160,8 @@ impl PyFrontendCore {
     }
 
     /// Starts serving the back-end request channel with `handler` (an object with a
-    /// ``_vhostuser_dispatch(message, fds)`` method); returns the back-end's end of the
+    /// ``_vhostuser_dispatch(message, fds)`` method returning ``(status, fd or None,
+    /// hand_over)``: with `hand_over` the fd is closed once sent, else a duplicate is sent); returns the back-end's end of the
     /// socketpair, which the caller sends with SET_BACKEND_REQ_FD and then closes. Replaces (and
     /// stops) any previous channel.
     fn start_backend_channel(&self, py: Python<'_>, handler: Py<PyAny>) -> PyResult<RawFd> {
@@ -153,19 +181,36 @@ impl PyFrontendCore {
     }
 
     /// The main channel's fd.
-    fn fileno(&self) -> RawFd {
-        self.inner.connection().as_raw_fd()
+    fn fileno(&self, py: Python<'_>) -> PyResult<RawFd> {
+        Ok(self.frontend(py)?.connection().as_raw_fd())
     }
 
-    /// Shuts the session down: wakes blocked requests, stops the back-end request channel.
-    /// Idempotent.
+    /// Whether the back-end hung up (the main channel reads end-of-file). Never blocks and
+    /// consumes nothing.
+    #[getter]
+    fn peer_closed(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.frontend(py)?.peer_closed())
+    }
+
+    /// Whether :meth:`close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+    }
+
+    /// Shuts the session down and releases its fds: wakes blocked requests, stops the
+    /// back-end request channel, lets go of the main channel. Idempotent, from any state.
     fn close(&self, py: Python<'_>) {
-        self.inner.shutdown();
+        let fe = self.inner.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(fe) = &fe {
+            fe.shutdown();
+        }
         let chan = self.channel.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(mut chan) = chan {
             // The channel thread may be waiting for the GIL: release it while joining.
             py.detach(|| chan.stop());
         }
+        drop(fe);
     }
 }
 
@@ -245,9 +290,82 @@ fn block_io<'py>(
     Ok(out)
 }
 
+/// A VIRTIO Shared Memory Region held by the front-end (SHMEM): a reserved address range of
+/// the size GET_SHMEM_CONFIG announced, into which SHMEM_MAP places the back-end's fds.
+#[pyclass(module = "vhostuser_rs", name = "SharedRegion", frozen)]
+pub(crate) struct PySharedRegion {
+    inner: crate::frontend::shmem::SharedRegion,
+}
+
+#[pymethods]
+impl PySharedRegion {
+    /// Reserves `size` bytes (a non-zero multiple of the page size) for region `shmid`.
+    #[new]
+    fn new(py: Python<'_>, shmid: u8, size: u64) -> PyResult<PySharedRegion> {
+        Ok(PySharedRegion { inner: crate::frontend::shmem::SharedRegion::reserve(shmid, size).py_err(py)? })
+    }
+
+    /// The region id.
+    #[getter]
+    fn shmid(&self) -> u8 {
+        self.inner.shmid()
+    }
+
+    /// The region size in bytes.
+    #[getter]
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+
+    /// The live mappings as ``(offset, length, fd_offset, writable)`` tuples, by offset.
+    #[getter]
+    fn mappings(&self) -> Vec<(u64, u64, u64, bool)> {
+        self.inner.mappings().into_iter().map(|m| (m.offset, m.len, m.fd_offset, m.writable)).collect()
+    }
+
+    /// SHMEM_MAP: maps `length` bytes of `fd` from `fd_offset` at `offset` (the fd stays yours).
+    #[pyo3(signature = (fd, fd_offset, offset, length, *, writable))]
+    fn map(&self, py: Python<'_>, fd: RawFd, fd_offset: u64, offset: u64, length: u64, writable: bool) -> PyResult<()> {
+        let one = [fd];
+        let borrowed = borrow_fds(&one)?;
+        self.inner.map(borrowed[0], fd_offset, offset, length, writable).py_err(py)
+    }
+
+    /// SHMEM_UNMAP: removes the mapping with exactly this offset and length.
+    fn unmap(&self, py: Python<'_>, offset: u64, length: u64) -> PyResult<()> {
+        self.inner.unmap(offset, length).py_err(py)
+    }
+
+    /// Removes every mapping.
+    fn unmap_all(&self) {
+        self.inner.unmap_all()
+    }
+
+    /// A copy of `length` mapped bytes at `offset`.
+    fn read<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
+        let data = self.inner.read(offset, length).py_err(py)?;
+        Ok(pyo3::types::PyBytes::new(py, &data))
+    }
+
+    /// Copies `data` to `offset` (mapped read-write).
+    fn write(&self, py: Python<'_>, offset: u64, data: &[u8]) -> PyResult<()> {
+        self.inner.write(offset, data).py_err(py)
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SharedRegion(shmid={}, size={:#x}, mappings={})",
+            self.inner.shmid(),
+            self.inner.size(),
+            self.inner.mappings().len()
+        )
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_io, m)?)?;
     m.add_class::<PyFrontendCore>()?;
+    m.add_class::<PySharedRegion>()?;
     let _ = timeout;
     Ok(())
 }
