@@ -290,7 +290,7 @@ def serve_blk(
     max_connections: int | None = None,
     workers: int | None = None,
     cpus: list[int] | None = None,
-    poll: float = 0.0,
+    poll: float | None = None,
     io_engine: str = "auto",
     direct: bool = False,
 ) -> None: ...
@@ -306,7 +306,7 @@ def serve_device(
     requests: BackendRequests | None = None,
     workers: int | None = None,
     cpus: list[int] | None = None,
-    poll: float = 0.0,
+    poll: float | None = 0.0,
     listener: Listener | None = None,
 ) -> None: ...
 @final
@@ -404,7 +404,7 @@ class BuiltinNet:
         max_connections: int | None = None,
         workers: int | None = None,
         cpus: list[int] | None = None,
-        poll: float = 0.0,
+        poll: float | None = 0.0,
     ) -> None: ...
     def counters(self, queue_pair: int | None = None) -> _Counters: ...
     @property

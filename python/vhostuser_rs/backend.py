@@ -163,13 +163,13 @@ class Backend:
         connect: str | None = None,
         workers: int | None = None,
         cpus: Sequence[int] | None = None,
-        poll: float = 0.0,
+        poll: float | None = 0.0,
     ) -> None:
         """Prefer :meth:`listen`, :meth:`from_fd` or :meth:`connect`. `workers`: threads shared
         by the rings (ring i on thread i % workers; default: one thread per ring); `cpus`: pin
         worker thread t to ``cpus[t % len(cpus)]``; `poll`: after a ring had work, keep checking
         the rings for this many seconds (yielding the CPU) before sleeping on the kick eventfds
-        (0: eventfd mode)."""
+        (0: eventfd mode; None: an adaptive window of up to 50 µs)."""
         self.device = device
         self.workers = workers
         self.cpus = None if cpus is None else list(cpus)

@@ -502,6 +502,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if doc["errors"] or doc["verify_failures"] else 0
 
 
+def _poll_us(text: str) -> float | None:
+    """`--poll-us`: microseconds, or ``adaptive`` (None)."""
+    if text == "adaptive":
+        return None
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("--poll-us must be >= 0 or 'adaptive'")
+    return value
+
+
+def _poll_seconds(poll_us: float | None) -> float | None:
+    return None if poll_us is None else poll_us / 1e6
+
+
 def _cmd_serve_blk(args: argparse.Namespace) -> int:
     import signal
 
@@ -525,7 +539,7 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
     try:
         BlockDevice(image, readonly=args.read_only, num_queues=args.num_queues, io_engine=args.io_engine,
                     direct=args.direct).serve(
-            args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6
+            args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=_poll_seconds(args.poll_us)
         )
     except KeyboardInterrupt:
         return 0
@@ -566,7 +580,8 @@ def _cmd_serve_net(args: argparse.Namespace) -> int:
         return 1
     code = 0
     try:
-        device.serve(args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus, poll=args.poll_us / 1e6)
+        device.serve(args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus,
+                     poll=_poll_seconds(args.poll_us))
     except KeyboardInterrupt:
         pass
     except (VhostUserError, OSError) as e:
@@ -640,8 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT (no host page cache)")
     p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
-    p.add_argument("--poll-us", type=float, default=0.0,
-                   help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode)")
+    p.add_argument("--poll-us", type=_poll_us, default=None,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode; "
+                        "default 'adaptive': up to 50 us, growing while requests come soon after a sleep, shrinking "
+                        "to nothing when idle)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_blk)
 
@@ -657,8 +674,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TAP: do not offer checksum/TSO offloads (the guest then sends complete frames)")
     p.add_argument("--workers", type=int, help="worker threads shared by the queue pairs (default: one per pair)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
-    p.add_argument("--poll-us", type=float, default=0.0,
-                   help="after work, keep checking the rings this long before sleeping on the kicks (0: eventfd mode)")
+    p.add_argument("--poll-us", type=_poll_us, default=0.0,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0, the default: "
+                        "eventfd mode; 'adaptive': up to 50 us, following the load)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_net)
 

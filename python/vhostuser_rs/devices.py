@@ -38,12 +38,14 @@ class BlockDevice:
 
     def serve(self, socket_path: str | os.PathLike[str] | None = None, *, fd: int | None = None,
               max_connections: int | None = None, workers: int | None = None,
-              cpus: Sequence[int] | None = None, poll: float = 0.0) -> None:
+              cpus: Sequence[int] | None = None, poll: float | None = None) -> None:
         """Serve front-ends one at a time on `socket_path` (or the connected socket `fd`) until
         Ctrl-C, or until `max_connections` sessions have ended. `workers`: threads shared by the
         rings (ring i on thread i % workers; default one thread per ring); `cpus`: pin worker
         thread t to ``cpus[t % len(cpus)]``; `poll`: after work, keep checking the rings for this
-        many seconds before sleeping on the kick eventfds (0: eventfd mode)."""
+        many seconds before sleeping on the kick eventfds (0: eventfd mode; None, the default:
+        an adaptive window of up to 50 µs that grows while requests keep coming soon after a
+        sleep and shrinks to nothing when the device goes idle)."""
         _native.serve_blk(
             self.path,
             socket_path=None if socket_path is None else os.fspath(socket_path),
@@ -76,11 +78,11 @@ class _BuiltinNet:
 
     def serve(self, socket_path: str | os.PathLike[str] | None = None, *, fd: int | None = None,
               max_connections: int | None = None, workers: int | None = None,
-              cpus: Sequence[int] | None = None, poll: float = 0.0) -> None:
+              cpus: Sequence[int] | None = None, poll: float | None = 0.0) -> None:
         """Serve front-ends one at a time on `socket_path` (or the connected socket `fd`) until
         Ctrl-C, or until `max_connections` sessions have ended. Both rings of a queue pair run on
         one worker thread (`workers` threads shared by the pairs, default one per pair), pinned
-        to ``cpus[t % len(cpus)]``; `poll`: seconds of polling after work (0: eventfd mode)."""
+        to ``cpus[t % len(cpus)]``; `poll`: seconds of polling after work (0: eventfd mode; None: adaptive, up to 50 µs)."""
         self._native.serve(
             socket_path=None if socket_path is None else os.fspath(socket_path), fd=fd,
             max_connections=max_connections, workers=workers, cpus=None if cpus is None else list(cpus),

@@ -235,7 +235,7 @@ class BackendRequestHandler:
             bits |= ProtocolFeature.HOST_NOTIFIER | ProtocolFeature.BACKEND_SEND_FD
         if has("shared_object_add", "shared_object_remove", "shared_object_lookup"):
             bits |= ProtocolFeature.SHARED_OBJECT
-        if has("shmem_map", "shmem_unmap", "shmem_config"):
+        if has("shmem_map", "shmem_unmap"):
             bits |= ProtocolFeature.SHMEM | ProtocolFeature.BACKEND_SEND_FD
         if has("vring_call", "vring_err"):
             bits |= ProtocolFeature.INBAND_NOTIFICATIONS

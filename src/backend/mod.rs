@@ -25,7 +25,7 @@ pub use session::{
 pub use shared::{shared_object_add, shared_object_lookup, shared_object_remove};
 pub use shmem::{check_mapping, shmem_map, shmem_unmap};
 pub use state::{StateReader, StateWriter, MAX_STATE};
-pub use worker::WorkerPolicy;
+pub use worker::{Polling, WorkerPolicy};
 
 use std::os::fd::{OwnedFd, RawFd};
 

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use super::requests::BackendRequests;
 use super::rings::{RingHandle, Rings};
@@ -28,9 +29,62 @@ pub struct WorkerPolicy {
     pub threads: Option<usize>,
     /// Pin worker thread `t` to CPU `cpus[t % cpus.len()]`; empty: no pinning.
     pub cpus: Vec<usize>,
-    /// Polling: after a ring had work, keep looking at the avail rings (yielding the CPU) for
-    /// this long before sleeping on the kick eventfds. Zero: sleep at once (eventfd mode).
-    pub poll: std::time::Duration,
+    /// Whether a worker looks at its rings for a while after work before sleeping on the kicks.
+    pub poll: Polling,
+}
+
+/// After a ring had work, a worker can keep looking at the avail rings (yielding the CPU)
+/// before it sleeps on the kick eventfds: a driver on another CPU then finds it awake and needs
+/// no kick, which a wake-up of a sleeping thread costs it (a round of scheduling per request at
+/// iodepth 1).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Polling {
+    /// Sleep on the kicks at once (eventfd mode).
+    #[default]
+    Off,
+    /// Poll for this long after the last work.
+    Fixed(Duration),
+    /// Poll for a window between 0 and `max` that follows the load, as Linux's KVM halt-polling
+    /// does: a sleep that ended within `max` (a longer window would have caught the work without
+    /// a wake-up) doubles the window, a longer sleep halves it, so a device that goes idle soon
+    /// polls not at all and costs no CPU.
+    Adaptive {
+        /// The largest window.
+        max: Duration,
+    },
+}
+
+/// The shortest non-zero adaptive window; halving below it turns polling off.
+const MIN_WINDOW: Duration = Duration::from_micros(5);
+
+/// The polling window of one worker thread.
+#[derive(Debug)]
+struct Window {
+    policy: Polling,
+    now: Duration,
+}
+
+impl Window {
+    fn new(policy: Polling) -> Window {
+        let now = match policy {
+            Polling::Off => Duration::ZERO,
+            Polling::Fixed(d) => d,
+            Polling::Adaptive { max } => max,
+        };
+        Window { policy, now }
+    }
+
+    /// The worker slept `slept` and was woken by an fd (`woken`), or by the poll timeout.
+    fn after_sleep(&mut self, slept: Duration, woken: bool) {
+        let Polling::Adaptive { max } = self.policy else { return };
+        self.now = if woken && slept <= max {
+            (self.now * 2).max(MIN_WINDOW).min(max)
+        } else if self.now / 2 < MIN_WINDOW {
+            Duration::ZERO
+        } else {
+            self.now / 2
+        };
+    }
 }
 
 /// Sends an IOTLB MISS and waits for the front-end's ack, which it sends after the UPDATE (on
@@ -395,7 +449,7 @@ impl Group {
         name: String,
         device: Arc<dyn Device>,
         cpu: Option<usize>,
-        poll: std::time::Duration,
+        poll: Polling,
     ) -> io::Result<Arc<Group>> {
         let group = Arc::new(Group {
             wake: eventfd()?,
@@ -442,7 +496,8 @@ impl Group {
         }
     }
 
-    fn run(&self, device: &dyn Device, poll: std::time::Duration) {
+    fn run(&self, device: &dyn Device, poll: Polling) {
+        let mut window = Window::new(poll);
         let mut slots: Vec<Box<Slot>> = Vec::new();
         let mut fds: Vec<libc::pollfd> = Vec::new();
         // For each pollfd after the kicks and the wake fd: the slot it belongs to.
@@ -499,7 +554,7 @@ impl Group {
                 last_work = std::time::Instant::now();
             }
             let watching = slots.iter().any(|s| s.watching());
-            if !poll.is_zero() && last_work.elapsed() < poll {
+            if !window.now.is_zero() && last_work.elapsed() < window.now {
                 // Polling window: look at the rings themselves instead of sleeping, so a
                 // driver on another CPU does not pay for waking this thread. Yield rather than
                 // spin: a driver sharing this CPU gets to run.
@@ -526,7 +581,11 @@ impl Group {
             add_event_fds(&slots, &mut fds, &mut owners);
             // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
             // and devices keep their event fds open while the ring runs).
+            let slept = std::time::Instant::now();
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if again { 0 } else { 1000 }) };
+            if !again {
+                window.after_sleep(slept.elapsed(), n > 0);
+            }
             if n <= 0 {
                 continue;
             }
@@ -678,5 +737,37 @@ impl Drop for Worker {
         if !self.stopped {
             self.shared.group.remove(self.index);
         }
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+
+    #[test]
+    fn the_adaptive_window_follows_the_load_and_dies_out_when_idle() {
+        let max = Duration::from_micros(50);
+        let mut w = Window::new(Polling::Adaptive { max });
+        assert_eq!(w.now, max);
+        // Idle: every long sleep halves the window, down to no polling at all.
+        for _ in 0..8 {
+            w.after_sleep(Duration::from_millis(1), true);
+        }
+        assert_eq!(w.now, Duration::ZERO);
+        // A poll timeout counts as idle too.
+        w.after_sleep(Duration::from_secs(1), false);
+        assert_eq!(w.now, Duration::ZERO);
+        // Work arriving soon after each sleep: the window comes back and stops at max.
+        w.after_sleep(Duration::from_micros(20), true);
+        assert_eq!(w.now, MIN_WINDOW);
+        for _ in 0..10 {
+            w.after_sleep(Duration::from_micros(20), true);
+        }
+        assert_eq!(w.now, max);
+        // Fixed and off do not move.
+        let mut f = Window::new(Polling::Fixed(Duration::from_micros(30)));
+        f.after_sleep(Duration::from_secs(1), false);
+        assert_eq!(f.now, Duration::from_micros(30));
+        assert_eq!(Window::new(Polling::Off).now, Duration::ZERO);
     }
 }

@@ -10,7 +10,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::{os_error, to_pyerr, IntoPyResult};
-use crate::backend::{serve_session, BackendRequests, Device, WorkerPolicy};
+use crate::backend::{serve_session, BackendRequests, Device, Polling, WorkerPolicy};
 use crate::connection::{Connection, Deadline, Listener};
 use crate::devices::blk::{BlockOptions, IoEngine};
 use crate::devices::BlockDevice;
@@ -25,7 +25,7 @@ fn warn(_py: Python<'_>, text: String) {
 /// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
 /// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
 #[pyfunction]
-#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=0.0, io_engine="auto", direct=false))]
+#[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=None, io_engine="auto", direct=false))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_blk(
     py: Python<'_>,
@@ -37,7 +37,7 @@ pub(crate) fn serve_blk(
     max_connections: Option<u32>,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
-    poll: f64,
+    poll: Option<f64>,
     io_engine: &str,
     direct: bool,
 ) -> PyResult<()> {
@@ -50,7 +50,12 @@ pub(crate) fn serve_blk(
     serve(py, device, at, max_connections, None, Arc::new(BackendRequests::new()), policy)
 }
 
-pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64) -> PyResult<WorkerPolicy> {
+/// The largest polling window of the adaptive mode (`poll=None`): what fixed windows measured
+/// best at (README, `--poll-us 50`).
+const ADAPTIVE_MAX: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// `poll`: None adaptive (up to 50 µs), 0 eventfd mode, else a fixed window in seconds.
+pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: Option<f64>) -> PyResult<WorkerPolicy> {
     if workers == Some(0) {
         return Err(PyValueError::new_err("workers must be at least 1 (or None: one thread per ring)"));
     }
@@ -58,7 +63,13 @@ pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64
     if let Some(&bad) = cpus.iter().flatten().find(|&&c| c >= max_cpu) {
         return Err(PyValueError::new_err(format!("CPU {bad} is beyond the {max_cpu} CPUs Linux can pin to")));
     }
-    let poll = super::blocking::timeout(Some(poll))?.unwrap_or_default();
+    let poll = match poll {
+        None => Polling::Adaptive { max: ADAPTIVE_MAX },
+        Some(p) => match super::blocking::timeout(Some(p))?.unwrap_or_default() {
+            d if d.is_zero() => Polling::Off,
+            d => Polling::Fixed(d),
+        },
+    };
     Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default(), poll })
 }
 
@@ -66,7 +77,7 @@ pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: f64
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=0.0, listener=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=Some(0.0), listener=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,
@@ -79,7 +90,7 @@ pub(crate) fn serve_device(
     requests: Option<Py<PyBackendRequests>>,
     workers: Option<usize>,
     cpus: Option<Vec<usize>>,
-    poll: f64,
+    poll: Option<f64>,
     listener: Option<Py<super::socket::PyListener>>,
 ) -> PyResult<()> {
     let policy = policy(workers, cpus, poll)?;
