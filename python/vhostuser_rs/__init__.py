@@ -131,7 +131,7 @@ def _trace_from_environment() -> None:
     trace.setLevel(_logging.DEBUG)
     if not trace.handlers:
         handler = _logging.StreamHandler(_sys.stderr)
-        handler.setFormatter(_logging.Formatter("%(message)s"))
+        handler.setFormatter(_logging.Formatter("vhost-user back-end: %(message)s"))
         trace.addHandler(handler)
     refresh_logging()
 

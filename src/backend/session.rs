@@ -203,7 +203,7 @@ impl Session {
                 return Err(e);
             }
             Outcome::Refused(e) => {
-                log::debug!("{req} refused: {e}");
+                log::debug!(target: TRACE, "{req} refused: {e}");
                 match self.failure_reply(req, message) {
                     Some(payload) => Some((Message::reply(request, payload), Vec::new())),
                     None if req.rules().has_reply() => {
@@ -714,14 +714,14 @@ impl Session {
                 }
                 Ok(_) => refuse("the device returned a negative session id"),
                 Err(why) => {
-                    log::debug!("{req} refused by the device: {why}");
+                    log::debug!(target: TRACE, "{req} refused by the device: {why}");
                     refuse("the device refused it")
                 }
             },
             (CLOSE_CRYPTO_SESSION, Payload::U64(id)) => match self.device.close_crypto_session(*id) {
                 Ok(()) => Outcome::Done,
                 Err(why) => {
-                    log::debug!("{req} refused by the device: {why}");
+                    log::debug!(target: TRACE, "{req} refused by the device: {why}");
                     refuse("the device refused it")
                 }
             },
@@ -729,7 +729,7 @@ impl Session {
                 Some(fd) => match self.device.gpu_set_socket(fd) {
                     Ok(()) => Outcome::Done,
                     Err(why) => {
-                        log::debug!("{req} refused by the device: {why}");
+                        log::debug!(target: TRACE, "{req} refused by the device: {why}");
                         refuse("the device does not speak the vhost-user-gpu protocol")
                     }
                 },
@@ -769,7 +769,7 @@ impl Session {
         match self.device.device_request(request) {
             Ok(()) => Outcome::Done,
             Err(why) => {
-                log::debug!("{request:?} refused by the device: {why}");
+                log::debug!(target: TRACE, "{request:?} refused by the device: {why}");
                 Outcome::Refused(Error::InvalidState {
                     request: match request {
                         DeviceRequest::SendRarp(_) => FrontendRequest::SEND_RARP.into(),
@@ -914,7 +914,7 @@ impl Session {
         }
         if let Some(region) = inflight {
             match queue.attach_inflight(region) {
-                Ok(n) => log::debug!("ring {i}: {n} requests resubmitted from the inflight buffer"),
+                Ok(n) => log::debug!(target: TRACE, "ring {i}: {n} requests resubmitted from the inflight buffer"),
                 Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
             }
         }
@@ -1003,6 +1003,9 @@ fn region_desc(r: &MemoryRegion) -> RegionDesc {
     RegionDesc { guest_addr: r.guest_addr, size: r.size, user_addr: r.user_addr, mmap_offset: r.mmap_offset }
 }
 
+/// The `log` target of the request trace (in Python, the logger `vhostuser_rs.trace`).
+pub const TRACE: &str = "vhostuser_rs::trace";
+
 /// VHOSTUSER_RS_TRACE=1: a debugging aid for users and for tests that check what a real
 /// front-end sent. Prints the back-end's `log` records (one line per request received, refusals,
 /// ring events) to stderr, unless the program installed a logger of its own.
@@ -1010,7 +1013,8 @@ fn install_trace_logger() {
     struct Trace;
     impl log::Log for Trace {
         fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-            metadata.target().starts_with("vhostuser_rs::backend") && metadata.level() <= log::Level::Debug
+            (metadata.target() == TRACE || metadata.target().starts_with("vhostuser_rs::backend"))
+                && metadata.level() <= log::Level::Debug
         }
         fn log(&self, record: &log::Record<'_>) {
             if self.enabled(record.metadata()) {
@@ -1019,11 +1023,11 @@ fn install_trace_logger() {
         }
         fn flush(&self) {}
     }
-    static TRACE: Trace = Trace;
+    static TRACE_LOGGER: Trace = Trace;
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         if std::env::var_os("VHOSTUSER_RS_TRACE").is_some_and(|v| !v.is_empty() && v != "0")
-            && log::set_logger(&TRACE).is_ok()
+            && log::set_logger(&TRACE_LOGGER).is_ok()
         {
             log::set_max_level(log::LevelFilter::Debug);
         }
@@ -1060,7 +1064,7 @@ pub fn serve_session(
             Err(e) => break Err(e),
         };
         let m = &received.message;
-        log::debug!("{} {:?} ({} fds)", m.request, m.payload, received.fds.len());
+        log::debug!(target: TRACE, "{} {:?} ({} fds)", m.request, m.payload, received.fds.len());
         match session.handle(&received.message, received.fds) {
             Ok(Some((reply, fds))) => {
                 let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();

@@ -77,7 +77,7 @@ pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: Opt
 /// the back-end connects out to a listening front-end (client mode) and serves that session.
 /// Setting `stop` ends the loop within 200 ms.
 #[pyfunction]
-#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=Some(0.0), listener=None))]
+#[pyo3(signature = (device, *, socket_path=None, fd=None, connect=None, max_connections=None, stop=None, requests=None, workers=None, cpus=None, poll=0.0, listener=None))]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn serve_device(
     py: Python<'_>,

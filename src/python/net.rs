@@ -99,7 +99,7 @@ impl PyBuiltinNet {
 
     /// Serves front-ends one at a time (see ``serve_blk``) until Ctrl-C/SIGTERM or
     /// `max_connections` sessions.
-    #[pyo3(signature = (*, socket_path=None, fd=None, max_connections=None, workers=None, cpus=None, poll=Some(0.0)))]
+    #[pyo3(signature = (*, socket_path=None, fd=None, max_connections=None, workers=None, cpus=None, poll=0.0))]
     #[allow(clippy::too_many_arguments)]
     fn serve(
         &self,
