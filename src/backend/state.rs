@@ -143,7 +143,9 @@ impl Transfer {
             let code = match running.done.recv_timeout(CHECK_WAIT) {
                 Ok(code) => code,
                 Err(RecvTimeoutError::Timeout) => {
-                    log::warn!("CHECK_DEVICE_STATE: the transfer did not end (the front-end did not close or drain its end of the channel)");
+                    log::warn!(
+                        "CHECK_DEVICE_STATE: the transfer did not end (the front-end did not close or drain its end)"
+                    );
                     running.cancel.store(true, Ordering::Relaxed);
                     E_TIMEDOUT
                 }

@@ -494,3 +494,54 @@ def test_shmem_config_and_map_unmap(sock_dir: Path) -> None:
             assert len(handler.seen) == 3
     finally:
         os.close(area)
+
+
+def test_qemu_style_get_shared_object_without_its_uuid_asks_for_the_nil_uuid(sock_dir: Path) -> None:
+    """QEMU sends GET_SHARED_OBJECT with size 0 (its UUID never goes out): the back-end takes
+    it as the nil UUID instead of dropping the session."""
+    from vhostuser_rs import hazmat
+
+    class NilExporter(Exporter):
+        def get_shared_object(self, uuid: bytes) -> int | None:
+            return self.buf if uuid == bytes(16) else None
+
+    dev = NilExporter()
+    F = vu.FrontendRequest
+    try:
+        with serving(dev, sock_dir / "q.sock"), vu.Connection.connect(sock_dir / "q.sock", timeout=5) as conn:
+            hazmat.send(conn, hazmat.request(F.GET_FEATURES))
+            conn.recv(timeout=5)
+            proto = vu.ProtocolFeature.SHARED_OBJECT | vu.ProtocolFeature.BACKEND_REQ
+            hazmat.send(conn, hazmat.request(F.SET_PROTOCOL_FEATURES, int(proto)))
+            hazmat.send(conn, hazmat.encode_raw(F.GET_SHARED_OBJECT))
+            reply, fds = conn.recv(timeout=5)
+            try:
+                assert reply.request is F.GET_SHARED_OBJECT and reply.is_reply and reply.payload is None  # empty body
+                assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(dev.buf).st_ino
+            finally:
+                hazmat.close_fds(fds)
+            hazmat.send(conn, hazmat.request(F.GET_QUEUE_NUM))
+            assert conn.recv(timeout=5)[0].payload == 1  # the session goes on
+    finally:
+        os.close(dev.buf)
+
+
+def test_a_state_beyond_the_limit_is_refused(sock_dir: Path) -> None:
+    dev = Counter()
+    with serving(dev, sock_dir / "big.sock"), vu.Frontend.connect(sock_dir / "big.sock") as fe:
+        fe.negotiate()
+        r, w = os.pipe()
+        try:
+            fe.set_device_state_fd(LOAD, r)
+        finally:
+            os.close(r)
+        chunk = bytes(1 << 20)
+        try:
+            with pytest.raises(BrokenPipeError):  # the back-end stops reading at the limit
+                for _ in range(80):  # a write cut short by the close returns its count; the next fails
+                    os.write(w, chunk)
+        finally:
+            os.close(w)
+        with pytest.raises(vu.RequestRejectedError) as e:
+            fe.check_device_state()
+        assert e.value.status == errno.EIO and dev.count == 0
