@@ -332,6 +332,10 @@ impl<'a> StateReader<'a> {
         b.copy_from_slice(self.bytes(8)?);
         Ok(u64::from_le_bytes(b))
     }
+    /// Everything not read yet (a part whose format belongs to someone else).
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.data)
+    }
     /// Fails unless every byte was read (trailing bytes mean another format).
     pub fn end(&self) -> Result<(), String> {
         if self.data.is_empty() {

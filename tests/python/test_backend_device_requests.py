@@ -36,10 +36,12 @@ QSIZE = 16
 # -- helpers ---------------------------------------------------------------------------------
 
 @contextmanager
-def serving(device: vu.Device | LoopbackNet, sock: Path, sessions: int = 1) -> Iterator[vu.Backend | None]:
+def serving(
+    device: vu.Device | vu.NetDevice | LoopbackNet, sock: Path, sessions: int = 1
+) -> Iterator[vu.Backend | None]:
     """Serves `device` on `sock` on a thread for `sessions` front-ends."""
     backend: vu.Backend | None = None
-    if isinstance(device, vu.Device):
+    if isinstance(device, (vu.Device, vu.NetDevice)):
         backend = vu.Backend.listen(sock, device)
         t = threading.Thread(target=backend.serve_forever, kwargs={"max_connections": sessions}, daemon=True)
     else:
@@ -313,6 +315,75 @@ def test_builtin_block_device_state_moves_and_io_continues(sock_dir: Path, tmp_p
         assert fe3.get_queue_num() == 1  # the session goes on
 
 
+def move_rings(drv: NetDriver, fe2: vu.Frontend) -> vu.Frontend:
+    """Stops the driver's rings on its back-end, saves the state, loads it into `fe2`'s back-end
+    and hands the same rings (with the buffers posted before) to it; returns the old front-end
+    (for the caller to close). Rings stay stopped during the transfer, as the spec's STOPPED
+    phase requires."""
+    assert drv.ctrl is not None
+    vqs = [*drv.rx, *drv.tx, drv.ctrl]
+    bases = [drv.fe.stop_queue(vq.index) for vq in vqs]
+    blob = save(drv.fe)
+    fe2.negotiate(memory=drv.mem)
+    load(fe2, blob)
+    new = {vq.index: fe2.setup_queue(vq.index, vq.queue.size, ring=vq.queue, base=b) for vq, b in zip(vqs, bases)}
+    old, drv.fe = drv.fe, fe2
+    drv.rx = [new[vq.index] for vq in drv.rx]
+    drv.tx = [new[vq.index] for vq in drv.tx]
+    drv.ctrl = new[drv.ctrl.index]
+    return old
+
+
+class CountingEcho(vu.NetDevice):
+    """Echoes frames, MACs swapped, and counts them: the count is its own state."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def receive(self, queue_pair: int, frames: list[vu.net.Frame]) -> None:
+        self.frames += len(frames)
+        self.send(queue_pair, [swapped(bytes(f)) for f in frames])
+
+    def save_state(self, stream: BinaryIO) -> None:
+        stream.write(struct.pack("<Q", self.frames))
+
+    def load_state(self, stream: BinaryIO) -> None:
+        (self.frames,) = struct.unpack("<Q", stream.read())
+
+
+def test_python_net_device_state_moves_with_the_library_part(sock_dir: Path) -> None:
+    src, dst = CountingEcho(), CountingEcho()
+    new_mac = bytes.fromhex("02aabbccddef")
+    with serving(src, sock_dir / "p1.sock"), NetDriver(sock_dir / "p1.sock") as drv:
+        assert vu.ProtocolFeature.DEVICE_STATE in drv.fe.protocol_features
+        assert drv.command(N["VIRTIO_NET_CTRL_MAC"], N["VIRTIO_NET_CTRL_MAC_ADDR_SET"], new_mac) == N["VIRTIO_NET_OK"]
+        drv.post_rx(8)
+        drv.transmit([frame(60, seed=i) for i in range(3)])
+        drv.reap_tx(3)
+        assert len(drv.receive(3)) == 3
+        with serving(dst, sock_dir / "p2.sock"), vu.Frontend.connect(sock_dir / "p2.sock") as fe2:
+            old = move_rings(drv, fe2)
+            old.close()
+            assert dst.frames == 3 and fe2.get_config(0, 6) == new_mac
+            f = frame(70, seed=9)
+            drv.transmit([f])
+            assert [g for _, g in drv.receive(1)] == [swapped(f)]
+            assert dst.frames == 4
+            for vq in [*drv.rx, *drv.tx, drv.ctrl]:
+                assert vq is not None
+                vq.close()
+
+
+def test_python_net_device_without_state_hooks_does_not_offer_device_state(sock_dir: Path) -> None:
+    class Plain(vu.NetDevice):
+        def receive(self, queue_pair: int, frames: list[vu.net.Frame]) -> None:
+            pass
+
+    with serving(Plain(), sock_dir / "pn.sock"), vu.Frontend.connect(sock_dir / "pn.sock") as fe:
+        fe.get_features()
+        assert vu.ProtocolFeature.DEVICE_STATE not in fe.get_protocol_features()
+
+
 def test_builtin_net_device_state_moves_and_traffic_continues(sock_dir: Path) -> None:
     src, dst = LoopbackNet(), LoopbackNet()
     new_mac = bytes.fromhex("02aabbccddee")
@@ -325,27 +396,19 @@ def test_builtin_net_device_state_moves_and_traffic_continues(sock_dir: Path) ->
         drv.transmit([f1])
         drv.reap_tx(1)
         assert [f for _, f in drv.receive(1)] == [swapped(f1)]
-        assert drv.ctrl is not None
-        vqs = [drv.rx[0], drv.tx[0], drv.ctrl]
-        bases = [drv.fe.stop_queue(vq.index) for vq in vqs]
-        blob = save(drv.fe)
-        fe1 = drv.fe
         with serving(dst, sock_dir / "n2.sock"), vu.Frontend.connect(sock_dir / "n2.sock") as fe2:
-            fe2.negotiate(memory=drv.mem)
-            assert fe2.get_config(0, 6) != new_mac
-            load(fe2, blob)
-            assert fe2.get_config(0, 6) == new_mac  # what the driver set on the source
+            move_rings(drv, fe2).close()
+            # The driver's MAC_ADDR_SET on the source (this device's own MAC is 52:54:00:12:34:56).
+            assert fe2.get_config(0, 6) == new_mac
             # The same rings, with the receive buffers the driver had posted, go on.
-            new = [fe2.setup_queue(vq.index, vq.queue.size, ring=vq.queue, base=b) for vq, b in zip(vqs, bases)]
-            drv.fe, drv.rx, drv.tx, drv.ctrl = fe2, [new[0]], [new[1]], new[2]
             f2 = frame(80, seed=2)
             drv.transmit([f2])
             drv.reap_tx(1)
             assert [f for _, f in drv.receive(1)] == [swapped(f2)]
             assert drv.command(N["VIRTIO_NET_CTRL_RX"], N["VIRTIO_NET_CTRL_RX_PROMISC"], b"\x01") == ok
-            for vq in new:
+            for vq in [*drv.rx, *drv.tx, drv.ctrl]:
+                assert vq is not None
                 vq.close()
-            drv.fe = fe1
     assert dst.counters()["rx_frames"] == 1
 
 
