@@ -19,7 +19,12 @@ use crate::protocol::{BackendRequest, Payload};
 pub(crate) fn get_shared_object(device: &dyn Device, payload: &Payload) -> (Payload, Vec<OwnedFd>) {
     let uuid = match payload {
         Payload::Shared(uuid) => *uuid,
-        _ => [0; 16],
+        Payload::Empty => [0; 16],
+        other => {
+            // 8 bytes is neither a UUID nor QEMU's empty request: answer "nothing" (no fd).
+            log::warn!("GET_SHARED_OBJECT with a {}-byte payload: not a UUID", other.encoded_len());
+            return (Payload::Empty, Vec::new());
+        }
     };
     let fd = device.shared_object(&uuid);
     if fd.is_none() {
@@ -100,6 +105,7 @@ mod tests {
         // QEMU's size-0 request asks for the nil UUID.
         let (p, fds) = get_shared_object(&dev, &Payload::Empty);
         assert_eq!((p, fds.len()), (Payload::Empty, 0));
+        assert!(get_shared_object(&dev, &Payload::U64(7)).1.is_empty());
         assert_eq!(uuid_string(&[0xab; 16]), "abababab-abab-abab-abab-abababababab");
     }
 }
