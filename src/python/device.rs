@@ -178,6 +178,8 @@ impl PyDevice {
             Ok(!b.get_type().getattr(name)?.is(&base))
         };
         let per_request = overrides("process_request")? && !overrides("process")?;
+        let shmem_regions: Vec<u64> = b.getattr("shmem_regions")?.extract()?;
+        crate::backend::check_regions(&shmem_regions).map_err(PyValueError::new_err)?;
         Ok(PyDevice {
             num_queues: b.getattr("num_queues")?.extract()?,
             max_queue_size: b.getattr("max_queue_size")?.extract()?,
@@ -187,7 +189,7 @@ impl PyDevice {
             has_events: overrides("event_fds")?,
             has_state: overrides("save_state")? && overrides("load_state")?,
             has_shared: overrides("get_shared_object")?,
-            shmem_regions: b.getattr("shmem_regions")?.extract()?,
+            shmem_regions,
             obj,
         })
     }

@@ -608,3 +608,11 @@ def test_a_state_beyond_the_limit_is_refused(sock_dir: Path) -> None:
         with pytest.raises(vu.RequestRejectedError) as e:
             fe.check_device_state()
         assert e.value.status == errno.EIO and dev.count == 0
+
+
+def test_declared_regions_must_be_whole_pages(sock_dir: Path) -> None:
+    class Odd(Windowed):
+        shmem_regions = (PAGE + 1,)
+
+    with vu.Backend.listen(sock_dir / "odd.sock", Odd()) as backend, pytest.raises(ValueError, match="page size"):
+        backend.serve_forever(max_connections=0)
