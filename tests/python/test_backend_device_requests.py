@@ -616,3 +616,21 @@ def test_declared_regions_must_be_whole_pages(sock_dir: Path) -> None:
 
     with vu.Backend.listen(sock_dir / "odd.sock", Odd()) as backend, pytest.raises(ValueError, match="page size"):
         backend.serve_forever(max_connections=0)
+
+
+def test_a_frontend_that_stops_reading_fails_the_save_and_the_session_goes_on(sock_dir: Path) -> None:
+    dev = Counter()
+    dev.log = bytes(1 << 20)  # far more than a pipe holds
+    with serving(dev, sock_dir / "e.sock"), vu.Frontend.connect(sock_dir / "e.sock") as fe:
+        fe.negotiate()
+        r, w = os.pipe()
+        try:
+            fe.set_device_state_fd(SAVE, w)
+        finally:
+            os.close(w)
+        assert len(os.read(r, 4096)) > 0
+        os.close(r)  # gone before EOF: the back-end's writes fail with EPIPE
+        with pytest.raises(vu.RequestRejectedError) as e:
+            fe.check_device_state()
+        assert e.value.status == errno.EIO
+        assert fe.get_queue_num() == 1
