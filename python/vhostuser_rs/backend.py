@@ -303,7 +303,8 @@ class Backend:
         """SHMEM_MAP: ask the front-end to map `length` bytes of `fd` (from `fd_offset`) at
         `shm_offset` of shared memory region `shmid` (one of :attr:`Device.shmem_regions`),
         read-write unless `writable` is False. The range must be page-aligned and inside the
-        region, else InvalidStateError before anything is sent. Needs SHMEM and BACKEND_SEND_FD; RequestRejectedError if the front-end refuses."""
+        region, else InvalidStateError before anything is sent. Needs SHMEM and
+        BACKEND_SEND_FD; RequestRejectedError if the front-end refuses."""
         status = self.requests.shmem_map(
             list(getattr(self.device, "shmem_regions", ())), shmid, fd, fd_offset=fd_offset,
             shm_offset=shm_offset, length=length, writable=writable, need_reply=need_reply, timeout=timeout,
@@ -329,7 +330,9 @@ class Backend:
     @staticmethod
     def _check(request: BackendRequest, status: int | None) -> None:
         if status:
-            raise RequestRejectedError(f"the front-end failed {request.name}: {status:#x}", request=request, status=status)
+            raise RequestRejectedError(
+                f"the front-end failed {request.name}: {status:#x}", request=request, status=status
+            )
 
     def start(self, *, max_connections: int | None = None) -> None:
         """Serve on a background thread (see :meth:`stop`); errors land in :attr:`error`."""

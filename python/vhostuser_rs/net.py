@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from typing import Union
+from typing import BinaryIO, Union
 
 from . import _native
 from ._native import Frame, NetHeader, NetPort
@@ -137,6 +137,19 @@ class NetDevice:
     def send_rarp(self, mac: bytes) -> None:
         """SEND_RARP (offered only if overridden): announce `mac` (6 bytes) to the network,
         e.g. by sending a RARP frame out of the device's uplink."""
+        raise NotImplementedError
+
+    def save_state(self, stream: BinaryIO) -> None:
+        """DEVICE_STATE, source side (offered only if this and :meth:`load_state` are
+        overridden): write this device's own state to `stream` (in memory; your format). The
+        library saves what it keeps itself — the config space (MAC, status), the MTU, the queue
+        pairs in use and the RX filters — in front of it. Called with every ring stopped; an
+        exception fails the transfer (the session goes on)."""
+        raise NotImplementedError
+
+    def load_state(self, stream: BinaryIO) -> None:
+        """DEVICE_STATE, destination side: restore what :meth:`save_state` wrote (the library's
+        part is restored first). An exception fails CHECK_DEVICE_STATE."""
         raise NotImplementedError
 
     def queue_started(self, index: int) -> None:

@@ -23,7 +23,7 @@ pub use session::{
     serve_connection, serve_session, Session, DEVICE_PROTOCOL_FEATURES, NEVER_OFFERED, SESSION_PROTOCOL_FEATURES,
 };
 pub use shared::{shared_object_add, shared_object_lookup, shared_object_remove};
-pub use shmem::{check_mapping, shmem_map, shmem_unmap};
+pub use shmem::{check_mapping, check_regions, shmem_map, shmem_unmap};
 pub use state::{StateReader, StateWriter, MAX_STATE};
 pub use worker::{Polling, WorkerPolicy};
 

@@ -11,20 +11,26 @@ use crate::error::Result;
 use crate::protocol::{BackendRequest, Payload};
 
 /// GET_SHARED_OBJECT: the reply payload and the dma-buf fd the device exported under the UUID
-/// (none if it exported nothing under it — the spec's failure answer).
+/// (none if it exported nothing under it — the spec's failure answer). The spec's reply payload
+/// is the fd alone: the body is empty (rust-vmm's front-end insists on that; QEMU ignores it).
 ///
 /// QEMU sends this request with size 0, the UUID never transmitted (protocol.md §9.24): such a
 /// request asks for the nil UUID, which is what a device would have to export to answer QEMU.
 pub(crate) fn get_shared_object(device: &dyn Device, payload: &Payload) -> (Payload, Vec<OwnedFd>) {
     let uuid = match payload {
         Payload::Shared(uuid) => *uuid,
-        _ => [0; 16],
+        Payload::Empty => [0; 16],
+        other => {
+            // 8 bytes is neither a UUID nor QEMU's empty request: answer "nothing" (no fd).
+            log::warn!("GET_SHARED_OBJECT with a {}-byte payload: not a UUID", other.encoded_len());
+            return (Payload::Empty, Vec::new());
+        }
     };
     let fd = device.shared_object(&uuid);
     if fd.is_none() {
         log::info!("GET_SHARED_OBJECT: nothing exported under {}", uuid_string(&uuid));
     }
-    (Payload::Shared(uuid), fd.into_iter().collect())
+    (Payload::Empty, fd.into_iter().collect())
 }
 
 /// SHARED_OBJECT_ADD: tells the front-end this device exports `uuid` (it then answers
@@ -93,12 +99,13 @@ mod tests {
     fn get_shared_object_answers_with_the_exported_fd_or_none() {
         let dev = Exporter(std::fs::File::open("/dev/null").unwrap());
         let (p, fds) = get_shared_object(&dev, &Payload::Shared([7; 16]));
-        assert_eq!((p, fds.len()), (Payload::Shared([7; 16]), 1));
+        assert_eq!((p, fds.len()), (Payload::Empty, 1));
         let (_, fds) = get_shared_object(&dev, &Payload::Shared([8; 16]));
         assert!(fds.is_empty());
         // QEMU's size-0 request asks for the nil UUID.
         let (p, fds) = get_shared_object(&dev, &Payload::Empty);
-        assert_eq!((p, fds.len()), (Payload::Shared([0; 16]), 0));
+        assert_eq!((p, fds.len()), (Payload::Empty, 0));
+        assert!(get_shared_object(&dev, &Payload::U64(7)).1.is_empty());
         assert_eq!(uuid_string(&[0xab; 16]), "abababab-abab-abab-abab-abababababab");
     }
 }

@@ -25,6 +25,19 @@ pub(crate) fn shmem_config(device: &dyn Device) -> ShmemConfig {
     ShmemConfig { memory_sizes: sizes }
 }
 
+/// Checks a device's declared regions: at most 256 ids, every size a multiple of the page size
+/// (the front-end maps whole pages of them into the guest, protocol.md §6.15).
+pub fn check_regions(regions: &[u64]) -> std::result::Result<(), String> {
+    if regions.len() > MAX_SHMEM_REGIONS {
+        return Err(format!("{} shared memory regions; at most {MAX_SHMEM_REGIONS} ids exist", regions.len()));
+    }
+    let page = page_size();
+    match regions.iter().position(|s| s % page != 0) {
+        Some(id) => Err(format!("shared memory region {id}: {} bytes is not a multiple of the page size", regions[id])),
+        None => Ok(()),
+    }
+}
+
 fn page_size() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -98,6 +111,14 @@ pub fn shmem_unmap(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn declared_regions_are_whole_pages_and_at_most_256() {
+        let p = page_size();
+        assert!(check_regions(&[0, p, 8 * p]).is_ok());
+        assert!(check_regions(&[p + 1]).is_err());
+        assert!(check_regions(&vec![p; 257]).is_err());
+    }
 
     #[test]
     fn mappings_are_checked_against_the_declared_regions() {

@@ -143,7 +143,9 @@ impl Transfer {
             let code = match running.done.recv_timeout(CHECK_WAIT) {
                 Ok(code) => code,
                 Err(RecvTimeoutError::Timeout) => {
-                    log::warn!("CHECK_DEVICE_STATE: the transfer did not end (the front-end did not close or drain its end of the channel)");
+                    log::warn!(
+                        "CHECK_DEVICE_STATE: the transfer did not end (the front-end did not close or drain its end)"
+                    );
                     running.cancel.store(true, Ordering::Relaxed);
                     E_TIMEDOUT
                 }
@@ -329,6 +331,10 @@ impl<'a> StateReader<'a> {
         let mut b = [0u8; 8];
         b.copy_from_slice(self.bytes(8)?);
         Ok(u64::from_le_bytes(b))
+    }
+    /// Everything not read yet (a part whose format belongs to someone else).
+    pub fn rest(&mut self) -> &'a [u8] {
+        std::mem::take(&mut self.data)
     }
     /// Fails unless every byte was read (trailing bytes mean another format).
     pub fn end(&self) -> Result<(), String> {

@@ -175,6 +175,8 @@ impl PyDevice {
             Ok(!b.get_type().getattr(name)?.is(&base))
         };
         let per_request = overrides("process_request")? && !overrides("process")?;
+        let shmem_regions: Vec<u64> = b.getattr("shmem_regions")?.extract()?;
+        crate::backend::check_regions(&shmem_regions).map_err(PyValueError::new_err)?;
         Ok(PyDevice {
             num_queues: b.getattr("num_queues")?.extract()?,
             max_queue_size: b.getattr("max_queue_size")?.extract()?,
@@ -184,7 +186,7 @@ impl PyDevice {
             has_events: overrides("event_fds")?,
             has_state: overrides("save_state")? && overrides("load_state")?,
             has_shared: overrides("get_shared_object")?,
-            shmem_regions: b.getattr("shmem_regions")?.extract()?,
+            shmem_regions,
             obj,
         })
     }
@@ -467,14 +469,14 @@ impl Device for PyDevice {
         if !self.has_state {
             return Err("the device does not implement save_state and load_state".into());
         }
-        self.with_stream("save_state", &[])
+        call_with_stream(&self.obj, "save_state", &[])
     }
 
     fn load_state(&self, state: &[u8]) -> Result<(), String> {
         if !self.has_state {
             return Err("the device does not implement save_state and load_state".into());
         }
-        self.with_stream("load_state", state).map(|_| ())
+        call_with_stream(&self.obj, "load_state", state).map(|_| ())
     }
 
     fn shared_object(&self, uuid: &[u8; 16]) -> Option<std::os::fd::OwnedFd> {
@@ -510,22 +512,21 @@ impl Device for PyDevice {
     }
 }
 
-impl PyDevice {
-    /// Calls ``method(stream)`` with an ``io.BytesIO`` (holding `data`) and returns what the
-    /// stream holds afterwards; an exception is logged and becomes the refusal's reason.
-    fn with_stream(&self, method: &str, data: &[u8]) -> Result<Vec<u8>, String> {
-        Python::attach(|py| {
-            let run = || -> PyResult<Vec<u8>> {
-                let stream = py.import("io")?.getattr("BytesIO")?.call1((PyBytes::new(py, data),))?;
-                self.obj.bind(py).call_method1(method, (stream.clone(),))?;
-                stream.call_method0("getvalue")?.extract()
-            };
-            run().map_err(|e| {
-                warn(py, &format!("{method}()"), &e);
-                e.to_string()
-            })
+/// Calls ``obj.method(stream)`` with an ``io.BytesIO`` holding `data` and returns what the
+/// stream holds afterwards (DEVICE_STATE's ``save_state`` / ``load_state``); an exception is
+/// logged and becomes the refusal's reason.
+pub(crate) fn call_with_stream(obj: &Py<PyAny>, method: &str, data: &[u8]) -> Result<Vec<u8>, String> {
+    Python::attach(|py| {
+        let run = || -> PyResult<Vec<u8>> {
+            let stream = py.import("io")?.getattr("BytesIO")?.call1((PyBytes::new(py, data),))?;
+            obj.bind(py).call_method1(method, (stream.clone(),))?;
+            stream.call_method0("getvalue")?.extract()
+        };
+        run().map_err(|e| {
+            warn(py, &format!("{method}()"), &e);
+            e.to_string()
         })
-    }
+    })
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -14,7 +14,7 @@ use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 use super::errors::os_error;
 use super::memory::GuestBuffer;
 use super::net::{counters_dict, net_options};
-use crate::backend::{DeviceRequest, RingHandle, Rings};
+use crate::backend::{DeviceRequest, RingHandle, Rings, StateReader, StateWriter};
 use crate::devices::net::{check_tx, copy_out, deliver, Delivery, NetCore, NetPort};
 use crate::memory::MemoryTable;
 use crate::protocol::ProtocolFeatures;
@@ -502,6 +502,9 @@ impl PyNetPort {
 
 /// Adapts a Python ``NetDevice`` to the back-end: rings, control queue and counters in Rust,
 /// ``receive`` called once per TX batch (the GIL once per worker wake-up).
+/// Tag and format version of a Python net device's state: the core's state, then the device's.
+const PY_NET_STATE_TAG: &[u8; 4] = b"VPN1";
+
 pub(crate) struct PyNetDevice {
     obj: Py<PyAny>,
     shared: Arc<NetShared>,
@@ -510,6 +513,8 @@ pub(crate) struct PyNetDevice {
     has_control: bool,
     has_rarp: bool,
     has_events: bool,
+    /// The class overrides ``save_state`` and ``load_state``: DEVICE_STATE is offered.
+    has_state: bool,
 }
 
 fn warn(py: Python<'_>, what: &str, err: &PyErr) {
@@ -533,6 +538,7 @@ impl PyNetDevice {
             has_control: overrides("control")?,
             has_rarp: overrides("send_rarp")?,
             has_events: overrides("event_fds")?,
+            has_state: overrides("save_state")? && overrides("load_state")?,
             features,
             shared,
             obj,
@@ -629,11 +635,34 @@ impl NetPort for PyNetDevice {
         self.features
     }
     fn protocol_features(&self) -> ProtocolFeatures {
+        let mut p = ProtocolFeatures::MTU;
         if self.has_rarp {
-            ProtocolFeatures::MTU | ProtocolFeatures::RARP
-        } else {
-            ProtocolFeatures::MTU
+            p |= ProtocolFeatures::RARP;
         }
+        if self.has_state {
+            p |= ProtocolFeatures::DEVICE_STATE;
+        }
+        p
+    }
+    /// The core's state (config, MTU, pairs in use, RX filters), then the Python device's own.
+    fn save_state(&self) -> Result<Vec<u8>, String> {
+        if !self.has_state {
+            return Err("the device does not implement save_state and load_state".into());
+        }
+        let core = self.shared.core.save_state();
+        let own = super::device::call_with_stream(&self.obj, "save_state", &[])?;
+        Ok(StateWriter::new(PY_NET_STATE_TAG).u64(core.len() as u64).bytes(&core).bytes(&own).finish())
+    }
+    fn load_state(&self, state: &[u8]) -> Result<(), String> {
+        if !self.has_state {
+            return Err("the device does not implement save_state and load_state".into());
+        }
+        let mut r = StateReader::new(state, PY_NET_STATE_TAG)?;
+        let n = usize::try_from(r.u64()?).map_err(|_| "the core state length does not fit".to_string())?;
+        let core = r.bytes(n)?;
+        let own = r.rest();
+        self.shared.core.load_state(core)?;
+        super::device::call_with_stream(&self.obj, "load_state", own).map(|_| ())
     }
     fn device_request(&self, request: DeviceRequest) -> Result<(), String> {
         match request {

@@ -36,10 +36,12 @@ QSIZE = 16
 # -- helpers ---------------------------------------------------------------------------------
 
 @contextmanager
-def serving(device: vu.Device | LoopbackNet, sock: Path, sessions: int = 1) -> Iterator[vu.Backend | None]:
+def serving(
+    device: vu.Device | vu.NetDevice | LoopbackNet, sock: Path, sessions: int = 1
+) -> Iterator[vu.Backend | None]:
     """Serves `device` on `sock` on a thread for `sessions` front-ends."""
     backend: vu.Backend | None = None
-    if isinstance(device, vu.Device):
+    if isinstance(device, (vu.Device, vu.NetDevice)):
         backend = vu.Backend.listen(sock, device)
         t = threading.Thread(target=backend.serve_forever, kwargs={"max_connections": sessions}, daemon=True)
     else:
@@ -313,6 +315,75 @@ def test_builtin_block_device_state_moves_and_io_continues(sock_dir: Path, tmp_p
         assert fe3.get_queue_num() == 1  # the session goes on
 
 
+def move_rings(drv: NetDriver, fe2: vu.Frontend) -> vu.Frontend:
+    """Stops the driver's rings on its back-end, saves the state, loads it into `fe2`'s back-end
+    and hands the same rings (with the buffers posted before) to it; returns the old front-end
+    (for the caller to close). Rings stay stopped during the transfer, as the spec's STOPPED
+    phase requires."""
+    assert drv.ctrl is not None
+    vqs = [*drv.rx, *drv.tx, drv.ctrl]
+    bases = [drv.fe.stop_queue(vq.index) for vq in vqs]
+    blob = save(drv.fe)
+    fe2.negotiate(memory=drv.mem)
+    load(fe2, blob)
+    new = {vq.index: fe2.setup_queue(vq.index, vq.queue.size, ring=vq.queue, base=b) for vq, b in zip(vqs, bases)}
+    old, drv.fe = drv.fe, fe2
+    drv.rx = [new[vq.index] for vq in drv.rx]
+    drv.tx = [new[vq.index] for vq in drv.tx]
+    drv.ctrl = new[drv.ctrl.index]
+    return old
+
+
+class CountingEcho(vu.NetDevice):
+    """Echoes frames, MACs swapped, and counts them: the count is its own state."""
+
+    def __init__(self) -> None:
+        self.frames = 0
+
+    def receive(self, queue_pair: int, frames: list[vu.net.Frame]) -> None:
+        self.frames += len(frames)
+        self.send(queue_pair, [swapped(bytes(f)) for f in frames])
+
+    def save_state(self, stream: BinaryIO) -> None:
+        stream.write(struct.pack("<Q", self.frames))
+
+    def load_state(self, stream: BinaryIO) -> None:
+        (self.frames,) = struct.unpack("<Q", stream.read())
+
+
+def test_python_net_device_state_moves_with_the_library_part(sock_dir: Path) -> None:
+    src, dst = CountingEcho(), CountingEcho()
+    new_mac = bytes.fromhex("02aabbccddef")
+    with serving(src, sock_dir / "p1.sock"), NetDriver(sock_dir / "p1.sock") as drv:
+        assert vu.ProtocolFeature.DEVICE_STATE in drv.fe.protocol_features
+        assert drv.command(N["VIRTIO_NET_CTRL_MAC"], N["VIRTIO_NET_CTRL_MAC_ADDR_SET"], new_mac) == N["VIRTIO_NET_OK"]
+        drv.post_rx(8)
+        drv.transmit([frame(60, seed=i) for i in range(3)])
+        drv.reap_tx(3)
+        assert len(drv.receive(3)) == 3
+        with serving(dst, sock_dir / "p2.sock"), vu.Frontend.connect(sock_dir / "p2.sock") as fe2:
+            old = move_rings(drv, fe2)
+            old.close()
+            assert dst.frames == 3 and fe2.get_config(0, 6) == new_mac
+            f = frame(70, seed=9)
+            drv.transmit([f])
+            assert [g for _, g in drv.receive(1)] == [swapped(f)]
+            assert dst.frames == 4
+            for vq in [*drv.rx, *drv.tx, drv.ctrl]:
+                assert vq is not None
+                vq.close()
+
+
+def test_python_net_device_without_state_hooks_does_not_offer_device_state(sock_dir: Path) -> None:
+    class Plain(vu.NetDevice):
+        def receive(self, queue_pair: int, frames: list[vu.net.Frame]) -> None:
+            pass
+
+    with serving(Plain(), sock_dir / "pn.sock"), vu.Frontend.connect(sock_dir / "pn.sock") as fe:
+        fe.get_features()
+        assert vu.ProtocolFeature.DEVICE_STATE not in fe.get_protocol_features()
+
+
 def test_builtin_net_device_state_moves_and_traffic_continues(sock_dir: Path) -> None:
     src, dst = LoopbackNet(), LoopbackNet()
     new_mac = bytes.fromhex("02aabbccddee")
@@ -325,27 +396,19 @@ def test_builtin_net_device_state_moves_and_traffic_continues(sock_dir: Path) ->
         drv.transmit([f1])
         drv.reap_tx(1)
         assert [f for _, f in drv.receive(1)] == [swapped(f1)]
-        assert drv.ctrl is not None
-        vqs = [drv.rx[0], drv.tx[0], drv.ctrl]
-        bases = [drv.fe.stop_queue(vq.index) for vq in vqs]
-        blob = save(drv.fe)
-        fe1 = drv.fe
         with serving(dst, sock_dir / "n2.sock"), vu.Frontend.connect(sock_dir / "n2.sock") as fe2:
-            fe2.negotiate(memory=drv.mem)
-            assert fe2.get_config(0, 6) != new_mac
-            load(fe2, blob)
-            assert fe2.get_config(0, 6) == new_mac  # what the driver set on the source
+            move_rings(drv, fe2).close()
+            # The driver's MAC_ADDR_SET on the source (this device's own MAC is 52:54:00:12:34:56).
+            assert fe2.get_config(0, 6) == new_mac
             # The same rings, with the receive buffers the driver had posted, go on.
-            new = [fe2.setup_queue(vq.index, vq.queue.size, ring=vq.queue, base=b) for vq, b in zip(vqs, bases)]
-            drv.fe, drv.rx, drv.tx, drv.ctrl = fe2, [new[0]], [new[1]], new[2]
             f2 = frame(80, seed=2)
             drv.transmit([f2])
             drv.reap_tx(1)
             assert [f for _, f in drv.receive(1)] == [swapped(f2)]
             assert drv.command(N["VIRTIO_NET_CTRL_RX"], N["VIRTIO_NET_CTRL_RX_PROMISC"], b"\x01") == ok
-            for vq in new:
+            for vq in [*drv.rx, *drv.tx, drv.ctrl]:
+                assert vq is not None
                 vq.close()
-            drv.fe = fe1
     assert dst.counters()["rx_frames"] == 1
 
 
@@ -494,3 +557,80 @@ def test_shmem_config_and_map_unmap(sock_dir: Path) -> None:
             assert len(handler.seen) == 3
     finally:
         os.close(area)
+
+
+def test_qemu_style_get_shared_object_without_its_uuid_asks_for_the_nil_uuid(sock_dir: Path) -> None:
+    """QEMU sends GET_SHARED_OBJECT with size 0 (its UUID never goes out): the back-end takes
+    it as the nil UUID instead of dropping the session."""
+    from vhostuser_rs import hazmat
+
+    class NilExporter(Exporter):
+        def get_shared_object(self, uuid: bytes) -> int | None:
+            return self.buf if uuid == bytes(16) else None
+
+    dev = NilExporter()
+    F = vu.FrontendRequest
+    try:
+        with serving(dev, sock_dir / "q.sock"), vu.Connection.connect(sock_dir / "q.sock", timeout=5) as conn:
+            hazmat.send(conn, hazmat.request(F.GET_FEATURES))
+            conn.recv(timeout=5)
+            proto = vu.ProtocolFeature.SHARED_OBJECT | vu.ProtocolFeature.BACKEND_REQ
+            hazmat.send(conn, hazmat.request(F.SET_PROTOCOL_FEATURES, int(proto)))
+            hazmat.send(conn, hazmat.encode_raw(F.GET_SHARED_OBJECT))
+            reply, fds = conn.recv(timeout=5)
+            try:
+                assert reply.request is F.GET_SHARED_OBJECT and reply.is_reply and reply.payload is None  # empty body
+                assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(dev.buf).st_ino
+            finally:
+                hazmat.close_fds(fds)
+            hazmat.send(conn, hazmat.request(F.GET_QUEUE_NUM))
+            assert conn.recv(timeout=5)[0].payload == 1  # the session goes on
+    finally:
+        os.close(dev.buf)
+
+
+def test_a_state_beyond_the_limit_is_refused(sock_dir: Path) -> None:
+    dev = Counter()
+    with serving(dev, sock_dir / "big.sock"), vu.Frontend.connect(sock_dir / "big.sock") as fe:
+        fe.negotiate()
+        r, w = os.pipe()
+        try:
+            fe.set_device_state_fd(LOAD, r)
+        finally:
+            os.close(r)
+        chunk = bytes(1 << 20)
+        try:
+            with pytest.raises(BrokenPipeError):  # the back-end stops reading at the limit
+                for _ in range(80):  # a write cut short by the close returns its count; the next fails
+                    os.write(w, chunk)
+        finally:
+            os.close(w)
+        with pytest.raises(vu.RequestRejectedError) as e:
+            fe.check_device_state()
+        assert e.value.status == errno.EIO and dev.count == 0
+
+
+def test_declared_regions_must_be_whole_pages(sock_dir: Path) -> None:
+    class Odd(Windowed):
+        shmem_regions = (PAGE + 1,)
+
+    with vu.Backend.listen(sock_dir / "odd.sock", Odd()) as backend, pytest.raises(ValueError, match="page size"):
+        backend.serve_forever(max_connections=0)
+
+
+def test_a_frontend_that_stops_reading_fails_the_save_and_the_session_goes_on(sock_dir: Path) -> None:
+    dev = Counter()
+    dev.log = bytes(1 << 20)  # far more than a pipe holds
+    with serving(dev, sock_dir / "e.sock"), vu.Frontend.connect(sock_dir / "e.sock") as fe:
+        fe.negotiate()
+        r, w = os.pipe()
+        try:
+            fe.set_device_state_fd(SAVE, w)
+        finally:
+            os.close(w)
+        assert len(os.read(r, 4096)) > 0
+        os.close(r)  # gone before EOF: the back-end's writes fail with EPIPE
+        with pytest.raises(vu.RequestRejectedError) as e:
+            fe.check_device_state()
+        assert e.value.status == errno.EIO
+        assert fe.get_queue_num() == 1
