@@ -379,6 +379,15 @@ class IommuTable:
         e = self._find(iova, perm)
         return None if e is None else e.addr + (iova - e.iova)
 
+    def iova_of(self, addr: int, size: int = 1) -> int | None:
+        """An IOVA at which guest-physical [addr, addr+size) is mapped in one entry, or None
+        (what a driver puts in descriptors and ring addresses under ACCESS_PLATFORM)."""
+        with self._lock:
+            for e in self._entries:
+                if e.addr <= addr and addr + size <= e.addr + e.size:
+                    return e.iova + (addr - e.addr)
+        return None
+
     def _find(self, iova: int, perm: int) -> IommuEntry | None:
         with self._lock:
             for e in self._entries:
@@ -1354,12 +1363,34 @@ class Frontend:
         self.set_vring_num(index, dq.size)
         self.set_vring_base(index, base)
         desc, avail, used = dq.user_addrs
-        self.set_vring_addr(index, desc, used, avail, log_guest_addr=dq.guest_addrs[2])
+        log_addr = dq.guest_addrs[2]
+        if VirtioFeature.ACCESS_PLATFORM in self.features:
+            # Ring addresses are IOVAs (spec: "IOMMU support"), and so is log_guest_addr.
+            desc, avail, used = self._ring_iovas(dq)
+            log_addr = used
+        self.set_vring_addr(index, desc, used, avail, log_guest_addr=log_addr)
         self.set_vring_kick(index, None if vq.inband else vq.kick_fd)
         self.set_vring_call(index, None if vq.inband else vq.call_fd)
         self.set_vring_err(index, None if vq.inband else vq.err_fd)
         if enable and VirtioFeature.PROTOCOL_FEATURES in self.features:
             self.set_vring_enable(index, True)
+
+    def _ring_iovas(self, dq: DriverQueue) -> tuple[int, int, int]:
+        iommu = getattr(self.handler, "iommu", None)
+        if not isinstance(iommu, IommuTable):
+            raise NegotiationError(
+                "ACCESS_PLATFORM: ring addresses are IOVAs; negotiate with BuiltinHandler(iommu=...) "
+                "or set the ring up message by message"
+            )
+        n = dq.size
+        sizes = (16 * n, 6 + 2 * n, 6 + 8 * n)  # descriptor table, avail ring, used ring
+        out = []
+        for gpa, size in zip(dq.guest_addrs, sizes):
+            iova = iommu.iova_of(gpa, size)
+            if iova is None:
+                raise NegotiationError(f"ring {dq.index}: guest address {gpa:#x} is not mapped in the IOMMU table")
+            out.append(iova)
+        return out[0], out[1], out[2]
 
     def reconnect_now(self, timeout: float | None = None) -> None:
         """Replace a back-end that hung up with a new session on the same socket path, as QEMU
