@@ -42,7 +42,7 @@ impl BackendChannel {
         let conn = Arc::new(ours);
         let served = conn.clone();
         let thread = std::thread::Builder::new()
-            .name("vhost-user backend channel".into())
+            .name("vhostuser_rs back-end request channel (front-end side)".into())
             .spawn(move || serve(&served, handler))
             .map_err(Error::Io)?;
         Ok((BackendChannel { conn, thread: Some(thread) }, theirs.into_fd()))

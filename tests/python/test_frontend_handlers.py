@@ -426,3 +426,23 @@ def test_without_inband_notifications_rings_keep_their_fds(sock_dir: Path) -> No
         assert fake.requests(F.SET_VRING_CALL) == [(m.VringFd(0, False), 1)]
         fe.get_queue_num()
         assert fake.requests(F.VRING_KICK) == []
+
+
+def test_unknown_backend_requests_are_refused_and_the_channel_goes_on(sock_dir: Path) -> None:
+    """A request code the spec does not define (with NEED_REPLY and an fd): answered with a
+    failure, the fd closed, the next request served."""
+    from vhostuser_rs import Channel, hazmat
+
+    fd = memfd(b"", PAGE)
+    try:
+        with scripted_backend(sock_dir, protocol_features=int(CHANNEL | P.CONFIG)) as fake, \
+                vu.Frontend.connect(fake.path) as fe:
+            handler = vu.BuiltinHandler()
+            fe.negotiate(handler=handler)
+            assert fake.has_channel.wait(10) and fake.channel is not None
+            fake.channel.send(hazmat.encode_raw(99, b"", flags=hazmat.FLAG_VERSION | hazmat.FLAG_NEED_REPLY), [fd])
+            reply, fds = fake.channel.recv(Channel.BACKEND, timeout=10)
+            assert reply.request == 99 and reply.payload != 0 and fds == []
+            assert fake.ask(B.CONFIG_CHANGE_MSG) == (0, []) and handler.config_changes == 1
+    finally:
+        os.close(fd)
