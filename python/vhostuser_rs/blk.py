@@ -209,6 +209,9 @@ class BlockClient:
         # One staging area per queue slot would be faster; one per request is simplest here.
         self._scratch = self.memory.alloc(1 << 20, 4096)
         self._scratch_size = 1 << 20
+        # Requests that timed out but are still in a ring, by queue: their descriptors point
+        # into the staging area, so no new request may use it until they complete.
+        self._abandoned: dict[int, set[int]] = {}
 
     @classmethod
     def connect(
@@ -295,6 +298,8 @@ class BlockClient:
         """One request: header (+ out data) readable, (in data +) status writable; waits for it."""
         if _HEADER_SIZE + len(out) + in_len + 1 > self._scratch_size:
             raise ValueError("request larger than the 1 MiB staging area")
+        if any(self._abandoned.values()):
+            self._settle_abandoned()
         vq = self.queues[queue]
         hdr = self._scratch
         data = hdr + _HEADER_SIZE
@@ -322,17 +327,44 @@ class BlockClient:
 
     def _wait(self, vq: Virtqueue, head: int) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        abandoned = self._abandoned.setdefault(vq.index, set())
         while True:
             for done, _ in vq.queue.reap():
                 if done == head:
                     return
+                abandoned.discard(done)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                # Still in the ring: it may complete later (e.g. after a reconnect); until then
+                # its buffers stay reserved.
+                abandoned.add(head)
                 raise VhostUserTimeoutError("virtio-blk request timed out")
             if not vq.wait(min(left, 0.1) if left is not None else 0.1):
                 fe = self.frontend
                 if fe.reconnect is None and fe.peer_closed:
+                    abandoned.add(head)
                     raise ConnectionClosedError("the back-end hung up with the request in flight")
+
+    def _settle_abandoned(self) -> None:
+        """Wait (up to `timeout`) for requests that timed out earlier to complete: they still
+        own the staging area."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for index, heads in self._abandoned.items():
+            vq = self.queues[index]
+            while heads:
+                for done, _ in vq.queue.reap():
+                    heads.discard(done)
+                if not heads:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise VhostUserTimeoutError(
+                        f"{len(heads)} earlier request(s) on queue {index} timed out and are still in flight"
+                    )
+                if not vq.wait(min(left, 0.1) if left is not None else 0.1):
+                    fe = self.frontend
+                    if fe.reconnect is None and fe.peer_closed:
+                        raise ConnectionClosedError("the back-end hung up with earlier requests in flight")
 
     def read(self, offset: int, length: int, *, queue: int = 0) -> bytes:
         """Read `length` bytes at byte `offset` (both multiples of 512)."""

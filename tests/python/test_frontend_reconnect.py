@@ -104,6 +104,9 @@ def test_block_client_request_completes_through_the_new_backend(sock_dir: Path, 
 
 
 def test_block_client_times_out_when_no_backend_comes_back(sock_dir: Path, image: Path) -> None:
+    """No back-end within the request's timeout: VhostUserTimeoutError, in time. The request
+    is not lost for all that: when a back-end comes back it completes, and the next request
+    waits for it (their staging area is shared) instead of overwriting it."""
     sock = sock_dir / "blk.sock"
     with serve_blk(image, sock, num_queues=1) as proc:
         with BlockClient.connect(sock, reconnect=10, timeout=1.5) as disk:
@@ -114,6 +117,11 @@ def test_block_client_times_out_when_no_backend_comes_back(sock_dir: Path, image
                 disk.write(0, b"x" * SECTOR)
             assert time.monotonic() - t0 < 4
             assert disk.frontend.sessions == 1
+            sock.unlink(missing_ok=True)
+            with serve_blk(image, sock, num_queues=1):
+                assert disk.read(SECTOR, SECTOR) == bytes(SECTOR)
+                assert disk.frontend.sessions == 2
+                assert disk.read(0, SECTOR) == b"x" * SECTOR  # the timed-out write landed
 
 
 def test_without_reconnect_a_hangup_is_an_error_not_a_hang(sock_dir: Path, image: Path) -> None:
@@ -180,6 +188,7 @@ def test_frontend_reconnects_and_the_inflight_record_resubmits(sock_dir: Path) -
             assert first.wait(10) == 3
             # The dead back-end's record (spec: inflight I/O tracking): B and C taken, not done.
             assert inflight_flags(fe.inflight, head_b, head_c) == (1, 1)
+            vq.wait(0)  # (consume request1's call if it is still pending)
             assert not vq.wait(0.2)  # the hang-up is seen; nobody to reconnect to yet
             assert fe.sessions == 1
             with crashing(sock, crash=False):
