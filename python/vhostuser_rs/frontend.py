@@ -79,7 +79,9 @@ log = logging.getLogger("vhostuser_rs.frontend")
 F = FrontendRequest
 
 #: Protocol features this front-end knows how to use (what :meth:`Frontend.negotiate` acks by
-#: default, intersected with the offer).
+#: default, intersected with the offer; of those served on the back-end request channel only
+#: what the handler answers, plus SHMEM with a handler that maps it and INBAND_NOTIFICATIONS
+#: when asked for).
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.LOG_SHMFD
@@ -512,15 +514,17 @@ class HostNotifier:
 
     def notify(self) -> None:
         """Write the ring index to the doorbell."""
-        if self._map is None:
+        page = self._map
+        if page is None:
             raise ValueError("the host notifier was unmapped")
-        self._map[0:2] = struct.pack("<H", self.index)
+        page[0:2] = struct.pack("<H", self.index)  # ValueError if unmapped meanwhile
 
     def read(self, offset: int = 0, size: int = 2) -> bytes:
         """Bytes of the page (for tests and debugging)."""
-        if self._map is None:
+        page = self._map
+        if page is None:
             raise ValueError("the host notifier was unmapped")
-        return bytes(self._map[offset : offset + size])
+        return bytes(page[offset : offset + size])
 
     @property
     def closed(self) -> bool:
@@ -761,9 +765,12 @@ class Virtqueue:
         handler = fe.handler if fe is not None else None
         if isinstance(handler, BuiltinHandler):
             notifier = handler.host_notifier(self.index)
-            if notifier is not None and not notifier.closed:
-                notifier.notify()
-                return
+            if notifier is not None:
+                try:
+                    notifier.notify()
+                    return
+                except ValueError:
+                    pass  # unmapped meanwhile (NOFD, a new session): the eventfd again
         if self.inband and fe is not None:
             fe.vring_kick(self.index)
             return
@@ -1457,9 +1464,11 @@ class Frontend:
                 log.warning("the new back-end has no INFLIGHT_SHMFD: requests it had taken are re-read from the rings")
         for vq in list(self._queues.values()):
             fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
-            for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
-                os.close(fd)
+            old = (vq.kick_fd, vq.call_fd, vq.err_fd)
+            # New fds in place before the old ones close: the channel thread may signal them.
             vq.kick_fd, vq.call_fd, vq.err_fd = fds
+            for fd in old:
+                os.close(fd)
             self._start_ring(vq, vq.queue.used_idx, enable=True)
         for vq in self._queues.values():
             vq.kick()
