@@ -1436,6 +1436,11 @@ class Frontend:
                 core.close()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise VhostUserTimeoutError(f"the back-end at {self.path} kept hanging up") from None
+            except BaseException:
+                # A half set-up session is no session: the next wait tries again.
+                self._lost = True
+                core.close()
+                raise
         self.sessions += 1
         log.info("reconnected to %s (session %d)", self.path, self.sessions)
 

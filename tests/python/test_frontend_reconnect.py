@@ -205,3 +205,44 @@ def test_frontend_reconnects_and_the_inflight_record_resubmits(sock_dir: Path) -
                 assert vq.queue.reap() == []  # nothing completed twice
     finally:
         first_cm.__exit__(None, None, None)
+
+
+def test_reconnect_survives_backends_that_hang_up_during_negotiation(sock_dir: Path, image: Path) -> None:
+    """After the crash, whatever answers on the path first hangs up on each new connection (or
+    says nothing); the client keeps trying and the request completes once a real back-end is
+    there."""
+    sock = sock_dir / "blk.sock"
+    first_cm = serve_blk(image, sock, num_queues=1)
+    first = first_cm.__enter__()
+    try:
+        with BlockClient.connect(sock, reconnect=10, timeout=30) as disk:
+            first.send_signal(signal.SIGSTOP)
+            with in_thread(lambda: disk.write(0, b"late".ljust(SECTOR, b"."))) as result:
+                time.sleep(0.2)
+                kill(first)
+                sock.unlink(missing_ok=True)
+                rude = vu.Listener.bind(sock)
+                served = 0
+                deadline = time.monotonic() + 1.5
+                while time.monotonic() < deadline:
+                    try:
+                        conn = rude.accept(timeout=0.2)
+                    except vu.VhostUserTimeoutError:
+                        continue
+                    served += 1
+                    if served % 2:
+                        conn.close()  # hang up at once
+                    else:
+                        conn.recv(timeout=2)  # read GET_FEATURES, answer nothing, hang up
+                        conn.close()
+                rude.close()
+                sock.unlink(missing_ok=True)
+                assert served >= 2 and result == []
+                with serve_blk(image, sock, num_queues=1):
+                    deadline = time.monotonic() + 20
+                    while not result and time.monotonic() < deadline:
+                        time.sleep(0.05)
+                    assert result == [None], result
+                    assert disk.read(0, SECTOR) == b"late".ljust(SECTOR, b".")
+    finally:
+        first_cm.__exit__(None, None, None)
