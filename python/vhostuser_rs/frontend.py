@@ -129,6 +129,9 @@ _CHANNEL_FEATURES = (
     | ProtocolFeature.INBAND_NOTIFICATIONS
 )
 
+#: What ACCESS_PLATFORM needs on the protocol side.
+_IOMMU_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
+
 #: Spec dependencies between protocol features (protocol.md §5.4): a bit is only acked with
 #: the bits it needs.
 _DEPENDENCIES = (
@@ -1273,6 +1276,15 @@ class Frontend:
                 served &= ~ProtocolFeature.INBAND_NOTIFICATIONS
             proto = ProtocolFeature(int(offered_proto) & int(wanted) & (~int(_CHANNEL_FEATURES) | int(served)))
             proto = _drop_unmet_dependencies(proto)
+        iommu = features is not None and bool(int(features) & int(offered) & int(VirtioFeature.ACCESS_PLATFORM))
+        if iommu and (handler is None or _IOMMU_NEEDS & ~proto):
+            # IOTLB misses come on the back-end request channel and must be acked (spec:
+            # protocol.md §5.4; QEMU refuses ACCESS_PLATFORM otherwise).
+            raise NegotiationError(
+                "ACCESS_PLATFORM needs a handler answering IOTLB misses and the BACKEND_REQ and REPLY_ACK "
+                "protocol features"
+            )
+        if VirtioFeature.PROTOCOL_FEATURES in offered:
             self.set_protocol_features(proto)
         queues = 1
         if ProtocolFeature.MQ in proto:
@@ -1288,7 +1300,7 @@ class Frontend:
         acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
         # Transport bits: only what the driver side implements (device bits stay as asked).
         transport = int(DRIVER_TRANSPORT_FEATURES)
-        if features is not None and int(features) & int(VirtioFeature.ACCESS_PLATFORM):
+        if iommu:
             # Only on request: with it every ring and buffer address is an IOVA the front-end
             # must serve through IOTLB_MSG.
             transport |= int(VirtioFeature.ACCESS_PLATFORM)

@@ -75,6 +75,18 @@ def test_dependencies_are_not_acked_without_what_they_need(sock_dir: Path) -> No
         assert result.protocol_features == P.BACKEND_REQ | P.SHARED_OBJECT
 
 
+def test_access_platform_needs_someone_to_answer_misses(sock_dir: Path) -> None:
+    """ACCESS_PLATFORM is refused before anything is acked without a handler, or without
+    BACKEND_REQ and REPLY_ACK (spec: protocol.md §5.4)."""
+    features = int(FEATURES | vu.VirtioFeature.ACCESS_PLATFORM)
+    for proto, handler in ((int(CHANNEL), None), (int(P.BACKEND_REQ), vu.BuiltinHandler())):
+        with scripted_backend(sock_dir, features=features, protocol_features=proto) as fake, \
+                vu.Frontend.connect(fake.path) as fe:
+            with pytest.raises(vu.NegotiationError, match="ACCESS_PLATFORM"):
+                fe.negotiate(features=features, handler=handler)
+            assert [r for r, _, _ in fake.seen] == [F.GET_FEATURES, F.GET_PROTOCOL_FEATURES]
+
+
 # -- IOTLB_MSG -------------------------------------------------------------------------------------
 
 
