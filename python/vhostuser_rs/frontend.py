@@ -12,7 +12,14 @@ the GIL and wakes for Ctrl-C.
 
 Requests from the back-end (the back-end request channel, formerly "slave channel") are served
 on a thread of their own by a :class:`BackendRequestHandler`, so an IOTLB miss that arrives while
-a main-channel reply is awaited cannot deadlock.
+a main-channel reply is awaited cannot deadlock. :class:`BuiltinHandler` answers every one of
+them (an :class:`IommuTable` for IOTLB misses, config-change callbacks, a
+:class:`SharedObjectTable`, :class:`SharedRegion` mappings for SHMEM, :class:`HostNotifier`
+pages, in-band VRING_CALL / VRING_ERR).
+
+``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
+session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
+every fd at once from any state.
 """
 
 from __future__ import annotations

@@ -458,3 +458,43 @@ def test_unknown_backend_requests_are_refused_and_the_channel_goes_on(sock_dir: 
             assert fake.ask(B.CONFIG_CHANGE_MSG) == (0, []) and handler.config_changes == 1
     finally:
         os.close(fd)
+
+
+class Doorbells(vu.Device):
+    """A device of our own back-end that maps doorbell pages and exports objects (it only sends
+    the requests; the front-end's answers are what is tested)."""
+
+    num_queues = 2
+    features = int(vu.VirtioFeature.VERSION_1)
+    protocol_features = int(P.HOST_NOTIFIER | P.BACKEND_SEND_FD | P.SHARED_OBJECT)
+
+
+def test_host_notifier_and_shared_objects_from_our_own_backend(sock_dir: Path) -> None:
+    sock = sock_dir / "door.sock"
+    page = memfd(b"", PAGE)
+    try:
+        with vu.Backend.listen(sock, Doorbells()) as backend:
+            backend.start()
+            while not sock.exists():
+                time.sleep(0.01)
+            mem = vu.GuestMemory.allocate(1 << 20)
+            handler = vu.BuiltinHandler()
+            with vu.Frontend.connect(sock) as fe:
+                result = fe.negotiate(memory=mem, handler=handler)
+                assert P.HOST_NOTIFIER | P.SHARED_OBJECT in result.protocol_features
+                fe.setup_queue(0, 16)
+                vq1 = fe.setup_queue(1, 16)
+                status = backend.backend_request(B.VRING_HOST_NOTIFIER_MSG, m.VringArea(1, PAGE, 0), [page], need_reply=True)
+                assert status == 0 and handler.host_notifier(1) is not None
+                vq1.kick()
+                assert os.pread(page, 2, 0) == struct.pack("<H", 1)
+                assert backend.backend_request(B.VRING_HOST_NOTIFIER_MSG, m.VringArea(1, PAGE, 0, nofd=True), need_reply=True) == 0
+                assert handler.host_notifier(1) is None
+                uuid = bytes(range(16))
+                assert backend.backend_request(B.SHARED_OBJECT_ADD, m.SharedObject(uuid), need_reply=True) == 0
+                assert handler.shared_objects.exporter(uuid) is fe
+                assert backend.backend_request(B.SHARED_OBJECT_REMOVE, m.SharedObject(uuid), need_reply=True) == 0
+                assert uuid not in handler.shared_objects
+        assert backend.error is None
+    finally:
+        os.close(page)
