@@ -1418,10 +1418,10 @@ class Frontend:
             out.append(iova)
         return out[0], out[1], out[2]
 
-    def reconnect_now(self, timeout: float | None = None) -> None:
+    def reconnect_now(self, timeout: float | None | EllipsisType = ...) -> None:
         """Replace a back-end that hung up with a new session on the same socket path, as QEMU
         does with ``reconnect=`` (spec: protocol.md §6.16): connect (retrying until
-        `timeout`, default :attr:`reconnect` seconds), redo :meth:`negotiate` with the same
+        `timeout` seconds, by default :attr:`reconnect`; None: until a back-end answers), redo :meth:`negotiate` with the same
         arguments (the handler is attached again and starts from scratch), hand over the
         inflight buffer (:attr:`inflight`, SET_INFLIGHT_FD) so the new back-end resubmits what
         the old one had taken and not completed, then hand over every ring with its requests
@@ -1433,7 +1433,7 @@ class Frontend:
             raise ConnectionClosedError("the session is closed")
         if self.path is None:
             raise NegotiationError("reconnecting needs the socket path (Frontend.connect)")
-        if timeout is None:
+        if isinstance(timeout, EllipsisType):
             timeout = self.reconnect
         deadline = None if timeout is None else time.monotonic() + timeout
         self._lost = True
