@@ -300,6 +300,16 @@ class _HandOver(int):
         return int(self)
 
 
+_KEEP = 4096
+
+
+def _keep(records: list[IotlbMsg], msg: IotlbMsg) -> None:
+    """Append, dropping the older half once more than _KEEP are held."""
+    records.append(msg)
+    if len(records) > _KEEP:
+        del records[: _KEEP // 2]
+
+
 @dataclass(frozen=True)
 class IommuEntry:
     """One mapping of an :class:`IommuTable`: `size` bytes from `iova` to guest-physical `addr`
@@ -338,9 +348,10 @@ class IommuTable:
         self._entries: list[IommuEntry] = []  # sorted by iova, never overlapping
         self._lock = threading.Lock()
         self._sessions: list[Frontend] = []
-        #: IOTLB MISS requests answered (with an UPDATE or a failure).
+        #: The latest IOTLB MISS requests answered (with an UPDATE or a failure), oldest first;
+        #: at most :data:`_KEEP` are kept, so a back-end flooding misses cannot grow memory.
         self.misses: list[IotlbMsg] = []
-        #: IOTLB ACCESS_FAIL reports received.
+        #: The latest IOTLB ACCESS_FAIL reports received (as bounded as :attr:`misses`).
         self.access_failures: list[IotlbMsg] = []
 
     @property
@@ -419,7 +430,7 @@ class IommuTable:
 
     def _miss(self, fe: Frontend, msg: IotlbMsg) -> int:
         with self._lock:
-            self.misses.append(msg)
+            _keep(self.misses, msg)
         entry = self._find(msg.iova, msg.perm)
         memory = fe.memory
         if entry is None or memory is None:
@@ -476,10 +487,16 @@ class SharedObjectTable:
         with self._lock:
             return len(self._objects)
 
+    #: Most objects a table holds: a back-end exporting more is refused (-ENOSPC) rather than
+    #: growing the front-end's memory without bound.
+    MAX_OBJECTS = 1 << 16
+
     def _add(self, fe: Frontend, uuid: bytes) -> int:
         with self._lock:
             if uuid in self._objects:
                 return _errno_status(errno.EEXIST)
+            if len(self._objects) >= self.MAX_OBJECTS:
+                return _errno_status(errno.ENOSPC)
             self._objects[uuid] = fe
         return 0
 
@@ -635,7 +652,7 @@ class BuiltinHandler(BackendRequestHandler):
         if msg.type == IotlbMsg.MISS:
             return self.iommu._miss(self._fe(), msg)
         if msg.type == IotlbMsg.ACCESS_FAIL:
-            self.iommu.access_failures.append(msg)
+            _keep(self.iommu.access_failures, msg)
             log.warning("the back-end reports an IOTLB access failure at IOVA %#x (perm %d)", msg.iova, msg.perm)
             return 0
         return _errno_status(errno.EINVAL)  # UPDATE / INVALIDATE are front-end requests

@@ -289,6 +289,10 @@ def test_shared_object_table_between_two_backends(sock_dir: Path) -> None:
             assert status == 0 and os.pread(fds[0], 12, 0) == b"dma-buf of A"
             os.close(fds[0])
             assert b.ask(B.SHARED_OBJECT_ADD, m.SharedObject(uuid)) == (0, [])
+            # A back-end exporting without end is stopped at the table's limit.
+            table.MAX_OBJECTS = len(table) + 2
+            statuses = [b.ask(B.SHARED_OBJECT_ADD, m.SharedObject(bytes([0xF0, i]) * 8))[0] for i in range(4)]
+            assert statuses == [0, 0, errno_status(errno.ENOSPC), errno_status(errno.ENOSPC)]
             fe_b.close()
             assert uuid not in table and other in table
     finally:
