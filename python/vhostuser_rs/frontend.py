@@ -668,10 +668,7 @@ class BuiltinHandler(BackendRequestHandler):
         fe = self._fe()
         if not fe._knows_queue(area.index):
             return _errno_status(errno.EINVAL)
-        with self._lock:
-            old = self.host_notifiers.pop(area.index, None)
-        if old is not None:
-            old.close()
+        self._drop_host_notifier(area.index)
         if area.nofd or fd is None:
             return 0
         if area.size != mmap.PAGESIZE or area.offset % mmap.PAGESIZE:
@@ -683,6 +680,12 @@ class BuiltinHandler(BackendRequestHandler):
         with self._lock:
             self.host_notifiers[area.index] = notifier
         return 0
+
+    def _drop_host_notifier(self, index: int) -> None:
+        with self._lock:
+            notifier = self.host_notifiers.pop(index, None)
+        if notifier is not None:
+            notifier.close()
 
     def host_notifier(self, index: int) -> HostNotifier | None:
         """The doorbell page mapped for ring `index`, if any."""
@@ -1516,7 +1519,10 @@ class Frontend:
 
     def stop_queue(self, index: int) -> int:
         """Disable (with PROTOCOL_FEATURES) and stop a ring with GET_VRING_BASE; returns the base
-        to restart from with ``setup_queue(index, size, base=...)``."""
+        to restart from with ``setup_queue(index, size, base=...)``. A host-notifier page of the
+        ring is unmapped first, as QEMU does before GET_VRING_BASE."""
+        if isinstance(self.handler, BuiltinHandler):
+            self.handler._drop_host_notifier(index)
         if VirtioFeature.PROTOCOL_FEATURES in self.features:
             self.set_vring_enable(index, False)
         base = self.get_vring_base(index)

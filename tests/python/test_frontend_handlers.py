@@ -393,6 +393,11 @@ def test_host_notifier_pages_are_mapped_and_used_for_kicks(sock_dir: Path) -> No
             assert handler.host_notifier(1) is None and notifier.closed
             vq1.kick()
             assert os.eventfd_read(vq1.kick_fd) == 1
+            # Stopping a ring unmaps its page (before GET_VRING_BASE, as QEMU does).
+            assert fake.ask(B.VRING_HOST_NOTIFIER_MSG, m.VringArea(1, PAGE, 0), [doorbells]) == (0, [])
+            stopped = handler.host_notifier(1)
+            fe.stop_queue(1)
+            assert stopped is not None and stopped.closed and handler.host_notifier(1) is None
             assert fake.ask(B.VRING_HOST_NOTIFIER_MSG, m.VringArea(0, PAGE, 0), [doorbells]) == (0, [])
             kept = handler.host_notifier(0)
             assert kept is not None
