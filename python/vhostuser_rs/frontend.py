@@ -681,6 +681,15 @@ class BuiltinHandler(BackendRequestHandler):
             self.host_notifiers[area.index] = notifier
         return 0
 
+    def _reset_mappings(self) -> None:
+        with self._lock:
+            notifiers, self.host_notifiers = self.host_notifiers, {}
+            regions = list(self.shared_regions.values())
+        for n in notifiers.values():
+            n.close()
+        for r in regions:
+            r.unmap_all()
+
     def _drop_host_notifier(self, index: int) -> None:
         with self._lock:
             notifier = self.host_notifiers.pop(index, None)
@@ -1201,8 +1210,12 @@ class Frontend:
         self._call(F.GPU_SET_SOCKET, None, [fd])
 
     def reset_device(self) -> None:
-        """RESET_DEVICE: disable all rings and reset device state; the session stays."""
+        """RESET_DEVICE: disable all rings and reset device state; the session stays. The
+        built-in handler's SHMEM mappings and host-notifier pages go with the device state
+        (the front-end drops them on reset, spec: "SHMEM_MAP")."""
         self._call(F.RESET_DEVICE)
+        if isinstance(self.handler, BuiltinHandler):
+            self.handler._reset_mappings()
 
     def vring_kick(self, index: int) -> None:
         """VRING_KICK: in-band kick (INBAND_NOTIFICATIONS)."""

@@ -304,7 +304,7 @@ def test_shared_object_table_between_two_backends(sock_dir: Path) -> None:
 
 def test_shmem_regions_map_the_fds_the_backend_sends(sock_dir: Path) -> None:
     sizes = {0: 4 * PAGE, 3: 2 * PAGE}
-    proto = int(CHANNEL | P.SHMEM)
+    proto = int(CHANNEL | P.SHMEM | P.RESET_DEVICE)
     fd = memfd(b"hello from the back-end", 2 * PAGE)
     try:
         with scripted_backend(sock_dir, protocol_features=proto, shmem_sizes=sizes) as fake, \
@@ -350,6 +350,10 @@ def test_shmem_regions_map_the_fds_the_backend_sends(sock_dir: Path) -> None:
             with pytest.raises(vu.VhostUserError):
                 r0.read(2 * PAGE, 1)
             assert r0.mappings == [(0, PAGE, PAGE, False)]
+            # RESET_DEVICE drops every mapping; the regions stay for the next SHMEM_MAP.
+            fe.reset_device()
+            assert r0.mappings == [] and regions[3].mappings == [] and handler.shared_regions[0] is r0
+            assert fake.ask(B.SHMEM_MAP, m.MmapRequest(0, 0, 2 * PAGE, PAGE, 1), [fd]) == (0, [])
             # The session's end drops every mapping (the fd can then go too).
             fe.close()
             assert r0.mappings == [] and regions[3].mappings == []
