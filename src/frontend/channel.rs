@@ -48,11 +48,15 @@ impl BackendChannel {
         Ok((BackendChannel { conn, thread: Some(thread) }, theirs.into_fd()))
     }
 
-    /// Stops serving: shuts the socket down and waits for the thread.
+    /// Stops serving: shuts the socket down and waits for the thread — unless called from the
+    /// serving thread itself (a handler closing its session), which then ends once its handler
+    /// returns.
     pub fn stop(&mut self) {
         self.conn.shutdown();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 

@@ -220,3 +220,34 @@ def test_net_client_close(sock_dir: Path, backend_died: bool) -> None:
                 proc.wait()
                 time.sleep(0.1)
             nic.close()
+
+
+def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
+    """close() called on the back-end request channel's own thread (a config-change callback
+    giving up on the session) returns, and every fd is released."""
+    path = sock_dir / "cb.sock"
+    from scripted import scripted_backend
+
+    with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
+                                                                    | vu.ProtocolFeature.BACKEND_REQ
+                                                                    | vu.ProtocolFeature.CONFIG)) as fake:
+        with nothing_left() as watched:
+            fe = vu.Frontend.connect(fake.path)
+            watched.append(socket_of(fe.fileno()))
+            closed = threading.Event()
+
+            def give_up(frontend: vu.Frontend) -> None:
+                frontend.close()
+                closed.set()
+
+            fe.negotiate(handler=vu.BuiltinHandler(on_config_change=give_up))
+            fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=False)
+            assert closed.wait(5) and fe.closed
+            # The front-end's end of the channel closes once the handler has returned: the
+            # back-end reads end-of-file there.
+            assert fake.channel is not None
+            with pytest.raises(vu.ConnectionClosedError):
+                fake.channel.recv(vu.Channel.BACKEND, timeout=5)
+            fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
+            fake._thread.join(5)
+    del path
