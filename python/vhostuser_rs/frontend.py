@@ -827,6 +827,8 @@ class Virtqueue:
         ``reconnect=``, a back-end hang-up seen meanwhile re-establishes the session
         (:meth:`Frontend.reconnect_now`, bounded by `timeout`) and returns ``False``: reap again."""
         fe = self.frontend
+        if self._closed:
+            raise ConnectionClosedError("the ring is closed")
         watch = [self.call_fd]
         if fe is not None and fe.reconnect is not None:
             main = fe._main_fd()
@@ -834,13 +836,18 @@ class Virtqueue:
                 fe._reconnect_within(timeout)
                 return False
             watch.append(main)
-        ready, _, _ = select.select(watch, [], [], timeout)
-        if self.call_fd in ready:
-            try:
-                os.eventfd_read(self.call_fd)
-            except BlockingIOError:
-                pass
-            return True
+        try:
+            ready, _, _ = select.select(watch, [], [], timeout)
+            if self.call_fd in ready:
+                try:
+                    os.eventfd_read(self.call_fd)
+                except BlockingIOError:
+                    pass
+                return True
+        except (OSError, ValueError):
+            if self._closed or (fe is not None and fe.closed):
+                raise ConnectionClosedError("the ring was closed while waiting") from None
+            raise
         if ready and fe is not None:
             if fe.peer_closed:
                 fe._reconnect_within(timeout)

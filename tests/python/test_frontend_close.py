@@ -21,7 +21,7 @@ import pytest
 import vhostuser_rs as vu
 from vhostuser_rs import FrontendRequest as F
 from vhostuser_rs import hazmat
-from vhostuser_rs.blk import BlockClient
+from vhostuser_rs.blk import SECTOR, BlockClient
 from vhostuser_rs.netclient import NetClient
 
 from conftest import open_fds
@@ -251,3 +251,30 @@ def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
             fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
             fake._thread.join(5)
     del path
+
+
+def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir: Path, image: Path) -> None:
+    sock = sock_dir / "blk.sock"
+    with serve_blk(image, sock, num_queues=1) as proc:
+        with nothing_left() as watched:
+            disk = BlockClient.connect(sock, timeout=30)
+            watched.append(socket_of(disk.frontend.fileno()))
+            proc.send_signal(signal.SIGSTOP)
+            errors: list[BaseException] = []
+
+            def read() -> None:
+                try:
+                    disk.read(0, SECTOR)
+                except BaseException as e:  # noqa: BLE001 - checked below
+                    errors.append(e)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            disk.close()
+            reader.join(5)
+            assert not reader.is_alive() and time.monotonic() - t0 < 2
+            assert len(errors) == 1 and isinstance(errors[0], vu.ConnectionClosedError), errors
+            errors.clear()
+        proc.send_signal(signal.SIGCONT)
