@@ -18,6 +18,7 @@ import enum
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -25,7 +26,7 @@ from . import _native
 from ._native import GuestMemory
 from .enums import ProtocolFeature, VirtioFeature
 from .exceptions import ConnectionClosedError, NegotiationError, VhostUserError, VhostUserTimeoutError
-from .frontend import Frontend, Virtqueue
+from .frontend import BuiltinHandler, Frontend, IommuTable, Virtqueue
 
 __all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature"]
 
@@ -162,9 +163,17 @@ class BlockClient:
         indirect: bool = False,
         event_idx: bool | None = None,
         timeout: float | None = 5.0,
+        iommu: IommuTable | None = None,
     ) -> None:
         self.frontend = frontend
         self.timeout = timeout
+        if iommu is not None and indirect:
+            raise ValueError("indirect descriptor tables are not translated through the IOMMU")
+        self.iommu = iommu
+        #: Called with the client after the device said its config changed (CONFIG_CHANGE_MSG)
+        #: and :attr:`config` was re-read, e.g. after a resize.
+        self.config_callbacks: list[Callable[[BlockClient], object]] = []
+        handler = BuiltinHandler(iommu=iommu, on_config_change=self._config_changed)
         self._memory: GuestMemory | None = GuestMemory.allocate(memory_size)
         offered = frontend.get_features()
         wanted = int(CLIENT_FEATURES) | int(VirtioFeature.VERSION_1)
@@ -178,7 +187,13 @@ class BlockClient:
             raise NegotiationError("the device does not offer INDIRECT_DESC")
         if VirtioFeature.VERSION_1 not in offered:
             raise NegotiationError("the device does not offer VERSION_1")
-        result = frontend.negotiate(features=wanted, memory=self.memory, num_queues=num_queues, config_size=CONFIG_SIZE)
+        if iommu is not None:
+            wanted |= int(VirtioFeature.ACCESS_PLATFORM)
+            if VirtioFeature.ACCESS_PLATFORM not in offered:
+                raise NegotiationError("the device does not offer ACCESS_PLATFORM")
+        result = frontend.negotiate(
+            features=wanted, memory=self.memory, num_queues=num_queues, config_size=CONFIG_SIZE, handler=handler
+        )
         self.features = result.features
         self.config = BlockConfig.parse(result.config) if result.config is not None else None
         if self.config is not None and int(self.features) & BlockFeature.MQ and num_queues > self.config.num_queues:
@@ -194,6 +209,9 @@ class BlockClient:
         # One staging area per queue slot would be faster; one per request is simplest here.
         self._scratch = self.memory.alloc(1 << 20, 4096)
         self._scratch_size = 1 << 20
+        # Requests that timed out but are still in a ring, by queue: their descriptors point
+        # into the staging area, so no new request may use it until they complete.
+        self._abandoned: dict[int, set[int]] = {}
 
     @classmethod
     def connect(
@@ -207,9 +225,13 @@ class BlockClient:
         event_idx: bool | None = None,
         timeout: float | None = 5.0,
         reconnect: float | None = None,
+        iommu: IommuTable | None = None,
     ) -> BlockClient:
         """Connect to a vhost-user-blk back-end and set up `num_queues` rings. `reconnect`:
-        seconds to keep trying to reach a restarted back-end after it hangs up (see the class)."""
+        seconds to keep trying to reach a restarted back-end after it hangs up (see the class).
+        `iommu`: drive the device with ACCESS_PLATFORM: every ring and buffer address is the
+        IOVA the table maps the client's guest memory at (guest-physical 0 up to
+        `memory_size`), and the back-end's IOTLB misses are answered from the table."""
         fe = Frontend.connect(path, timeout=timeout, reconnect=reconnect)
         try:
             return cls(
@@ -220,6 +242,7 @@ class BlockClient:
                 indirect=indirect,
                 event_idx=event_idx,
                 timeout=timeout,
+                iommu=iommu,
             )
         except BaseException:
             fe.close()
@@ -248,6 +271,23 @@ class BlockClient:
             raise ConnectionClosedError("the BlockClient is closed")
         return self._memory
 
+    def _config_changed(self, frontend: Frontend) -> None:
+        # CONFIG_CHANGE_MSG (spec): the device config space changed; re-read it as a driver
+        # does on a configuration change interrupt. Runs on the back-end request channel's
+        # thread, before the back-end gets its ack.
+        self.config = BlockConfig.parse(frontend.get_config(0, CONFIG_SIZE))
+        for callback in list(self.config_callbacks):
+            callback(self)
+
+    def _dma(self, addr: int, size: int) -> int:
+        """The address the device sees for guest-physical [addr, addr+size)."""
+        if self.iommu is None:
+            return addr
+        iova = self.iommu.iova_of(addr, size)
+        if iova is None:
+            raise VhostUserError(f"guest address {addr:#x}+{size:#x} is not mapped in the IOMMU table")
+        return iova
+
     @property
     def capacity(self) -> int:
         """Size in bytes."""
@@ -258,20 +298,22 @@ class BlockClient:
         """One request: header (+ out data) readable, (in data +) status writable; waits for it."""
         if _HEADER_SIZE + len(out) + in_len + 1 > self._scratch_size:
             raise ValueError("request larger than the 1 MiB staging area")
+        if any(self._abandoned.values()):
+            self._settle_abandoned()
         vq = self.queues[queue]
         hdr = self._scratch
         data = hdr + _HEADER_SIZE
         mem = self.memory
         mem.write(hdr, struct.pack("<IIQ", rtype, 0, sector))
-        readable = [(hdr, _HEADER_SIZE)]
+        readable = [(self._dma(hdr, _HEADER_SIZE), _HEADER_SIZE)]
         writable = []
         if out:
             mem.write(data, out)
-            readable.append((data, len(out)))
+            readable.append((self._dma(data, len(out)), len(out)))
         status_addr = data + len(out) + in_len
         if in_len:
-            writable.append((data, in_len))
-        writable.append((status_addr, 1))
+            writable.append((self._dma(data, in_len), in_len))
+        writable.append((self._dma(status_addr, 1), 1))
         mem.write(status_addr, b"\xff")
         head = vq.queue.add(readable, writable, indirect=self.indirect)
         vq.queue.publish()
@@ -285,17 +327,44 @@ class BlockClient:
 
     def _wait(self, vq: Virtqueue, head: int) -> None:
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        abandoned = self._abandoned.setdefault(vq.index, set())
         while True:
             for done, _ in vq.queue.reap():
                 if done == head:
                     return
+                abandoned.discard(done)
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
+                # Still in the ring: it may complete later (e.g. after a reconnect); until then
+                # its buffers stay reserved.
+                abandoned.add(head)
                 raise VhostUserTimeoutError("virtio-blk request timed out")
             if not vq.wait(min(left, 0.1) if left is not None else 0.1):
                 fe = self.frontend
                 if fe.reconnect is None and fe.peer_closed:
+                    abandoned.add(head)
                     raise ConnectionClosedError("the back-end hung up with the request in flight")
+
+    def _settle_abandoned(self) -> None:
+        """Wait (up to `timeout`) for requests that timed out earlier to complete: they still
+        own the staging area."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        for index, heads in self._abandoned.items():
+            vq = self.queues[index]
+            while heads:
+                for done, _ in vq.queue.reap():
+                    heads.discard(done)
+                if not heads:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise VhostUserTimeoutError(
+                        f"{len(heads)} earlier request(s) on queue {index} timed out and are still in flight"
+                    )
+                if not vq.wait(min(left, 0.1) if left is not None else 0.1):
+                    fe = self.frontend
+                    if fe.reconnect is None and fe.peer_closed:
+                        raise ConnectionClosedError("the back-end hung up with earlier requests in flight")
 
     def read(self, offset: int, length: int, *, queue: int = 0) -> bytes:
         """Read `length` bytes at byte `offset` (both multiples of 512)."""
@@ -353,6 +422,8 @@ class BlockClient:
         Returns ios, bytes, elapsed (s), errors (non-OK status), verify_failures, p50_ns,
         p99_ns, p999_ns, max_ns and per_second (completions in each whole second).
         """
+        if self.iommu is not None:
+            raise NegotiationError("run_io does not translate through an IOMMU table (ACCESS_PLATFORM)")
         if poll is None:
             poll = default_poll(iodepth)
         vq = self.queues[queue]

@@ -12,7 +12,14 @@ the GIL and wakes for Ctrl-C.
 
 Requests from the back-end (the back-end request channel, formerly "slave channel") are served
 on a thread of their own by a :class:`BackendRequestHandler`, so an IOTLB miss that arrives while
-a main-channel reply is awaited cannot deadlock.
+a main-channel reply is awaited cannot deadlock. :class:`BuiltinHandler` answers every one of
+them (an :class:`IommuTable` for IOTLB misses, config-change callbacks, a
+:class:`SharedObjectTable`, :class:`SharedRegion` mappings for SHMEM, :class:`HostNotifier`
+pages, in-band VRING_CALL / VRING_ERR).
+
+``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
+session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
+every fd at once from any state.
 """
 
 from __future__ import annotations
@@ -79,7 +86,9 @@ log = logging.getLogger("vhostuser_rs.frontend")
 F = FrontendRequest
 
 #: Protocol features this front-end knows how to use (what :meth:`Frontend.negotiate` acks by
-#: default, intersected with the offer).
+#: default, intersected with the offer; of those served on the back-end request channel only
+#: what the handler answers, plus SHMEM with a handler that maps it and INBAND_NOTIFICATIONS
+#: when asked for).
 SUPPORTED_PROTOCOL_FEATURES = (
     ProtocolFeature.MQ
     | ProtocolFeature.LOG_SHMFD
@@ -126,6 +135,9 @@ _CHANNEL_FEATURES = (
     | ProtocolFeature.SHMEM
     | ProtocolFeature.INBAND_NOTIFICATIONS
 )
+
+#: What ACCESS_PLATFORM needs on the protocol side.
+_IOMMU_NEEDS = ProtocolFeature.BACKEND_REQ | ProtocolFeature.REPLY_ACK
 
 #: Spec dependencies between protocol features (protocol.md §5.4): a bit is only acked with
 #: the bits it needs.
@@ -288,6 +300,16 @@ class _HandOver(int):
         return int(self)
 
 
+_KEEP = 4096
+
+
+def _keep(records: list[IotlbMsg], msg: IotlbMsg) -> None:
+    """Append, dropping the older half once more than _KEEP are held."""
+    records.append(msg)
+    if len(records) > _KEEP:
+        del records[: _KEEP // 2]
+
+
 @dataclass(frozen=True)
 class IommuEntry:
     """One mapping of an :class:`IommuTable`: `size` bytes from `iova` to guest-physical `addr`
@@ -326,9 +348,10 @@ class IommuTable:
         self._entries: list[IommuEntry] = []  # sorted by iova, never overlapping
         self._lock = threading.Lock()
         self._sessions: list[Frontend] = []
-        #: IOTLB MISS requests answered (with an UPDATE or a failure).
+        #: The latest IOTLB MISS requests answered (with an UPDATE or a failure), oldest first;
+        #: at most :data:`_KEEP` are kept, so a back-end flooding misses cannot grow memory.
         self.misses: list[IotlbMsg] = []
-        #: IOTLB ACCESS_FAIL reports received.
+        #: The latest IOTLB ACCESS_FAIL reports received (as bounded as :attr:`misses`).
         self.access_failures: list[IotlbMsg] = []
 
     @property
@@ -379,6 +402,15 @@ class IommuTable:
         e = self._find(iova, perm)
         return None if e is None else e.addr + (iova - e.iova)
 
+    def iova_of(self, addr: int, size: int = 1) -> int | None:
+        """An IOVA at which guest-physical [addr, addr+size) is mapped in one entry, or None
+        (what a driver puts in descriptors and ring addresses under ACCESS_PLATFORM)."""
+        with self._lock:
+            for e in self._entries:
+                if e.addr <= addr and addr + size <= e.addr + e.size:
+                    return e.iova + (addr - e.addr)
+        return None
+
     def _find(self, iova: int, perm: int) -> IommuEntry | None:
         with self._lock:
             for e in self._entries:
@@ -398,7 +430,7 @@ class IommuTable:
 
     def _miss(self, fe: Frontend, msg: IotlbMsg) -> int:
         with self._lock:
-            self.misses.append(msg)
+            _keep(self.misses, msg)
         entry = self._find(msg.iova, msg.perm)
         memory = fe.memory
         if entry is None or memory is None:
@@ -455,10 +487,16 @@ class SharedObjectTable:
         with self._lock:
             return len(self._objects)
 
+    #: Most objects a table holds: a back-end exporting more is refused (-ENOSPC) rather than
+    #: growing the front-end's memory without bound.
+    MAX_OBJECTS = 1 << 16
+
     def _add(self, fe: Frontend, uuid: bytes) -> int:
         with self._lock:
             if uuid in self._objects:
                 return _errno_status(errno.EEXIST)
+            if len(self._objects) >= self.MAX_OBJECTS:
+                return _errno_status(errno.ENOSPC)
             self._objects[uuid] = fe
         return 0
 
@@ -503,15 +541,17 @@ class HostNotifier:
 
     def notify(self) -> None:
         """Write the ring index to the doorbell."""
-        if self._map is None:
+        page = self._map
+        if page is None:
             raise ValueError("the host notifier was unmapped")
-        self._map[0:2] = struct.pack("<H", self.index)
+        page[0:2] = struct.pack("<H", self.index)  # ValueError if unmapped meanwhile
 
     def read(self, offset: int = 0, size: int = 2) -> bytes:
         """Bytes of the page (for tests and debugging)."""
-        if self._map is None:
+        page = self._map
+        if page is None:
             raise ValueError("the host notifier was unmapped")
-        return bytes(self._map[offset : offset + size])
+        return bytes(page[offset : offset + size])
 
     @property
     def closed(self) -> bool:
@@ -612,7 +652,7 @@ class BuiltinHandler(BackendRequestHandler):
         if msg.type == IotlbMsg.MISS:
             return self.iommu._miss(self._fe(), msg)
         if msg.type == IotlbMsg.ACCESS_FAIL:
-            self.iommu.access_failures.append(msg)
+            _keep(self.iommu.access_failures, msg)
             log.warning("the back-end reports an IOTLB access failure at IOVA %#x (perm %d)", msg.iova, msg.perm)
             return 0
         return _errno_status(errno.EINVAL)  # UPDATE / INVALIDATE are front-end requests
@@ -628,10 +668,7 @@ class BuiltinHandler(BackendRequestHandler):
         fe = self._fe()
         if not fe._knows_queue(area.index):
             return _errno_status(errno.EINVAL)
-        with self._lock:
-            old = self.host_notifiers.pop(area.index, None)
-        if old is not None:
-            old.close()
+        self._drop_host_notifier(area.index)
         if area.nofd or fd is None:
             return 0
         if area.size != mmap.PAGESIZE or area.offset % mmap.PAGESIZE:
@@ -643,6 +680,21 @@ class BuiltinHandler(BackendRequestHandler):
         with self._lock:
             self.host_notifiers[area.index] = notifier
         return 0
+
+    def _reset_mappings(self) -> None:
+        with self._lock:
+            notifiers, self.host_notifiers = self.host_notifiers, {}
+            regions = list(self.shared_regions.values())
+        for n in notifiers.values():
+            n.close()
+        for r in regions:
+            r.unmap_all()
+
+    def _drop_host_notifier(self, index: int) -> None:
+        with self._lock:
+            notifier = self.host_notifiers.pop(index, None)
+        if notifier is not None:
+            notifier.close()
 
     def host_notifier(self, index: int) -> HostNotifier | None:
         """The doorbell page mapped for ring `index`, if any."""
@@ -752,9 +804,12 @@ class Virtqueue:
         handler = fe.handler if fe is not None else None
         if isinstance(handler, BuiltinHandler):
             notifier = handler.host_notifier(self.index)
-            if notifier is not None and not notifier.closed:
-                notifier.notify()
-                return
+            if notifier is not None:
+                try:
+                    notifier.notify()
+                    return
+                except ValueError:
+                    pass  # unmapped meanwhile (NOFD, a new session): the eventfd again
         if self.inband and fe is not None:
             fe.vring_kick(self.index)
             return
@@ -772,6 +827,8 @@ class Virtqueue:
         ``reconnect=``, a back-end hang-up seen meanwhile re-establishes the session
         (:meth:`Frontend.reconnect_now`, bounded by `timeout`) and returns ``False``: reap again."""
         fe = self.frontend
+        if self._closed:
+            raise ConnectionClosedError("the ring is closed")
         watch = [self.call_fd]
         if fe is not None and fe.reconnect is not None:
             main = fe._main_fd()
@@ -779,13 +836,18 @@ class Virtqueue:
                 fe._reconnect_within(timeout)
                 return False
             watch.append(main)
-        ready, _, _ = select.select(watch, [], [], timeout)
-        if self.call_fd in ready:
-            try:
-                os.eventfd_read(self.call_fd)
-            except BlockingIOError:
-                pass
-            return True
+        try:
+            ready, _, _ = select.select(watch, [], [], timeout)
+            if self.call_fd in ready:
+                try:
+                    os.eventfd_read(self.call_fd)
+                except BlockingIOError:
+                    pass
+                return True
+        except (OSError, ValueError):
+            if self._closed or (fe is not None and fe.closed):
+                raise ConnectionClosedError("the ring was closed while waiting") from None
+            raise
         if ready and fe is not None:
             if fe.peer_closed:
                 fe._reconnect_within(timeout)
@@ -1155,8 +1217,12 @@ class Frontend:
         self._call(F.GPU_SET_SOCKET, None, [fd])
 
     def reset_device(self) -> None:
-        """RESET_DEVICE: disable all rings and reset device state; the session stays."""
+        """RESET_DEVICE: disable all rings and reset device state; the session stays. The
+        built-in handler's SHMEM mappings and host-notifier pages go with the device state
+        (the front-end drops them on reset, spec: "SHMEM_MAP")."""
         self._call(F.RESET_DEVICE)
+        if isinstance(self.handler, BuiltinHandler):
+            self.handler._reset_mappings()
 
     def vring_kick(self, index: int) -> None:
         """VRING_KICK: in-band kick (INBAND_NOTIFICATIONS)."""
@@ -1257,6 +1323,15 @@ class Frontend:
                 served &= ~ProtocolFeature.INBAND_NOTIFICATIONS
             proto = ProtocolFeature(int(offered_proto) & int(wanted) & (~int(_CHANNEL_FEATURES) | int(served)))
             proto = _drop_unmet_dependencies(proto)
+        iommu = features is not None and bool(int(features) & int(offered) & int(VirtioFeature.ACCESS_PLATFORM))
+        if iommu and (handler is None or _IOMMU_NEEDS & ~proto):
+            # IOTLB misses come on the back-end request channel and must be acked (spec:
+            # protocol.md §5.4; QEMU refuses ACCESS_PLATFORM otherwise).
+            raise NegotiationError(
+                "ACCESS_PLATFORM needs a handler answering IOTLB misses and the BACKEND_REQ and REPLY_ACK "
+                "protocol features"
+            )
+        if VirtioFeature.PROTOCOL_FEATURES in offered:
             self.set_protocol_features(proto)
         queues = 1
         if ProtocolFeature.MQ in proto:
@@ -1272,7 +1347,7 @@ class Frontend:
         acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
         # Transport bits: only what the driver side implements (device bits stay as asked).
         transport = int(DRIVER_TRANSPORT_FEATURES)
-        if features is not None and int(features) & int(VirtioFeature.ACCESS_PLATFORM):
+        if iommu:
             # Only on request: with it every ring and buffer address is an IOVA the front-end
             # must serve through IOTLB_MSG.
             transport |= int(VirtioFeature.ACCESS_PLATFORM)
@@ -1354,17 +1429,39 @@ class Frontend:
         self.set_vring_num(index, dq.size)
         self.set_vring_base(index, base)
         desc, avail, used = dq.user_addrs
-        self.set_vring_addr(index, desc, used, avail, log_guest_addr=dq.guest_addrs[2])
+        log_addr = dq.guest_addrs[2]
+        if VirtioFeature.ACCESS_PLATFORM in self.features:
+            # Ring addresses are IOVAs (spec: "IOMMU support"), and so is log_guest_addr.
+            desc, avail, used = self._ring_iovas(dq)
+            log_addr = used
+        self.set_vring_addr(index, desc, used, avail, log_guest_addr=log_addr)
         self.set_vring_kick(index, None if vq.inband else vq.kick_fd)
         self.set_vring_call(index, None if vq.inband else vq.call_fd)
         self.set_vring_err(index, None if vq.inband else vq.err_fd)
         if enable and VirtioFeature.PROTOCOL_FEATURES in self.features:
             self.set_vring_enable(index, True)
 
-    def reconnect_now(self, timeout: float | None = None) -> None:
+    def _ring_iovas(self, dq: DriverQueue) -> tuple[int, int, int]:
+        iommu = getattr(self.handler, "iommu", None)
+        if not isinstance(iommu, IommuTable):
+            raise NegotiationError(
+                "ACCESS_PLATFORM: ring addresses are IOVAs; negotiate with BuiltinHandler(iommu=...) "
+                "or set the ring up message by message"
+            )
+        n = dq.size
+        sizes = (16 * n, 6 + 2 * n, 6 + 8 * n)  # descriptor table, avail ring, used ring
+        out = []
+        for gpa, size in zip(dq.guest_addrs, sizes):
+            iova = iommu.iova_of(gpa, size)
+            if iova is None:
+                raise NegotiationError(f"ring {dq.index}: guest address {gpa:#x} is not mapped in the IOMMU table")
+            out.append(iova)
+        return out[0], out[1], out[2]
+
+    def reconnect_now(self, timeout: float | None | EllipsisType = ...) -> None:
         """Replace a back-end that hung up with a new session on the same socket path, as QEMU
         does with ``reconnect=`` (spec: protocol.md §6.16): connect (retrying until
-        `timeout`, default :attr:`reconnect` seconds), redo :meth:`negotiate` with the same
+        `timeout` seconds, by default :attr:`reconnect`; None: until a back-end answers), redo :meth:`negotiate` with the same
         arguments (the handler is attached again and starts from scratch), hand over the
         inflight buffer (:attr:`inflight`, SET_INFLIGHT_FD) so the new back-end resubmits what
         the old one had taken and not completed, then hand over every ring with its requests
@@ -1376,7 +1473,7 @@ class Frontend:
             raise ConnectionClosedError("the session is closed")
         if self.path is None:
             raise NegotiationError("reconnecting needs the socket path (Frontend.connect)")
-        if timeout is None:
+        if isinstance(timeout, EllipsisType):
             timeout = self.reconnect
         deadline = None if timeout is None else time.monotonic() + timeout
         self._lost = True
@@ -1398,6 +1495,11 @@ class Frontend:
                 core.close()
                 if deadline is not None and time.monotonic() >= deadline:
                     raise VhostUserTimeoutError(f"the back-end at {self.path} kept hanging up") from None
+            except BaseException:
+                # A half set-up session is no session: the next wait tries again.
+                self._lost = True
+                core.close()
+                raise
         self.sessions += 1
         log.info("reconnected to %s (session %d)", self.path, self.sessions)
 
@@ -1426,16 +1528,21 @@ class Frontend:
                 log.warning("the new back-end has no INFLIGHT_SHMFD: requests it had taken are re-read from the rings")
         for vq in list(self._queues.values()):
             fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
-            for fd in (vq.kick_fd, vq.call_fd, vq.err_fd):
-                os.close(fd)
+            old = (vq.kick_fd, vq.call_fd, vq.err_fd)
+            # New fds in place before the old ones close: the channel thread may signal them.
             vq.kick_fd, vq.call_fd, vq.err_fd = fds
+            for fd in old:
+                os.close(fd)
             self._start_ring(vq, vq.queue.used_idx, enable=True)
         for vq in self._queues.values():
             vq.kick()
 
     def stop_queue(self, index: int) -> int:
         """Disable (with PROTOCOL_FEATURES) and stop a ring with GET_VRING_BASE; returns the base
-        to restart from with ``setup_queue(index, size, base=...)``."""
+        to restart from with ``setup_queue(index, size, base=...)``. A host-notifier page of the
+        ring is unmapped first, as QEMU does before GET_VRING_BASE."""
+        if isinstance(self.handler, BuiltinHandler):
+            self.handler._drop_host_notifier(index)
         if VirtioFeature.PROTOCOL_FEATURES in self.features:
             self.set_vring_enable(index, False)
         base = self.get_vring_base(index)

@@ -42,17 +42,21 @@ impl BackendChannel {
         let conn = Arc::new(ours);
         let served = conn.clone();
         let thread = std::thread::Builder::new()
-            .name("vhost-user backend channel".into())
+            .name("vhostuser_rs back-end request channel (front-end side)".into())
             .spawn(move || serve(&served, handler))
             .map_err(Error::Io)?;
         Ok((BackendChannel { conn, thread: Some(thread) }, theirs.into_fd()))
     }
 
-    /// Stops serving: shuts the socket down and waits for the thread.
+    /// Stops serving: shuts the socket down and waits for the thread — unless called from the
+    /// serving thread itself (a handler closing its session), which then ends once its handler
+    /// returns.
     pub fn stop(&mut self) {
         self.conn.shutdown();
         if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            if t.thread().id() != std::thread::current().id() {
+                let _ = t.join();
+            }
         }
     }
 

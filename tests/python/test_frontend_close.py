@@ -21,7 +21,7 @@ import pytest
 import vhostuser_rs as vu
 from vhostuser_rs import FrontendRequest as F
 from vhostuser_rs import hazmat
-from vhostuser_rs.blk import BlockClient
+from vhostuser_rs.blk import SECTOR, BlockClient
 from vhostuser_rs.netclient import NetClient
 
 from conftest import open_fds
@@ -220,3 +220,61 @@ def test_net_client_close(sock_dir: Path, backend_died: bool) -> None:
                 proc.wait()
                 time.sleep(0.1)
             nic.close()
+
+
+def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
+    """close() called on the back-end request channel's own thread (a config-change callback
+    giving up on the session) returns, and every fd is released."""
+    path = sock_dir / "cb.sock"
+    from scripted import scripted_backend
+
+    with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
+                                                                    | vu.ProtocolFeature.BACKEND_REQ
+                                                                    | vu.ProtocolFeature.CONFIG)) as fake:
+        with nothing_left() as watched:
+            fe = vu.Frontend.connect(fake.path)
+            watched.append(socket_of(fe.fileno()))
+            closed = threading.Event()
+
+            def give_up(frontend: vu.Frontend) -> None:
+                frontend.close()
+                closed.set()
+
+            fe.negotiate(handler=vu.BuiltinHandler(on_config_change=give_up))
+            fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=False)
+            assert closed.wait(5) and fe.closed
+            # The front-end's end of the channel closes once the handler has returned: the
+            # back-end reads end-of-file there.
+            assert fake.channel is not None
+            with pytest.raises(vu.ConnectionClosedError):
+                fake.channel.recv(vu.Channel.BACKEND, timeout=5)
+            fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
+            fake._thread.join(5)
+    del path
+
+
+def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir: Path, image: Path) -> None:
+    sock = sock_dir / "blk.sock"
+    with serve_blk(image, sock, num_queues=1) as proc:
+        with nothing_left() as watched:
+            disk = BlockClient.connect(sock, timeout=30)
+            watched.append(socket_of(disk.frontend.fileno()))
+            proc.send_signal(signal.SIGSTOP)
+            errors: list[BaseException] = []
+
+            def read() -> None:
+                try:
+                    disk.read(0, SECTOR)
+                except BaseException as e:  # noqa: BLE001 - checked below
+                    errors.append(e)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            disk.close()
+            reader.join(5)
+            assert not reader.is_alive() and time.monotonic() - t0 < 2
+            assert len(errors) == 1 and isinstance(errors[0], vu.ConnectionClosedError), errors
+            errors.clear()
+        proc.send_signal(signal.SIGCONT)
