@@ -583,8 +583,8 @@ def test_qemu_style_get_shared_object_without_its_uuid_asks_for_the_nil_uuid(soc
                 assert len(fds) == 1 and os.fstat(fds[0]).st_ino == os.fstat(dev.buf).st_ino
             finally:
                 hazmat.close_fds(fds)
-            hazmat.send(conn, hazmat.request(F.GET_QUEUE_NUM))
-            assert conn.recv(timeout=5)[0].payload == 1  # the session goes on
+            hazmat.send(conn, hazmat.request(F.GET_PROTOCOL_FEATURES))
+            assert conn.recv(timeout=5)[0].request is F.GET_PROTOCOL_FEATURES  # the session goes on
     finally:
         os.close(dev.buf)
 
