@@ -10,6 +10,7 @@ from .messages import MemoryRegion, Message
 
 __all__ = [
     "BackendRequests",
+    "backend_coverage",
     "BatchQueue",
     "Connection",
     "FrontendCore",
@@ -283,6 +284,7 @@ def serve_blk(
     poll: float = 0.0,
 ) -> None: ...
 
+def backend_coverage() -> list[tuple[int, str, str, str, str]]: ...
 def serve_device(
     device: Any,
     *,

@@ -30,7 +30,7 @@ import functools
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain, RingQueue
@@ -40,7 +40,33 @@ from .exceptions import RequestRejectedError
 if TYPE_CHECKING:
     from .net import NetDevice
 
-__all__ = ["Backend", "BatchQueue", "Device", "RingQueue"]
+__all__ = ["Backend", "BatchQueue", "Device", "RequestCoverage", "RingQueue", "coverage"]
+
+
+class RequestCoverage(NamedTuple):
+    """What the back-end role does with one front-end request (generated from the Rust code)."""
+
+    #: The request.
+    request: FrontendRequest
+    #: ``"handled"`` (by the session), ``"device hook"`` (routed to the device, refused with
+    #: the spec's answer if the device does not implement it) or ``"spec refusal"``.
+    handling: str
+    #: Whether the feature that gates it is offered: ``"offered"``, ``"if the device declares
+    #: it"`` or ``"never offered"``.
+    offer: str
+    #: The answer when it is refused (not negotiated, invalid, or refused by the device).
+    refusal: str
+    #: What the back-end does, in a few words.
+    note: str
+
+
+def coverage() -> list[RequestCoverage]:
+    """The back-end's coverage of every front-end request, in code order (what
+    ``vhostuser-rs requests`` prints). Rust tests check each row against what a session answers."""
+    return [
+        RequestCoverage(FrontendRequest(code), handling, offer, refusal, note)
+        for code, handling, offer, refusal, note in _native.backend_coverage()
+    ]
 
 
 class Device:
