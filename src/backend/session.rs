@@ -284,20 +284,29 @@ impl Session {
         }
     }
 
-    /// RESET_DEVICE, and SET_STATUS(0): disable all rings and reset the device to its initial
-    /// state; the connection, its ownership, the protocol features, the memory table and the
-    /// back-end request channel stay.
+    /// RESET_DEVICE: disable all rings and reset the device to its initial state; the
+    /// connection, its ownership, the protocol features, the memory table and the back-end
+    /// request channel stay.
     fn reset_device(&mut self) {
-        self.stop_all();
+        self.stop_device();
         for r in &mut self.rings {
             // The error fd stays: QEMU sends SET_VRING_ERR once, when it sets the device up.
             *r = Ring { err: r.err.take(), ..Ring::default() };
         }
+        self.inflight = None;
+    }
+
+    /// SET_STATUS(0), the virtio reset (virtio 1.x §2.1: writing 0 resets the device): every
+    /// ring stops and is disabled, the features and the status are forgotten and the device is
+    /// reset — but the rings keep their configuration and base: QEMU 7.2 writes status 0 at
+    /// the start of its device stop, *before* the GET_VRING_BASE whose answer it restarts (or
+    /// migrates) the rings from (later QEMUs write it after). The inflight buffer stays too.
+    fn stop_device(&mut self) {
+        self.stop_all();
         self.acked_features = 0;
         self.requests.negotiated(self.acked_features, self.acked_protocol);
         self.status.store(0, Ordering::Release);
         self.status_written = false;
-        self.inflight = None;
         self.device.reset();
     }
 
@@ -678,8 +687,7 @@ impl Session {
             (SET_STATUS, Payload::U64(v)) => {
                 let v = *v as u8; // the decoder refuses values above 0xff
                 if v == 0 {
-                    // Virtio 1.x §2.1: writing 0 resets the device.
-                    self.reset_device();
+                    self.stop_device();
                     return Outcome::Done;
                 }
                 // DEVICE_NEEDS_RESET is the device's to set and stays until a reset.

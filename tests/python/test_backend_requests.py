@@ -423,6 +423,26 @@ def test_the_status_byte_drives_the_device(blk: tuple[Path, subprocess.Popen[byt
         assert s.io(ring, 16, b"v" * 512)
 
 
+def test_status_zero_before_get_vring_base_keeps_the_base(blk: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """QEMU 7.2 stops a device with SET_STATUS(0) *before* GET_VRING_BASE and restarts (or
+    migrates) the rings from the base that answers: the reset must not lose it."""
+    sock, _ = blk
+    with Raw(sock) as s:
+        s.negotiate(OFFERED)
+        ring = s.ring(0)
+        assert s.ack(F.SET_STATUS, RUNNING) == 0
+        for i in range(5):
+            assert s.io(ring, i, bytes([i]) * 512)  # 10 requests
+        assert s.ack(F.SET_STATUS, 0) == 0
+        assert s.ack(F.SET_VRING_ENABLE, m.VringState(0, 0)) == 0
+        assert s.ask(F.GET_VRING_BASE, m.VringState(0, 0)) == m.VringState(0, 10)
+        # The restart from that base serves only new requests.
+        assert s.ack(F.SET_FEATURES, s.features) == 0
+        ring = s.ring(0, queue=ring.queue)
+        assert s.ack(F.SET_STATUS, RUNNING) == 0
+        assert s.io(ring, 9, b"w" * 512)
+
+
 def test_reset_device_and_reset_owner_with_io_before_and_after(blk: tuple[Path, subprocess.Popen[bytes]]) -> None:
     """With our own block client (Frontend.negotiate + setup_queue): I/O, RESET_DEVICE, set up
     again, I/O; I/O, RESET_OWNER, set up again, I/O — data written before is read after."""
