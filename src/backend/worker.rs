@@ -260,7 +260,9 @@ impl Slot {
                 Ok(false) => {}
                 Err(VirtqueueError::IotlbMiss { iova, perm }) => {
                     // Chains before the miss may have completed: let the driver know.
-                    self.notify_driver();
+                    if self.queue.next_used() != used_before {
+                        self.notify_driver();
+                    }
                     miss = Some((iova, perm));
                 }
                 Err(_) => {

@@ -588,3 +588,75 @@ def test_coverage_lists_every_request_once() -> None:
     refused = {r.request for r in rows if r.handling == "spec refusal"}
     assert {F.SET_VRING_ENDIAN, F.POSTCOPY_ADVISE, F.POSTCOPY_LISTEN, F.POSTCOPY_END} <= refused
     assert all(r.offer == "never offered" for r in rows if r.handling == "spec refusal")
+
+
+# -- IOTLB failure breaks the ring: error fd ----------------------------------------------------
+
+IOVA_BASE = 0x7_0000_0000
+PAGE = 4096
+
+
+class RingOnlyIommu(vu.BackendRequestHandler):
+    """Maps the ring's pages on MISS and refuses every other page (status 1, no UPDATE)."""
+
+    def __init__(self, mem: vu.GuestMemory, ring_pages: set[int]) -> None:
+        self.mem = mem
+        self.ring_pages = ring_pages
+        self.fe: vu.Frontend | None = None
+        self.refused: list[int] = []
+
+    def iotlb_msg(self, msg: m.IotlbMsg) -> int | None:
+        assert self.fe is not None
+        page = msg.iova & ~(PAGE - 1)
+        if page not in self.ring_pages:
+            self.refused.append(msg.iova)
+            return 1
+        self.fe.iotlb_msg(m.IotlbMsg(page, PAGE, self.mem.user_addr(page - IOVA_BASE), 3, m.IotlbMsg.UPDATE))
+        return 0
+
+
+class ReverseEcho(vu.Device):
+    num_queues = 1
+    features = int(V.VERSION_1)
+
+    def process_request(self, queue_index: int, chain: vu.DescriptorChain) -> int | None:
+        return chain.write(chain.read()[::-1])
+
+
+def test_an_iotlb_failure_signals_the_error_fd(sock_dir: Path) -> None:
+    """ACCESS_PLATFORM: the front-end refuses the translation of a buffer (its IOMMU has no
+    entry): the ring is broken, its error fd is signalled, its call fd is not, and the session
+    goes on."""
+    sock = sock_dir / "iotlb.sock"
+    with vu.Backend.listen(sock, ReverseEcho()) as backend:
+        backend.start()
+        mem = vu.GuestMemory.allocate(1 << 20)
+        ring = vu.DriverQueue(mem, 16)
+        pages = {(a + IOVA_BASE) & ~(PAGE - 1) for a in ring.guest_addrs}
+        iommu = RingOnlyIommu(mem, pages | {p + PAGE for p in pages})
+        kick, call, err = eventfd(), eventfd(), eventfd()
+        try:
+            with vu.Frontend.connect(sock, timeout=5) as fe:
+                iommu.fe = fe
+                fe.negotiate(memory=mem, handler=iommu, features=int(V.VERSION_1 | V.ACCESS_PLATFORM))
+                desc, avail, used = (a + IOVA_BASE for a in ring.guest_addrs)
+                fe.set_vring_num(0, 16)
+                fe.set_vring_base(0, 0)
+                fe.set_vring_addr(0, desc, used, avail)
+                fe.set_vring_call(0, call)
+                fe.set_vring_err(0, err)
+                fe.set_vring_kick(0, kick)
+                fe.set_vring_enable(0, True)
+                out, back = mem.alloc(64, PAGE * 4), mem.alloc(64, PAGE * 4)
+                ring.add([(out + IOVA_BASE, 8)], [(back + IOVA_BASE, 8)])
+                ring.publish()
+                os.eventfd_write(kick, 1)
+                assert fired(err, 5), "the error fd was not signalled"
+                assert iommu.refused
+                assert not fired(call, 0.2)
+                assert ring.reap() == []
+                assert fe.get_queue_num() == 1  # the session goes on
+        finally:
+            for fd in (kick, call, err):
+                os.close(fd)
+    assert backend.error is None
