@@ -581,6 +581,21 @@ def test_inband_vring_kick_starts_a_ring_without_set_vring_kick(sock_dir: Path) 
             os.close(call)
 
 
+def test_cli_requests_shows_what_the_back_end_does() -> None:
+    import json
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "vhostuser_rs", "requests", "--json"], capture_output=True, text=True, check=True)
+    rows = {row["name"]: row for row in json.loads(out.stdout)}
+    assert len(rows) == len(F)
+    assert rows["SET_VRING_ENDIAN"]["backend"] == "spec refusal"
+    assert rows["POSTCOPY_ADVISE"]["refusal"] == "empty reply without fd"
+    assert rows["VRING_KICK"]["offer"] == "if the device declares it"
+    assert rows["GET_QUEUE_NUM"]["backend"] == "handled"
+    text = subprocess.run([sys.executable, "-m", "vhostuser_rs", "requests"], capture_output=True, text=True, check=True).stdout
+    assert "spec refusal" in text and "device hook" in text
+
+
 def test_coverage_lists_every_request_once() -> None:
     rows = coverage()
     assert [r.request for r in rows] == list(F)
