@@ -930,7 +930,7 @@ impl Drop for Session {
 }
 
 /// protocol.md §5.4: protocol features that need another one, if `v` acks one without it.
-fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'static str> {
+pub(crate) fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'static str> {
     use ProtocolFeatures as P;
     let needs_channel = P::BACKEND_SEND_FD | P::HOST_NOTIFIER | P::SHARED_OBJECT | P::SHMEM;
     if (v & needs_channel) != P::empty() && !v.contains(P::BACKEND_REQ) {

@@ -328,3 +328,18 @@ fn gates_follow_what_was_negotiated() {
     let Some(Payload::U64(offered)) = ask(&mut s, GET_PROTOCOL_FEATURES, Payload::Empty, vec![]) else { panic!() };
     assert_eq!(offered & super::NEVER_OFFERED.bits(), 0);
 }
+
+#[test]
+fn protocol_feature_dependencies_of_section_5_4() {
+    use super::session::protocol_dependency_violation as violation;
+    use ProtocolFeatures as P;
+    assert!(violation(P::REPLY_ACK | P::MQ).is_none());
+    for dependant in [P::BACKEND_SEND_FD, P::HOST_NOTIFIER, P::SHARED_OBJECT, P::SHMEM] {
+        assert!(violation(dependant).is_some(), "{dependant:?} without BACKEND_REQ");
+        assert!(violation(dependant | P::BACKEND_REQ).is_none());
+    }
+    assert!(violation(P::GET_VRING_BASE_INFLIGHT).is_some());
+    assert!(violation(P::GET_VRING_BASE_INFLIGHT | P::INFLIGHT_SHMFD).is_none());
+    assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::INFLIGHT_SHMFD).is_some());
+    assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::GET_VRING_BASE_INFLIGHT | P::INFLIGHT_SHMFD).is_none());
+}

@@ -100,6 +100,8 @@ pub(crate) struct RingShared {
     pub err: Mutex<Option<OwnedFd>>,
     /// The ring broke (malformed chain, IOTLB failure) and was reported.
     pub broken: AtomicBool,
+    /// The last in-band notification failed (it was logged).
+    inband_failing: AtomicBool,
     notifier: Notifier,
     group: Arc<Group>,
 }
@@ -120,6 +122,7 @@ impl RingShared {
             call: Mutex::new(call),
             err: Mutex::new(err),
             broken: AtomicBool::new(false),
+            inband_failing: AtomicBool::new(false),
             notifier,
             group,
         })
@@ -135,8 +138,13 @@ impl RingShared {
     fn inband(&self, request: BackendRequest, index: u16) {
         let Some(requests) = self.notifier.requests.as_deref().filter(|_| self.notifier.inband) else { return };
         let state = VringState { index: u32::from(index), num: 0 };
-        if let Err(e) = requests.send(request, Payload::VringState(state), &[], true, Some(INBAND_TIMEOUT)) {
-            log::warn!("ring {index}: in-band {request} failed: {e}");
+        match requests.send(request, Payload::VringState(state), &[], true, Some(INBAND_TIMEOUT)) {
+            Ok(_) => self.inband_failing.store(false, Ordering::Relaxed),
+            // Once per failing streak: this runs for every used-buffer notification.
+            Err(e) if !self.inband_failing.swap(true, Ordering::Relaxed) => {
+                log::warn!("ring {index}: in-band {request} failed: {e}")
+            }
+            Err(_) => {}
         }
     }
 
