@@ -81,7 +81,11 @@ class Device:
 
     #: Protocol features this device implements itself (e.g. ``ProtocolFeature.RARP`` or
     #: ``MTU`` for a net device), offered on top of what the session implements. The requests
-    #: they gate reach :meth:`device_request`.
+    #: they gate reach :meth:`device_request`. ``ProtocolFeature.INBAND_NOTIFICATIONS`` asks the
+    #: session to offer in-band notifications (VRING_KICK messages; VRING_CALL / VRING_ERR on the
+    #: back-end request channel for rings without call / error fds), which the spec advises
+    #: only for simulation. Features nothing here implements (PAGEFAULT, CROSS_ENDIAN...) are
+    #: never offered.
     protocol_features: int = 0
 
     def config(self) -> bytes:
