@@ -343,3 +343,20 @@ fn protocol_feature_dependencies_of_section_5_4() {
     assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::INFLIGHT_SHMFD).is_some());
     assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::GET_VRING_BASE_INFLIGHT | P::INFLIGHT_SHMFD).is_none());
 }
+
+#[test]
+fn set_log_base_is_replied_to_only_with_log_shmfd() {
+    use FrontendRequest::*;
+    let log = || (Payload::LogBase { mmap_size: 4096, mmap_offset: 0 }, vec![memfd(4096)]);
+    for (protocol, replied) in [(ProtocolFeatures::empty(), false), (ProtocolFeatures::LOG_SHMFD, true)] {
+        let device = Arc::new(TestDevice { hooks: false, calls: AtomicUsize::new(0) });
+        let mut s = Session::new(device);
+        let set = Message::request(SET_PROTOCOL_FEATURES, Payload::U64(protocol.bits()));
+        assert!(s.handle(&set, vec![]).unwrap().is_none());
+        let (payload, fds) = log();
+        // Without NEED_REPLY: the reply of LOG_SHMFD, nothing otherwise (a front-end without it
+        // reads no reply, and an extra one would desynchronise the stream).
+        let answer = s.handle(&Message::request(SET_LOG_BASE, payload), fds).unwrap();
+        assert_eq!(answer.map(|(m, _)| m.payload), replied.then_some(Payload::U64(0)), "{protocol:?}");
+    }
+}
