@@ -103,6 +103,23 @@ class Device:
         """A driver write to the config space; return True to accept it."""
         return False
 
+    def create_crypto_session(self, op_code: int, params: bytes) -> int:
+        """CREATE_CRYPTO_SESSION (virtio-crypto; declare ``ProtocolFeature.CRYPTO_SESSION`` in
+        :attr:`protocol_features`): `params` are the session parameters as QEMU lays them out.
+        Return the new session id (>= 0); a negative id or an exception refuses it (the spec's
+        answer: a negative session id)."""
+        raise NotImplementedError
+
+    def close_crypto_session(self, session_id: int) -> bool:
+        """CLOSE_CRYPTO_SESSION: return True once the session is closed; False refuses it."""
+        raise NotImplementedError
+
+    def gpu_set_socket(self, fd: int) -> bool:
+        """GPU_SET_SOCKET (vhost-user-gpu devices): the socket of the separate vhost-user-gpu
+        protocol. It is closed when this returns: ``os.dup`` it to keep it. Return True to
+        accept; False or an exception refuses it (a failure ack under REPLY_ACK)."""
+        raise NotImplementedError
+
     #: The :class:`Backend` serving this device (set by its constructor): use it to send
     #: back-end requests, e.g. ``self.backend.config_changed()``.
     backend: Backend | None = None

@@ -675,3 +675,70 @@ def test_an_iotlb_failure_signals_the_error_fd(sock_dir: Path) -> None:
             for fd in (kick, call, err):
                 os.close(fd)
     assert backend.error is None
+
+
+# -- device hooks: crypto sessions and the GPU socket ---------------------------------------------
+
+
+class CryptoGpu(vu.Device):
+    """Declares CRYPTO_SESSION; keeps sessions in a dict; takes the GPU socket and says hello."""
+
+    num_queues = 1
+    protocol_features = int(P.CRYPTO_SESSION)
+
+    def __init__(self) -> None:
+        self.sessions: dict[int, tuple[int, bytes]] = {}
+
+    def create_crypto_session(self, op_code: int, params: bytes) -> int:
+        if op_code == 99:
+            return -1
+        sid = len(self.sessions) + 7
+        self.sessions[sid] = (op_code, params)
+        return sid
+
+    def close_crypto_session(self, session_id: int) -> bool:
+        return self.sessions.pop(session_id, None) is not None
+
+    def gpu_set_socket(self, fd: int) -> bool:
+        os.write(fd, b"vhost-user-gpu hello")
+        return True
+
+    def process(self, queue: BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+        for chain in chains:
+            queue.complete(chain, 0)
+
+
+def test_crypto_sessions_and_the_gpu_socket_reach_a_device_that_implements_them(sock_dir: Path) -> None:
+    device = CryptoGpu()
+    with served(sock_dir, device) as sock, vu.Frontend.connect(sock, timeout=5) as fe:
+        result = fe.negotiate(protocol_features=P.CRYPTO_SESSION | P.REPLY_ACK | P.MQ)
+        assert P.CRYPTO_SESSION in result.protocol_features
+        created = fe.create_crypto_session(m.CryptoSession(3, bytes(range(16)), 0))
+        assert created.session_id == 7 and device.sessions[7] == (3, bytes(range(16)))
+        # "negative for failure": the device's refusal, answered as the spec says.
+        assert fe.create_crypto_session(m.CryptoSession(99, bytes(16), 0)).session_id < 0
+        fe.close_crypto_session(7)
+        assert device.sessions == {}
+        with pytest.raises(vu.RequestRejectedError):
+            fe.close_crypto_session(7)  # no such session
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            fe.gpu_set_socket(theirs.fileno())
+            ours.settimeout(5)
+            assert ours.recv(64) == b"vhost-user-gpu hello"
+        assert fe.get_queue_num() == 1
+
+
+def test_device_hooks_that_are_not_implemented_are_refused(sock_dir: Path) -> None:
+    """A Python device without the hooks: GPU_SET_SOCKET is refused (socket closed) and the
+    session goes on."""
+    with served(sock_dir, EchoDevice()) as sock, vu.Frontend.connect(sock, timeout=5) as fe:
+        fe.negotiate(protocol_features=P.REPLY_ACK | P.MQ)
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            with pytest.raises(vu.RequestRejectedError):
+                fe.gpu_set_socket(theirs.fileno())
+            theirs.close()
+            ours.settimeout(5)
+            assert ours.recv(64) == b""  # the back-end closed its copy
+        assert fe.get_queue_num() == 1
