@@ -33,7 +33,11 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::RESET_DEVICE.0
         | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
         | ProtocolFeatures::STATUS.0
-        | ProtocolFeatures::INFLIGHT_SHMFD.0,
+        | ProtocolFeatures::INFLIGHT_SHMFD.0
+        // With it the front-end puts guest-physical addresses in every "user address" field
+        // (regions, rings, IOTLB). The session only ever uses user addresses to find a region
+        // and an offset in it, never as pointers, so it works unchanged (spec: GPA_ADDRESSES).
+        | ProtocolFeatures::GPA_ADDRESSES.0,
 );
 
 /// Protocol features the session leaves to a device that declares them in
@@ -51,13 +55,12 @@ pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
 /// CROSS_ENDIAN (rings are little-endian, VERSION_1 only), PAGEFAULT (postcopy: no
 /// userfaultfd registration of guest memory), XEN_MMAP, GET_VRING_BASE_INFLIGHT and
 /// GET_VRING_BASE_SKIP_DRAIN (stopping a ring never leaves requests recorded in flight on
-/// purpose), GPA_ADDRESSES (not tested against a front-end that sends GPAs).
+/// purpose).
 pub const NEVER_OFFERED: ProtocolFeatures = ProtocolFeatures(
     ProtocolFeatures::CROSS_ENDIAN.0
         | ProtocolFeatures::PAGEFAULT.0
         | ProtocolFeatures::XEN_MMAP.0
         | ProtocolFeatures::GET_VRING_BASE_INFLIGHT.0
-        | ProtocolFeatures::GPA_ADDRESSES.0
         | ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN.0,
 );
 

@@ -74,9 +74,11 @@ class Ring:
 class Raw:
     """A front-end written message by message, with every ack asked for (REPLY_ACK)."""
 
-    def __init__(self, sock: Path) -> None:
+    def __init__(self, sock: Path, *, memory: vu.GuestMemory | None = None) -> None:
         self.conn = vu.Connection.connect(sock, timeout=5)
-        self.memory = vu.GuestMemory.allocate(8 * MIB)
+        self.memory = memory or vu.GuestMemory.allocate(8 * MIB)
+        #: GPA_ADDRESSES: guest-physical addresses in every "user address" field.
+        self.gpa = False
         self.rings: dict[int, Ring] = {}
         self.features = 0
         self.scratch = self.memory.alloc(64 * 1024, 4096)
@@ -115,7 +117,9 @@ class Raw:
         assert self.ack(F.SET_OWNER) == 0
         self.features = offered & int(V.VERSION_1 | V.PROTOCOL_FEATURES)
         assert self.ack(F.SET_FEATURES, self.features) == 0
-        regions = self.memory.regions
+        self.gpa = bool(proto & P.GPA_ADDRESSES)
+        regions = [m.MemoryRegion(r.guest_addr, r.size, r.guest_addr if self.gpa else r.user_addr, r.mmap_offset)
+                   for r in self.memory.regions]
         assert self.ack(F.SET_MEM_TABLE, m.MemoryTable(tuple(regions)), self.memory.fds()) == 0
         return proto
 
@@ -130,7 +134,7 @@ class Raw:
         self.rings[index] = ring
         assert self.ack(F.SET_VRING_NUM, m.VringState(index, dq.size)) == 0
         assert self.ack(F.SET_VRING_BASE, m.VringState(index, dq.used_idx)) == 0
-        desc, avail, used = dq.user_addrs
+        desc, avail, used = dq.guest_addrs if self.gpa else dq.user_addrs
         assert self.ack(F.SET_VRING_ADDR, m.VringAddr(index, 0, desc, used, avail, dq.guest_addrs[2])) == 0
         for request, fd in ((F.SET_VRING_KICK, ring.kick), (F.SET_VRING_CALL, ring.call), (F.SET_VRING_ERR, ring.err)):
             assert self.ack(request, m.VringFd(index, fd is None), [] if fd is None else [fd]) == 0
@@ -188,7 +192,7 @@ class Raw:
 
 
 OFFERED = int(P.MQ | P.LOG_SHMFD | P.REPLY_ACK | P.BACKEND_REQ | P.CONFIG | P.RESET_DEVICE
-              | P.CONFIGURE_MEM_SLOTS | P.STATUS | P.INFLIGHT_SHMFD)
+              | P.CONFIGURE_MEM_SLOTS | P.STATUS | P.INFLIGHT_SHMFD | P.GPA_ADDRESSES)
 
 
 def test_every_request_then_io_on_the_same_session(blk: tuple[Path, subprocess.Popen[bytes]]) -> None:
@@ -198,7 +202,8 @@ def test_every_request_then_io_on_the_same_session(blk: tuple[Path, subprocess.P
     table = {row.request: row for row in coverage()}
     seen: set[F] = set()
     with Raw(sock) as s:
-        assert s.negotiate(OFFERED) == OFFERED
+        plain = OFFERED & ~P.GPA_ADDRESSES  # front-end addresses here (GPAs: test_gpa_addresses)
+        assert s.negotiate(plain) == plain
         ring0 = s.ring(0)
         assert s.io(ring0, 0, b"a" * 512)
         q1 = vu.DriverQueue(s.memory, 64, index=1)
@@ -241,7 +246,7 @@ def test_every_request_then_io_on_the_same_session(blk: tuple[Path, subprocess.P
         accepted(F.SET_VRING_ERR, m.VringFd(1), [e1])
         accepted(F.SET_VRING_ENABLE, m.VringState(1, 1))
         assert replied(F.GET_PROTOCOL_FEATURES) == OFFERED | P.MQ  # exactly what is offered by default
-        accepted(F.SET_PROTOCOL_FEATURES, OFFERED)
+        accepted(F.SET_PROTOCOL_FEATURES, plain)
         assert replied(F.GET_QUEUE_NUM) == 2
         accepted(F.SET_BACKEND_REQ_FD, None, [their_end.fileno()])
         config = replied(F.GET_CONFIG, m.DeviceConfig(0, bytes(60)))
@@ -742,3 +747,21 @@ def test_device_hooks_that_are_not_implemented_are_refused(sock_dir: Path) -> No
             ours.settimeout(5)
             assert ours.recv(64) == b""  # the back-end closed its copy
         assert fe.get_queue_num() == 1
+
+
+def test_gpa_addresses(blk: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    """GPA_ADDRESSES: the front-end puts guest-physical addresses in the regions' and the rings'
+    "user address" fields (two regions far apart, the second one holding the rings); block I/O
+    works, and so does a memory table re-sent, ADD/REM_MEM_REG and the dirty log."""
+    sock, _ = blk
+    memory = vu.GuestMemory.allocate(regions=[(0, 4 * MIB), (0x1_0000_0000, 4 * MIB)])
+    with Raw(sock, memory=memory) as s:
+        assert s.negotiate(OFFERED) & P.GPA_ADDRESSES
+        memory.alloc(4 * MIB - 64 * 1024)  # the rings land in the second region
+        ring = s.ring(0)
+        assert min(ring.queue.guest_addrs) >= 0x1_0000_0000
+        assert s.io(ring, 0, b"g" * 4096)
+        second = m.MemoryRegion(0x1_0000_0000, 4 * MIB, 0x1_0000_0000, 0)
+        assert s.ack(F.ADD_MEM_REG, second, [memory.fds()[1]]) == 0  # a repeat: counted
+        assert s.ack(F.REM_MEM_REG, second) == 0
+        assert s.io(ring, 8, b"h" * 512)
