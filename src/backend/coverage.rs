@@ -210,7 +210,10 @@ fn row(request: FrontendRequest) -> (Handling, &'static str) {
         GET_MAX_MEM_SLOTS => (Session, "the memory table's slot limit"),
         ADD_MEM_REG => (Session, "maps one region (repeats counted)"),
         REM_MEM_REG => (Session, "unmaps one region (after its last repeat)"),
-        SET_STATUS => (Session, "0 stops the rings (bases kept) and resets; rings run with DRIVER_OK, not with FAILED"),
+        SET_STATUS => (
+            Session,
+            "0 stops the rings (bases kept) and resets; rings run with DRIVER_OK, not FAILED; FEATURES_OK dropped after a refused SET_FEATURES",
+        ),
         GET_STATUS => (Session, "the status byte, DEVICE_NEEDS_RESET once a ring broke"),
         GET_SHARED_OBJECT => (Refused, "SHARED_OBJECT not offered"),
         SET_DEVICE_STATE_FD | CHECK_DEVICE_STATE => (Refused, "DEVICE_STATE not offered"),

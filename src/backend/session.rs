@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 use super::coverage::{refusal, Refusal};
 use super::requests::BackendRequests;
 use super::worker::{
-    Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_NEEDS_RESET,
+    Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
 };
 use super::{Device, DeviceRequest};
 use crate::connection::{Connection, Deadline};
@@ -103,6 +104,10 @@ pub struct Session {
     /// and FAILED clear (virtio 1.x §2.1.2: no buffers consumed before DRIVER_OK). Front-ends
     /// that never use STATUS are not held to it.
     status_written: bool,
+    /// The last SET_FEATURES was refused: FEATURES_OK written by the front-end is cleared, which
+    /// is how a device refuses a feature set (virtio 1.x §3.1.1: the driver re-reads the status
+    /// "to ensure the FEATURES_OK bit is still set").
+    features_refused: bool,
     requests: Arc<BackendRequests>,
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
@@ -146,6 +151,7 @@ impl Session {
             log_fd: None,
             status: Arc::new(AtomicU8::new(0)),
             status_written: false,
+            features_refused: false,
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
@@ -310,6 +316,7 @@ impl Session {
         self.requests.negotiated(self.acked_features, self.acked_protocol);
         self.status.store(0, Ordering::Release);
         self.status_written = false;
+        self.features_refused = false;
         self.device.reset();
     }
 
@@ -320,6 +327,7 @@ impl Session {
         match (req, p) {
             (GET_FEATURES, _) => Outcome::Reply(Payload::U64(self.offered_features()), Vec::new()),
             (SET_FEATURES, Payload::U64(v)) => {
+                self.features_refused = true;
                 if v & !self.offered_features() != 0 {
                     return refuse("acknowledges features that were not offered");
                 }
@@ -330,6 +338,7 @@ impl Session {
                 {
                     return refuse("ACCESS_PLATFORM needs BACKEND_REQ and REPLY_ACK");
                 }
+                self.features_refused = false;
                 self.acked_features = *v;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
                 self.device.features_acked(*v);
@@ -695,7 +704,8 @@ impl Session {
                 }
                 // DEVICE_NEEDS_RESET is the device's to set and stays until a reset.
                 let needs_reset = self.status.load(Ordering::Acquire) & STATUS_NEEDS_RESET;
-                self.status.store(v | needs_reset, Ordering::Release);
+                let refused = if self.features_refused { STATUS_FEATURES_OK } else { 0 };
+                self.status.store((v & !refused) | needs_reset, Ordering::Release);
                 self.status_written = true;
                 self.apply_run_state();
                 Outcome::Done

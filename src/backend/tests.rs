@@ -360,3 +360,20 @@ fn set_log_base_is_replied_to_only_with_log_shmfd() {
         assert_eq!(answer.map(|(m, _)| m.payload), replied.then_some(Payload::U64(0)), "{protocol:?}");
     }
 }
+
+#[test]
+fn features_ok_is_cleared_after_a_refused_feature_set() {
+    use FrontendRequest::*;
+    let device = Arc::new(TestDevice { hooks: false, calls: AtomicUsize::new(0) });
+    let mut s = Session::new(device);
+    let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::STATUS;
+    assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
+    // Bit 63 was not offered: refused, and FEATURES_OK does not stick.
+    assert!(!acked(&mut s, SET_FEATURES, Payload::U64(1 << 63), vec![]));
+    assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0b), vec![]));
+    assert_eq!(ask(&mut s, GET_STATUS, Payload::Empty, vec![]), Some(Payload::U64(0x03)));
+    // An accepted feature set keeps it.
+    assert!(acked(&mut s, SET_FEATURES, Payload::U64(VirtioFeatures::VERSION_1.bits()), vec![]));
+    assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0b), vec![]));
+    assert_eq!(ask(&mut s, GET_STATUS, Payload::Empty, vec![]), Some(Payload::U64(0x0b)));
+}

@@ -203,6 +203,8 @@ impl RingShared {
 
 /// Device status bits (virtio 1.x §2.1) the back-end acts on.
 pub(crate) const STATUS_DRIVER_OK: u8 = 4;
+/// Feature negotiation is complete (the device clears it to refuse the features).
+pub(crate) const STATUS_FEATURES_OK: u8 = 8;
 /// The driver gave up on the device.
 pub(crate) const STATUS_FAILED: u8 = 128;
 /// Set by the device when it needs a reset.
