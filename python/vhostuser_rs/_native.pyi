@@ -10,6 +10,7 @@ from .messages import MemoryRegion, Message
 
 __all__ = [
     "BackendRequests",
+    "backend_coverage",
     "BatchQueue",
     "Connection",
     "FrontendCore",
@@ -295,6 +296,7 @@ def serve_blk(
     direct: bool = False,
 ) -> None: ...
 
+def backend_coverage() -> list[tuple[int, str, str, str, str]]: ...
 def serve_device(
     device: Any,
     *,

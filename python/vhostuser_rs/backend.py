@@ -35,7 +35,7 @@ import functools
 import os
 import threading
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from . import _native
 from ._native import BatchQueue, DescriptorChain, RingQueue
@@ -46,7 +46,33 @@ from .exceptions import RequestRejectedError
 if TYPE_CHECKING:
     from .net import NetDevice
 
-__all__ = ["Backend", "BatchQueue", "Device", "RingQueue"]
+__all__ = ["Backend", "BatchQueue", "Device", "RequestCoverage", "RingQueue", "coverage"]
+
+
+class RequestCoverage(NamedTuple):
+    """What the back-end role does with one front-end request (generated from the Rust code)."""
+
+    #: The request.
+    request: FrontendRequest
+    #: ``"handled"`` (by the session), ``"device hook"`` (routed to the device, refused with
+    #: the spec's answer if the device does not implement it) or ``"spec refusal"``.
+    handling: str
+    #: Whether the feature that gates it is offered: ``"offered"``, ``"if the device declares
+    #: it"`` or ``"never offered"``.
+    offer: str
+    #: The answer when it is refused (not negotiated, invalid, or refused by the device).
+    refusal: str
+    #: What the back-end does, in a few words.
+    note: str
+
+
+def coverage() -> list[RequestCoverage]:
+    """The back-end's coverage of every front-end request, in code order (what
+    ``vhostuser-rs requests`` prints). Rust tests check each row against what a session answers."""
+    return [
+        RequestCoverage(FrontendRequest(code), handling, offer, refusal, note)
+        for code, handling, offer, refusal, note in _native.backend_coverage()
+    ]
 
 
 class Device:
@@ -61,7 +87,11 @@ class Device:
 
     #: Protocol features this device implements itself (e.g. ``ProtocolFeature.RARP`` or
     #: ``MTU`` for a net device), offered on top of what the session implements. The requests
-    #: they gate reach :meth:`device_request`.
+    #: they gate reach :meth:`device_request`. ``ProtocolFeature.INBAND_NOTIFICATIONS`` asks the
+    #: session to offer in-band notifications (VRING_KICK messages; VRING_CALL / VRING_ERR on the
+    #: back-end request channel for rings without call / error fds), which the spec advises
+    #: only for simulation. Features nothing here implements (PAGEFAULT, CROSS_ENDIAN...) are
+    #: never offered.
     protocol_features: int = 0
 
     def config(self) -> bytes:
@@ -78,6 +108,23 @@ class Device:
     def set_config(self, offset: int, data: bytes) -> bool:
         """A driver write to the config space; return True to accept it."""
         return False
+
+    def create_crypto_session(self, op_code: int, params: bytes) -> int:
+        """CREATE_CRYPTO_SESSION (virtio-crypto; declare ``ProtocolFeature.CRYPTO_SESSION`` in
+        :attr:`protocol_features`): `params` are the session parameters as QEMU lays them out.
+        Return the new session id (>= 0); a negative id or an exception refuses it (the spec's
+        answer: a negative session id)."""
+        raise NotImplementedError
+
+    def close_crypto_session(self, session_id: int) -> bool:
+        """CLOSE_CRYPTO_SESSION: return True once the session is closed; False refuses it."""
+        raise NotImplementedError
+
+    def gpu_set_socket(self, fd: int) -> bool:
+        """GPU_SET_SOCKET (vhost-user-gpu devices): the socket of the separate vhost-user-gpu
+        protocol. It is closed when this returns: ``os.dup`` it to keep it. Return True to
+        accept; False or an exception refuses it (a failure ack under REPLY_ACK)."""
+        raise NotImplementedError
 
     #: The :class:`Backend` serving this device (set by its constructor): use it to send
     #: back-end requests, e.g. ``self.backend.config_changed()``.

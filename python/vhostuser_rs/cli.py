@@ -82,16 +82,29 @@ def _cmd_decode(args: argparse.Namespace) -> int:
 
 def _cmd_requests(args: argparse.Namespace) -> int:
     channel = Channel.BACKEND if args.channel == "backend" else Channel.MAIN
-    rows = []
+    # What our back-end does with each front-end request (generated from the Rust code, whose
+    # tests check every row against what a session answers).
+    backend = {c: rest for c, *rest in _native.backend_coverage()} if channel == Channel.MAIN else {}
+    rows: list[dict[str, object]] = []
     for name, code in _native.request_codes(int(channel)):
         _, has_reply, fds, gate = _native.request_rules(int(channel), code)
-        rows.append({"code": code, "name": name, "reply": "always" if has_reply else "ack only", "fds": fds, "gate": gate})
+        row: dict[str, object] = {
+            "code": code, "name": name, "reply": "always" if has_reply else "ack only", "fds": fds, "gate": gate,
+        }
+        if code in backend:
+            handling, offer, refusal, note = backend[code]
+            row.update(backend=handling, offer=offer, refusal=refusal, note=note)
+        rows.append(row)
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{'code':>4}  {'request':<26} {'reply':<9} {'fds':<19} gate")
+    extra = f"  {'back-end':<13} {'offered':<26} when refused" if backend else ""
+    print(f"{'code':>4}  {'request':<26} {'reply':<9} {'fds':<19} {'gate':<34}{extra}".rstrip())
     for r in rows:
-        print(f"{r['code']:>4}  {r['name']:<26} {r['reply']:<9} {r['fds']:<19} {r['gate']}")
+        line = f"{r['code']:>4}  {r['name']:<26} {r['reply']:<9} {r['fds']:<19} {r['gate']!s:<34}"
+        if "backend" in r:
+            line += f"  {r['backend']!s:<13} {r['offer']!s:<26} {r['refusal']}"
+        print(line.rstrip())
     return 0
 
 
@@ -605,7 +618,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_decode)
 
-    p = sub.add_parser("requests", help="list the requests of the spec and their rules")
+    p = sub.add_parser("requests", help="list the requests of the spec, their rules and what our back-end does")
     p.add_argument("--channel", choices=("main", "backend"), default="main")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_requests)

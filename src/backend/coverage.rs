@@ -210,7 +210,10 @@ fn row(request: FrontendRequest) -> (Handling, &'static str) {
         GET_MAX_MEM_SLOTS => (Session, "the memory table's slot limit"),
         ADD_MEM_REG => (Session, "maps one region (repeats counted)"),
         REM_MEM_REG => (Session, "unmaps one region (after its last repeat)"),
-        SET_STATUS => (Session, "0 resets; rings run with DRIVER_OK, stop with FAILED"),
+        SET_STATUS => (
+            Session,
+            "0 stops the rings (bases kept) and resets; rings run with DRIVER_OK, not FAILED; FEATURES_OK dropped after a refused SET_FEATURES",
+        ),
         GET_STATUS => (Session, "the status byte, DEVICE_NEEDS_RESET once a ring broke"),
         GET_SHARED_OBJECT => (Device, "the dma-buf the device exported under the UUID (SHARED_OBJECT)"),
         SET_DEVICE_STATE_FD => (Device, "save or load over the front-end's pipe on a thread of its own (DEVICE_STATE)"),

@@ -2,10 +2,19 @@
 //! with its validation, keep the ring state machine, and run each started ring on a worker
 //! thread that drains it through a [`Device`].
 //!
-//! Ring states (protocol.md §6.2): a ring is *started* by SET_VRING_KICK once its size,
-//! addresses and the memory are known (libvhost-user's convention) and *stopped* by
-//! GET_VRING_BASE; independently it is *enabled* by SET_VRING_ENABLE, or at SET_FEATURES when
-//! PROTOCOL_FEATURES was not negotiated. Only started and enabled rings are processed.
+//! Ring states (protocol.md §6.2): a ring is *started* by SET_VRING_KICK (or, with
+//! INBAND_NOTIFICATIONS, a VRING_KICK message) once its size, addresses and the memory are known
+//! (libvhost-user's convention) and *stopped* by GET_VRING_BASE; independently it is *enabled*
+//! by SET_VRING_ENABLE, or at SET_FEATURES when PROTOCOL_FEATURES was not negotiated. Only
+//! started and enabled rings are processed — and, once the front-end has written a device
+//! status (STATUS), only while DRIVER_OK is set and FAILED is not; status 0 stops every ring
+//! (keeping its base) and resets the device.
+//!
+//! A ring that breaks (malformed chain, a translation the front-end refuses) signals its error
+//! fd (SET_VRING_ERR), or VRING_ERR in-band, never its call fd, and sets DEVICE_NEEDS_RESET.
+//!
+//! Every front-end request gets the spec's answer: [`coverage`] lists, per request, whether the
+//! session handles it, a [`Device`] hook does, or it is refused, and what the refusal is.
 
 mod coverage;
 mod requests;
@@ -56,7 +65,10 @@ pub trait Device: Send + Sync + 'static {
     /// Virtio feature bits offered (device-specific bits plus VERSION_1, EVENT_IDX...; the
     /// session adds PROTOCOL_FEATURES).
     fn features(&self) -> u64;
-    /// Protocol features offered (the session adds what it implements itself).
+    /// Protocol features offered on top of what the session implements itself: those of the
+    /// device requests it implements (RARP, MTU, CRYPTO_SESSION), and INBAND_NOTIFICATIONS to
+    /// have the session use in-band notifications ([`DEVICE_PROTOCOL_FEATURES`]). Features
+    /// nobody here implements ([`NEVER_OFFERED`]) are dropped.
     fn protocol_features(&self) -> ProtocolFeatures {
         ProtocolFeatures::empty()
     }

@@ -7,7 +7,8 @@ use std::sync::{Arc, RwLock};
 use super::coverage::{refusal, Refusal};
 use super::requests::BackendRequests;
 use super::worker::{
-    Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_NEEDS_RESET,
+    Notifier, RingShared, Worker, WorkerPolicy, Workers, STATUS_DRIVER_OK, STATUS_FAILED, STATUS_FEATURES_OK,
+    STATUS_NEEDS_RESET,
 };
 use super::{Device, DeviceRequest};
 use crate::connection::{Connection, Deadline};
@@ -33,7 +34,11 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::RESET_DEVICE.0
         | ProtocolFeatures::CONFIGURE_MEM_SLOTS.0
         | ProtocolFeatures::STATUS.0
-        | ProtocolFeatures::INFLIGHT_SHMFD.0,
+        | ProtocolFeatures::INFLIGHT_SHMFD.0
+        // With it the front-end puts guest-physical addresses in every "user address" field
+        // (regions, rings, IOTLB). The session only ever uses user addresses to find a region
+        // and an offset in it, never as pointers, so it works unchanged (spec: GPA_ADDRESSES).
+        | ProtocolFeatures::GPA_ADDRESSES.0,
 );
 
 /// Protocol features the session leaves to a device that declares them in
@@ -55,13 +60,12 @@ pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
 /// CROSS_ENDIAN (rings are little-endian, VERSION_1 only), PAGEFAULT (postcopy: no
 /// userfaultfd registration of guest memory), XEN_MMAP, GET_VRING_BASE_INFLIGHT and
 /// GET_VRING_BASE_SKIP_DRAIN (stopping a ring never leaves requests recorded in flight on
-/// purpose), GPA_ADDRESSES (not tested against a front-end that sends GPAs).
+/// purpose).
 pub const NEVER_OFFERED: ProtocolFeatures = ProtocolFeatures(
     ProtocolFeatures::CROSS_ENDIAN.0
         | ProtocolFeatures::PAGEFAULT.0
         | ProtocolFeatures::XEN_MMAP.0
         | ProtocolFeatures::GET_VRING_BASE_INFLIGHT.0
-        | ProtocolFeatures::GPA_ADDRESSES.0
         | ProtocolFeatures::GET_VRING_BASE_SKIP_DRAIN.0,
 );
 
@@ -104,6 +108,10 @@ pub struct Session {
     /// and FAILED clear (virtio 1.x §2.1.2: no buffers consumed before DRIVER_OK). Front-ends
     /// that never use STATUS are not held to it.
     status_written: bool,
+    /// The last SET_FEATURES was refused: FEATURES_OK written by the front-end is cleared, which
+    /// is how a device refuses a feature set (virtio 1.x §3.1.1: the driver re-reads the status
+    /// "to ensure the FEATURES_OK bit is still set").
+    features_refused: bool,
     requests: Arc<BackendRequests>,
     inflight: Option<InflightBuffer>,
     /// ACCESS_PLATFORM: IOVA → front-end address entries from IOTLB_MSG UPDATEs.
@@ -149,6 +157,7 @@ impl Session {
             log_fd: None,
             status: Arc::new(AtomicU8::new(0)),
             status_written: false,
+            features_refused: false,
             requests,
             inflight: None,
             iotlb: Arc::new(RwLock::new(Iotlb::new())),
@@ -291,20 +300,30 @@ impl Session {
         }
     }
 
-    /// RESET_DEVICE, and SET_STATUS(0): disable all rings and reset the device to its initial
-    /// state; the connection, its ownership, the protocol features, the memory table and the
-    /// back-end request channel stay.
+    /// RESET_DEVICE: disable all rings and reset the device to its initial state; the
+    /// connection, its ownership, the protocol features, the memory table and the back-end
+    /// request channel stay.
     fn reset_device(&mut self) {
-        self.stop_all();
+        self.stop_device();
         for r in &mut self.rings {
             // The error fd stays: QEMU sends SET_VRING_ERR once, when it sets the device up.
             *r = Ring { err: r.err.take(), ..Ring::default() };
         }
+        self.inflight = None;
+    }
+
+    /// SET_STATUS(0), the virtio reset (virtio 1.x §2.1: writing 0 resets the device): every
+    /// ring stops and is disabled, the features and the status are forgotten and the device is
+    /// reset — but the rings keep their configuration and base: QEMU 7.2 writes status 0 at
+    /// the start of its device stop, *before* the GET_VRING_BASE whose answer it restarts (or
+    /// migrates) the rings from (later QEMUs write it after). The inflight buffer stays too.
+    fn stop_device(&mut self) {
+        self.stop_all();
         self.acked_features = 0;
         self.requests.negotiated(self.acked_features, self.acked_protocol);
         self.status.store(0, Ordering::Release);
         self.status_written = false;
-        self.inflight = None;
+        self.features_refused = false;
         self.device.reset();
     }
 
@@ -315,6 +334,7 @@ impl Session {
         match (req, p) {
             (GET_FEATURES, _) => Outcome::Reply(Payload::U64(self.offered_features()), Vec::new()),
             (SET_FEATURES, Payload::U64(v)) => {
+                self.features_refused = true;
                 if v & !self.offered_features() != 0 {
                     return refuse("acknowledges features that were not offered");
                 }
@@ -325,6 +345,7 @@ impl Session {
                 {
                     return refuse("ACCESS_PLATFORM needs BACKEND_REQ and REPLY_ACK");
                 }
+                self.features_refused = false;
                 self.acked_features = *v;
                 self.requests.negotiated(self.acked_features, self.acked_protocol);
                 self.device.features_acked(*v);
@@ -685,13 +706,13 @@ impl Session {
             (SET_STATUS, Payload::U64(v)) => {
                 let v = *v as u8; // the decoder refuses values above 0xff
                 if v == 0 {
-                    // Virtio 1.x §2.1: writing 0 resets the device.
-                    self.reset_device();
+                    self.stop_device();
                     return Outcome::Done;
                 }
                 // DEVICE_NEEDS_RESET is the device's to set and stays until a reset.
                 let needs_reset = self.status.load(Ordering::Acquire) & STATUS_NEEDS_RESET;
-                self.status.store(v | needs_reset, Ordering::Release);
+                let refused = if self.features_refused { STATUS_FEATURES_OK } else { 0 };
+                self.status.store((v & !refused) | needs_reset, Ordering::Release);
                 self.status_written = true;
                 self.apply_run_state();
                 Outcome::Done
@@ -950,7 +971,7 @@ impl Drop for Session {
 }
 
 /// protocol.md §5.4: protocol features that need another one, if `v` acks one without it.
-fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'static str> {
+pub(crate) fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'static str> {
     use ProtocolFeatures as P;
     let needs_channel = P::BACKEND_SEND_FD | P::HOST_NOTIFIER | P::SHARED_OBJECT | P::SHMEM;
     if (v & needs_channel) != P::empty() && !v.contains(P::BACKEND_REQ) {

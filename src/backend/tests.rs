@@ -357,3 +357,52 @@ fn gates_follow_what_was_negotiated() {
     let Some(Payload::U64(offered)) = ask(&mut s, GET_PROTOCOL_FEATURES, Payload::Empty, vec![]) else { panic!() };
     assert_eq!(offered & super::NEVER_OFFERED.bits(), 0);
 }
+
+#[test]
+fn protocol_feature_dependencies_of_section_5_4() {
+    use super::session::protocol_dependency_violation as violation;
+    use ProtocolFeatures as P;
+    assert!(violation(P::REPLY_ACK | P::MQ).is_none());
+    for dependant in [P::BACKEND_SEND_FD, P::HOST_NOTIFIER, P::SHARED_OBJECT, P::SHMEM] {
+        assert!(violation(dependant).is_some(), "{dependant:?} without BACKEND_REQ");
+        assert!(violation(dependant | P::BACKEND_REQ).is_none());
+    }
+    assert!(violation(P::GET_VRING_BASE_INFLIGHT).is_some());
+    assert!(violation(P::GET_VRING_BASE_INFLIGHT | P::INFLIGHT_SHMFD).is_none());
+    assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::INFLIGHT_SHMFD).is_some());
+    assert!(violation(P::GET_VRING_BASE_SKIP_DRAIN | P::GET_VRING_BASE_INFLIGHT | P::INFLIGHT_SHMFD).is_none());
+}
+
+#[test]
+fn set_log_base_is_replied_to_only_with_log_shmfd() {
+    use FrontendRequest::*;
+    let log = || (Payload::LogBase { mmap_size: 4096, mmap_offset: 0 }, vec![memfd(4096)]);
+    for (protocol, replied) in [(ProtocolFeatures::empty(), false), (ProtocolFeatures::LOG_SHMFD, true)] {
+        let device = Arc::new(TestDevice { hooks: false, calls: AtomicUsize::new(0) });
+        let mut s = Session::new(device);
+        let set = Message::request(SET_PROTOCOL_FEATURES, Payload::U64(protocol.bits()));
+        assert!(s.handle(&set, vec![]).unwrap().is_none());
+        let (payload, fds) = log();
+        // Without NEED_REPLY: the reply of LOG_SHMFD, nothing otherwise (a front-end without it
+        // reads no reply, and an extra one would desynchronise the stream).
+        let answer = s.handle(&Message::request(SET_LOG_BASE, payload), fds).unwrap();
+        assert_eq!(answer.map(|(m, _)| m.payload), replied.then_some(Payload::U64(0)), "{protocol:?}");
+    }
+}
+
+#[test]
+fn features_ok_is_cleared_after_a_refused_feature_set() {
+    use FrontendRequest::*;
+    let device = Arc::new(TestDevice { hooks: false, calls: AtomicUsize::new(0) });
+    let mut s = Session::new(device);
+    let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::STATUS;
+    assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
+    // Bit 63 was not offered: refused, and FEATURES_OK does not stick.
+    assert!(!acked(&mut s, SET_FEATURES, Payload::U64(1 << 63), vec![]));
+    assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0b), vec![]));
+    assert_eq!(ask(&mut s, GET_STATUS, Payload::Empty, vec![]), Some(Payload::U64(0x03)));
+    // An accepted feature set keeps it.
+    assert!(acked(&mut s, SET_FEATURES, Payload::U64(VirtioFeatures::VERSION_1.bits()), vec![]));
+    assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0b), vec![]));
+    assert_eq!(ask(&mut s, GET_STATUS, Payload::Empty, vec![]), Some(Payload::U64(0x0b)));
+}

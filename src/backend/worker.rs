@@ -154,6 +154,8 @@ pub(crate) struct RingShared {
     pub err: Mutex<Option<OwnedFd>>,
     /// The ring broke (malformed chain, IOTLB failure) and was reported.
     pub broken: AtomicBool,
+    /// The last in-band notification failed (it was logged).
+    inband_failing: AtomicBool,
     notifier: Notifier,
     group: Arc<Group>,
 }
@@ -174,6 +176,7 @@ impl RingShared {
             call: Mutex::new(call),
             err: Mutex::new(err),
             broken: AtomicBool::new(false),
+            inband_failing: AtomicBool::new(false),
             notifier,
             group,
         })
@@ -189,8 +192,13 @@ impl RingShared {
     fn inband(&self, request: BackendRequest, index: u16) {
         let Some(requests) = self.notifier.requests.as_deref().filter(|_| self.notifier.inband) else { return };
         let state = VringState { index: u32::from(index), num: 0 };
-        if let Err(e) = requests.send(request, Payload::VringState(state), &[], true, Some(INBAND_TIMEOUT)) {
-            log::warn!("ring {index}: in-band {request} failed: {e}");
+        match requests.send(request, Payload::VringState(state), &[], true, Some(INBAND_TIMEOUT)) {
+            Ok(_) => self.inband_failing.store(false, Ordering::Relaxed),
+            // Once per failing streak: this runs for every used-buffer notification.
+            Err(e) if !self.inband_failing.swap(true, Ordering::Relaxed) => {
+                log::warn!("ring {index}: in-band {request} failed: {e}")
+            }
+            Err(_) => {}
         }
     }
 
@@ -249,6 +257,8 @@ impl RingShared {
 
 /// Device status bits (virtio 1.x §2.1) the back-end acts on.
 pub(crate) const STATUS_DRIVER_OK: u8 = 4;
+/// Feature negotiation is complete (the device clears it to refuse the features).
+pub(crate) const STATUS_FEATURES_OK: u8 = 8;
 /// The driver gave up on the device.
 pub(crate) const STATUS_FAILED: u8 = 128;
 /// Set by the device when it needs a reset.
@@ -314,7 +324,9 @@ impl Slot {
                 Ok(false) => {}
                 Err(VirtqueueError::IotlbMiss { iova, perm }) => {
                     // Chains before the miss may have completed: let the driver know.
-                    self.notify_driver();
+                    if self.queue.next_used() != used_before {
+                        self.notify_driver();
+                    }
                     miss = Some((iova, perm));
                 }
                 Err(_) => {

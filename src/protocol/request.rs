@@ -437,7 +437,7 @@ impl FrontendRequest {
                 Rules::new(L::CryptoSession, none, Always(L::CryptoSession, none), p(ProtocolFeatures::CRYPTO_SESSION))
             }
             CLOSE_CRYPTO_SESSION => Rules::new(L::U64, none, AckOnly, p(ProtocolFeatures::CRYPTO_SESSION)),
-            POSTCOPY_ADVISE => Rules::new(L::Empty, none, Always(L::Empty, Exactly(1)), p(ProtocolFeatures::PAGEFAULT)),
+            POSTCOPY_ADVISE => Rules::new(L::Empty, none, Always(L::Empty, AtMost(1)), p(ProtocolFeatures::PAGEFAULT)),
             POSTCOPY_LISTEN | POSTCOPY_END => {
                 Rules::new(L::Empty, none, Always(L::U64, none), p(ProtocolFeatures::PAGEFAULT))
             }

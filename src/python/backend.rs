@@ -339,7 +339,18 @@ fn finish(py: Python<'_>, r: Result<(), Error>, interrupted: &AtomicBool) -> PyR
     r.map_err(|e| to_pyerr(py, e))
 }
 
+/// The back-end's coverage of every front-end request, from `backend::coverage`:
+/// (code, handling, offer, refusal, note) per request, in code order.
+#[pyfunction]
+pub(crate) fn backend_coverage() -> Vec<(u32, &'static str, &'static str, &'static str, &'static str)> {
+    crate::backend::coverage()
+        .into_iter()
+        .map(|c| (c.request.code(), c.handling.name(), c.offer.name(), c.refusal.describe(), c.note))
+        .collect()
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(backend_coverage, m)?)?;
     m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
     m.add_function(wrap_pyfunction!(serve_device, m)?)?;
     m.add_class::<StopFlag>()?;

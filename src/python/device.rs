@@ -18,6 +18,15 @@ use std::os::fd::RawFd;
 use crate::backend::{RingHandle, Rings};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
+/// A device hook's exception as a refusal: NotImplementedError quietly (the device does not
+/// implement that request), anything else logged as a warning.
+fn refused(py: Python<'_>, what: &str, e: &PyErr) -> String {
+    if !e.is_instance_of::<pyo3::exceptions::PyNotImplementedError>(py) {
+        warn(py, what, e);
+    }
+    e.to_string()
+}
+
 fn warn(py: Python<'_>, what: &str, err: &PyErr) {
     super::log::callback_failed(py, "vhostuser_rs::backend", &format!("device {what}"), err);
 }
@@ -340,6 +349,39 @@ impl Device for PyDevice {
                     warn(py, "set_config()", &e);
                     false
                 }
+            }
+        })
+    }
+
+    fn create_crypto_session(&self, session: &crate::protocol::CryptoSession) -> Result<i64, String> {
+        Python::attach(|py| {
+            let args = (session.op_code, PyBytes::new(py, &session.params));
+            match self.obj.bind(py).call_method1("create_crypto_session", args).and_then(|r| r.extract::<i64>()) {
+                Ok(id) => Ok(id),
+                Err(e) => Err(refused(py, "create_crypto_session()", &e)),
+            }
+        })
+    }
+
+    fn close_crypto_session(&self, session_id: u64) -> Result<(), String> {
+        Python::attach(|py| {
+            match self.obj.bind(py).call_method1("close_crypto_session", (session_id,)).and_then(|r| r.is_truthy()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the device refused it".into()),
+                Err(e) => Err(refused(py, "close_crypto_session()", &e)),
+            }
+        })
+    }
+
+    fn gpu_set_socket(&self, socket: std::os::fd::OwnedFd) -> Result<(), String> {
+        use std::os::fd::AsRawFd;
+        // The socket is closed when the method returns (the device dups it to keep it), as
+        // for the fds of back-end request handlers.
+        Python::attach(|py| {
+            match self.obj.bind(py).call_method1("gpu_set_socket", (socket.as_raw_fd(),)).and_then(|r| r.is_truthy()) {
+                Ok(true) => Ok(()),
+                Ok(false) => Err("the device refused it".into()),
+                Err(e) => Err(refused(py, "gpu_set_socket()", &e)),
             }
         })
     }
