@@ -245,7 +245,8 @@ def test_every_request_then_io_on_the_same_session(blk: tuple[Path, subprocess.P
         accepted(F.SET_VRING_CALL, m.VringFd(1), [c1])
         accepted(F.SET_VRING_ERR, m.VringFd(1), [e1])
         accepted(F.SET_VRING_ENABLE, m.VringState(1, 1))
-        assert replied(F.GET_PROTOCOL_FEATURES) == OFFERED | P.MQ  # exactly what is offered by default
+        # Exactly what is offered by default, and DEVICE_STATE, which the built-in blk device declares.
+        assert replied(F.GET_PROTOCOL_FEATURES) == OFFERED | P.MQ | P.DEVICE_STATE
         accepted(F.SET_PROTOCOL_FEATURES, plain)
         assert replied(F.GET_QUEUE_NUM) == 2
         accepted(F.SET_BACKEND_REQ_FD, None, [their_end.fileno()])
@@ -526,7 +527,7 @@ def test_inband_notifications(sock_dir: Path) -> None:
     with served(sock_dir, device) as sock, vu.Frontend.connect(sock, timeout=5) as fe:
         mem = vu.GuestMemory.allocate(4 * MIB)
         wanted = P.INBAND_NOTIFICATIONS | P.BACKEND_REQ | P.REPLY_ACK | P.MQ
-        result = fe.negotiate(protocol_features=wanted, memory=mem, handler=handler)
+        result = fe.negotiate(protocol_features=wanted, memory=mem, handler=handler, inband_notifications=True)
         assert result.protocol_features == wanted
         q = vu.DriverQueue(mem, 32, event_idx=V.EVENT_IDX in fe.features)
         fe.set_vring_num(0, 32)
@@ -566,7 +567,8 @@ def test_inband_vring_kick_starts_a_ring_without_set_vring_kick(sock_dir: Path) 
     handler = Recorder()
     with served(sock_dir, EchoDevice()) as sock, vu.Frontend.connect(sock, timeout=5) as fe:
         mem = vu.GuestMemory.allocate(4 * MIB)
-        fe.negotiate(protocol_features=P.INBAND_NOTIFICATIONS | P.BACKEND_REQ | P.REPLY_ACK, memory=mem, handler=handler)
+        fe.negotiate(protocol_features=P.INBAND_NOTIFICATIONS | P.BACKEND_REQ | P.REPLY_ACK, memory=mem, handler=handler,
+                    inband_notifications=True)
         q = vu.DriverQueue(mem, 16, event_idx=V.EVENT_IDX in fe.features)
         fe.set_vring_num(0, 16)
         desc, avail, used = q.user_addrs
