@@ -249,7 +249,9 @@ def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
             with pytest.raises(vu.ConnectionClosedError):
                 fake.channel.recv(vu.Channel.BACKEND, timeout=5)
             fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
-            fake._thread.join(5)
+            # Its accepted connection closes when its thread sees the front-end gone.
+            fake._thread.join(30)
+            assert not fake._thread.is_alive()
     del path
 
 
