@@ -1,4 +1,6 @@
-"""The built-in back-end (`vhostuser-rs serve-blk`) side by side with qemu-storage-daemon, both
+"""The built-in back-end (`vhostuser-rs serve-blk`: its default, io_uring with adaptive polling;
+preadv/pwritev in eventfd mode, the old default; a fixed 50 us polling window) side by side with
+qemu-storage-daemon, both
 serving an image on tmpfs, driven by `vhostuser-rs bench`: 4 KiB random read and write, iodepth
 1 and 32, 1 queue, each process placement of PLACEMENTS, a fresh back-end per run, interleaved
 runs, medians.
@@ -37,6 +39,9 @@ def main() -> None:
     with open(image, "wb") as f:
         f.truncate(256 << 20)
     backends = {"serve-blk": [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]}
+    # The default is io_uring with adaptive polling; the old default (preadv/pwritev, eventfd
+    # mode) and a fixed 50 us window run beside it.
+    backends["serve-blk --io-engine sync --poll-us 0"] = backends["serve-blk"] + ["--io-engine", "sync", "--poll-us", "0"]
     backends["serve-blk --poll-us 50"] = backends["serve-blk"] + ["--poll-us", "50"]
     null = str(Path(__file__).resolve().parent / "null_device.py")
     if a.python_devices:
