@@ -90,8 +90,10 @@ class Device:
     #: they gate reach :meth:`device_request`. ``ProtocolFeature.INBAND_NOTIFICATIONS`` asks the
     #: session to offer in-band notifications (VRING_KICK messages; VRING_CALL / VRING_ERR on the
     #: back-end request channel for rings without call / error fds), which the spec advises
-    #: only for simulation. Features nothing here implements (PAGEFAULT, CROSS_ENDIAN...) are
-    #: never offered.
+    #: only for simulation. ``HOST_NOTIFIER | BACKEND_SEND_FD`` sends each running ring's doorbell
+    #: page to the front-end (its driver kicks by writing it: no eventfd, no VM exit for a guest)
+    #: and makes the ring's worker poll the avail ring (a CPU kept busy while the ring runs).
+    #: Features nothing here implements (PAGEFAULT, CROSS_ENDIAN...) are never offered.
     protocol_features: int = 0
 
     def config(self) -> bytes:

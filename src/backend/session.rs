@@ -1,6 +1,6 @@
 //! One front-end session: every front-end request, validated and answered per the spec.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -17,8 +17,8 @@ use crate::memory::{
     DirtyLog, Iotlb, IotlbFault, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS, IOTLB_READ, IOTLB_WRITE,
 };
 use crate::protocol::{
-    Channel, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion, Message,
-    Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VRING_F_LOG,
+    BackendRequest, Channel, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion,
+    Message, Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VringArea, VRING_F_LOG,
 };
 use crate::virtqueue::{
     avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
@@ -43,7 +43,9 @@ pub const SESSION_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
 
 /// Protocol features the session leaves to a device that declares them in
 /// [`Device::protocol_features`]: the device requests (RARP, MTU, CRYPTO_SESSION), the
-/// device-facing DEVICE_STATE, SHARED_OBJECT and SHMEM (answered from `Device` hooks), and
+/// device-facing DEVICE_STATE, SHARED_OBJECT and SHMEM (answered from `Device` hooks),
+/// HOST_NOTIFIER (doorbell pages, which make the worker poll the ring: a cost in CPU only a
+/// device that wants it should pay), and
 /// INBAND_NOTIFICATIONS, which the session implements but the spec advises against outside
 /// simulation, and which QEMU acks whenever it is offered (protocol.md §5.4.4).
 pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
@@ -53,8 +55,15 @@ pub const DEVICE_PROTOCOL_FEATURES: ProtocolFeatures = ProtocolFeatures(
         | ProtocolFeatures::INBAND_NOTIFICATIONS.0
         | ProtocolFeatures::DEVICE_STATE.0
         | ProtocolFeatures::SHARED_OBJECT.0
-        | ProtocolFeatures::SHMEM.0,
+        | ProtocolFeatures::SHMEM.0
+        | ProtocolFeatures::HOST_NOTIFIER.0,
 );
+
+/// What a device may add to the offer: [`DEVICE_PROTOCOL_FEATURES`] and BACKEND_SEND_FD, which
+/// the features that send fds on the back-end channel (SHMEM, HOST_NOTIFIER) need. Anything
+/// else a device declares is not implemented here and never offered.
+const DEVICE_MAY_DECLARE: ProtocolFeatures =
+    ProtocolFeatures(DEVICE_PROTOCOL_FEATURES.0 | ProtocolFeatures::BACKEND_SEND_FD.0);
 
 /// Protocol features not implemented here, never offered even if a device declares them:
 /// CROSS_ENDIAN (rings are little-endian, VERSION_1 only), PAGEFAULT (postcopy: no
@@ -82,6 +91,8 @@ struct Ring {
     err: Option<OwnedFd>,
     enabled: bool,
     worker: Option<Worker>,
+    /// The front-end was sent a doorbell page for this ring (HOST_NOTIFIER) while it runs.
+    doorbell: bool,
 }
 
 /// The state of one front-end session.
@@ -175,7 +186,7 @@ impl Session {
 
     fn offered_protocol(&self) -> ProtocolFeatures {
         // A feature nobody implements is never offered, whatever the device declares.
-        (self.device.protocol_features() & !NEVER_OFFERED) | SESSION_PROTOCOL_FEATURES
+        (self.device.protocol_features() & DEVICE_MAY_DECLARE & !NEVER_OFFERED) | SESSION_PROTOCOL_FEATURES
     }
 
     fn ring(&mut self, message: &Message) -> std::result::Result<usize, Error> {
@@ -848,6 +859,15 @@ impl Session {
     /// Takes ring `i` off its worker (if it runs), keeping its base and its fds.
     fn stop_ring(&mut self, i: usize) {
         let ring = &mut self.rings[i];
+        if std::mem::take(&mut ring.doorbell) {
+            // Withdraw the doorbell page (NOFD): the driver kicks the eventfd again.
+            let area = VringArea { index: i as u8, nofd: true, size: 0, offset: 0 };
+            if let Err(e) =
+                self.requests.send(BackendRequest::VRING_HOST_NOTIFIER_MSG, Payload::VringArea(area), &[], false, None)
+            {
+                log::debug!(target: TRACE, "ring {i}: withdrawing its host notifier failed: {e}");
+            }
+        }
         if let Some(w) = ring.worker.take() {
             let shared = w.shared.clone();
             if let Some(q) = w.stop() {
@@ -951,9 +971,49 @@ impl Session {
         let shared = RingShared::new(ring.enabled && allowed, ring.call.take(), ring.err.take(), notifier, group);
         let requests = iommu.then(|| self.requests.clone());
         let events = device.event_fds(i as u16);
-        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests, events));
+        // HOST_NOTIFIER: the driver's kicks become writes to a page instead of the eventfd (a
+        // guest writes the notify region QEMU maps it to, without a VM exit). A doorbell write
+        // carries only the ring index (without NOTIFICATION_DATA), the same value every time,
+        // so the page cannot tell a new kick from an old one; the avail index can: a ring with
+        // a doorbell is polled by its worker instead of waiting for kicks.
+        let doorbell = self.acked(ProtocolFeatures::HOST_NOTIFIER)
+            && self.acked(ProtocolFeatures::BACKEND_SEND_FD)
+            && self.send_doorbell(i as u16);
+        let ring = &mut self.rings[i];
+        ring.doorbell = doorbell;
+        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests, events, doorbell));
         self.device.queue_started(i as u16);
         Outcome::Done
+    }
+
+    /// Sends ring `index`'s doorbell page (one page of a new memfd) with VRING_HOST_NOTIFIER_MSG,
+    /// without waiting for an answer (a front-end such as QEMU serves the back-end channel from
+    /// the loop that waits for our replies). False if it could not be sent.
+    fn send_doorbell(&self, index: u16) -> bool {
+        let Ok(index8) = u8::try_from(index) else { return false };
+        // SAFETY: plain syscall; no pointers.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let fd = match crate::memory::memfd("vhostuser_rs-doorbell", page) {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("ring {index}: no doorbell page: {e}");
+                return false;
+            }
+        };
+        let area = VringArea { index: index8, nofd: false, size: page, offset: 0 };
+        match self.requests.send(
+            BackendRequest::VRING_HOST_NOTIFIER_MSG,
+            Payload::VringArea(area),
+            &[fd.as_fd()],
+            false,
+            Some(std::time::Duration::from_secs(1)),
+        ) {
+            Ok(_) => true,
+            Err(e) => {
+                log::warn!("ring {index}: sending its host notifier failed: {e}");
+                false
+            }
+        }
     }
 
     fn stop_all(&mut self) {

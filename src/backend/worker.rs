@@ -278,6 +278,9 @@ pub(crate) struct Slot {
     pub(crate) kept: KeptChains,
     /// Used entries were written outside the drain loop: publish at the end of the wake-up.
     pub(crate) dirty: bool,
+    /// The driver kicks through a doorbell page (HOST_NOTIFIER), not the kick eventfd: the
+    /// worker polls the avail ring instead of sleeping.
+    doorbell: bool,
     /// The ring was kicked (or is polled): drain it.
     pub(crate) pending: bool,
     /// The device's fds for this ring, and which were readable at the last poll.
@@ -457,12 +460,7 @@ fn collect_ready(slots: &mut [Box<Slot>], fds: &[libc::pollfd], owners: &[usize]
 }
 
 impl Group {
-    fn start(
-        name: String,
-        device: Arc<dyn Device>,
-        cpu: Option<usize>,
-        poll: Polling,
-    ) -> io::Result<Arc<Group>> {
+    fn start(name: String, device: Arc<dyn Device>, cpu: Option<usize>, poll: Polling) -> io::Result<Arc<Group>> {
         let group = Arc::new(Group {
             wake: eventfd()?,
             commands: Mutex::new(Vec::new()),
@@ -566,6 +564,14 @@ impl Group {
                 last_work = std::time::Instant::now();
             }
             let watching = slots.iter().any(|s| s.watching());
+            // Rings kicked through a doorbell page: the avail index is the only kick there is.
+            let mut doorbells = false;
+            for slot in slots.iter_mut().filter(|s| s.doorbell) {
+                doorbells = true;
+                if slot.queue.avail_pending() {
+                    slot.pending = true;
+                }
+            }
             if !window.now.is_zero() && last_work.elapsed() < window.now {
                 // Polling window: look at the rings themselves instead of sleeping, so a
                 // driver on another CPU does not pay for waking this thread. Yield rather than
@@ -594,11 +600,16 @@ impl Group {
             // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
             // and devices keep their event fds open while the ring runs).
             let slept = std::time::Instant::now();
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if again { 0 } else { 1000 }) };
-            if !again {
+            let sleeps = !again && !doorbells;
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if sleeps { 1000 } else { 0 }) };
+            if sleeps {
                 window.after_sleep(slept.elapsed(), n > 0);
             }
             if n <= 0 {
+                if doorbells && n == 0 && !slots.iter().any(|s| s.pending) {
+                    // Nothing anywhere: let a driver sharing this CPU run.
+                    std::thread::yield_now();
+                }
                 continue;
             }
             let kicks = slots.len();
@@ -713,8 +724,10 @@ impl Worker {
         shared: Arc<RingShared>,
         requests: Option<Arc<BackendRequests>>,
         events: Vec<RawFd>,
+        doorbell: bool,
     ) -> Worker {
         let slot = Slot {
+            doorbell,
             index,
             queue,
             kick,
