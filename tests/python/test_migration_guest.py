@@ -20,7 +20,13 @@ What makes the test sensitive to the back-end's log (facts found by trying):
 - ``init_on_alloc=0``: zeroing freshly allocated pages is a vCPU write, which QEMU would track
   and resend, hiding a missing log for those pages.
 - The switch-over must not come right after the first full pass: QEMU 7.2 under TCG sometimes
-  corrupts the destination then, whatever the back-end (seen with qemu-storage-daemon too).
+  corrupts the destination then, whatever the back-end (reported with qemu-storage-daemon too;
+  here a destination kernel oopsed once when a migration converged 1.3 s after it started). A
+  guest that only sleeps dirties too little to stop that convergence even with a 1 ms downtime
+  limit, so until the host holds the migration the guest keeps clearing a 16 MiB buffer.
+- The host talks to the guest through a mailbox sector that the guest reads through a partition
+  (another block device over the same sectors, whose page cache dies with each dd): busybox dd's
+  ``iflag=direct`` silently falls back to the page cache, which the open /dev/vda keeps.
 
 The same migration with the test-only ``VHOSTUSER_RS_TEST_BREAK_DIRTY_LOG=1`` (the back-ends log
 no guest buffer; the used rings still are) must be detected by the guest: that case proves the
