@@ -53,7 +53,9 @@ unsafe impl Sync for BatchQueue {}
 
 #[pymethods]
 impl BatchQueue {
-    /// Completes `chain` with `written` bytes in its writable buffers.
+    /// Completes `chain` with `written` bytes in its writable buffers. While QEMU logs dirty
+    /// pages (LOG_ALL) every writable buffer of the chain is logged whole: the device may have
+    /// written anywhere in its views (the virtio-blk status byte is the last one).
     fn complete(&self, py: Python<'_>, chain: &PyDescriptorChain, written: u32) -> PyResult<()> {
         if !self.valid.load(Ordering::Acquire) {
             return Err(PyRuntimeError::new_err("the batch is over: complete chains inside process()"));

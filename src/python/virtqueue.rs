@@ -386,6 +386,8 @@ impl PyDeviceQueue {
 
     /// Completes `chain` with `written` bytes in its writable buffers (not visible to the driver
     /// until :meth:`publish`).
+    /// With a dirty log set, every writable buffer of the chain is logged whole (the device
+    /// may have written past `written`, as virtio-blk does with its status byte).
     fn complete(&self, py: Python<'_>, chain: &PyDescriptorChain, written: u32) -> PyResult<()> {
         let mut st = lock(&self.inner);
         self.complete_one(py, &mut st, chain, written)

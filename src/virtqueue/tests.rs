@@ -908,3 +908,11 @@ fn in_order_completion_recycles_the_same_heads_in_the_same_avail_slots() {
     assert_eq!(heads.len(), 4);
     assert_eq!(p.driver.num_free(), 0);
 }
+
+#[test]
+fn prefix_takes_the_first_bytes_across_pieces() {
+    let pieces = [(0x1000, 4), (0x9000, 0), (0x2000, 8), (0x3000, 8)];
+    assert_eq!(prefix(pieces, 10).collect::<Vec<_>>(), [(0x1000, 4), (0x9000, 0), (0x2000, 6)]);
+    assert_eq!(prefix(pieces, 100).collect::<Vec<_>>(), pieces);
+    assert_eq!(prefix(pieces, 0).count(), 0);
+}

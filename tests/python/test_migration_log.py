@@ -224,6 +224,63 @@ def test_get_features_barrier_without_reply_ack(sock_dir: Path) -> None:
                 assert log.size and rings
 
 
+class StatusLast(vu.Device):
+    """Writes one status byte in the last writable byte of each chain and reports 1 byte, as a
+    virtio-blk device answering IOERR does."""
+
+    num_queues = 1
+    features = int(vu.VirtioFeature.VERSION_1)
+
+    def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+        for chain in chains:
+            chain.write(b"\x01", chain.writable_len - 1)
+            queue.complete(chain, 1)
+
+
+class StatusLastPerRequest(vu.Device):
+    """The same per request; a chain reading b"raise" makes it raise after the write (Rust then
+    completes the chain with 0 bytes)."""
+
+    num_queues = 1
+    features = int(vu.VirtioFeature.VERSION_1)
+
+    def process_request(self, queue_index: int, chain: vu.DescriptorChain) -> int | None:
+        chain.writable[-1][-1] = 1
+        if chain.read() == b"raise":
+            raise RuntimeError("a device failing after it wrote into the chain")
+        return 1
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("device", [StatusLast, StatusLastPerRequest])
+def test_python_device_writes_are_logged_past_the_used_length(
+    sock_dir: Path, caplog: pytest.LogCaptureFixture, device: type[vu.Device]
+) -> None:
+    """A Python device writes anywhere in its writable views: the pages of every writable buffer
+    of a completed chain are logged, whatever length it reports, also when it raised."""
+    requests = [b"ok"] if device is StatusLast else [b"ok", b"raise"]
+    backend = vu.Backend.listen(sock_dir / "py.sock", device())
+    with serving(backend, sock_dir / "py.sock") as sock, vu.Frontend.connect(sock) as fe:
+        mem = vu.GuestMemory.allocate(4 << 20)
+        fe.negotiate(features=int(vu.VirtioFeature.VERSION_1), memory=mem)
+        vq = fe.setup_queue(0, 16)
+        log = fe.enable_logging()
+        for request in requests:
+            out, data, status = mem.alloc(8, 8), mem.alloc(2 * PAGE, PAGE), mem.alloc(1, PAGE)
+            mem.write(out, request)
+            settle(log)
+            vq.queue.add([(out, len(request))], [(data, 2 * PAGE), (status, 1)])
+            vq.queue.publish()
+            vq.kick()
+            dirty = wait_marked(log, {status // PAGE})
+            assert mem.read(status, 1) == b"\x01"
+            # The device did not say it wrote the data buffer: it is logged anyway (safe), as
+            # the status byte after it is.
+            assert pages(data, 2 * PAGE) <= dirty, (request, sorted(dirty))
+            vq.queue.reap()
+    assert (b"raise" in requests) == ("a device failing after it wrote" in caplog.text)
+
+
 class Announcer(vu.NetDevice):
     """A Python net device that offers RARP (it overrides send_rarp) and records the MACs."""
 
