@@ -10,6 +10,7 @@ pub mod backend;
 pub mod connection;
 pub mod devices;
 pub mod error;
+pub mod eventfd;
 pub mod frontend;
 pub mod memory;
 pub mod protocol;

@@ -512,7 +512,7 @@ impl Session {
                             Some(fd) => fd,
                             // Spec (SET_VRING_KICK): with INBAND_NOTIFICATIONS the ring may be
                             // kicked by VRING_KICK messages instead; they write this eventfd.
-                            None if self.inband() => match eventfd() {
+                            None if self.inband() => match crate::eventfd::new() {
                                 Ok(fd) => fd,
                                 Err(e) => return Outcome::Refused(Error::Io(e)),
                             },
@@ -559,7 +559,7 @@ impl Session {
                     Err(e) => return Outcome::Refused(e),
                 };
                 if self.rings[i].kick.is_none() {
-                    match eventfd() {
+                    match crate::eventfd::new() {
                         Ok(fd) => self.rings[i].kick = Some(fd),
                         Err(e) => return Outcome::Refused(Error::Io(e)),
                     }
@@ -570,7 +570,7 @@ impl Session {
                     }
                 }
                 if let Some(kick) = &self.rings[i].kick {
-                    signal_fd(kick);
+                    signal_kick(kick);
                 }
                 Outcome::Done
             }
@@ -1045,21 +1045,9 @@ pub(crate) fn protocol_dependency_violation(v: ProtocolFeatures) -> Option<&'sta
     }
 }
 
-fn eventfd() -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new descriptor we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: eventfd returned a new descriptor.
-    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
-}
-
-/// Writes one kick into an eventfd (or pipe).
-fn signal_fd(fd: &OwnedFd) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writing 8 bytes from a local buffer to a descriptor we hold.
-    unsafe { libc::write(std::os::fd::AsRawFd::as_raw_fd(fd), one.as_ptr().cast(), 8) };
+/// Writes one kick into the ring's kick fd (an eventfd, or a pipe: 8 bytes either way).
+fn signal_kick(fd: &OwnedFd) {
+    let _ = crate::eventfd::signal(fd.as_fd());
 }
 
 fn refuse_state(request: FrontendRequest, state: &'static str) -> Outcome {

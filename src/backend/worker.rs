@@ -5,7 +5,7 @@
 //! owns its rings' state outright and the data path takes no lock.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -15,6 +15,7 @@ use std::time::Duration;
 use super::requests::BackendRequests;
 use super::rings::{RingHandle, Rings};
 use super::Device;
+use crate::eventfd;
 use crate::protocol::{BackendRequest, Payload, ProtocolFeatures, VringState};
 use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 
@@ -92,28 +93,6 @@ impl Window {
 fn ask_for_entry(requests: Option<&BackendRequests>, iova: u64, perm: u8) -> bool {
     let Some(requests) = requests else { return false };
     matches!(requests.iotlb_miss(iova, perm, true, Some(std::time::Duration::from_secs(5))), Ok(Some(0)))
-}
-
-fn eventfd() -> io::Result<OwnedFd> {
-    // SAFETY: plain syscall; the result is a new descriptor we own.
-    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: eventfd returned a new descriptor.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn signal(fd: i32) {
-    let one = 1u64.to_ne_bytes();
-    // SAFETY: writing 8 bytes to an eventfd we hold.
-    unsafe { libc::write(fd, one.as_ptr().cast(), 8) };
-}
-
-fn drain_fd(fd: i32) {
-    let mut v = [0u8; 8];
-    // SAFETY: reading 8 bytes into a local buffer from a non-blocking eventfd.
-    unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
 }
 
 fn pin_to(cpu: usize) {
@@ -209,7 +188,7 @@ impl RingShared {
         let call = self.call.lock().unwrap_or_else(|e| e.into_inner());
         match call.as_ref() {
             Some(fd) => {
-                signal(fd.as_raw_fd());
+                let _ = eventfd::signal(fd.as_fd());
                 true
             }
             None => !self.notifier.inband,
@@ -229,7 +208,9 @@ impl RingShared {
         );
         let err = self.err.lock().unwrap_or_else(|e| e.into_inner());
         match err.as_ref() {
-            Some(fd) => signal(fd.as_raw_fd()),
+            Some(fd) => {
+                let _ = eventfd::signal(fd.as_fd());
+            }
             None => {
                 drop(err);
                 self.inband(BackendRequest::VRING_ERR, index);
@@ -462,7 +443,7 @@ fn collect_ready(slots: &mut [Box<Slot>], fds: &[libc::pollfd], owners: &[usize]
 impl Group {
     fn start(name: String, device: Arc<dyn Device>, cpu: Option<usize>, poll: Polling) -> io::Result<Arc<Group>> {
         let group = Arc::new(Group {
-            wake: eventfd()?,
+            wake: eventfd::new()?,
             commands: Mutex::new(Vec::new()),
             stop: AtomicBool::new(false),
             thread: Mutex::new(None),
@@ -479,7 +460,7 @@ impl Group {
     }
 
     fn wake(&self) {
-        signal(self.wake.as_raw_fd());
+        let _ = eventfd::signal(self.wake.as_fd());
     }
 
     fn command(&self, c: Command) {
@@ -615,12 +596,12 @@ impl Group {
             let kicks = slots.len();
             for (slot, p) in slots.iter_mut().zip(&fds) {
                 if p.revents != 0 {
-                    drain_fd(p.fd);
+                    eventfd::drain(slot.kick.as_fd());
                     slot.pending = true;
                 }
             }
             if fds[kicks].revents != 0 {
-                drain_fd(self.wake.as_raw_fd());
+                eventfd::drain(self.wake.as_fd());
                 // An enable or a new ring: look at every ring once.
                 for slot in &mut slots {
                     slot.pending = true;

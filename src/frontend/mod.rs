@@ -7,7 +7,8 @@
 
 pub mod blkio;
 pub mod channel;
-pub mod eventfd;
+/// Eventfd helpers, shared with the back-end (kept here under their old path).
+pub use crate::eventfd;
 pub mod netio;
 pub mod shmem;
 

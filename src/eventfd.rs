@@ -1,8 +1,27 @@
-//! Eventfd kicks and calls as the driver side uses them (the block and net I/O loops, the net
-//! client): signal one, wait for one with a timeout.
+//! Eventfds, the kicks and calls of both roles: create one, signal it, drain it, wait for it
+//! with a timeout. One set of helpers shared by the front-end (driver loops, net client) and the
+//! back-end (workers, session), which must not import each other.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+/// A new non-blocking, close-on-exec eventfd.
+pub fn new() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is a new descriptor we own.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: eventfd returned a new descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Clears the eventfd `fd` (a non-blocking read; nothing pending is not an error).
+pub fn drain(fd: BorrowedFd<'_>) {
+    let mut v = [0u8; 8];
+    // SAFETY: reading 8 bytes into a local buffer from a non-blocking eventfd.
+    unsafe { libc::read(fd.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+}
 
 /// Writes the eventfd `fd` (a kick). A full counter (EAGAIN) is already a pending signal.
 pub fn signal(fd: BorrowedFd<'_>) -> io::Result<()> {
