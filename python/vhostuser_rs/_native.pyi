@@ -47,7 +47,7 @@ MAX_FDS: int
 
 # virtio device definitions (src/python/virtio.rs; the values live in src/virtio/)
 __all__ += ["VIRTIO_BLK", "VIRTIO_BLK_CONFIG", "VIRTIO_NET", "BuiltinNet", "Frame", "NetHeader", "NetPort", "RingQueue"]
-__all__ += ["refresh_logging"]
+__all__ += ["refresh_logging", "serve_blk_exports"]
 VIRTIO_BLK: dict[str, int]
 VIRTIO_BLK_CONFIG: dict[str, tuple[int, int]]
 VIRTIO_NET: dict[str, int]
@@ -297,6 +297,16 @@ def serve_blk(
 ) -> None: ...
 
 def backend_coverage() -> list[tuple[int, str, str, str, str]]: ...
+def serve_blk_exports(
+    exports: list[tuple[str | os.PathLike[str], str | os.PathLike[str], bool, int]],
+    *,
+    workers: int = 2,
+    cpus: list[int] | None = None,
+    poll: float | None = None,
+    io_engine: str = "auto",
+    direct: bool = False,
+) -> None: ...
+
 def serve_device(
     device: Any,
     *,

@@ -529,6 +529,42 @@ def _poll_seconds(poll_us: float | None) -> float | None:
     return None if poll_us is None else poll_us / 1e6
 
 
+def _parse_export(text: str) -> tuple[str, str, bool]:
+    """`--export IMAGE,SOCKET[,ro]`."""
+    parts = text.split(",")
+    if len(parts) not in (2, 3) or not all(parts[:2]) or (len(parts) == 3 and parts[2] != "ro"):
+        raise argparse.ArgumentTypeError(f"--export wants IMAGE,SOCKET or IMAGE,SOCKET,ro, not {text!r}")
+    return parts[0], parts[1], len(parts) == 3
+
+
+def _serve_blk_exports(args: argparse.Namespace) -> int:
+    import signal
+
+    from .devices import BlockDevice, serve_block_devices
+
+    if args.image is not None or args.blk_file is not None or args.socket_path is not None or args.fd is not None:
+        print("vhostuser-rs serve-blk: --export replaces IMAGE/--blk-file and --socket-path/--fd", file=sys.stderr)
+        return 2
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        exports = [
+            (BlockDevice(image, readonly=ro or args.read_only, num_queues=args.num_queues, io_engine=args.io_engine,
+                         direct=args.direct), sock)
+            for image, sock, ro in args.export
+        ]
+        serve_block_devices(exports, workers=args.workers or 2, cpus=args.cpus, poll=_poll_seconds(args.poll_us))
+    except KeyboardInterrupt:
+        return 0
+    except (VhostUserError, OSError, ValueError) as e:
+        print(f"vhostuser-rs serve-blk: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _cmd_serve_blk(args: argparse.Namespace) -> int:
     import signal
 
@@ -539,6 +575,8 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
         # options this command accepts (--read-only, --blk-file).
         print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
         return 0
+    if args.export:
+        return _serve_blk_exports(args)
     image = args.image if args.blk_file is None else args.blk_file
     if (args.image is None) == (args.blk_file is None) or (args.socket_path is None) == (args.fd is None):
         print("vhostuser-rs serve-blk: give the image (IMAGE or --blk-file PATH) and exactly one of "
@@ -659,6 +697,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve-blk", help="serve a disk image with the built-in virtio-blk back-end")
     p.add_argument("image", nargs="?", help="raw image file or block device (or --blk-file)")
     p.add_argument("--blk-file", metavar="PATH", help="the image, as the spec's back-end conventions name it")
+    p.add_argument("--export", metavar="IMAGE,SOCKET[,ro]", action="append", type=_parse_export,
+                   help="serve this image on this socket; repeat to serve many devices from one process, their "
+                        "rings on --workers shared threads (default 2)")
     p.add_argument("--socket-path", help="listen on this Unix socket")
     p.add_argument("--fd", type=int, help="serve the connected socket inherited as this fd")
     p.add_argument("--num-queues", type=int, default=1)

@@ -8,7 +8,7 @@ from typing import TypedDict
 
 from . import _native
 
-__all__ = ["BlockDevice", "LoopbackNet", "NetCounters", "TapNet"]
+__all__ = ["BlockDevice", "LoopbackNet", "NetCounters", "TapNet", "serve_block_devices"]
 
 
 class BlockDevice:
@@ -59,6 +59,34 @@ class BlockDevice:
             io_engine=self.io_engine,
             direct=self.direct,
         )
+
+
+def serve_block_devices(
+    exports: Sequence[tuple[BlockDevice, str | os.PathLike[str]]],
+    *,
+    workers: int = 2,
+    cpus: Sequence[int] | None = None,
+    poll: float | None = None,
+) -> None:
+    """Serve several :class:`BlockDevice` s from this process, each on its own socket (one
+    front-end at a time per socket), until Ctrl-C/SIGTERM: an accept loop per device, and the
+    rings of every device on `workers` shared worker threads (SPDK's model: the thread count
+    stays `workers` however many devices there are), pinned to `cpus`. `poll` as for
+    :meth:`BlockDevice.serve`. The devices must share ``io_engine`` and ``direct``."""
+    if not exports:
+        raise ValueError("give at least one (device, socket_path) pair")
+    engines = {(d.io_engine, d.direct) for d, _ in exports}
+    if len(engines) > 1:
+        raise ValueError("the devices served together must share io_engine and direct")
+    ((io_engine, direct),) = engines
+    _native.serve_blk_exports(
+        [(d.path, os.fspath(sock), d.readonly, d.num_queues) for d, sock in exports],
+        workers=workers,
+        cpus=None if cpus is None else list(cpus),
+        poll=poll,
+        io_engine=io_engine,
+        direct=direct,
+    )
 
 
 class NetCounters(TypedDict):

@@ -34,7 +34,7 @@ pub use session::{
 pub use shared::{shared_object_add, shared_object_lookup, shared_object_remove};
 pub use shmem::{check_mapping, check_regions, shmem_map, shmem_unmap};
 pub use state::{StateReader, StateWriter, MAX_STATE};
-pub use worker::{Polling, WorkerPolicy};
+pub use worker::{Polling, WorkerPolicy, WorkerPool};
 
 use std::os::fd::{OwnedFd, RawFd};
 

@@ -107,32 +107,37 @@ impl<'a> RingHandle<'a> {
 pub struct Rings<'a> {
     before: &'a mut [Box<Slot>],
     after: &'a mut [Box<Slot>],
+    /// The session whose rings these are: a worker shared by several devices holds rings of
+    /// other sessions too, which a device never sees.
+    owner: u64,
 }
 
 impl<'a> Rings<'a> {
-    pub(crate) fn new(before: &'a mut [Box<Slot>], after: &'a mut [Box<Slot>]) -> Rings<'a> {
-        Rings { before, after }
+    pub(crate) fn new(before: &'a mut [Box<Slot>], after: &'a mut [Box<Slot>], owner: u64) -> Rings<'a> {
+        Rings { before, after, owner }
     }
 
     /// No other ring (a device call outside a worker's wake-up).
     pub fn none() -> Rings<'static> {
-        Rings { before: &mut [], after: &mut [] }
+        Rings { before: &mut [], after: &mut [], owner: u64::MAX }
     }
 
     /// Publishes the rings written to during the last device call (once per batch, so a driver
     /// sees its RX entries while the device is still draining its TX ring).
     pub(crate) fn flush(&mut self) {
-        for slot in self.before.iter_mut().chain(self.after.iter_mut()) {
+        let owner = self.owner;
+        for slot in self.before.iter_mut().chain(self.after.iter_mut()).filter(|s| s.owner == owner) {
             slot.flush();
         }
     }
 
-    /// Ring `index`, if it runs on this worker and is enabled and usable.
+    /// Ring `index` of this device, if it runs on this worker and is enabled and usable.
     pub fn get(&mut self, index: u16) -> Option<RingHandle<'_>> {
+        let owner = self.owner;
         self.before
             .iter_mut()
             .chain(self.after.iter_mut())
-            .find(|s| s.index == index)
+            .find(|s| s.owner == owner && s.index == index)
             .filter(|s| s.usable())
             .map(|s| RingHandle::new(s))
     }

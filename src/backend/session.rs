@@ -979,9 +979,11 @@ impl Session {
         let doorbell = self.acked(ProtocolFeatures::HOST_NOTIFIER)
             && self.acked(ProtocolFeatures::BACKEND_SEND_FD)
             && self.send_doorbell(i as u16);
+        let owner = self.workers.owner;
         let ring = &mut self.rings[i];
         ring.doorbell = doorbell;
-        ring.worker = Some(Worker::start(i as u16, queue, kick, shared, requests, events, doorbell));
+        ring.worker =
+            Some(Worker::start(owner, device.clone(), i as u16, queue, kick, shared, requests, events, doorbell));
         self.device.queue_started(i as u16);
         Outcome::Done
     }

@@ -23,8 +23,11 @@ use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
 const MAX_MISSES: u32 = 3;
 
 /// How started rings are spread over worker threads.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 pub struct WorkerPolicy {
+    /// Threads shared with other devices of the process: when set, rings join these threads
+    /// (and `threads`, `cpus` and `poll` are the pool's).
+    pub pool: Option<Arc<WorkerPool>>,
     /// Number of worker threads shared by all rings (ring `i` runs on thread `i % threads`);
     /// `None`: one thread per ring.
     pub threads: Option<usize>,
@@ -247,6 +250,9 @@ pub(crate) const STATUS_NEEDS_RESET: u8 = 64;
 
 /// A ring as its thread holds it.
 pub(crate) struct Slot {
+    /// The session the ring belongs to (a shared worker runs rings of several devices).
+    pub(crate) owner: u64,
+    device: Arc<dyn Device>,
     pub(crate) index: u16,
     pub(crate) queue: DeviceQueue,
     kick: OwnedFd,
@@ -404,7 +410,7 @@ impl Slot {
 
 enum Command {
     Add(Box<Slot>),
-    Remove(u16, mpsc::Sender<DeviceQueue>),
+    Remove(u64, u16, mpsc::Sender<DeviceQueue>),
 }
 
 /// One worker thread and the rings it runs.
@@ -441,7 +447,7 @@ fn collect_ready(slots: &mut [Box<Slot>], fds: &[libc::pollfd], owners: &[usize]
 }
 
 impl Group {
-    fn start(name: String, device: Arc<dyn Device>, cpu: Option<usize>, poll: Polling) -> io::Result<Arc<Group>> {
+    fn start(name: String, cpu: Option<usize>, poll: Polling) -> io::Result<Arc<Group>> {
         let group = Arc::new(Group {
             wake: eventfd::new()?,
             commands: Mutex::new(Vec::new()),
@@ -453,7 +459,7 @@ impl Group {
             if let Some(cpu) = cpu {
                 pin_to(cpu);
             }
-            g.run(&*device, poll);
+            g.run(poll);
         })?;
         *group.thread.lock().unwrap_or_else(|e| e.into_inner()) = Some(thread);
         Ok(group)
@@ -473,10 +479,10 @@ impl Group {
         self.thread.lock().unwrap_or_else(|e| e.into_inner()).as_ref().is_some_and(|t| !t.is_finished())
     }
 
-    /// Takes ring `index` off the thread and returns its state.
-    fn remove(&self, index: u16) -> Option<DeviceQueue> {
+    /// Takes ring `index` of session `owner` off the thread and returns its state.
+    fn remove(&self, owner: u64, index: u16) -> Option<DeviceQueue> {
         let (tx, rx) = mpsc::channel();
-        self.command(Command::Remove(index, tx));
+        self.command(Command::Remove(owner, index, tx));
         loop {
             match rx.recv_timeout(std::time::Duration::from_millis(100)) {
                 Ok(q) => return Some(q),
@@ -487,7 +493,8 @@ impl Group {
         }
     }
 
-    fn run(&self, device: &dyn Device, poll: Polling) {
+    fn run(&self, poll: Polling) {
+        let mut devices: Vec<u64> = Vec::new();
         let mut window = Window::new(poll);
         let mut slots: Vec<Box<Slot>> = Vec::new();
         let mut fds: Vec<libc::pollfd> = Vec::new();
@@ -500,9 +507,10 @@ impl Group {
             for c in commands {
                 match c {
                     Command::Add(slot) => slots.push(slot),
-                    Command::Remove(index, reply) => {
-                        if let Some(pos) = slots.iter().position(|s| s.index == index) {
+                    Command::Remove(owner, index, reply) => {
+                        if let Some(pos) = slots.iter().position(|s| s.owner == owner && s.index == index) {
                             let mut slot = slots.swap_remove(pos);
+                            let device = slot.device.clone();
                             device.ring_stopping(RingHandle::new(&mut slot));
                             slot.flush();
                             let _ = reply.send(slot.into_queue());
@@ -512,25 +520,37 @@ impl Group {
             }
             if self.stop.load(Ordering::Acquire) {
                 for slot in &mut slots {
+                    let device = slot.device.clone();
                     device.ring_stopping(RingHandle::new(slot));
                 }
                 return;
             }
             let mut again = false;
             let mut worked = false;
-            if slots.iter().any(|s| (s.pending || !s.ready.is_empty()) && s.usable()) {
-                // One wake scope for the whole wake-up (the Python adapter takes the GIL once).
+            // The devices with work (most threads serve one; a shared pool serves several).
+            devices.clear();
+            for s in slots.iter().filter(|s| (s.pending || !s.ready.is_empty()) && s.usable()) {
+                if !devices.contains(&s.owner) {
+                    devices.push(s.owner);
+                }
+            }
+            for &owner in &devices {
+                let Some(device) = slots.iter().find(|s| s.owner == owner).map(|s| s.device.clone()) else { continue };
+                // One wake scope per device and wake-up (the Python adapter takes the GIL once).
                 device.wake_scope(&mut || {
                     for k in 0..slots.len() {
+                        if slots[k].owner != owner {
+                            continue;
+                        }
                         let (before, rest) = slots.split_at_mut(k);
                         let Some((cur, after)) = rest.split_first_mut() else { break };
                         let (avail, used) = (cur.queue.next_avail(), cur.queue.next_used());
-                        if let Some((iova, perm)) = cur.run(device, &mut Rings::new(before, after)) {
+                        if let Some((iova, perm)) = cur.run(&*device, &mut Rings::new(before, after, owner)) {
                             misses.push((k, iova, perm));
                         }
                         worked |= cur.queue.next_avail() != avail || cur.queue.next_used() != used;
                     }
-                    for slot in &mut slots {
+                    for slot in slots.iter_mut().filter(|s| s.owner == owner) {
                         slot.flush();
                     }
                 });
@@ -643,22 +663,83 @@ impl Group {
     }
 }
 
-/// The worker threads of one session, started as rings need them.
-#[derive(Debug, Default)]
+/// Worker threads shared by the devices of a process (SPDK's model): every session's rings join
+/// these `threads` threads, so the thread count stays the same however many devices are served.
+/// A device's ring group `g` runs on thread `(d + g) % threads`, `d` counting the sessions, so
+/// the devices spread over the threads.
+#[derive(Debug)]
+pub struct WorkerPool {
+    threads: usize,
+    cpus: Vec<usize>,
+    poll: Polling,
+    groups: Mutex<Vec<Option<Arc<Group>>>>,
+}
+
+impl WorkerPool {
+    /// A pool of `threads` threads (at least 1), started as rings need them, thread `t` pinned
+    /// to `cpus[t % cpus.len()]` when `cpus` is not empty.
+    pub fn new(threads: usize, cpus: Vec<usize>, poll: Polling) -> WorkerPool {
+        WorkerPool { threads: threads.max(1), cpus, poll, groups: Mutex::new(Vec::new()) }
+    }
+
+    /// Threads started so far.
+    pub fn started(&self) -> usize {
+        self.groups.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten().count()
+    }
+
+    fn group(&self, t: usize) -> io::Result<Arc<Group>> {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.len() < self.threads {
+            groups.resize(self.threads, None);
+        }
+        if let Some(g) = groups[t].as_ref().filter(|g| g.alive()) {
+            return Ok(g.clone());
+        }
+        let cpu = (!self.cpus.is_empty()).then(|| self.cpus[t % self.cpus.len()]);
+        let g = Group::start(format!("vhost-user worker {t}"), cpu, self.poll)?;
+        groups[t] = Some(g.clone());
+        Ok(g)
+    }
+}
+
+impl Drop for WorkerPool {
+    fn drop(&mut self) {
+        for g in self.groups.get_mut().unwrap_or_else(|e| e.into_inner()).iter().flatten() {
+            g.shutdown();
+        }
+    }
+}
+
+/// Sessions so far (the owner of their rings on shared threads).
+static SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The worker threads of one session, started as rings need them (or a process-wide pool's).
+#[derive(Debug)]
 pub(crate) struct Workers {
     policy: WorkerPolicy,
     /// Per-ring threads (index = ring) or shared threads (index = thread), started lazily.
     groups: Vec<Option<Arc<Group>>>,
+    /// This session's id on the threads.
+    pub(crate) owner: u64,
+}
+
+impl Default for Workers {
+    fn default() -> Workers {
+        Workers::new(WorkerPolicy::default())
+    }
 }
 
 impl Workers {
     pub fn new(policy: WorkerPolicy) -> Workers {
-        Workers { policy, groups: Vec::new() }
+        Workers { policy, groups: Vec::new(), owner: SESSIONS.fetch_add(1, Ordering::Relaxed) }
     }
 
     /// The thread that runs ring `index` (started if needed).
     pub fn group_for(&mut self, index: u16, device: &Arc<dyn Device>) -> io::Result<Arc<Group>> {
         let group = device.ring_group(index);
+        if let Some(pool) = &self.policy.pool {
+            return pool.group((self.owner as usize).wrapping_add(usize::from(group)) % pool.threads);
+        }
         let (slot, name) = match self.policy.threads {
             Some(n) if n > 0 => {
                 let t = usize::from(group) % n;
@@ -674,7 +755,7 @@ impl Workers {
         }
         let cpus = &self.policy.cpus;
         let cpu = (!cpus.is_empty()).then(|| cpus[slot % cpus.len()]);
-        let g = Group::start(name, device.clone(), cpu, self.policy.poll)?;
+        let g = Group::start(name, cpu, self.policy.poll)?;
         self.groups[slot] = Some(g.clone());
         Ok(g)
     }
@@ -682,6 +763,7 @@ impl Workers {
 
 impl Drop for Workers {
     fn drop(&mut self) {
+        // A pool's threads outlive the session (its rings left them when they stopped).
         for g in self.groups.iter().flatten() {
             g.shutdown();
         }
@@ -692,13 +774,18 @@ impl Drop for Workers {
 #[derive(Debug)]
 pub(crate) struct Worker {
     pub shared: Arc<RingShared>,
+    owner: u64,
     index: u16,
     stopped: bool,
 }
 
 impl Worker {
-    /// Hands ring `index` to the thread of `shared`'s group.
+    /// Hands ring `index` of session `owner` (served by `device`) to the thread of `shared`'s
+    /// group.
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
+        owner: u64,
+        device: Arc<dyn Device>,
         index: u16,
         queue: DeviceQueue,
         kick: OwnedFd,
@@ -708,6 +795,8 @@ impl Worker {
         doorbell: bool,
     ) -> Worker {
         let slot = Slot {
+            owner,
+            device,
             doorbell,
             index,
             queue,
@@ -728,20 +817,20 @@ impl Worker {
             inband_call: false,
         };
         shared.group.command(Command::Add(Box::new(slot)));
-        Worker { shared, index, stopped: false }
+        Worker { shared, owner, index, stopped: false }
     }
 
     /// Takes the ring off its thread and returns its state (for GET_VRING_BASE).
     pub fn stop(mut self) -> Option<DeviceQueue> {
         self.stopped = true;
-        self.shared.group.remove(self.index)
+        self.shared.group.remove(self.owner, self.index)
     }
 }
 
 impl Drop for Worker {
     fn drop(&mut self) {
         if !self.stopped {
-            self.shared.group.remove(self.index);
+            self.shared.group.remove(self.owner, self.index);
         }
     }
 }

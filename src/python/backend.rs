@@ -70,7 +70,7 @@ pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: Opt
             d => Polling::Fixed(d),
         },
     };
-    Ok(WorkerPolicy { threads: workers, cpus: cpus.unwrap_or_default(), poll })
+    Ok(WorkerPolicy { pool: None, threads: workers, cpus: cpus.unwrap_or_default(), poll })
 }
 
 /// Serves a Python ``vhostuser_rs.Device`` (see ``serve_blk`` for the loop). With `connect`,

@@ -7,6 +7,7 @@ mod backend;
 mod blocking;
 mod device;
 mod errors;
+mod exports;
 mod frontend;
 mod log;
 mod memory;
@@ -34,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     virtqueue::register(m)?;
     frontend::register(m)?;
     backend::register(m)?;
+    exports::register(m)?;
     device::register(m)?;
     virtio::register(m)?;
     net::register(m)?;
