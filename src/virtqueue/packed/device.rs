@@ -536,7 +536,7 @@ impl PackedDesc {
     }
 
     /// The 16 little-endian bytes.
-    pub fn to_bytes(&self) -> [u8; 16] {
+    pub fn to_bytes(self) -> [u8; 16] {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&self.addr.to_le_bytes());
         raw[8..12].copy_from_slice(&self.len.to_le_bytes());
