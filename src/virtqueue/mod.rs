@@ -7,6 +7,7 @@
 //! overflow-checked arithmetic and never outside a mapping; `avail.idx` is read with one acquire
 //! load per burst and `used.idx` written with one release store per burst.
 
+mod any;
 mod buffers;
 mod device;
 mod driver;
@@ -19,6 +20,7 @@ pub mod packed;
 #[cfg(test)]
 mod tests;
 
+pub use any::{AnyDeviceQueue, AnyDriverQueue};
 pub use device::{
     for_each_span, prefix, Chain, ChainBatch, DeviceQueue, QueueConfig, RingAddressSpace, Segment, MAX_SEGMENTS,
 };
