@@ -52,6 +52,9 @@ pub struct PackedDriverQueue {
     tables: *mut u8,
     next_avail: RingPos,
     kicked: RingPos,
+    /// Slots made available since the last kick decision: past one lap, positions alone cannot
+    /// say whether the device's event slot was crossed, so the decision is to kick.
+    added_since_kick: u32,
     last_used: RingPos,
     /// Free ids, kept privately (the device could scribble on the ring). Last in, first out.
     free_ids: Vec<u16>,
@@ -134,6 +137,7 @@ impl PackedDriverQueue {
             tables,
             next_avail: RingPos::START,
             kicked: RingPos::START,
+            added_since_kick: 0,
             last_used: RingPos::START,
             free_ids: (0..size).rev().collect(),
             ids: vec![IdState::default(); usize::from(size)],
@@ -189,6 +193,7 @@ impl PackedDriverQueue {
         }
         self.next_avail = base;
         self.kicked = base;
+        self.added_since_kick = 0;
         self.last_used = base;
         self.free_ids = (0..self.ring.size).rev().collect();
         self.ids.iter_mut().for_each(|s| *s = IdState::default());
@@ -224,6 +229,7 @@ impl PackedDriverQueue {
             }
         }
         self.next_avail = self.next_avail.advance(1, self.ring.size);
+        self.added_since_kick = self.added_since_kick.saturating_add(1);
     }
 
     fn take_id(&mut self, needed: usize) -> Result<u16, VirtqueueError> {
@@ -308,9 +314,13 @@ impl PackedDriverQueue {
     pub fn kick_needed(&mut self) -> Result<bool, VirtqueueError> {
         let old = self.kicked;
         let new = self.next_avail;
+        let added = std::mem::take(&mut self.added_since_kick);
         self.kicked = new;
-        if old == new {
+        if added == 0 {
             return Ok(false);
+        }
+        if added > u32::from(self.ring.size) {
+            return Ok(true);
         }
         // The flags store must be visible before reading the device's suppression state.
         fence(Ordering::SeqCst);

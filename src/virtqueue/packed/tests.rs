@@ -913,3 +913,34 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn kick_decision_after_more_than_a_lap_without_one() {
+    // The device asked (DESC) for a kick when slot 2 of the first lap is made available. The
+    // driver adds one list and decides (no kick: slot 0 only), then adds nine more across two
+    // laps without deciding: the positions alone (1 → 2, same wrap counter) would say "no";
+    // the slot was crossed, so the answer is to kick.
+    let mut p = pair_with(4, true, false, &[(0, MIB)]);
+    let ring = p.driver.ring();
+    let mut ev = [0u8; 4];
+    ev[..2].copy_from_slice(&(2u16 | 0x8000).to_le_bytes());
+    ev[2..].copy_from_slice(&RING_EVENT_FLAGS_DESC.to_le_bytes());
+    p.mem.table().write(ring.device_event, &ev).unwrap();
+    p.driver.add(&[(OK_BUF, 8)], &[]).unwrap();
+    p.driver.publish();
+    assert!(!p.driver.kick_needed().unwrap());
+    let mut batch = ChainBatch::new();
+    let mut used = Vec::new();
+    for _ in 0..9 {
+        p.driver.add(&[(OK_BUF, 8)], &[]).unwrap();
+        p.driver.publish();
+        batch.clear();
+        p.device.pop_batch(&mut batch, 8).unwrap();
+        complete_all(&mut p.device, &batch).unwrap();
+        p.device.publish_used().unwrap();
+        p.driver.reap(&mut used, 8).unwrap();
+    }
+    assert_eq!(p.driver.next_avail(), RingPos { index: 2, wrap: true });
+    assert!(p.driver.kick_needed().unwrap());
+    assert!(!p.driver.kick_needed().unwrap(), "nothing new since");
+}
