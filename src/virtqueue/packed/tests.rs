@@ -944,3 +944,35 @@ fn kick_decision_after_more_than_a_lap_without_one() {
     assert!(p.driver.kick_needed().unwrap());
     assert!(!p.driver.kick_needed().unwrap(), "nothing new since");
 }
+
+#[test]
+fn a_burst_becomes_visible_at_once_with_its_first_flags() {
+    // Lists completed out of order are written as they complete; the driver sees none of them
+    // until publish_used stores the burst's first flags (the one release store).
+    let mut p = pair(8);
+    let ids: Vec<u16> = (0..3).map(|_| p.driver.add(&[(OK_BUF, 8)], &[(OK_BUF + 64, 8)]).unwrap()).collect();
+    p.driver.publish();
+    let mut batch = ChainBatch::new();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 3);
+    for c in batch.chains().iter().rev() {
+        p.device.complete(&batch, c, 4).unwrap();
+    }
+    let mut used = Vec::new();
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 0, "first flags held back");
+    // Two slots per list: the used descriptors go to slots 0, 2 and 4 (each list's first slot
+    // in completion order). Slots 2 and 4 already carry used flags; slot 0 still the driver's
+    // available ones.
+    let flags_at = |slot: u64| {
+        let mut b = [0u8; 2];
+        p.mem.table().read(p.driver.ring().desc + 16 * slot + 14, &mut b).unwrap();
+        u16::from_le_bytes(b)
+    };
+    assert_eq!(flags_at(0) & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED), VIRTQ_DESC_F_AVAIL);
+    for slot in [2, 4] {
+        assert_eq!(flags_at(slot) & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED), VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED);
+    }
+    assert!(p.device.publish_used().unwrap());
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 3);
+    assert_eq!(used, vec![(ids[2], 4), (ids[1], 4), (ids[0], 4)]);
+    assert!(!p.device.publish_used().unwrap(), "nothing new");
+}
