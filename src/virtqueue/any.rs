@@ -117,6 +117,11 @@ impl AnyDeviceQueue {
         both!(self, q => q.set_dirty_log(data, ring))
     }
 
+    /// Hands the last popped chains back unused (see [`DeviceQueue::return_chains`]).
+    pub fn return_chains(&mut self, heads: &[u16]) -> bool {
+        both!(self, q => q.return_chains(heads))
+    }
+
     /// GET_VRING_BASE's `num`: split, the next avail index; packed, both positions and wrap
     /// counters ([`super::PackedBase::encode`]).
     pub fn vring_base(&self) -> u32 {

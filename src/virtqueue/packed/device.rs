@@ -234,6 +234,45 @@ impl PackedDeviceQueue {
         Ok(popped)
     }
 
+    /// Hands lists back to the driver unused: if `ids` are exactly the last lists popped, in
+    /// pop order (what a device that kept RX buffers holds when its ring stops), the available
+    /// position is rewound over their slots — which still hold the driver's descriptors: used
+    /// descriptors only ever land in slots of lists consumed before them — so GET_VRING_BASE
+    /// resumes with them. Returns false, changing nothing, otherwise.
+    pub fn return_chains(&mut self, ids: &[u16]) -> bool {
+        if ids.is_empty() {
+            return true;
+        }
+        if ids.len() > usize::from(self.in_flight) || self.broken {
+            return false;
+        }
+        let size = self.size;
+        let mut pos = self.next_avail;
+        let mut slots_back = 0u32;
+        for &id in ids.iter().rev() {
+            let Some(&IdState { busy: true, slots }) = self.ids.get(usize::from(id)) else { return false };
+            slots_back += u32::from(slots);
+            if slots_back > self.in_flight_slots {
+                return false;
+            }
+            // The list's last slot carries its id.
+            let last = pos.retreat(1, size);
+            pos = pos.retreat(slots, size);
+            // SAFETY: last.index < size, inside the ring.
+            let d = unsafe { PackedDesc::read(self.desc.add(usize::from(last.index) * 16)) };
+            if d.id != id || !is_avail(d.flags, last.wrap) {
+                return false;
+            }
+        }
+        for &id in ids {
+            self.ids[usize::from(id)].busy = false;
+        }
+        self.next_avail = pos;
+        self.in_flight -= ids.len() as u16;
+        self.in_flight_slots -= slots_back;
+        true
+    }
+
     /// Walks the list at `next_avail`: each descriptor read once into a local copy and checked
     /// there. Returns (buffer id, slots taken, position after the list); commits nothing.
     fn walk(&self, batch: &mut ChainBatch, first: usize) -> Result<(u16, u16, RingPos), VirtqueueError> {

@@ -79,6 +79,16 @@ impl RingPos {
         }
     }
 
+    /// This position moved back by `n ≤ size` slots.
+    #[inline]
+    pub fn retreat(self, n: u16, size: u16) -> RingPos {
+        if self.index >= n {
+            RingPos { index: self.index - n, wrap: self.wrap }
+        } else {
+            RingPos { index: (u32::from(self.index) + u32::from(size) - u32::from(n)) as u16, wrap: !self.wrap }
+        }
+    }
+
     /// Slots from `from` to `self` going forward, assuming at most one lap (`≤ size`).
     #[inline]
     pub fn distance_from(self, from: RingPos, size: u16) -> u16 {
@@ -234,6 +244,10 @@ mod unit {
         assert_eq!(p.advance(2, size).distance_from(p, size), 2);
         assert_eq!(p.advance(5, size).distance_from(p, size), 5);
         assert_eq!(p.distance_from(p, size), 0);
+        for n in 0..=size {
+            assert_eq!(p.advance(n, size).retreat(n, size), p);
+        }
+        assert_eq!(RingPos { index: 0, wrap: false }.retreat(1, size), RingPos { index: 4, wrap: true });
         let big = RingPos { index: 32767, wrap: false };
         assert_eq!(big.advance(1, 32768), RingPos { index: 0, wrap: true });
         assert_eq!(big.advance(32768, 32768).distance_from(big, 32768), 32768);

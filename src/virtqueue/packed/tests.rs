@@ -976,3 +976,42 @@ fn a_burst_becomes_visible_at_once_with_its_first_flags() {
     assert_eq!(used, vec![(ids[2], 4), (ids[1], 4), (ids[0], 4)]);
     assert!(!p.device.publish_used().unwrap(), "nothing new");
 }
+
+#[test]
+fn kept_lists_handed_back_rewind_the_ring() {
+    let mut p = pair(5);
+    let mut batch = ChainBatch::new();
+    let b = p.mem.alloc(256, 64).unwrap();
+    // Lists of 1, 2 and 2 slots: the last crosses the ring's end.
+    p.driver.add(&[], &[(b, 64)]).unwrap();
+    p.driver.publish();
+    p.device.pop_batch(&mut batch, 8).unwrap();
+    complete_all(&mut p.device, &batch).unwrap();
+    p.device.publish_used().unwrap();
+    p.driver.reap(&mut Vec::new(), 8).unwrap();
+    let i0 = p.driver.add(&[], &[(b, 64)]).unwrap();
+    let i1 = p.driver.add(&[], &[(b, 64), (b + 64, 64)]).unwrap();
+    let i2 = p.driver.add(&[], &[(b, 64), (b + 64, 64)]).unwrap();
+    p.driver.publish();
+    batch.clear();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 3);
+    assert_eq!(p.device.base().avail, RingPos { index: 1, wrap: false });
+    // Out of pop order, an id not popped, or not the last ones: refused, nothing changes.
+    assert!(!p.device.return_chains(&[i2, i1]));
+    assert!(!p.device.return_chains(&[i1]));
+    assert!(!p.device.return_chains(&[4, i2]));
+    assert_eq!((p.device.base().avail, p.device.in_flight()), (RingPos { index: 1, wrap: false }, 3));
+    // The first is used; the other two are handed back and popped again, the same lists.
+    p.device.add_used(i0, 0).unwrap();
+    assert!(p.device.return_chains(&[i1, i2]));
+    assert_eq!((p.device.base().avail, p.device.in_flight()), (RingPos { index: 2, wrap: true }, 0));
+    batch.clear();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 2);
+    let got: Vec<(u16, u32)> = batch.chains().iter().map(|c| (c.head, c.writable_len)).collect();
+    assert_eq!(got, vec![(i1, 128), (i2, 128)]);
+    complete_all(&mut p.device, &batch).unwrap();
+    p.device.publish_used().unwrap();
+    let mut used = Vec::new();
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 3);
+    assert_eq!(p.driver.num_free(), 5);
+}
