@@ -864,6 +864,48 @@ mod properties {
             prop_assert_eq!(p.device.base().used, p.driver.last_used());
         }
 
+        /// A device writing random descriptors over the ring (random ids, lengths, flags):
+        /// the driver reaps only ids it has in flight, with lengths that fit, never more slots
+        /// than it gave, and reports anything else as an error — never a panic.
+        #[test]
+        fn random_used_descriptors_never_confuse_the_driver(
+            size in 2u16..20,
+            adds in proptest::collection::vec((1usize..4, any::<bool>()), 1..12),
+            garbage in proptest::collection::vec((0u16..24, 0u16..24, 0u32..300, any::<u16>()), 1..24),
+        ) {
+            let mut p = pair_with(size, false, true, &[(0, MIB)]);
+            let buf = p.mem.alloc(4096, 8).unwrap();
+            let mut caps = HashMap::new();
+            for (n, indirect) in adds {
+                let w: Vec<Buffer> = (0..n).map(|i| (buf + 256 * i as u64, 100)).collect();
+                let added = if indirect { p.driver.add_indirect(&[], &w) } else { p.driver.add(&[], &w) };
+                if let Ok(id) = added {
+                    caps.insert(id, 100 * n as u32);
+                }
+            }
+            p.driver.publish();
+            for (slot, id, len, flags) in garbage {
+                let slot = u64::from(slot % size);
+                let at = p.driver.ring().desc + 16 * slot;
+                p.mem.table().write(at, &d(0, len, id, flags).to_bytes()).unwrap();
+            }
+            let mut out = Vec::new();
+            for _ in 0..4 {
+                let before = out.len();
+                let r = p.driver.reap(&mut out, 64);
+                for (id, len) in &out[before..] {
+                    let cap = caps.remove(id);
+                    prop_assert!(cap.is_some(), "id {} reaped but not in flight", id);
+                    prop_assert!(*len <= cap.unwrap());
+                }
+                prop_assert!(p.driver.num_free() <= size);
+                prop_assert_eq!(usize::from(p.driver.in_flight()), caps.len());
+                if r.is_err() {
+                    break;
+                }
+            }
+        }
+
         /// Random bytes in the descriptor ring, random positions and wrap counters, a random
         /// indirect table: the device pops lists whose every segment is mapped memory, or
         /// reports an error — never a panic, a hang or an access outside the ring.
