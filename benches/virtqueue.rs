@@ -1,5 +1,5 @@
 //! Split-ring cost per chain (criterion), side by side with rust-vmm's `virtio-queue` on the same
-//! rings in the same memory.
+//! rings in the same memory, and the same workloads on packed rings (`-- packed`).
 //!
 //! Run: `cargo bench --bench virtqueue`. Every figure is per batch of 32 chains (criterion's
 //! throughput line gives chains/s); divide the time by 32 for ns per chain.
@@ -11,7 +11,10 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use vhostuser_rs::memory::GuestMemory;
-use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, DriverQueue, QueueConfig, RingAddressSpace};
+use vhostuser_rs::virtqueue::{
+    ChainBatch, DeviceQueue, DriverQueue, PackedBase, PackedDeviceQueue, PackedDriverQueue, PackedQueueConfig,
+    QueueConfig, RingAddressSpace,
+};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
@@ -259,6 +262,105 @@ fn two_threads(c: &mut Criterion, name: &str, shape: Shape, batch_size: usize, c
     });
 }
 
+/// The same rings, packed layout.
+struct PackedSetup {
+    driver: PackedDriverQueue,
+    device: PackedDeviceQueue,
+    requests: Vec<Request>,
+}
+
+fn packed_setup(shape: Shape) -> PackedSetup {
+    let s = setup(shape);
+    let driver = PackedDriverQueue::allocate(s.mem.clone(), SIZE, false, 0).unwrap();
+    let r = driver.ring();
+    let cfg = PackedQueueConfig {
+        size: SIZE,
+        desc_addr: r.desc,
+        driver_event_addr: r.driver_event,
+        device_event_addr: r.device_event,
+        addr_space: RingAddressSpace::Guest,
+        event_idx: false,
+        indirect: false,
+        base: PackedBase::START,
+    };
+    let device = PackedDeviceQueue::new(Arc::new(s.mem.table().clone()), cfg).unwrap();
+    PackedSetup { driver, device, requests: s.requests }
+}
+
+fn packed_fill(s: &mut PackedSetup) {
+    for (r, w) in &s.requests {
+        s.driver.add(r, w).unwrap();
+    }
+    s.driver.publish();
+}
+
+/// Packed device side: the workload of [`device_side`].
+fn packed_device_side(c: &mut Criterion, name: &str, shape: Shape, copy: bool) {
+    let mut s = packed_setup(shape);
+    let mut batch = ChainBatch::new();
+    let mut used = Vec::new();
+    let payload = vec![0x5au8; 4096];
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                packed_fill(&mut s);
+                let start = Instant::now();
+                batch.clear();
+                let n = s.device.pop_batch(&mut batch, BATCH).unwrap();
+                for chain in batch.chains() {
+                    let mut written = 0;
+                    if copy {
+                        if let Some(seg) = batch.writable(chain).first() {
+                            let n = (seg.len as usize).min(payload.len());
+                            // SAFETY: the segment lies inside a live mapping.
+                            unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), seg.host, n) };
+                            written = n as u32;
+                        }
+                    }
+                    s.device.complete(&batch, chain, written).unwrap();
+                }
+                black_box(s.device.publish_used().unwrap());
+                total += start.elapsed();
+                assert_eq!(n, BATCH);
+                used.clear();
+                s.driver.reap(&mut used, BATCH).unwrap();
+            }
+            total
+        })
+    });
+}
+
+/// Packed driver side: the workload of [`driver_side`].
+fn packed_driver_side(c: &mut Criterion, name: &str, shape: Shape) {
+    let mut s = packed_setup(shape);
+    let mut batch = ChainBatch::new();
+    let mut used = Vec::new();
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                packed_fill(&mut s);
+                black_box(s.driver.kick_needed().unwrap());
+                total += start.elapsed();
+                batch.clear();
+                s.device.pop_batch(&mut batch, BATCH).unwrap();
+                for chain in batch.chains() {
+                    s.device.complete(&batch, chain, 0).unwrap();
+                }
+                s.device.publish_used().unwrap();
+                let start = Instant::now();
+                used.clear();
+                s.driver.reap(&mut used, BATCH).unwrap();
+                total += start.elapsed();
+                assert_eq!(used.len(), BATCH);
+            }
+            total
+        })
+    });
+}
+
 fn benches(c: &mut Criterion) {
     device_side(c, "device: 32 x 1-desc 64B chains", Shape::Single, false);
     device_side(c, "device: 32 x 3-desc block chains", Shape::Block, false);
@@ -270,6 +372,11 @@ fn benches(c: &mut Criterion) {
     two_threads(c, "two threads: batches of 32 x 1-desc", Shape::Single, BATCH, false);
     two_threads(c, "two threads: batches of 1 x 1-desc", Shape::Single, 1, false);
     two_threads(c, "two threads: batches of 32 x block + 4KiB copy", Shape::Block, BATCH, true);
+    packed_device_side(c, "packed device: 32 x 1-desc 64B chains", Shape::Single, false);
+    packed_device_side(c, "packed device: 32 x 3-desc block chains", Shape::Block, false);
+    packed_device_side(c, "packed device: 32 x 3-desc block chains + 4KiB copy", Shape::Block, true);
+    packed_driver_side(c, "packed driver: 32 x 1-desc 64B chains", Shape::Single);
+    packed_driver_side(c, "packed driver: 32 x 3-desc block chains", Shape::Block);
 }
 
 criterion_group! {

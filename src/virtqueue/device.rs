@@ -5,11 +5,12 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::buffers::{Buffers, ChainAcc};
 use super::error::VirtqueueError;
 use super::inflight::InflightQueue;
 use super::layout::*;
+use crate::memory::Iotlb;
 use crate::memory::{DirtyLog, MemoryError, MemoryTable};
-use crate::memory::{Iotlb, IotlbFault, IOTLB_READ, IOTLB_WRITE};
 
 /// Most segments one chain may have (QEMU's and libvhost-user's limit, §7.9 #15).
 pub const MAX_SEGMENTS: usize = 1024;
@@ -103,9 +104,9 @@ pub struct Segment {
 pub struct Chain {
     /// Head descriptor index (what the used entry returns).
     pub head: u16,
-    first: u32,
-    readable: u32,
-    total: u32,
+    pub(super) first: u32,
+    pub(super) readable: u32,
+    pub(super) total: u32,
     /// Total bytes of the device-readable buffers.
     pub readable_len: u32,
     /// Total bytes of the device-writable buffers.
@@ -124,9 +125,10 @@ impl Chain {
 /// Reusable storage for a batch of chains, so popping allocates nothing once warmed up.
 #[derive(Debug, Default)]
 pub struct ChainBatch {
-    chains: Vec<Chain>,
-    segments: Vec<Segment>,
-    scratch: Vec<u8>,
+    pub(super) chains: Vec<Chain>,
+    pub(super) segments: Vec<Segment>,
+    /// Private copy of the indirect table being walked.
+    pub(super) scratch: Vec<u8>,
 }
 
 // SAFETY: the raw pointers in segments point into mappings kept alive by the queue's
@@ -469,15 +471,17 @@ impl DeviceQueue {
         result
     }
 
+    fn buffers(&self) -> Buffers<'_> {
+        Buffers { memory: &self.memory, iotlb: self.iotlb.as_deref() }
+    }
+
     fn walk_into(&self, head: u16, batch: &mut ChainBatch, first: usize) -> Result<(), VirtqueueError> {
+        let buffers = self.buffers();
+        let mut acc = ChainAcc::new(first);
         let mut limit = u32::from(self.size);
         let mut idx = head;
         let mut count = 0u32;
         let mut in_table = false;
-        let mut seen_writable = false;
-        let mut readable_len = 0u64;
-        let mut writable_len = 0u64;
-        let mut readable_segs = 0u32;
         loop {
             count += 1;
             if count > limit {
@@ -508,37 +512,15 @@ impl DeviceQueue {
                 // Copy the table once (it may straddle regions); its entries are then read from
                 // the private copy only.
                 batch.scratch.resize(d.len as usize, 0);
-                self.read_table(head, &d, &mut batch.scratch)?;
+                buffers.read_table(head, d.addr, d.len, &mut batch.scratch)?;
                 in_table = true;
                 limit = d.len / 16;
                 idx = 0;
                 count = 0;
                 continue;
             }
-            if d.len == 0 {
-                return Err(VirtqueueError::ZeroLength { head });
-            }
             let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
-            if !writable && seen_writable {
-                return Err(VirtqueueError::ReadableAfterWritable { head });
-            }
-            seen_writable |= writable;
-            if writable {
-                writable_len += u64::from(d.len);
-            } else {
-                readable_len += u64::from(d.len);
-            }
-            if readable_len + writable_len > u64::from(u32::MAX) {
-                return Err(VirtqueueError::LengthOverflow { head });
-            }
-            let before = batch.segments.len();
-            self.push_segments(head, &d, writable, &mut batch.segments)?;
-            if !writable {
-                readable_segs += (batch.segments.len() - before) as u32;
-            }
-            if batch.segments.len() - first > MAX_SEGMENTS {
-                return Err(VirtqueueError::TooManySegments { head, limit: MAX_SEGMENTS });
-            }
+            acc.add(&buffers, head, d.addr, d.len, writable, &mut batch.segments)?;
             if d.flags & VIRTQ_DESC_F_NEXT == 0 {
                 break;
             }
@@ -547,106 +529,9 @@ impl DeviceQueue {
             }
             idx = d.next;
         }
-        batch.chains.push(Chain {
-            head,
-            first: first as u32,
-            readable: readable_segs,
-            total: (batch.segments.len() - first) as u32,
-            readable_len: readable_len as u32,
-            writable_len: writable_len as u32,
-        });
+        let chain = acc.finish(head, &batch.segments);
+        batch.chains.push(chain);
         Ok(())
-    }
-
-    fn read_table(&self, head: u16, d: &Descriptor, out: &mut [u8]) -> Result<(), VirtqueueError> {
-        let Some(iotlb) = &self.iotlb else {
-            return self.memory.read(d.addr, out).map_err(|_| VirtqueueError::BufferUnmapped {
-                head,
-                addr: d.addr,
-                len: d.len,
-            });
-        };
-        let mut at = 0usize;
-        self.walk_iova(iotlb, head, d, IOTLB_READ, |host, _gpa, n| {
-            // SAFETY: `host` is valid for n bytes of a live mapping; `out` holds d.len bytes.
-            unsafe { std::ptr::copy_nonoverlapping(host, out[at..].as_mut_ptr(), n as usize) };
-            at += n as usize;
-        })
-    }
-
-    /// Under ACCESS_PLATFORM: the IOTLB gives front-end addresses, the memory table host
-    /// addresses and guest-physical ones (kept for dirty logging).
-    fn push_iova_segments(
-        &self,
-        iotlb: &RwLock<Iotlb>,
-        head: u16,
-        d: &Descriptor,
-        writable: bool,
-        out: &mut Vec<Segment>,
-    ) -> Result<(), VirtqueueError> {
-        let perm = if writable { IOTLB_WRITE } else { IOTLB_READ };
-        self.walk_iova(iotlb, head, d, perm, |host, gpa, n| {
-            out.push(Segment { host, len: n as u32, gpa, writable });
-        })
-    }
-
-    /// Calls `f(host, gpa, len)` for each piece of descriptor `d`'s IOVA range (one per IOTLB
-    /// entry crossed), each mapped with `perm`. A missing entry
-    /// is [`VirtqueueError::IotlbMiss`]; a forbidden access or a front-end address outside the
-    /// memory table is `BufferUnmapped`.
-    fn walk_iova(
-        &self,
-        iotlb: &RwLock<Iotlb>,
-        head: u16,
-        d: &Descriptor,
-        perm: u8,
-        mut f: impl FnMut(*mut u8, u64, u64),
-    ) -> Result<(), VirtqueueError> {
-        let tlb = iotlb.read().unwrap_or_else(|e| e.into_inner());
-        let mut failed = false;
-        tlb.translate(d.addr, u64::from(d.len), perm, |uaddr, n| {
-            // After a failure the rest is skipped; callers discard what a failed walk produced.
-            match (failed, self.memory.translate_user(uaddr, n), self.memory.user_to_guest(uaddr)) {
-                (false, Ok(host), Some(gpa)) => f(host, gpa, n),
-                _ => failed = true,
-            }
-        })
-        .map_err(|fault| iotlb_error(head, d, fault, perm))?;
-        if failed {
-            return Err(VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len });
-        }
-        Ok(())
-    }
-
-    #[inline]
-    fn push_segments(
-        &self,
-        head: u16,
-        d: &Descriptor,
-        writable: bool,
-        out: &mut Vec<Segment>,
-    ) -> Result<(), VirtqueueError> {
-        if let Some(iotlb) = &self.iotlb {
-            return self.push_iova_segments(iotlb, head, d, writable, out);
-        }
-        let len = u64::from(d.len);
-        match self.memory.translate(d.addr, len) {
-            Ok(host) => {
-                out.push(Segment { host, len: d.len, gpa: d.addr, writable });
-                Ok(())
-            }
-            Err(MemoryError::Unmapped { .. }) => {
-                // The buffer may continue in an adjacent region: split it.
-                let mut gpa = d.addr;
-                self.memory
-                    .for_each_segment(d.addr, len, |host, n| {
-                        out.push(Segment { host, len: n as u32, gpa, writable });
-                        gpa += n as u64;
-                    })
-                    .map_err(|_| VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len })
-            }
-            Err(_) => Err(VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len }),
-        }
     }
 
     /// Writes one used entry (not yet visible to the driver: see [`publish_used`](Self::publish_used)).
@@ -827,14 +712,5 @@ impl DeviceQueue {
                 return Ok(notify);
             }
         }
-    }
-}
-
-fn iotlb_error(head: u16, d: &Descriptor, fault: IotlbFault, perm: u8) -> VirtqueueError {
-    match fault {
-        IotlbFault::Miss { iova } => VirtqueueError::IotlbMiss { iova, perm },
-        // An entry that forbids the access: the driver handed the device a buffer it may not
-        // use that way.
-        IotlbFault::Denied { .. } => VirtqueueError::BufferUnmapped { head, addr: d.addr, len: d.len },
     }
 }

@@ -197,6 +197,58 @@ pub enum VirtqueueError {
     /// An inflight buffer (INFLIGHT_SHMFD) that cannot be right: refused rather than trusted.
     #[error("inflight buffer refused: {0}")]
     InflightCorrupt(&'static str),
+    /// Packed ring (virtio 1.2 §2.8.6: "all flags ... must be set/cleared correctly in all
+    /// descriptors in the list"): a descriptor of a list is not available in the wrap the device
+    /// expects there — the driver's wrap counter and the device's disagree, or the driver changed
+    /// the AVAIL/USED bits of a descriptor it had made available.
+    #[error("packed list at slot {head}: descriptor at slot {slot} is not available (flags {flags:#06x}, wrap counter {wrap})")]
+    NotAvailable {
+        /// Ring slot of the list's first descriptor.
+        head: u16,
+        /// Ring slot of the offending descriptor.
+        slot: u16,
+        /// Its flags.
+        flags: u16,
+        /// The wrap counter the device expected it to carry.
+        wrap: bool,
+    },
+    /// Packed ring (virtio 1.2 §2.8.7): an INDIRECT descriptor inside a NEXT-linked list
+    /// ("A driver MUST NOT write direct descriptors with DESC_F_INDIRECT set in a scatter-gather
+    /// list linked by VIRTQ_DESC_F_NEXT").
+    #[error("packed list at slot {head}: indirect descriptor inside a NEXT-linked list")]
+    IndirectInList {
+        /// Ring slot of the list's first descriptor.
+        head: u16,
+    },
+    /// Packed ring: an event suppression structure names a descriptor offset beyond the ring.
+    #[error("{part} event suppression names descriptor offset {offset}, beyond the ring size {size}")]
+    EventOffsetOutOfRange {
+        /// "driver" or "device".
+        part: &'static str,
+        /// The offset.
+        offset: u16,
+        /// Ring size.
+        size: u16,
+    },
+    /// Packed ring: event suppression flags 3 (reserved) or DESC without VIRTIO_F_RING_EVENT_IDX.
+    #[error("{part} event suppression flags {flags} invalid (3 is reserved; 2 needs EVENT_IDX)")]
+    EventFlagsInvalid {
+        /// "driver" or "device".
+        part: &'static str,
+        /// The flags field's low two bits.
+        flags: u16,
+    },
+    /// Packed ring: a ring position (SET_VRING_BASE, or a used-descriptor walk) at or beyond the
+    /// ring size.
+    #[error("{part} position {index} is beyond the ring size {size}")]
+    PositionOutOfRange {
+        /// "avail" or "used".
+        part: &'static str,
+        /// The position.
+        index: u16,
+        /// Ring size.
+        size: u16,
+    },
     /// A guest-memory access on behalf of the queue failed.
     #[error(transparent)]
     Memory(#[from] MemoryError),
@@ -219,7 +271,9 @@ impl VirtqueueError {
             | ReadableAfterWritable { head }
             | BufferUnmapped { head, .. }
             | TooManySegments { head, .. }
-            | HeadInFlight { head, .. } => Some(*head),
+            | HeadInFlight { head, .. }
+            | NotAvailable { head, .. }
+            | IndirectInList { head } => Some(*head),
             UsedIdNotInFlight { id } | UsedLenTooLarge { id, .. } => u16::try_from(*id).ok(),
             _ => None,
         }
