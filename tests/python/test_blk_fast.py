@@ -210,6 +210,7 @@ class Device:
         self.mem.write(self.used + 4 + 8 * slot, struct.pack("<II", id_, length))
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         self.mem.write(self.used + 2, struct.pack("<H", self.used_idx))
+        os.eventfd_write(self.disk.queues[0].call_fd, 1)  # the device's call
 
 
 @pytest.fixture
