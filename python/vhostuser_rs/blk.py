@@ -428,6 +428,10 @@ class BlockClient:
         """Read `length` bytes at byte `offset` (both multiples of 512): one native call that
         stages the request, adds, publishes and kicks (when the device asks), waits with the
         GIL released and checks the status."""
+        if length > 0 and offset >= 0 and not (offset | length) % SECTOR:
+            engine = self._engine(queue)
+            if engine is not None:  # the common case first, with the fewest Python steps
+                return engine.read(offset // SECTOR, length, timeout=self.timeout)
         _check_aligned(offset, length)
         engine = self._engine(queue)
         if engine is None:
@@ -440,6 +444,11 @@ class BlockClient:
         """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer (bytearray,
         memoryview, mmap, numpy array...: C-contiguous); returns the byte count. The data is
         copied once, from the staging slot into `buffer`."""
+        if offset >= 0 and not offset % SECTOR:
+            engine = self._engine(queue)
+            if engine is not None:
+                # The native call checks the buffer (writable, contiguous) and its length.
+                return engine.readinto(offset // SECTOR, buffer, timeout=self.timeout)
         view = memoryview(buffer)
         length = view.nbytes
         _check_aligned(offset, length)

@@ -228,6 +228,12 @@ impl PyBlockRequests {
             return Err(PyBufferError::new_err("readinto needs a writable C-contiguous buffer"));
         }
         let n = buf.len_bytes();
+        if n == 0 {
+            return Ok(0);
+        }
+        if n % 512 != 0 {
+            return Err(PyValueError::new_err("the buffer's length must be a multiple of 512"));
+        }
         let len = u32::try_from(n).map_err(|_| PyValueError::new_err("read too long"))?;
         let status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf.buf_ptr().cast(), n), timeout)?;
         drop(buf);
