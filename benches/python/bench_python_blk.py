@@ -155,7 +155,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="vu-bench-") as d:
         image = Path(d) / "disk.img"
         with open(image, "wb") as f:
-            f.write(random.Random(2).randbytes(a.size << 20))
+            rng = random.Random(2)
+            for _ in range(a.size):
+                f.write(rng.randbytes(1 << 20))
         for backend in a.backends.split(","):
             sock = Path(d) / f"{backend}.sock"
             if backend == "qsd":
@@ -188,8 +190,11 @@ def main() -> None:
                         # time: qsd serves them one after the other, so close ours first).
                         results.setdefault(f"aio, {DEPTH} coroutines on one client", [])
                     # aio needs its own session: run its rounds after closing the sync client.
+                old = "before: disk.read loop on the Python request path (native=False)"
                 for r in range(a.rounds):
                     results[f"aio, {DEPTH} coroutines on one client"].append(timed(aio_run, a.time))
+                    with BlockClient.connect(sock, queue_size=128, native=False) as slow:
+                        results.setdefault(old, []).append(timed(py_read(slow, offs), a.time))
                 say(f"{'mode':48} {'IOPS median (min..max)':>32} {'CPU us/IO median (min..max)':>30}")
                 for name, rs in results.items():
                     iops = [x for x, _ in rs]

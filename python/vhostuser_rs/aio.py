@@ -23,13 +23,16 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from . import _native
 from .blk import _STATUS_NAMES, SECTOR, BlockClient, BlockError, Buffer, RequestType, _check_aligned
 from .exceptions import ConnectionClosedError, VhostUserError
+from .net import NetHeader
+from .netclient import NetClient, TxFrame
 
-__all__ = ["AsyncBlockClient"]
+__all__ = ["AsyncBlockClient", "AsyncNetClient"]
 
 _IN = int(RequestType.IN)
 
@@ -221,3 +224,118 @@ class AsyncBlockClient:
     def in_flight(self) -> int:
         """Requests on the ring (including cancelled ones the device has not completed)."""
         return int(self._engine.in_flight)
+
+
+class AsyncNetClient:
+    """A :class:`~vhostuser_rs.netclient.NetClient` driven from an asyncio event loop (queue
+    pair `queue_pair`): ``await recv()``, ``async for header, frame in client``, ``await
+    send(frames)``. Received frames are reaped when the RX call eventfd becomes readable
+    (``loop.add_reader``); a back-end that hangs up ends every wait with
+    ConnectionClosedError. Use it from the loop's thread only."""
+
+    def __init__(self, client: NetClient, *, queue_pair: int = 0) -> None:
+        self.client = client
+        self.queue_pair = queue_pair
+        self._loop = asyncio.get_running_loop()
+        self._rx_fd = client.fileno(queue_pair)
+        self._main_fd = client.frontend.fileno()
+        self._waiter: asyncio.Future[None] | None = None
+        self._backlog: list[tuple[NetHeader, bytes]] = []
+        self._error: BaseException | None = None
+        self._loop.add_reader(self._rx_fd, self._wake)
+        self._loop.add_reader(self._main_fd, self._on_main)
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, queue_pair: int = 0, **options: Any) -> AsyncNetClient:
+        """Connect with :meth:`NetClient.connect`'s keyword options (the negotiation runs in the
+        loop's default executor); the data path is then driven by the loop."""
+        loop = asyncio.get_running_loop()
+        client = await loop.run_in_executor(None, functools.partial(NetClient.connect, path, **options))
+        try:
+            return cls(client, queue_pair=queue_pair)
+        except BaseException:
+            client.close()
+            raise
+
+    async def __aenter__(self) -> AsyncNetClient:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop watching the rings, end every wait with ConnectionClosedError, close the client.
+        Idempotent."""
+        if self._error is None:
+            self._fail(ConnectionClosedError("the AsyncNetClient is closed"))
+        self.client.close()
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        self._loop.remove_reader(self._rx_fd)
+        self._loop.remove_reader(self._main_fd)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_exception(error)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _on_main(self) -> None:
+        if self.client.frontend.peer_closed:
+            self._fail(ConnectionClosedError("the back-end hung up"))
+        else:
+            # An unsolicited message: not ours to read. Look again later rather than spin.
+            self._loop.remove_reader(self._main_fd)
+            self._loop.call_later(
+                0.1, lambda: self._error is None and self._loop.add_reader(self._main_fd, self._on_main)
+            )
+
+    async def recv(self, *, max_frames: int = 64) -> list[tuple[NetHeader, bytes]]:
+        """Up to `max_frames` received frames with their headers; waits for the first without
+        blocking the loop."""
+        while True:
+            if self._backlog:
+                out, self._backlog = self._backlog[:max_frames], self._backlog[max_frames:]
+                return out
+            if self._error is not None:
+                raise self._error
+            frames = self.client.recv(max_frames=max_frames, timeout=0, queue_pair=self.queue_pair)
+            if frames:
+                return frames
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def __aiter__(self) -> AsyncNetClient:
+        return self
+
+    async def __anext__(self) -> tuple[NetHeader, bytes]:
+        """The next received frame; ends (StopAsyncIteration) when the client is closed, raises
+        ConnectionClosedError when the back-end hung up."""
+        if not self._backlog:
+            try:
+                self._backlog = await self.recv(max_frames=256)
+            except ConnectionClosedError:
+                if self.client._closed:
+                    raise StopAsyncIteration from None
+                raise
+        return self._backlog.pop(0)
+
+    async def send(self, frames: Iterable[TxFrame], *, poll: float = 50e-6) -> int:
+        """Queue every frame for transmission; while the TX ring is full, yield to the loop and
+        try again every `poll` seconds (the driver reclaims TX buffers as it sends). Returns
+        the number sent."""
+        pending = list(frames)
+        sent = 0
+        while pending:
+            if self._error is not None:
+                raise self._error
+            n = self.client.send(pending, queue_pair=self.queue_pair)
+            sent += n
+            pending = pending[n:]
+            if pending:
+                await asyncio.sleep(poll)
+        return sent

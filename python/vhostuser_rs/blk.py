@@ -173,6 +173,7 @@ class BlockClient:
         iommu: IommuTable | None = None,
         slot_size: int = 128 << 10,
         poll: float = 50e-6,
+        native: bool = True,
     ) -> None:
         self.frontend = frontend
         self.timeout = timeout
@@ -220,6 +221,7 @@ class BlockClient:
         # over between sessions by frontend.py) or kicks in-band.
         self._slot_size = slot_size
         self._poll = poll
+        self._native = native
         self._engines: list[_native.BlockRequests | None] = [self._make_engine(vq) for vq in self.queues]
         self._engine_rings: list[Virtqueue] = list(self.queues)
         self._scratch = 0
@@ -247,6 +249,7 @@ class BlockClient:
         iommu: IommuTable | None = None,
         slot_size: int = 128 << 10,
         poll: float = 50e-6,
+        native: bool = True,
     ) -> BlockClient:
         """Connect to a vhost-user-blk back-end and set up `num_queues` rings. `reconnect`:
         seconds to keep trying to reach a restarted back-end after it hangs up (see the class).
@@ -258,7 +261,9 @@ class BlockClient:
         reads and writes are split into several requests of at most this size, all in flight
         at once). `poll`: seconds a request polls the used ring (yielding the CPU) before
         sleeping on the call eventfd — a back-end that polls its rings (``serve-blk
-        --poll-us``) usually answers within it, which saves both sides a wake-up."""
+        --poll-us``) usually answers within it, which saves both sides a wake-up. `native`:
+        False keeps every request on the Python path (one staging area, the ring driven
+        through :class:`DriverQueue` calls), as ``iommu=`` and ``reconnect=`` always do."""
         fe = Frontend.connect(path, timeout=timeout, reconnect=reconnect)
         try:
             return cls(
@@ -272,6 +277,7 @@ class BlockClient:
                 iommu=iommu,
                 slot_size=slot_size,
                 poll=poll,
+                native=native,
             )
         except BaseException:
             fe.close()
@@ -402,7 +408,7 @@ class BlockClient:
                         raise ConnectionClosedError("the back-end hung up with earlier requests in flight")
 
     def _make_engine(self, vq: Virtqueue) -> _native.BlockRequests | None:
-        if self.iommu is not None or self.frontend.reconnect is not None or vq.inband:
+        if not self._native or self.iommu is not None or self.frontend.reconnect is not None or vq.inband:
             return None
         return _native.BlockRequests(
             vq.queue, self.memory, vq.kick_fd, vq.call_fd, self.frontend._main_fd(),

@@ -116,3 +116,41 @@ def test_backend_dying_fails_every_awaiting_coroutine(stopped: Stopped) -> None:
 
     asyncio.run(main())
     proc.wait()
+
+
+# -- AsyncNetClient against vhostuser-rs serve-net --loopback in its own process -----------------
+def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock_dir: Path) -> None:
+    import dpdk
+    from netdriver import frame, swapped
+
+    from vhostuser_rs.aio import AsyncNetClient
+
+    sock = sock_dir / "serve-net.sock"
+    frames = [frame(60 + i % 1000, seed=i) for i in range(2000)]
+
+    async def main(server: dpdk.ServeNet) -> None:
+        async with await AsyncNetClient.connect(sock, queue_size=128) as nic:
+
+            async def receive() -> list[bytes]:
+                got = []
+                async for _, f in nic:
+                    got.append(f)
+                    if len(got) == len(frames):
+                        return got
+                return got
+
+            receiver = asyncio.ensure_future(receive())
+            for i in range(0, len(frames), 64):  # a window, so that the RX ring never overflows
+                assert await nic.send(frames[i : i + 64]) == len(frames[i : i + 64])
+                await asyncio.sleep(0.001)
+            got = await asyncio.wait_for(receiver, 20)
+            assert got == [swapped(f) for f in frames]
+            # The back-end goes away while a coroutine waits for frames: the wait ends.
+            waiting = asyncio.ensure_future(nic.recv())
+            await asyncio.sleep(0.05)
+            server.stop()
+            with pytest.raises(vu.ConnectionClosedError):
+                await asyncio.wait_for(waiting, 5)
+
+    with dpdk.serve_net(sock, tmp_path, ["--loopback", "--poll-us", "50"]) as server:
+        asyncio.run(main(server))
