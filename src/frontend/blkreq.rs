@@ -813,3 +813,172 @@ impl BlockRequests {
         self.lock().closed
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::FromRawFd;
+
+    use super::*;
+    use crate::virtqueue::DriverRing;
+
+    fn eventfd() -> OwnedFd {
+        // SAFETY: a new eventfd, owned at once.
+        unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }
+    }
+
+    /// The device side, played on the shared ring memory.
+    struct Device {
+        mem: Arc<GuestMemory>,
+        ring: DriverRing,
+        seen: u16,
+        used: u16,
+    }
+
+    impl Device {
+        fn u16_at(&self, gpa: u64) -> u16 {
+            let mut b = [0u8; 2];
+            self.mem.table().read(gpa, &mut b).unwrap();
+            u16::from_le_bytes(b)
+        }
+
+        fn take(&mut self) -> Vec<u16> {
+            let idx = self.u16_at(self.ring.avail + 2);
+            let mut heads = vec![];
+            while self.seen != idx {
+                let slot = u64::from(self.seen % self.ring.size);
+                heads.push(self.u16_at(self.ring.avail + 4 + 2 * slot));
+                self.seen = self.seen.wrapping_add(1);
+            }
+            heads
+        }
+
+        /// (addr, len) of each descriptor of the chain.
+        fn chain(&self, head: u16) -> Vec<(u64, u32)> {
+            let mut out = vec![];
+            let mut d = head;
+            loop {
+                let mut b = [0u8; 16];
+                self.mem.table().read(self.ring.desc + 16 * u64::from(d), &mut b).unwrap();
+                let addr = u64::from_le_bytes(b[..8].try_into().unwrap());
+                let len = u32::from_le_bytes(b[8..12].try_into().unwrap());
+                let flags = u16::from_le_bytes(b[12..14].try_into().unwrap());
+                out.push((addr, len));
+                if flags & 1 == 0 {
+                    return out;
+                }
+                d = u16::from_le_bytes(b[14..16].try_into().unwrap());
+            }
+        }
+
+        fn complete(&mut self, head: u16, data: &[u8], status: u8) {
+            let chain = self.chain(head);
+            self.mem.table().write(chain[1].0, data).unwrap();
+            self.mem.table().write(chain.last().unwrap().0, &[status]).unwrap();
+            self.publish(u32::from(head), data.len() as u32 + 1);
+        }
+
+        fn publish(&mut self, id: u32, len: u32) {
+            let slot = u64::from(self.used % self.ring.size);
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&id.to_le_bytes());
+            e[4..].copy_from_slice(&len.to_le_bytes());
+            self.mem.table().write(self.ring.used + 4 + 8 * slot, &e).unwrap();
+            self.used = self.used.wrapping_add(1);
+            self.mem.table().write(self.ring.used + 2, &self.used.to_le_bytes()).unwrap();
+        }
+    }
+
+    fn setup() -> (Mutex<DriverQueue>, BlockRequests, Device, [OwnedFd; 2]) {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 8 << 20)]).unwrap());
+        let q = DriverQueue::allocate(mem.clone(), 16, true, 0).unwrap();
+        let (kick, call) = (eventfd(), eventfd());
+        let engine =
+            BlockRequests::new(mem.clone(), &q, 0, false, 4096, kick.as_fd(), call.as_fd(), None, Duration::ZERO)
+                .unwrap();
+        let dev = Device { mem, ring: q.ring(), seen: 0, used: 0 };
+        (Mutex::new(q), engine, dev, [kick, call])
+    }
+
+    #[test]
+    fn out_of_order_completions_and_a_full_ring() {
+        let (q, e, mut dev, _fds) = setup();
+        let ops: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+        let tokens = e.submit(&q, &ops).unwrap();
+        assert_eq!(tokens.len(), 5, "16 descriptors hold five 3-descriptor chains");
+        let heads = dev.take();
+        for (i, &h) in heads.iter().enumerate().rev() {
+            dev.complete(h, &[i as u8; 512], 0);
+        }
+        let mut got = vec![];
+        e.wait_completions(&q, None, &mut || Ok(())).unwrap();
+        e.collect_any(64, &mut |c, d| got.push((c.token, d[0]))).unwrap();
+        let want: Vec<(u64, u8)> = (0..5).rev().map(|i| (tokens[i], i as u8)).collect();
+        assert_eq!(got, want);
+        assert_eq!(e.in_flight(), 0);
+    }
+
+    #[test]
+    fn a_cancelled_request_keeps_its_slot_until_the_device_uses_it() {
+        let (q, e, mut dev, _fds) = setup();
+        let t = e.submit(&q, &[(Op::Read { sector: 0, len: 4096 }, &[][..])]).unwrap()[0];
+        let [h] = dev.take()[..] else { panic!() };
+        let victim = dev.chain(h)[1].0;
+        e.cancel(t);
+        let more: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 4096 }, &[][..])).collect();
+        let others = e.submit(&q, &more).unwrap();
+        assert_eq!(others.len(), 4);
+        for h2 in dev.take() {
+            assert_ne!(dev.chain(h2)[1].0, victim);
+        }
+        assert_eq!(e.in_flight(), 5);
+        dev.complete(h, &[1; 4096], 0);
+        e.reap(&q).unwrap();
+        assert_eq!(e.pending_completions(), 0, "nothing reported for the cancelled request");
+        assert_eq!(e.in_flight(), 4);
+        assert!(e.collect(t, &mut []).is_err());
+    }
+
+    #[test]
+    fn hostile_used_entries_break_the_ring_for_good() {
+        let (q, e, mut dev, _fds) = setup();
+        e.submit(&q, &[(Op::Flush, &[][..])]).unwrap();
+        let [h] = dev.take()[..] else { panic!() };
+        dev.publish(u32::from(h) + 5, 1);
+        assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedIdNotInFlight { .. }, .. })));
+        assert!(matches!(e.submit(&q, &[(Op::Flush, &[][..])]), Err(Error::Queue { .. })));
+        let (q, e, mut dev, _fds) = setup();
+        e.submit(&q, &[(Op::Read { sector: 0, len: 512 }, &[][..])]).unwrap();
+        let [h] = dev.take()[..] else { panic!() };
+        dev.publish(u32::from(h), 4096);
+        assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. })));
+    }
+
+    #[test]
+    fn long_reads_are_split_into_slots_and_close_wakes_a_waiter() {
+        let (q, e, mut dev, _fds) = setup();
+        let e = Arc::new(e);
+        let q = Arc::new(q);
+        let (e2, q2) = (e.clone(), q.clone());
+        let reader = std::thread::spawn(move || {
+            let mut out = vec![0u8; 3 * 4096];
+            e2.run(&q2, Op::Read { sector: 0, len: 3 * 4096 }, &[], &mut out, None, &mut || Ok(())).map(|s| (s, out))
+        });
+        let mut heads = vec![];
+        while heads.len() < 3 {
+            heads.extend(dev.take());
+            std::thread::yield_now();
+        }
+        for (i, &h) in heads.iter().enumerate() {
+            assert_eq!(dev.chain(h)[1].1, 4096);
+            dev.complete(h, &[i as u8 + 1; 4096], 0);
+        }
+        let (status, out) = reader.join().unwrap().unwrap();
+        assert_eq!(status, 0);
+        assert_eq!((out[0], out[4096], out[8191 + 4096]), (1, 2, 3));
+        let (e2, q2) = (e.clone(), q.clone());
+        let waiter = std::thread::spawn(move || e2.run(&q2, Op::Flush, &[], &mut [], None, &mut || Ok(())).map(|_| ()));
+        std::thread::sleep(Duration::from_millis(50));
+        e.close();
+        assert!(matches!(waiter.join().unwrap(), Err(Error::Disconnected)));
+    }
+}
