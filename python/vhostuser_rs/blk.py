@@ -150,7 +150,14 @@ CLIENT_FEATURES = (
 
 
 class BlockClient:
-    """A virtio-blk driver on a vhost-user front-end. Thread-safety: one thread per client.
+    """A virtio-blk driver on a vhost-user front-end.
+
+    Each request is one native call (stage the header and data in the ring entry's own staging
+    slot, add the chain, publish, kick when the device asks, poll then wait with the GIL
+    released, check the status, copy the data out); :meth:`submit` / :meth:`reap` keep many in
+    flight, and :mod:`vhostuser_rs.aio` drives them from an event loop. This native path may be
+    used from several threads at once. With ``iommu=``, ``reconnect=`` or ``native=False``
+    requests take the Python path instead (one thread per client; no batch API).
 
     With ``reconnect=SECONDS`` (:meth:`connect`) a back-end that dies or restarts is replaced
     by a new session on the same socket path while a request waits (QEMU's ``reconnect=``):
