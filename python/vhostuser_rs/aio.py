@@ -47,7 +47,9 @@ class AsyncBlockClient:
         self._engine: _native.BlockRequests = client._batch_engine(queue)
         self._loop = asyncio.get_running_loop()
         self._futures: dict[int, asyncio.Future[tuple[int, bytes | None]]] = {}
-        self._room: list[asyncio.Future[None]] = []
+        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[tuple[int, bytes | None]]]] = []
+        self._flush_scheduled = False
+        self._token_of: dict[asyncio.Future[tuple[int, bytes | None]], int] = {}
         self._error: BaseException | None = None
         self._slot = int(self._engine.slot_bytes)
         self._call_fd = self._engine.call_fd()
@@ -96,17 +98,13 @@ class AsyncBlockClient:
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._unwatch()
-        futures, self._futures = self._futures, {}
-        for fut in futures.values():
+        futures, self._futures = list(self._futures.values()), {}
+        futures += [f for _, f in self._queued]
+        self._queued = []
+        self._token_of.clear()
+        for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
-        self._wake_room()
-
-    def _wake_room(self) -> None:
-        room, self._room = self._room, []
-        for fut in room:
-            if not fut.done():
-                fut.set_result(None)
 
     def _on_call(self) -> None:
         try:
@@ -117,10 +115,12 @@ class AsyncBlockClient:
             return
         for token, status, data in done:
             fut = self._futures.pop(token, None)
-            if fut is not None and not fut.done():
-                fut.set_result((status, data))
-        if done:
-            self._wake_room()
+            if fut is not None:
+                self._token_of.pop(fut, None)
+                if not fut.done():
+                    fut.set_result((status, data))
+        if done and self._queued:
+            self._flush()
 
     def _on_main(self) -> None:
         if self._engine.hung_up:
@@ -134,26 +134,44 @@ class AsyncBlockClient:
 
     # -- requests ------------------------------------------------------------------------------
     async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
-        while True:
-            if self._error is not None:
-                raise self._error
-            tokens = self._engine.submit([request])
-            if tokens:
-                break
-            # Back-pressure: the ring or the staging slots are full; wait for a completion.
-            room = self._loop.create_future()
-            self._room.append(room)
-            await room
-        token = tokens[0]
+        if self._error is not None:
+            raise self._error
         fut: asyncio.Future[tuple[int, bytes | None]] = self._loop.create_future()
-        self._futures[token] = fut
+        self._queued.append((request, fut))
+        if not self._flush_scheduled:
+            # Every request made in this turn of the loop goes to the ring in one native call
+            # (one publish, at most one kick).
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
         try:
             return await fut
         except asyncio.CancelledError:
-            self._futures.pop(token, None)
-            # The slot comes back when the device completes the request, not before.
-            self._engine.cancel(token)
+            token = self._token_of.pop(fut, None)
+            if token is not None:
+                self._futures.pop(token, None)
+                # The slot comes back when the device completes the request, not before.
+                self._engine.cancel(token)
+            # (Still queued: _flush skips a future that is done.)
             raise
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        queued = [(r, f) for r, f in self._queued if not f.done()]
+        self._queued = []
+        if not queued or self._error is not None:
+            return
+        try:
+            tokens = self._engine.submit([r for r, _ in queued])
+        except VhostUserError as e:
+            for _, f in queued:
+                if not f.done():
+                    f.set_exception(e)
+            return
+        for token, (_, fut) in zip(tokens, queued):
+            self._futures[token] = fut
+            self._token_of[fut] = token
+        # Back-pressure: what did not fit (ring or staging slots full) waits for completions.
+        self._queued = queued[len(tokens) :]
 
     async def _checked(self, rtype: RequestType, request: tuple[Any, ...]) -> bytes | None:
         status, data = await self._one(request)

@@ -360,3 +360,18 @@ def test_close_wakes_waiters(stopped: tuple[BlockClient, Device, subprocess.Pope
     disk.close()
     t.join(5)
     assert not t.is_alive() and isinstance(outcome[0], vu.ConnectionClosedError)
+
+
+def test_python_path_keeps_the_same_api(sock_dir: Path, image: Path) -> None:
+    """native=False (as iommu= and reconnect= do) takes the Python request path: the same
+    results for read / readinto / write, and no batch API."""
+    sock = sock_dir / "qsd.sock"
+    with qemu_storage_daemon(image, sock, num_queues=1):
+        with BlockClient.connect(sock, native=False) as disk:
+            data = random.Random(5).randbytes(8192)
+            disk.write(MIB, memoryview(data))
+            assert disk.read(MIB, 8192) == data
+            buf = bytearray(8192)
+            assert disk.readinto(MIB, buf) == 8192 and buf == data
+            with pytest.raises(vu.NegotiationError):
+                disk.submit([(RequestType.IN, 0, 512)])
