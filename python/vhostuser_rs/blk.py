@@ -18,7 +18,7 @@ import enum
 import os
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -28,7 +28,14 @@ from .enums import ProtocolFeature, VirtioFeature
 from .exceptions import ConnectionClosedError, NegotiationError, VhostUserError, VhostUserTimeoutError
 from .frontend import BuiltinHandler, Frontend, IommuTable, Virtqueue
 
-__all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature"]
+__all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature", "Completion", "Request", "RequestType"]
+
+#: Anything with the buffer protocol (bytes, bytearray, memoryview, mmap...).
+Buffer = bytes | bytearray | memoryview
+#: A request for :meth:`BlockClient.submit`: ``(RequestType, offset, length or data[, unmap])``.
+Request = tuple[Any, ...]
+#: A completion from :meth:`BlockClient.reap`: ``(token, status, data or None)``.
+Completion = tuple[int, int, bytes | None]
 
 # The values are defined once, in Rust (src/virtio/blk.rs), under the spec's names.
 _BLK = _native.VIRTIO_BLK
@@ -143,7 +150,14 @@ CLIENT_FEATURES = (
 
 
 class BlockClient:
-    """A virtio-blk driver on a vhost-user front-end. Thread-safety: one thread per client.
+    """A virtio-blk driver on a vhost-user front-end.
+
+    Each request is one native call (stage the header and data in the ring entry's own staging
+    slot, add the chain, publish, kick when the device asks, poll then wait with the GIL
+    released, check the status, copy the data out); :meth:`submit` / :meth:`reap` keep many in
+    flight, and :mod:`vhostuser_rs.aio` drives them from an event loop. This native path may be
+    used from several threads at once. With ``iommu=``, ``reconnect=`` or ``native=False``
+    requests take the Python path instead (one thread per client; no batch API).
 
     With ``reconnect=SECONDS`` (:meth:`connect`) a back-end that dies or restarts is replaced
     by a new session on the same socket path while a request waits (QEMU's ``reconnect=``):
@@ -164,6 +178,9 @@ class BlockClient:
         event_idx: bool | None = None,
         timeout: float | None = 5.0,
         iommu: IommuTable | None = None,
+        slot_size: int = 128 << 10,
+        poll: float = 50e-6,
+        native: bool = True,
     ) -> None:
         self.frontend = frontend
         self.timeout = timeout
@@ -206,9 +223,20 @@ class BlockClient:
             frontend.setup_queue(i, queue_size, self.memory, indirect_max=8 if indirect else 0)
             for i in range(num_queues)
         ]
-        # One staging area per queue slot would be faster; one per request is simplest here.
-        self._scratch = self.memory.alloc(1 << 20, 4096)
-        self._scratch_size = 1 << 20
+        # The native request path (one call per request, a staging slot per ring entry): used
+        # unless the client translates through an IOMMU table, reconnects (the ring is handed
+        # over between sessions by frontend.py) or kicks in-band.
+        self._slot_size = slot_size
+        self._poll = poll
+        self._native = native
+        self._engines: list[_native.BlockRequests | None] = [self._make_engine(vq) for vq in self.queues]
+        self._engine_rings: list[Virtqueue] = list(self.queues)
+        self._scratch = 0
+        self._scratch_size = 0
+        if not all(self._engines) or iommu is not None or frontend.reconnect is not None:
+            # The Python path stages every request in one area.
+            self._scratch = self.memory.alloc(1 << 20, 4096)
+            self._scratch_size = 1 << 20
         # Requests that timed out but are still in a ring, by queue: their descriptors point
         # into the staging area, so no new request may use it until they complete.
         self._abandoned: dict[int, set[int]] = {}
@@ -226,12 +254,23 @@ class BlockClient:
         timeout: float | None = 5.0,
         reconnect: float | None = None,
         iommu: IommuTable | None = None,
+        slot_size: int = 128 << 10,
+        poll: float = 50e-6,
+        native: bool = True,
     ) -> BlockClient:
         """Connect to a vhost-user-blk back-end and set up `num_queues` rings. `reconnect`:
         seconds to keep trying to reach a restarted back-end after it hangs up (see the class).
         `iommu`: drive the device with ACCESS_PLATFORM: every ring and buffer address is the
         IOVA the table maps the client's guest memory at (guest-physical 0 up to
-        `memory_size`), and the back-end's IOTLB misses are answered from the table."""
+        `memory_size`), and the back-end's IOTLB misses are answered from the table.
+
+        `slot_size`: the staging area of each ring entry (requests are staged there; longer
+        reads and writes are split into several requests of at most this size, all in flight
+        at once). `poll`: seconds a request polls the used ring (yielding the CPU) before
+        sleeping on the call eventfd — a back-end that polls its rings (``serve-blk
+        --poll-us``) usually answers within it, which saves both sides a wake-up. `native`:
+        False keeps every request on the Python path (one staging area, the ring driven
+        through :class:`DriverQueue` calls), as ``iommu=`` and ``reconnect=`` always do."""
         fe = Frontend.connect(path, timeout=timeout, reconnect=reconnect)
         try:
             return cls(
@@ -243,6 +282,9 @@ class BlockClient:
                 event_idx=event_idx,
                 timeout=timeout,
                 iommu=iommu,
+                slot_size=slot_size,
+                poll=poll,
+                native=native,
             )
         except BaseException:
             fe.close()
@@ -258,7 +300,13 @@ class BlockClient:
         """Close the session and release every fd at once, from any state (also after the
         back-end died): the socket, the back-end request channel, the rings' eventfds, the
         inflight buffer, and the client's guest memory (its memfd goes when nothing else refers
-        to it: views and rings taken from this client keep it). Idempotent."""
+        to it: views and rings taken from this client keep it). Requests waiting on other
+        threads fail with ConnectionClosedError. Idempotent."""
+        for engine in self._engines:
+            if engine is not None:
+                engine.close()
+        self._engines = []
+        self._engine_rings = []
         self.frontend.close()
         self.queues = []
         # The rings and the staging area live in the memory: let it go now.
@@ -366,36 +414,179 @@ class BlockClient:
                     if fe.reconnect is None and fe.peer_closed:
                         raise ConnectionClosedError("the back-end hung up with earlier requests in flight")
 
-    def read(self, offset: int, length: int, *, queue: int = 0) -> bytes:
-        """Read `length` bytes at byte `offset` (both multiples of 512)."""
-        _check_aligned(offset, length)
-        return self._submit(RequestType.IN, offset // SECTOR, in_len=length, queue=queue)
+    def _make_engine(self, vq: Virtqueue) -> _native.BlockRequests | None:
+        if not self._native or self.iommu is not None or self.frontend.reconnect is not None or vq.inband:
+            return None
+        return _native.BlockRequests(
+            vq.queue, self.memory, vq.kick_fd, vq.call_fd, self.frontend._main_fd(),
+            index=vq.index, indirect=self.indirect, slot_bytes=self._slot_size, poll=self._poll,
+        )
 
-    def write(self, offset: int, data: bytes, *, queue: int = 0) -> None:
-        """Write `data` at byte `offset` (both multiples of 512)."""
-        _check_aligned(offset, len(data))
-        self._submit(RequestType.OUT, offset // SECTOR, out=bytes(data), queue=queue)
+    def _engine(self, queue: int) -> _native.BlockRequests | None:
+        if self._memory is None:
+            raise ConnectionClosedError("the BlockClient is closed")
+        vq = self.queues[queue]
+        if not self._engines:
+            raise ConnectionClosedError("the BlockClient is closed")
+        if self._engine_rings[queue] is not vq:
+            # The ring was replaced (stop_queue + setup_queue): drive the new one.
+            old = self._engines[queue]
+            if old is not None:
+                old.close()
+            self._engines[queue] = self._make_engine(vq)
+            self._engine_rings[queue] = vq
+        return self._engines[queue]
+
+    def read(self, offset: int, length: int, *, queue: int = 0) -> bytes:
+        """Read `length` bytes at byte `offset` (both multiples of 512): one native call that
+        stages the request, adds, publishes and kicks (when the device asks), waits with the
+        GIL released and checks the status."""
+        if length > 0 and offset >= 0 and not (offset | length) % SECTOR:
+            engine = self._engine(queue)
+            if engine is not None:  # the common case first, with the fewest Python steps
+                return engine.read(offset // SECTOR, length, timeout=self.timeout)
+        _check_aligned(offset, length)
+        engine = self._engine(queue)
+        if engine is None:
+            return self._submit(RequestType.IN, offset // SECTOR, in_len=length, queue=queue)
+        if not length:
+            return b""
+        return engine.read(offset // SECTOR, length, timeout=self.timeout)
+
+    def readinto(self, offset: int, buffer: Buffer, *, queue: int = 0) -> int:
+        """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer (bytearray,
+        memoryview, mmap, numpy array...: C-contiguous); returns the byte count. The data is
+        copied once, from the staging slot into `buffer`."""
+        if offset >= 0 and not offset % SECTOR:
+            engine = self._engine(queue)
+            if engine is not None:
+                # The native call checks the buffer (writable, contiguous) and its length.
+                return engine.readinto(offset // SECTOR, buffer, timeout=self.timeout)
+        view = memoryview(buffer)
+        length = view.nbytes
+        _check_aligned(offset, length)
+        engine = self._engine(queue)
+        if engine is None:
+            view.cast("B")[:] = self._submit(RequestType.IN, offset // SECTOR, in_len=length, queue=queue)
+            return length
+        if not length:
+            return 0
+        return engine.readinto(offset // SECTOR, view, timeout=self.timeout)
+
+    def write(self, offset: int, data: Buffer, *, queue: int = 0) -> None:
+        """Write `data` (any bytes-like object) at byte `offset` (both multiples of 512)."""
+        length = memoryview(data).nbytes
+        _check_aligned(offset, length)
+        engine = self._engine(queue)
+        if engine is None:
+            self._submit(RequestType.OUT, offset // SECTOR, out=bytes(data), queue=queue)
+        elif length:
+            engine.write(offset // SECTOR, data, timeout=self.timeout)
 
     def flush(self, *, queue: int = 0) -> None:
         """FLUSH: make completed writes durable."""
-        self._submit(RequestType.FLUSH, 0, queue=queue)
+        engine = self._engine(queue)
+        if engine is None:
+            self._submit(RequestType.FLUSH, 0, queue=queue)
+        else:
+            engine.request(RequestType.FLUSH, timeout=self.timeout)
 
     def discard(self, offset: int, length: int, *, queue: int = 0) -> None:
         """DISCARD one range (needs the DISCARD feature)."""
         _check_aligned(offset, length)
-        seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, 0)
-        self._submit(RequestType.DISCARD, 0, out=seg, queue=queue)
+        engine = self._engine(queue)
+        if engine is None:
+            seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, 0)
+            self._submit(RequestType.DISCARD, 0, out=seg, queue=queue)
+        else:
+            engine.request(RequestType.DISCARD, offset // SECTOR, length // SECTOR, timeout=self.timeout)
 
     def write_zeroes(self, offset: int, length: int, *, unmap: bool = False, queue: int = 0) -> None:
         """WRITE_ZEROES one range (needs the WRITE_ZEROES feature)."""
         _check_aligned(offset, length)
-        seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, _UNMAP if unmap else 0)
-        self._submit(RequestType.WRITE_ZEROES, 0, out=seg, queue=queue)
+        engine = self._engine(queue)
+        if engine is None:
+            seg = struct.pack("<QII", offset // SECTOR, length // SECTOR, _UNMAP if unmap else 0)
+            self._submit(RequestType.WRITE_ZEROES, 0, out=seg, queue=queue)
+        else:
+            engine.request(
+                RequestType.WRITE_ZEROES, offset // SECTOR, length // SECTOR, unmap=unmap, timeout=self.timeout
+            )
 
     def get_id(self, *, queue: int = 0) -> bytes:
         """GET_ID: the device's serial (up to 20 bytes, NUL padding removed)."""
-        self.memory.write(self._scratch + _HEADER_SIZE, bytes(_ID_BYTES))
-        return self._submit(RequestType.GET_ID, 0, in_len=_ID_BYTES, queue=queue).split(b"\0", 1)[0]
+        engine = self._engine(queue)
+        if engine is None:
+            self.memory.write(self._scratch + _HEADER_SIZE, bytes(_ID_BYTES))
+            data = self._submit(RequestType.GET_ID, 0, in_len=_ID_BYTES, queue=queue)
+        else:
+            data = engine.request(RequestType.GET_ID, timeout=self.timeout)
+        return data.split(b"\0", 1)[0]
+
+    # -- many requests in flight -----------------------------------------------------------------
+    def _batch_engine(self, queue: int) -> _native.BlockRequests:
+        engine = self._engine(queue)
+        if engine is None:
+            raise NegotiationError("the batch API needs the native request path (not with iommu= or reconnect=)")
+        return engine
+
+    def submit(self, requests: Iterable[Request], *, queue: int = 0) -> list[int]:
+        """Submit a batch of requests without waiting, with one native call (one publish and
+        at most one kick for the whole batch). Each request is a tuple:
+        ``(RequestType.IN, offset, length)``, ``(RequestType.OUT, offset, data)``,
+        ``(RequestType.FLUSH, 0, 0)``, ``(RequestType.DISCARD, offset, length)``,
+        ``(RequestType.WRITE_ZEROES, offset, length[, unmap])`` or ``(RequestType.GET_ID, 0, 0)``
+        — offsets and lengths in bytes, multiples of 512, a data length of at most
+        :attr:`slot_size`.
+
+        Returns one token per request submitted: a prefix of `requests`, shorter when the ring
+        (or the staging slots, one per ring entry) is full — :meth:`reap` and submit the rest.
+        Safe to call from several threads."""
+        engine = self._batch_engine(queue)
+        native: list[tuple[int, ...] | tuple[int, int, Any]] = []
+        for req in requests:
+            rtype, offset = req[0], req[1]
+            if offset % SECTOR or offset < 0:
+                raise ValueError("offsets must be non-negative multiples of 512")
+            if rtype == RequestType.OUT:
+                native.append((rtype, offset // SECTOR, req[2]))
+                continue
+            length = int(req[2]) if len(req) > 2 else 0
+            if length % SECTOR or length < 0:
+                raise ValueError("lengths must be non-negative multiples of 512")
+            if rtype in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
+                native.append((rtype, offset // SECTOR, length // SECTOR, bool(req[3]) if len(req) > 3 else False))
+            else:
+                native.append((rtype, offset // SECTOR, length))
+        return engine.submit(native)
+
+    def reap(self, max: int = 64, *, timeout: float | None = 0.0, queue: int = 0) -> list[Completion]:
+        """Collect up to `max` completions, oldest first: ``(token, status, data)`` tuples with
+        the device's status byte (0 is VIRTIO_BLK_S_OK; others are reported here, not raised)
+        and the bytes a read or GET_ID returned (None for other requests). Waits up to
+        `timeout` seconds for the first one (0: only look; None: until one completes), with
+        the GIL released; the back-end hanging up raises ConnectionClosedError."""
+        return self._batch_engine(queue).reap(max, timeout=timeout)
+
+    def collect(self, token: int, *, queue: int = 0) -> tuple[int, bytes | None] | None:
+        """Collect one request's completion without waiting: ``(status, data)``, or None while
+        it is in flight (call :meth:`reap` with ``max=0`` or wait on :meth:`call_fd` first)."""
+        return self._batch_engine(queue).collect(token)
+
+    def cancel(self, token: int, *, queue: int = 0) -> None:
+        """Forget a submitted request. Its staging slot and ring entry stay reserved until the
+        device completes it (virtio: the buffers are the device's until then)."""
+        self._batch_engine(queue).cancel(token)
+
+    def in_flight(self, *, queue: int = 0) -> int:
+        """Requests submitted on ring `queue` and not completed yet."""
+        return int(self._batch_engine(queue).in_flight)
+
+    @property
+    def slot_size(self) -> int:
+        """The largest data length of one ring request (the staging slot of each ring entry)."""
+        engine = self._engines[0] if self._engines else None
+        return int(engine.slot_bytes) if engine is not None else self._scratch_size - _HEADER_SIZE - 1
 
     # -- batch I/O -------------------------------------------------------------------------------
     def run_io(
@@ -422,6 +613,9 @@ class BlockClient:
         Returns ios, bytes, elapsed (s), errors (non-OK status), verify_failures, p50_ns,
         p99_ns, p999_ns, max_ns and per_second (completions in each whole second).
         """
+        engine = self._engines[queue] if self._engines else None
+        if engine is not None and engine.in_flight:
+            raise VhostUserError("run_io needs a ring with nothing in flight (reap what was submitted first)")
         if self.iommu is not None:
             raise NegotiationError("run_io does not translate through an IOMMU table (ACCESS_PLATFORM)")
         if poll is None:

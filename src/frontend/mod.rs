@@ -6,6 +6,7 @@
 //! ([`channel`]), so an IOTLB miss arriving while a main-channel reply is awaited cannot deadlock.
 
 pub mod blkio;
+pub mod blkreq;
 pub mod channel;
 /// Eventfd helpers, shared with the back-end (kept here under their old path).
 pub use crate::eventfd;

@@ -4,6 +4,7 @@
 //! funnel, and GIL handling around blocking calls. Logic lives in the layers below.
 
 mod backend;
+mod blkreq;
 mod blocking;
 mod device;
 mod errors;
@@ -34,6 +35,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     memory::register(m)?;
     virtqueue::register(m)?;
     frontend::register(m)?;
+    blkreq::register(m)?;
     backend::register(m)?;
     exports::register(m)?;
     device::register(m)?;

@@ -1,0 +1,410 @@
+//! `BlockRequests`: the native request path of `vhostuser_rs.blk.BlockClient` (one call per
+//! request, or per batch). Binds `crate::frontend::blkreq`.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
+
+use pyo3::exceptions::{PyBufferError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyList, PyTuple};
+
+use super::errors::{to_pyerr, IntoPyResult};
+use super::memory::PyGuestMemory;
+use super::socket::borrow_fds;
+use super::virtqueue::PyDriverQueue;
+use crate::error::Error;
+use crate::frontend::blkreq::{BlockRequests, Op};
+use crate::virtio::blk::{
+    VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES,
+};
+
+/// The request engine of one ring of a virtio-blk front-end (use ``BlockClient``).
+#[pyclass(module = "vhostuser_rs", name = "BlockRequests", frozen)]
+pub(crate) struct PyBlockRequests {
+    engine: BlockRequests,
+    queue: Py<PyDriverQueue>,
+}
+
+/// A caller's writable buffer, lent to a detached wait (the export keeps it from moving).
+struct OutBuf(*mut u8, usize);
+
+impl OutBuf {
+    /// # Safety
+    /// The pointer must be valid for `len` bytes (or `len` 0) and not aliased meanwhile.
+    unsafe fn slice<'a>(self) -> &'a mut [u8] {
+        if self.1 == 0 || self.0.is_null() {
+            return &mut [];
+        }
+        std::slice::from_raw_parts_mut(self.0, self.1)
+    }
+}
+// SAFETY: the buffer export outlives the detached section and nothing else writes it then.
+unsafe impl Send for OutBuf {}
+
+fn deadline(timeout: Option<f64>) -> PyResult<Option<Instant>> {
+    Ok(super::blocking::timeout(timeout)?.map(|t| Instant::now() + t))
+}
+
+fn interrupt() -> Result<(), Error> {
+    Python::attach(|py| py.check_signals()).map_err(|e| Error::Io(io::Error::other(e)))
+}
+
+fn block_error(py: Python<'_>, rtype: u32, status: u8) -> PyErr {
+    let made = (|| -> PyResult<PyErr> {
+        let blk = py.import("vhostuser_rs.blk")?;
+        let names = blk.getattr("_STATUS_NAMES")?;
+        let name: String = match names.get_item(status) {
+            Ok(n) => n.extract()?,
+            Err(_) => status.to_string(),
+        };
+        let kwargs = pyo3::types::PyDict::new(py);
+        kwargs.set_item("status", status)?;
+        let exc = blk
+            .getattr("BlockError")?
+            .call((format!("virtio-blk request type {rtype} failed: {name}"),), Some(&kwargs))?;
+        Ok(PyErr::from_value(exc))
+    })();
+    made.unwrap_or_else(|e| e)
+}
+
+fn op_of(kind: u32, sector: u64, arg: u64, unmap: bool) -> PyResult<Op> {
+    let sectors = || u32::try_from(arg).map_err(|_| PyValueError::new_err("too many sectors in one request"));
+    Ok(match kind {
+        VIRTIO_BLK_T_IN => {
+            Op::Read { sector, len: u32::try_from(arg).map_err(|_| PyValueError::new_err("read too long"))? }
+        }
+        VIRTIO_BLK_T_OUT => Op::Write { sector },
+        VIRTIO_BLK_T_FLUSH => Op::Flush,
+        VIRTIO_BLK_T_DISCARD => Op::Discard { sector, sectors: sectors()? },
+        VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes { sector, sectors: sectors()?, unmap },
+        VIRTIO_BLK_T_GET_ID => Op::GetId,
+        _ => return Err(PyValueError::new_err(format!("unsupported virtio-blk request type {kind}"))),
+    })
+}
+
+enum Payload {
+    Bytes(Py<PyBytes>),
+    Copy(Vec<u8>),
+    None,
+}
+
+impl Payload {
+    fn from_py(data: &Bound<'_, PyAny>) -> PyResult<Payload> {
+        if data.is_none() {
+            return Ok(Payload::None);
+        }
+        if let Ok(b) = data.cast::<PyBytes>() {
+            return Ok(Payload::Bytes(b.clone().unbind()));
+        }
+        let buf = pyo3::buffer::PyBuffer::<u8>::get(data)?;
+        Ok(Payload::Copy(buf.to_vec(data.py())?))
+    }
+
+    fn slice<'a>(&'a self, py: Python<'a>) -> &'a [u8] {
+        match self {
+            Payload::Bytes(b) => b.bind(py).as_bytes(),
+            Payload::Copy(v) => v,
+            Payload::None => &[],
+        }
+    }
+}
+
+impl PyBlockRequests {
+    fn run(&self, py: Python<'_>, op: Op, data: &[u8], out: OutBuf, timeout: Option<f64>) -> PyResult<u8> {
+        let deadline = deadline(timeout)?;
+        let queue = &self.queue.get().inner;
+        let engine = &self.engine;
+        // Python's bytes are immutable and `data` is borrowed for the call: copying it into the
+        // slot happens detached too, so the GIL is released once per request.
+        let data_ptr = OutBuf(data.as_ptr().cast_mut(), data.len());
+        py.detach(move || {
+            // Whole-value captures: the raw pointers inside are not Send on their own.
+            let (data_ptr, out) = (data_ptr, out);
+            // SAFETY: see OutBuf; `data` is only read.
+            let data: &[u8] = unsafe { data_ptr.slice() };
+            // SAFETY: see OutBuf.
+            let out = unsafe { out.slice() };
+            engine.run(queue, op, data, out, deadline, &mut interrupt)
+        })
+        .map_err(|e| to_pyerr(py, e))
+    }
+}
+
+#[pymethods]
+impl PyBlockRequests {
+    /// An engine over `queue` (ring `index`) with `queue.size` staging slots of up to
+    /// `slot_bytes` each in `memory`. The eventfds and the main channel's fd (`main_fd`, watched
+    /// for a hang-up) are duplicated. `poll`: seconds a request polls the used ring before
+    /// sleeping on the call eventfd.
+    #[new]
+    #[pyo3(signature = (queue, memory, kick_fd, call_fd, main_fd=None, *, index=0, indirect=false, slot_bytes=131072, poll=0.0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        queue: Py<PyDriverQueue>,
+        memory: &PyGuestMemory,
+        kick_fd: RawFd,
+        call_fd: RawFd,
+        main_fd: Option<RawFd>,
+        index: u16,
+        indirect: bool,
+        slot_bytes: u32,
+        poll: f64,
+    ) -> PyResult<PyBlockRequests> {
+        let mut fds = vec![kick_fd, call_fd];
+        fds.extend(main_fd);
+        let b = borrow_fds(&fds)?;
+        let poll = super::blocking::timeout(Some(poll))?.unwrap_or(Duration::ZERO);
+        let engine = {
+            let q = queue.get().inner.lock().unwrap_or_else(|e| e.into_inner());
+            BlockRequests::new(
+                memory.inner.clone(),
+                &q,
+                index,
+                indirect,
+                slot_bytes,
+                b[0],
+                b[1],
+                b.get(2).copied(),
+                poll,
+            )
+            .py_err(py)?
+        };
+        Ok(PyBlockRequests { engine, queue })
+    }
+
+    /// The largest data length of one ring request (longer reads and writes are split).
+    #[getter]
+    fn slot_bytes(&self) -> u32 {
+        self.engine.slot_bytes()
+    }
+
+    /// The engine's duplicate of the call eventfd (for an event loop's reader).
+    fn call_fd(&self) -> RawFd {
+        self.engine.call_fd().as_raw_fd()
+    }
+
+    /// The engine's duplicate of the main channel's fd, if one was given.
+    fn main_fd(&self) -> Option<RawFd> {
+        self.engine.main_fd().map(|f| f.as_raw_fd())
+    }
+
+    /// Reads `length` bytes at `sector` and waits: one request (or several of a slot each).
+    /// Raises BlockError on a non-OK status.
+    #[pyo3(signature = (sector, length, *, timeout=5.0))]
+    fn read<'py>(
+        &self,
+        py: Python<'py>,
+        sector: u64,
+        length: usize,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let len = u32::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
+        let mut status = VIRTIO_BLK_S_OK;
+        let bytes = PyBytes::new_with(py, length, |buf| {
+            status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf.as_mut_ptr(), buf.len()), timeout)?;
+            Ok(())
+        })?;
+        if status != VIRTIO_BLK_S_OK {
+            return Err(block_error(py, VIRTIO_BLK_T_IN, status));
+        }
+        Ok(bytes)
+    }
+
+    /// Reads ``len(buffer)`` bytes at `sector` into a writable contiguous `buffer`; returns
+    /// the byte count. Raises BlockError on a non-OK status.
+    #[pyo3(signature = (sector, buffer, *, timeout=5.0))]
+    fn readinto(
+        &self,
+        py: Python<'_>,
+        sector: u64,
+        buffer: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<usize> {
+        let buf = pyo3::buffer::PyBuffer::<u8>::get(buffer)?;
+        if buf.readonly() || !buf.is_c_contiguous() {
+            return Err(PyBufferError::new_err("readinto needs a writable C-contiguous buffer"));
+        }
+        let n = buf.len_bytes();
+        if n == 0 {
+            return Ok(0);
+        }
+        if n % 512 != 0 {
+            return Err(PyValueError::new_err("the buffer's length must be a multiple of 512"));
+        }
+        let len = u32::try_from(n).map_err(|_| PyValueError::new_err("read too long"))?;
+        let status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf.buf_ptr().cast(), n), timeout)?;
+        drop(buf);
+        if status != VIRTIO_BLK_S_OK {
+            return Err(block_error(py, VIRTIO_BLK_T_IN, status));
+        }
+        Ok(n)
+    }
+
+    /// Writes `data` (any bytes-like object) at `sector` and waits. Raises BlockError on a
+    /// non-OK status.
+    #[pyo3(signature = (sector, data, *, timeout=5.0))]
+    fn write(&self, py: Python<'_>, sector: u64, data: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<()> {
+        let payload = Payload::from_py(data)?;
+        let slice = payload.slice(py);
+        let status = self.run(py, Op::Write { sector }, slice, OutBuf(std::ptr::null_mut(), 0), timeout)?;
+        if status != VIRTIO_BLK_S_OK {
+            return Err(block_error(py, VIRTIO_BLK_T_OUT, status));
+        }
+        Ok(())
+    }
+
+    /// Any other request (FLUSH, DISCARD, WRITE_ZEROES with `sectors` and `unmap`, GET_ID),
+    /// waited for; returns the data the device wrote (GET_ID), else empty bytes.
+    #[pyo3(signature = (kind, sector=0, sectors=0, *, unmap=false, timeout=5.0))]
+    fn request<'py>(
+        &self,
+        py: Python<'py>,
+        kind: u32,
+        sector: u64,
+        sectors: u64,
+        unmap: bool,
+        timeout: Option<f64>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let op = op_of(kind, sector, sectors, unmap)?;
+        if matches!(op, Op::Read { .. } | Op::Write { .. }) {
+            return Err(PyValueError::new_err("use read() / write()"));
+        }
+        let mut out = vec![0u8; op.in_len() as usize];
+        let status = self.run(py, op, &[], OutBuf(out.as_mut_ptr(), out.len()), timeout)?;
+        if status != VIRTIO_BLK_S_OK {
+            return Err(block_error(py, kind, status));
+        }
+        Ok(PyBytes::new(py, &out))
+    }
+
+    /// Submits a batch without waiting for completions: each item is ``(type, sector, arg)``
+    /// with `arg` the length of a read, the data of a write, the sector count of a DISCARD or
+    /// WRITE_ZEROES (``(type, sector, sectors, unmap)`` for WRITE_ZEROES with UNMAP), 0 for
+    /// FLUSH and GET_ID. Returns the tokens of the requests submitted: a prefix of the batch,
+    /// shorter when the ring or the staging slots are full (reap, then submit the rest).
+    fn submit(&self, py: Python<'_>, requests: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+        let mut ops = Vec::new();
+        let mut payloads = Vec::new();
+        for item in requests.try_iter()? {
+            let item = item?;
+            let t = item.cast::<PyTuple>()?;
+            if t.len() < 3 || t.len() > 4 {
+                return Err(PyValueError::new_err(
+                    "a request is (type, sector, arg) or (type, sector, sectors, unmap)",
+                ));
+            }
+            let kind: u32 = t.get_item(0)?.extract()?;
+            let sector: u64 = t.get_item(1)?.extract()?;
+            let unmap = if t.len() == 4 { t.get_item(3)?.extract::<bool>()? } else { false };
+            let arg = t.get_item(2)?;
+            if kind == VIRTIO_BLK_T_OUT {
+                ops.push(Op::Write { sector });
+                payloads.push(Payload::from_py(&arg)?);
+            } else {
+                ops.push(op_of(kind, sector, arg.extract()?, unmap)?);
+                payloads.push(Payload::None);
+            }
+        }
+        let batch: Vec<(Op, &[u8])> = ops.iter().zip(&payloads).map(|(o, p)| (*o, p.slice(py))).collect();
+        self.engine.submit(&self.queue.get().inner, &batch).py_err(py)
+    }
+
+    /// Collects up to `max` completions, oldest first, waiting up to `timeout` for the first
+    /// (0: look without waiting): a list of ``(token, status, data)`` with `data` the bytes a
+    /// read or GET_ID returned (None for other requests). A non-OK status is reported, not
+    /// raised.
+    #[pyo3(signature = (max=64, *, timeout=0.0))]
+    fn reap<'py>(&self, py: Python<'py>, max: usize, timeout: Option<f64>) -> PyResult<Bound<'py, PyList>> {
+        let queue = &self.queue.get().inner;
+        let engine = &self.engine;
+        let deadline = deadline(timeout)?;
+        if timeout == Some(0.0) {
+            engine.reap(queue).py_err(py)?;
+        } else {
+            py.detach(|| engine.wait_completions(queue, deadline, &mut interrupt)).map_err(|e| to_pyerr(py, e))?;
+        }
+        let list = PyList::empty(py);
+        let mut failed = None;
+        engine
+            .collect_any(max, &mut |c, data| {
+                let data = if c.in_len > 0 { PyBytes::new(py, data).into_any() } else { py.None().into_bound(py) };
+                if let Err(e) = list.append((c.token, c.status, data)) {
+                    failed.get_or_insert(e);
+                }
+            })
+            .py_err(py)?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        Ok(list)
+    }
+
+    /// Collects `token`'s completion without waiting: ``(status, data)`` or None while in
+    /// flight. `data` as for :meth:`reap`.
+    fn collect<'py>(&self, py: Python<'py>, token: u64) -> PyResult<Option<(u8, Bound<'py, PyAny>)>> {
+        let mut out = vec![0u8; self.engine.slot_bytes() as usize];
+        match self.engine.collect(token, &mut out).map_err(|e| match e {
+            Error::Io(e) if e.kind() == io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+            e => to_pyerr(py, e),
+        })? {
+            None => Ok(None),
+            Some(c) => {
+                let data = if c.in_len > 0 {
+                    PyBytes::new(py, &out[..c.in_len as usize]).into_any()
+                } else {
+                    py.None().into_bound(py)
+                };
+                Ok(Some((c.status, data)))
+            }
+        }
+    }
+
+    /// Reaps the used ring without waiting (an event loop's reader callback: clears the call
+    /// eventfd first); returns how many requests completed.
+    fn poll(&self, py: Python<'_>) -> PyResult<usize> {
+        self.engine.clear_call();
+        self.engine.reap(&self.queue.get().inner).py_err(py)
+    }
+
+    /// Gives up on `token`; a request still in flight keeps its staging slot until the device
+    /// completes it (never reused early).
+    fn cancel(&self, token: u64) {
+        self.engine.cancel(token)
+    }
+
+    /// Requests in flight on the ring.
+    #[getter]
+    fn in_flight(&self) -> usize {
+        self.engine.in_flight()
+    }
+
+    /// Completions reaped and not collected yet.
+    #[getter]
+    fn pending(&self) -> usize {
+        self.engine.pending_completions()
+    }
+
+    /// Whether the back-end hung up the main channel.
+    #[getter]
+    fn hung_up(&self) -> bool {
+        self.engine.hung_up()
+    }
+
+    /// Fails every waiter with ConnectionClosedError and refuses new requests. Idempotent.
+    fn close(&self) {
+        self.engine.close()
+    }
+
+    /// Whether :meth:`close` was called.
+    #[getter]
+    fn closed(&self) -> bool {
+        self.engine.closed()
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyBlockRequests>()
+}

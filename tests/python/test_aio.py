@@ -1,0 +1,156 @@
+"""vhostuser_rs.aio: many coroutines in flight on one client against qemu-storage-daemon and
+serve-blk (data checked end to end, a full ring); with the test playing the device: completions
+out of order, cancellation (the ring entry is reclaimed only when the device completes it),
+hostile used entries and a back-end dying with coroutines awaiting."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import vhostuser_rs as vu
+from test_blk_fast import IMAGE_SIZE, MIB, Device, blk_backend, image, stopped  # noqa: F401 - fixtures
+from vhostuser_rs.aio import AsyncBlockClient
+from vhostuser_rs.blk import BlockClient
+
+Stopped = tuple[BlockClient, Device, subprocess.Popen[bytes]]
+
+
+def test_many_coroutines_in_flight(blk_backend: Path, image: Path) -> None:  # noqa: F811
+    data = bytearray(image.read_bytes())
+
+    async def main() -> None:
+        async with await AsyncBlockClient.connect(blk_backend, queue_size=16, slot_size=16384) as disk:
+            assert disk.capacity == IMAGE_SIZE
+            rng = random.Random(3)
+            offsets = [rng.randrange(4 * MIB // 4096) * 4096 for _ in range(300)]
+            # 300 reads at once on a ring that holds 5: back-pressure, not an error.
+            got = await asyncio.gather(*(disk.read(o, 4096) for o in offsets))
+            assert got == [bytes(data[o : o + 4096]) for o in offsets]
+            payloads = {4 * MIB + i * 65536: rng.randbytes(65536) for i in range(20)}
+            await asyncio.gather(*(disk.write(o, p) for o, p in payloads.items()))  # split in 16 KiB
+            await disk.flush()
+            for o, p in payloads.items():
+                assert await disk.read(o, 65536) == p
+                buf = bytearray(65536)
+                assert await disk.readinto(o, buf) == 65536 and buf == p
+                data[o : o + 65536] = p
+            await disk.write_zeroes(7 * MIB, 4096)
+            assert await disk.read(7 * MIB, 4096) == bytes(4096)
+            data[7 * MIB : 7 * MIB + 4096] = bytes(4096)
+            assert await disk.get_id() in (b"vhost_user_blk", b"vhostuser_rs-blk")
+            assert disk.in_flight == 0
+
+    asyncio.run(main())
+    assert image.read_bytes()[4 * MIB :] == bytes(data[4 * MIB :])
+
+
+def test_out_of_order_and_cancellation(stopped: Stopped) -> None:  # noqa: F811
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        tasks = [asyncio.ensure_future(adisk.read(512 * i, 512)) for i in range(5)]
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        assert len(heads) == 5
+        tasks[2].cancel()
+        await asyncio.sleep(0.05)
+        assert tasks[2].cancelled()
+        # The cancelled request still owns its ring entry: the next request must wait.
+        extra = asyncio.ensure_future(adisk.read(0, 512))
+        await asyncio.sleep(0.05)
+        assert dev.take() == []  # the ring (16 descriptors, 3 per request) is full
+        assert adisk.in_flight == 5
+        for i in reversed(range(5)):
+            dev.complete(heads[i], data=bytes([i]) * 512)
+        results = await asyncio.wait_for(asyncio.gather(*(tasks[i] for i in (0, 1, 3, 4))), 5)
+        assert results == [bytes([i]) * 512 for i in (0, 1, 3, 4)]
+        await asyncio.sleep(0.05)
+        [h] = dev.take()  # the waiting request went in once there was room
+        dev.complete(h, data=b"e" * 512)
+        assert await asyncio.wait_for(extra, 5) == b"e" * 512
+        assert adisk.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_hostile_completion_fails_awaiting_coroutines(stopped: Stopped) -> None:  # noqa: F811
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        tasks = [asyncio.ensure_future(adisk.read(0, 512)) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        dev.publish(heads[0], 1 << 20)  # longer than the chain's writable buffers
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending
+        for t in done:
+            assert isinstance(t.exception(), vu.VirtqueueError)
+        with pytest.raises(vu.VirtqueueError):
+            await adisk.read(0, 512)
+
+    asyncio.run(main())
+
+
+def test_backend_dying_fails_every_awaiting_coroutine(stopped: Stopped) -> None:  # noqa: F811
+    disk, _, proc = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        tasks = [asyncio.ensure_future(adisk.read(0, 512)) for _ in range(20)]  # 5 in the ring
+        await asyncio.sleep(0.1)
+        os.kill(proc.pid, signal.SIGKILL)
+        done, pending = await asyncio.wait(tasks, timeout=5)
+        assert not pending
+        assert all(isinstance(t.exception(), vu.ConnectionClosedError) for t in done)
+        with pytest.raises(vu.ConnectionClosedError):
+            await adisk.read(0, 512)
+
+    asyncio.run(main())
+    proc.wait()
+
+
+# -- AsyncNetClient against vhostuser-rs serve-net --loopback in its own process -----------------
+def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock_dir: Path) -> None:
+    import dpdk
+    from netdriver import frame, swapped
+
+    from vhostuser_rs.aio import AsyncNetClient
+
+    sock = sock_dir / "serve-net.sock"
+    frames = [frame(60 + i % 1000, seed=i) for i in range(2000)]
+
+    async def main(server: dpdk.ServeNet) -> None:
+        async with await AsyncNetClient.connect(sock, queue_size=128) as nic:
+
+            async def receive() -> list[bytes]:
+                got = []
+                async for _, f in nic:
+                    got.append(f)
+                    if len(got) == len(frames):
+                        return got
+                return got
+
+            receiver = asyncio.ensure_future(receive())
+            for i in range(0, len(frames), 64):  # a window, so that the RX ring never overflows
+                assert await nic.send(frames[i : i + 64]) == len(frames[i : i + 64])
+                await asyncio.sleep(0.001)
+            got = await asyncio.wait_for(receiver, 20)
+            assert got == [swapped(f) for f in frames]
+            # The back-end goes away while a coroutine waits for frames: the wait ends.
+            waiting = asyncio.ensure_future(nic.recv())
+            await asyncio.sleep(0.05)
+            server.stop()
+            with pytest.raises(vu.ConnectionClosedError):
+                await asyncio.wait_for(waiting, 5)
+
+    with dpdk.serve_net(sock, tmp_path, ["--loopback", "--poll-us", "50"]) as server:
+        asyncio.run(main(server))
