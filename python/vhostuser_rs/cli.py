@@ -705,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-queues", type=int, default=1)
     p.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO and refuse writes")
     p.add_argument("--io-engine", choices=("auto", "uring", "sync"), default="auto",
-                   help="io_uring with batched submission (auto: when the kernel allows it) or preadv/pwritev")
+                   help="io_uring with batched submission, or preadv/pwritev (auto: io_uring with --direct or a "
+                        "block device, preadv/pwritev for a buffered image file)")
     p.add_argument("--direct", action="store_true", help="open the image with O_DIRECT (no host page cache)")
     p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
     p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")

@@ -18,10 +18,12 @@ class BlockDevice:
     DISCARD, WRITE_ZEROES and GET_ID are supported; malformed requests get the IOERR/UNSUPP
     status instead of a crash.
 
-    `io_engine`: ``"auto"`` (default) submits each batch's transfers and flushes to io_uring with
-    one system call and completes them as the kernel finishes them, falling back to
-    preadv/pwritev on the worker thread for a ring whose io_uring cannot be set up; ``"uring"``
-    insists on io_uring (an error at start otherwise); ``"sync"`` is preadv/pwritev only.
+    `io_engine`: ``"uring"`` submits each batch's transfers and flushes to io_uring with one
+    system call and completes them as the kernel finishes them (an error at start without
+    io_uring); ``"sync"`` is preadv/pwritev on the worker thread; ``"auto"`` (default) takes
+    io_uring for I/O that waits for a device (`direct`, a block device) and preadv/pwritev for
+    a buffered image file, whose page cache answers at once (falling back to preadv/pwritev for
+    a ring whose io_uring cannot be set up).
     `direct`: open the image with O_DIRECT (for real disks: no host page cache); transfers whose
     guest buffers O_DIRECT refuses go through a buffered descriptor.
     """

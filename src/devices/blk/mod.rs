@@ -33,7 +33,10 @@ const SEG_MAX: u32 = 126;
 /// How the device moves data between the file and guest memory.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum IoEngine {
-    /// io_uring when the kernel allows it (per ring; preadv/pwritev for a ring where it does not).
+    /// io_uring for I/O that waits for a device (O_DIRECT, a block device), when the kernel
+    /// allows it (per ring; preadv/pwritev for a ring where it does not); preadv/pwritev for a
+    /// buffered image file, whose reads the page cache answers at once: there io_uring only
+    /// adds work (measured with serve-blk on tmpfs and ext4: `benches/python/bench_backends.py`).
     #[default]
     Auto,
     /// io_uring or an error at start.
@@ -113,6 +116,10 @@ impl BlockDevice {
         };
         let file = open(direct)?;
         let buffered = if direct { Some(open(false)?) } else { None };
+        let engine = match engine {
+            IoEngine::Auto if !direct && file.metadata()?.is_file() => IoEngine::Sync,
+            e => e,
+        };
         // A block device's size is not its inode's: seek to the end for both kinds.
         let bytes = {
             use std::io::Seek;
