@@ -1,6 +1,6 @@
-"""The built-in back-end (`vhostuser-rs serve-blk`: its default, io_uring with adaptive polling;
-preadv/pwritev with adaptive polling, to tell the engine's part from the polling's; preadv/pwritev
-in eventfd mode, the old default) side by side with
+"""The built-in back-end (`vhostuser-rs serve-blk`: its default, preadv/pwritev on an image file
+with adaptive polling; the same with io_uring forced; preadv/pwritev in eventfd mode, the old
+default) side by side with
 qemu-storage-daemon, both
 serving an image on tmpfs, driven by `vhostuser-rs bench`: 4 KiB random read and write, iodepth
 1 and 32, 1 queue, each process placement of PLACEMENTS, a fresh back-end per run, interleaved
@@ -43,7 +43,7 @@ def main() -> None:
     # The default is io_uring with adaptive polling; the old default (preadv/pwritev, eventfd
     # mode) and a fixed 50 us window run beside it.
     backends["serve-blk --io-engine sync --poll-us 0"] = backends["serve-blk"] + ["--io-engine", "sync", "--poll-us", "0"]
-    backends["serve-blk --io-engine sync"] = backends["serve-blk"] + ["--io-engine", "sync"]
+    backends["serve-blk --io-engine uring"] = backends["serve-blk"] + ["--io-engine", "uring"]
     null = str(Path(__file__).resolve().parent / "null_device.py")
     if a.python_devices:
         backends["python null, batch"] = [sys.executable, null, str(sock)]
