@@ -59,12 +59,18 @@ impl Descriptor {
     /// `p..p+16` must be inside a live mapping.
     #[inline(always)]
     pub unsafe fn write(&self, p: *mut u8) {
+        std::ptr::write_volatile(p.cast::<[u8; 16]>(), self.to_bytes());
+    }
+
+    /// The 16 little-endian bytes of the descriptor.
+    #[inline(always)]
+    pub fn to_bytes(&self) -> [u8; 16] {
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&self.addr.to_le_bytes());
         raw[8..12].copy_from_slice(&self.len.to_le_bytes());
         raw[12..14].copy_from_slice(&self.flags.to_le_bytes());
         raw[14..16].copy_from_slice(&self.next.to_le_bytes());
-        std::ptr::write_volatile(p.cast::<[u8; 16]>(), raw);
+        raw
     }
 }
 
