@@ -515,6 +515,16 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 1 if doc["errors"] or doc["verify_failures"] else 0
 
 
+def _sigterm_interrupts() -> None:
+    """SIGTERM ends a serving command as Ctrl-C does (the spec's back-end program conventions)."""
+    import signal
+
+    def terminate(_sig: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def _poll_us(text: str) -> float | None:
     """`--poll-us`: microseconds, or ``adaptive`` (None)."""
     if text == "adaptive":
@@ -538,18 +548,13 @@ def _parse_export(text: str) -> tuple[str, str, bool]:
 
 
 def _serve_blk_exports(args: argparse.Namespace) -> int:
-    import signal
-
     from .devices import BlockDevice, serve_block_devices
 
     if args.image is not None or args.blk_file is not None or args.socket_path is not None or args.fd is not None:
         print("vhostuser-rs serve-blk: --export replaces IMAGE/--blk-file and --socket-path/--fd", file=sys.stderr)
         return 2
 
-    def terminate(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    _sigterm_interrupts()
     try:
         exports = [
             (BlockDevice(image, readonly=ro or args.read_only, num_queues=args.num_queues, io_engine=args.io_engine,
@@ -566,8 +571,6 @@ def _serve_blk_exports(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_blk(args: argparse.Namespace) -> int:
-    import signal
-
     from .devices import BlockDevice
 
     if args.print_capabilities:
@@ -583,10 +586,7 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
               "--socket-path / --fd", file=sys.stderr)
         return 2
 
-    def terminate(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    _sigterm_interrupts()
     try:
         BlockDevice(image, readonly=args.read_only, num_queues=args.num_queues, io_engine=args.io_engine,
                     direct=args.direct).serve(
@@ -601,8 +601,6 @@ def _cmd_serve_blk(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_net(args: argparse.Namespace) -> int:
-    import signal
-
     from .devices import LoopbackNet, TapNet
 
     if args.print_capabilities:
@@ -615,10 +613,7 @@ def _cmd_serve_net(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
 
-    def terminate(_sig: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    _sigterm_interrupts()
     device: LoopbackNet | TapNet
     try:
         if args.loopback:

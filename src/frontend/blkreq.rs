@@ -204,13 +204,7 @@ impl BlockRequests {
                 Err(_) => slot_bytes /= 2,
             }
         };
-        // SAFETY: a plain eventfd, owned at once.
-        let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if wake < 0 {
-            return Err(Error::Io(io::Error::last_os_error()));
-        }
-        // SAFETY: just created, nobody else owns it.
-        let wake = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(wake) };
+        let wake = eventfd::new().map_err(Error::Io)?;
         let slot = Slot { state: State::Free, token: 0, in_len: 0, written: 0, cancelled: false, done_seq: 0 };
         Ok(BlockRequests {
             memory,
@@ -545,9 +539,7 @@ impl BlockRequests {
             return Ok(Wake::Closed);
         }
         if pfds[0].revents != 0 {
-            let mut v = [0u8; 8];
-            // SAFETY: reading 8 bytes from an eventfd into a local buffer.
-            unsafe { libc::read(self.call.as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+            eventfd::drain(self.call.as_fd());
             return Ok(Wake::Call);
         }
         if pfds[2].revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0 {
@@ -558,17 +550,8 @@ impl BlockRequests {
 
     /// Clears the call eventfd without waiting (an event loop's reader callback).
     pub fn clear_call(&self) {
-        let mut v = [0u8; 8];
-        // SAFETY: the eventfd is non-blocking or signalled; reading 8 bytes into a local.
-        let _ = unsafe {
-            let fd = self.call.as_raw_fd();
-            let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-            if libc::poll(&mut pfd, 1, 0) > 0 {
-                libc::read(fd, v.as_mut_ptr().cast(), 8)
-            } else {
-                0
-            }
-        };
+        // A zero-timeout wait reads the counter only if it is set (the fd may be blocking).
+        let _ = eventfd::wait(self.call.as_fd(), 0);
     }
 
     /// Whether the back-end hung up the main channel (nothing is read).
@@ -816,14 +799,12 @@ impl BlockRequests {
 
 #[cfg(test)]
 mod tests {
-    use std::os::fd::FromRawFd;
 
     use super::*;
     use crate::virtqueue::DriverRing;
 
     fn eventfd() -> OwnedFd {
-        // SAFETY: a new eventfd, owned at once.
-        unsafe { OwnedFd::from_raw_fd(libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK)) }
+        super::eventfd::new().unwrap()
     }
 
     /// The device side, played on the shared ring memory.

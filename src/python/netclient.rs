@@ -92,12 +92,6 @@ fn outgoing<'py>(item: &Bound<'py, PyAny>) -> PyResult<(NetHeader, Data<'py>)> {
     Ok((header, Data::Copy(buf.to_vec(data.py())?)))
 }
 
-fn drain_eventfd(fd: RawFd) {
-    let mut v = [0u8; 8];
-    // SAFETY: reading 8 bytes from a non-blocking eventfd into a local buffer.
-    unsafe { libc::read(fd, v.as_mut_ptr().cast(), 8) };
-}
-
 /// What a wait for frames saw.
 enum Woken {
     /// The call eventfd (or nothing, on timeout).
@@ -173,7 +167,7 @@ impl PyNetClientCore {
         pair: &Pair,
         max: usize,
     ) -> PyResult<Vec<(NetHeader, Bound<'py, PyBytes>)>> {
-        drain_eventfd(pair.rx_call.as_raw_fd());
+        eventfd::drain(pair.rx_call.as_fd());
         let mut out = Vec::new();
         let mut failure = None;
         let kick = {
@@ -432,7 +426,7 @@ impl PyNetClientCore {
             let mut tx = lock(&pair.tx);
             let mut rxq = lock(&pair.rx_queue.get().inner);
             let mut txq = lock(&pair.tx_queue.get().inner);
-            drain_eventfd(pair.rx_call.as_raw_fd());
+            eventfd::drain(pair.rx_call.as_fd());
             let io = PairIo {
                 rx: &mut rx,
                 rx_queue: &mut rxq,

@@ -4,7 +4,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
@@ -16,6 +16,7 @@ use super::memory::GuestBuffer;
 use super::net::{counters_dict, net_options};
 use crate::backend::{DeviceRequest, RingHandle, Rings, StateReader, StateWriter};
 use crate::devices::net::{check_tx, copy_out, deliver, Delivery, NetCore, NetPort};
+use crate::eventfd;
 use crate::memory::MemoryTable;
 use crate::protocol::ProtocolFeatures;
 use crate::virtio::net::{self as vnet, NetHeader};
@@ -239,9 +240,7 @@ impl NetShared {
 
     /// Moves queued frames of `pair` into its RX ring; false when the ring ran out of buffers.
     fn flush_pending(&self, pair: u16, rx: &mut RingHandle<'_>) -> Result<bool, VirtqueueError> {
-        let mut v = [0u8; 8];
-        // SAFETY: reading 8 bytes from our non-blocking eventfd into a local buffer.
-        unsafe { libc::read(self.wake[usize::from(pair)].as_raw_fd(), v.as_mut_ptr().cast(), 8) };
+        eventfd::drain(self.wake[usize::from(pair)].as_fd());
         let (header_len, mrg) = (self.core.header_len(), self.core.mrg_rxbuf());
         let mut queue = self.pending[usize::from(pair)].lock().unwrap_or_else(|e| e.into_inner());
         let (mut n, mut bytes, mut dropped) = (0u64, 0u64, 0u64);
@@ -338,13 +337,7 @@ impl PyNetPort {
         let pairs = usize::from(core.queue_pairs());
         let mut wake = Vec::with_capacity(pairs);
         for _ in 0..pairs {
-            // SAFETY: plain syscall; the result is a new descriptor we own.
-            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-            if fd < 0 {
-                return Err(os_error(&std::io::Error::last_os_error()));
-            }
-            // SAFETY: eventfd returned a new descriptor.
-            wake.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            wake.push(eventfd::new().map_err(|e| os_error(&e))?);
         }
         let pending = (0..pairs).map(|_| Mutex::new(VecDeque::new())).collect();
         Ok(PyNetPort { shared: Arc::new(NetShared { core, pending, wake }) })
@@ -387,9 +380,7 @@ impl PyNetPort {
             }
             drop(q);
             if n > 0 {
-                let one = 1u64.to_ne_bytes();
-                // SAFETY: writing 8 bytes to our eventfd.
-                unsafe { libc::write(shared.wake[usize::from(queue_pair)].as_raw_fd(), one.as_ptr().cast(), 8) };
+                let _ = eventfd::signal(shared.wake[usize::from(queue_pair)].as_fd());
             }
             return Ok(n);
         };

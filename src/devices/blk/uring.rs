@@ -7,7 +7,7 @@
 //! them ([`RingIo::drain`]).
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use io_uring::{opcode, types, IoUring};
 
@@ -55,13 +55,7 @@ impl RingIo {
     pub fn new(entries: u32) -> io::Result<RingIo> {
         let entries = entries.max(1).next_power_of_two();
         let ring = IoUring::new(entries)?;
-        // SAFETY: plain syscall; the fd is owned right after.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh fd nobody else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let eventfd = crate::eventfd::new()?;
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
         let n = entries as usize;
         Ok(RingIo {
@@ -129,9 +123,7 @@ impl RingIo {
     /// Passes every completion waiting to `done` with the operation's result (bytes moved, or
     /// -errno). Returns how many.
     pub fn reap(&mut self, done: &mut dyn FnMut(Op, i32)) -> usize {
-        let mut counter = [0u8; 8];
-        // SAFETY: reads 8 bytes into a local buffer; the fd is non-blocking.
-        let _ = unsafe { libc::read(self.eventfd.as_raw_fd(), counter.as_mut_ptr().cast(), 8) };
+        crate::eventfd::drain(self.eventfd.as_fd());
         let mut n = 0;
         for cqe in self.ring.completion() {
             let slot = cqe.user_data() as usize;
