@@ -682,11 +682,6 @@ impl WorkerPool {
         WorkerPool { threads: threads.max(1), cpus, poll, groups: Mutex::new(Vec::new()) }
     }
 
-    /// Threads started so far.
-    pub fn started(&self) -> usize {
-        self.groups.lock().unwrap_or_else(|e| e.into_inner()).iter().flatten().count()
-    }
-
     fn group(&self, t: usize) -> io::Result<Arc<Group>> {
         let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
         if groups.len() < self.threads {

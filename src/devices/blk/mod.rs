@@ -151,11 +151,6 @@ impl BlockDevice {
         self.capacity
     }
 
-    /// Whether ring `queue` runs on io_uring (after it started).
-    pub fn uses_uring(&self, queue: u16) -> bool {
-        self.rings.get(usize::from(queue)).is_some_and(|r| r.lock().unwrap_or_else(|e| e.into_inner()).is_some())
-    }
-
     fn handle(&self, batch: &ChainBatch, chain: &Chain) -> (u8, u32) {
         match self.classify(batch.readable(chain), batch.writable(chain), chain.readable_len, chain.writable_len) {
             Action::Done(status, written) => (status, written),
