@@ -321,7 +321,7 @@ def block_io(
     verify: bool = False,
     seed: int = 1,
     progress: bool = False,
-    poll: float = 0.0,
+    poll: float | None = None,
 ) -> dict[str, Any]: ...
 
 def serve_blk(

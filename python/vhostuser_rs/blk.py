@@ -608,7 +608,8 @@ class BlockClient:
         fio's randread, randwrite, read, write or rw. With `verify` writes stamp every sector
         with its number and reads check the stamps (stamp the device first for reads). `poll`:
         hybrid polling window in seconds — yield and re-check the used ring before sleeping on
-        the call eventfd (None: 50 µs at iodepth ≤ 4, else 0).
+        the call eventfd (None: 50 µs at iodepth ≤ 4 or while the device polls its ring too, i.e.
+        suppresses kicks; else 0).
 
         Returns ios, bytes, elapsed (s), errors (non-OK status), verify_failures, p50_ns,
         p99_ns, p999_ns, max_ns and per_second (completions in each whole second).
@@ -618,24 +619,11 @@ class BlockClient:
             raise VhostUserError("run_io needs a ring with nothing in flight (reap what was submitted first)")
         if self.iommu is not None:
             raise NegotiationError("run_io does not translate through an IOMMU table (ACCESS_PLATFORM)")
-        if poll is None:
-            poll = default_poll(iodepth)
         vq = self.queues[queue]
         return _native.block_io(
             vq.queue, self.memory, vq.kick_fd, vq.call_fd, rw=rw, bs=bs, iodepth=iodepth, duration=duration,
             capacity=self.capacity, verify=verify, seed=seed, progress=progress, poll=poll,
         )
-
-
-def default_poll(iodepth: int) -> float:
-    """The hybrid-polling window (seconds) of :meth:`BlockClient.run_io` when none is given.
-
-    At a low depth every I/O would pay a sleep and a wake-up (measured: ~15-20 us of CPU across
-    vCPUs on a 2-vCPU VM, more than the I/O itself), so poll briefly; at a high depth
-    completions come in batches and one wake-up is shared by many I/Os, so polling only burns
-    CPU.
-    """
-    return 50e-6 if iodepth <= 4 else 0.0
 
 
 def _check_aligned(offset: int, length: int) -> None:

@@ -194,17 +194,15 @@ def run_bench(
 ) -> dict[str, Any]:
     """Connect to a vhost-user-blk back-end and run the Rust I/O loop on `queues` rings.
 
-    `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4, else 0); `cpus` pins
+    `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4 or while the device polls
+    its ring, else 0); `cpus` pins
     the I/O thread of queue i to ``cpus[i % len(cpus)]``.
     """
     import resource
     import threading
     import time
 
-    from .blk import BlockClient, default_poll
-
-    if poll_us is None:
-        poll_us = default_poll(iodepth) * 1e6
+    from .blk import BlockClient
 
     t0 = time.perf_counter()
     disk = BlockClient.connect(
@@ -228,7 +226,7 @@ def run_bench(
             try:
                 results[i] = disk.run_io(
                     rw=rw, bs=bs, iodepth=iodepth, duration=duration, queue=i, verify=verify, seed=i + 1,
-                    progress=progress and i == 0, poll=poll_us / 1e6,
+                    progress=progress and i == 0, poll=_poll_seconds(poll_us),
                 )
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
@@ -676,7 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="stamp the device, then check every read")
     p.add_argument("--poll-us", type=float, default=None,
                    help="hybrid polling: yield and re-check the used ring this long before sleeping on the call "
-                   "eventfd (default: blk 50 at iodepth <= 4, else 0; net 50)")
+                   "eventfd (default: blk 50 at iodepth <= 4 or while the device polls its ring, else 0; net 50)")
     p.add_argument("--cpus", type=_cpu_list, help="pin the I/O threads to these CPUs (e.g. 0 or 0,1 or 0-3)")
     net = p.add_argument_group("--device net")
     net.add_argument("--mode", choices=("txonly", "rxonly", "loopback"), default="txonly",

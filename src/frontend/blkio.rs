@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::eventfd;
+use super::poll::{AdaptivePoll, POLL_WINDOW};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::virtio::blk::{RequestHeader, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
@@ -62,7 +63,10 @@ pub struct Job {
     pub seed: u64,
     /// Hybrid polling: while nothing has completed, yield the CPU and look at the used ring
     /// again for up to this long before sleeping on the call eventfd. Zero sleeps at once.
-    pub poll: Duration,
+    /// `None`: [`POLL_WINDOW`] at iodepth ≤ 4 (each I/O would otherwise pay a sleep and a
+    /// cross-CPU wake-up, more than the I/O itself), else whichever of polling and sleeping
+    /// costs this thread less CPU per I/O ([`AdaptivePoll`]).
+    pub poll: Option<Duration>,
 }
 
 /// What a run measured.
@@ -185,6 +189,7 @@ pub fn run(
     if queue.kick_needed() {
         eventfd::signal(kick).map_err(Error::Io)?;
     }
+    let mut adaptive = AdaptivePoll::new();
     let mut used = Vec::with_capacity(depth);
     let mut done_slots = Vec::with_capacity(depth);
     let mut last_second = 0u64;
@@ -197,7 +202,12 @@ pub fn run(
         let now = Instant::now();
         if used.is_empty() {
             let waited = now.duration_since(last_progress);
-            if waited < job.poll {
+            let window = match job.poll {
+                Some(window) => window,
+                None if job.iodepth <= 4 => POLL_WINDOW,
+                None => adaptive.window(),
+            };
+            if waited < window {
                 // Yielding rather than spinning: when the back-end shares this CPU it runs now
                 // and completes the request without either side sleeping (no wake-up at all).
                 // An adaptive window (QEMU's grow/shrink policy) was measured and lost: one late
@@ -210,6 +220,7 @@ pub fn run(
             last_progress = Instant::now();
         } else {
             last_progress = now;
+            adaptive.completed(used.len() as u32);
         }
         let running = now < end;
         // First map every completion to its slot, then resubmit: a resubmission may reuse a

@@ -11,6 +11,7 @@ pub mod channel;
 /// Eventfd helpers, shared with the back-end (kept here under their old path).
 pub use crate::eventfd;
 pub mod netio;
+pub mod poll;
 pub mod shmem;
 
 use std::os::fd::BorrowedFd;

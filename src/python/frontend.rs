@@ -217,7 +217,7 @@ impl PyFrontendCore {
 /// Runs the Rust virtio-blk I/O loop on a ring set up by ``Frontend.setup_queue`` and returns
 /// what it measured. The GIL is released for the whole run; Ctrl-C ends it early.
 #[pyfunction]
-#[pyo3(signature = (queue, memory, kick_fd, call_fd, *, rw="randread", bs=4096, iodepth=32, duration=10.0, capacity, verify=false, seed=1, progress=false, poll=0.0))]
+#[pyo3(signature = (queue, memory, kick_fd, call_fd, *, rw="randread", bs=4096, iodepth=32, duration=10.0, capacity, verify=false, seed=1, progress=false, poll=None))]
 #[allow(clippy::too_many_arguments)]
 fn block_io<'py>(
     py: Python<'py>,
@@ -233,12 +233,15 @@ fn block_io<'py>(
     verify: bool,
     seed: u64,
     progress: bool,
-    poll: f64,
+    poll: Option<f64>,
 ) -> PyResult<Bound<'py, PyDict>> {
     use crate::frontend::blkio::{run, Job, Pattern};
     let pattern = Pattern::parse(rw).ok_or_else(|| PyValueError::new_err(format!("unknown rw pattern {rw:?}")))?;
     let d = super::blocking::timeout(Some(duration))?.unwrap_or_default();
-    let poll = super::blocking::timeout(Some(poll))?.unwrap_or_default();
+    let poll = match poll {
+        Some(p) => Some(super::blocking::timeout(Some(p))?.unwrap_or_default()),
+        None => None,
+    };
     let job = Job { pattern, block_size: bs, iodepth, duration: d, capacity, verify, seed, poll };
     let fds = [kick_fd, call_fd];
     let borrowed = borrow_fds(&fds)?;
