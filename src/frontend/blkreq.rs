@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use super::eventfd;
+use super::poll::AdaptivePoll;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::virtio::blk::{
@@ -139,6 +140,8 @@ struct Inner {
     /// The back-end hung up: nothing in flight will complete.
     dead: bool,
     closed: bool,
+    /// Whether [`BlockRequests::wait_completions`] polls before sleeping.
+    adaptive: AdaptivePoll,
 }
 
 /// Why a wait on the call eventfd ended.
@@ -228,6 +231,7 @@ impl BlockRequests {
                 broken: None,
                 dead: false,
                 closed: false,
+                adaptive: AdaptivePoll::new(),
             }),
             reaped: Condvar::new(),
             poll,
@@ -424,6 +428,7 @@ impl BlockRequests {
             }
         }
         if total > 0 {
+            inner.adaptive.completed(total as u32);
             self.reaped.notify_all();
         }
         Ok(total)
@@ -650,20 +655,33 @@ impl BlockRequests {
     }
 
     /// Waits until at least one completion can be collected (or `deadline`); returns whether.
+    /// Polls the used ring first (up to the engine's polling window) while [`AdaptivePoll`]
+    /// finds polling cheaper than sleeping on the call eventfd.
     pub fn wait_completions(
         &self,
         queue: &Mutex<DriverQueue>,
         deadline: Option<Instant>,
         interrupt: &mut dyn FnMut() -> Result<()>,
     ) -> Result<bool> {
+        let start = Instant::now();
         let mut inner = self.lock();
         self.reap_locked(&mut inner, queue)?;
         loop {
             if !inner.done.is_empty() {
                 return Ok(true);
             }
-            if deadline.is_some_and(|d| Instant::now() >= d) {
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
                 return Ok(false);
+            }
+            // Many requests in flight: poll only when it costs less CPU per completion than
+            // sleeping (a polling device answers within the window; a slow one does not).
+            if now.duration_since(start) < self.poll.min(inner.adaptive.window()) {
+                drop(inner);
+                std::thread::yield_now();
+                inner = self.lock();
+                self.reap_locked(&mut inner, queue)?;
+                continue;
             }
             inner = self.sleep_once(inner, queue, deadline)?;
             drop(inner);

@@ -42,8 +42,10 @@ pub struct AdaptivePoll {
     phase: Phase,
     /// Completions counted in the current spell.
     done: u32,
-    /// Thread CPU time at the start of the spell.
+    /// Thread CPU time at the start of the spell, and that thread: a spell whose completions
+    /// another thread counts is restarted rather than measured across two CPU clocks.
     spell_cpu: Duration,
+    spell_thread: std::thread::ThreadId,
     /// CPU per completion measured while polling (valid in ProbeSleep).
     poll_cost: Duration,
 }
@@ -57,7 +59,13 @@ impl Default for AdaptivePoll {
 impl AdaptivePoll {
     /// Starts by measuring the polling mode.
     pub fn new() -> AdaptivePoll {
-        AdaptivePoll { phase: Phase::ProbePoll, done: 0, spell_cpu: thread_cpu(), poll_cost: Duration::ZERO }
+        AdaptivePoll {
+            phase: Phase::ProbePoll,
+            done: 0,
+            spell_cpu: thread_cpu(),
+            spell_thread: std::thread::current().id(),
+            poll_cost: Duration::ZERO,
+        }
     }
 
     /// How long to poll the used ring before sleeping.
@@ -86,6 +94,13 @@ impl AdaptivePoll {
     #[cold]
     fn end_spell(&mut self) {
         let now = thread_cpu();
+        let thread = std::thread::current().id();
+        if thread != self.spell_thread {
+            self.spell_thread = thread;
+            self.done = 0;
+            self.spell_cpu = now;
+            return;
+        }
         let per = now.saturating_sub(self.spell_cpu) / self.done;
         self.phase = match self.phase {
             Phase::ProbePoll => {
@@ -142,6 +157,19 @@ mod tests {
             p.completed(1);
             assert!(p.polling(), "then measures again, polling first");
         }
+    }
+
+    #[test]
+    fn a_spell_ended_on_another_thread_is_measured_again() {
+        let mut p = AdaptivePoll::new();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                p.completed(PROBE);
+                assert!(p.polling(), "the spell restarted on this thread");
+                p.completed(PROBE);
+                assert!(!p.polling(), "and ended here");
+            });
+        });
     }
 
     #[test]
