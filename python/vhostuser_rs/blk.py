@@ -542,23 +542,7 @@ class BlockClient:
         Returns one token per request submitted: a prefix of `requests`, shorter when the ring
         (or the staging slots, one per ring entry) is full — :meth:`reap` and submit the rest.
         Safe to call from several threads."""
-        engine = self._batch_engine(queue)
-        native: list[tuple[int, ...] | tuple[int, int, Any]] = []
-        for req in requests:
-            rtype, offset = req[0], req[1]
-            if offset % SECTOR or offset < 0:
-                raise ValueError("offsets must be non-negative multiples of 512")
-            if rtype == RequestType.OUT:
-                native.append((rtype, offset // SECTOR, req[2]))
-                continue
-            length = int(req[2]) if len(req) > 2 else 0
-            if length % SECTOR or length < 0:
-                raise ValueError("lengths must be non-negative multiples of 512")
-            if rtype in (RequestType.DISCARD, RequestType.WRITE_ZEROES):
-                native.append((rtype, offset // SECTOR, length // SECTOR, bool(req[3]) if len(req) > 3 else False))
-            else:
-                native.append((rtype, offset // SECTOR, length))
-        return engine.submit(native)
+        return self._batch_engine(queue).submit_bytes(requests)
 
     def reap(self, max: int = 64, *, timeout: float | None = 0.0, queue: int = 0) -> list[Completion]:
         """Collect up to `max` completions, oldest first: ``(token, status, data)`` tuples with

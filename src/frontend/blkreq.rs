@@ -85,6 +85,33 @@ impl Op {
         }
     }
 
+    /// A request given in bytes, as callers think of them: `offset` and `length` (the length
+    /// of a read, DISCARD or WRITE_ZEROES; ignored for the others, a write's length is its
+    /// data's) must be multiples of 512 since virtio-blk addresses 512-byte sectors (virtio
+    /// 1.2 §5.2.6).
+    pub fn from_bytes(type_: u32, offset: u64, length: u64, unmap: bool) -> std::result::Result<Op, String> {
+        let sector_size = u64::from(SECTOR_SIZE);
+        if offset % sector_size != 0 {
+            return Err("offsets must be non-negative multiples of 512".into());
+        }
+        if length % sector_size != 0 {
+            return Err("lengths must be non-negative multiples of 512".into());
+        }
+        let sector = offset / sector_size;
+        let sectors = || u32::try_from(length / sector_size).map_err(|_| "too many sectors in one request".to_string());
+        Ok(match type_ {
+            VIRTIO_BLK_T_IN => {
+                Op::Read { sector, len: u32::try_from(length).map_err(|_| "read too long".to_string())? }
+            }
+            VIRTIO_BLK_T_OUT => Op::Write { sector },
+            VIRTIO_BLK_T_FLUSH => Op::Flush,
+            VIRTIO_BLK_T_DISCARD => Op::Discard { sector, sectors: sectors()? },
+            VIRTIO_BLK_T_WRITE_ZEROES => Op::WriteZeroes { sector, sectors: sectors()?, unmap },
+            VIRTIO_BLK_T_GET_ID => Op::GetId,
+            _ => return Err(format!("unsupported virtio-blk request type {type_}")),
+        })
+    }
+
     /// Bytes the device writes before the status byte.
     pub fn in_len(&self) -> u32 {
         match self {

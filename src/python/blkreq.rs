@@ -69,6 +69,12 @@ fn block_error(py: Python<'_>, rtype: u32, status: u8) -> PyErr {
     made.unwrap_or_else(|e| e)
 }
 
+/// An int argument that must not be negative (Python ints: a ValueError, not OverflowError).
+fn non_negative(v: &Bound<'_, PyAny>, message: &'static str) -> PyResult<u64> {
+    let n: i64 = v.extract()?;
+    u64::try_from(n).map_err(|_| PyValueError::new_err(message))
+}
+
 fn op_of(kind: u32, sector: u64, arg: u64, unmap: bool) -> PyResult<Op> {
     let sectors = || u32::try_from(arg).map_err(|_| PyValueError::new_err("too many sectors in one request"));
     Ok(match kind {
@@ -305,6 +311,43 @@ impl PyBlockRequests {
                 payloads.push(Payload::from_py(&arg)?);
             } else {
                 ops.push(op_of(kind, sector, arg.extract()?, unmap)?);
+                payloads.push(Payload::None);
+            }
+        }
+        let batch: Vec<(Op, &[u8])> = ops.iter().zip(&payloads).map(|(o, p)| (*o, p.slice(py))).collect();
+        self.engine.submit(&self.queue.get().inner, &batch).py_err(py)
+    }
+
+    /// :meth:`submit` with byte offsets and lengths, as ``BlockClient.submit`` takes them:
+    /// ``(type, offset, length)``, ``(type, offset, data)`` for a write, ``(type, offset,
+    /// length, unmap)`` for WRITE_ZEROES; offsets and lengths multiples of 512 (ValueError
+    /// otherwise, before anything is submitted).
+    fn submit_bytes(&self, py: Python<'_>, requests: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+        let mut ops = Vec::new();
+        let mut payloads = Vec::new();
+        for item in requests.try_iter()? {
+            let item = item?;
+            let t = match item.cast::<PyTuple>() {
+                Ok(t) => t.clone(),
+                Err(_) => PyTuple::new(py, item.try_iter()?.collect::<PyResult<Vec<_>>>()?)?,
+            };
+            if t.len() < 2 || t.len() > 4 {
+                return Err(PyValueError::new_err("a request is (type, offset[, length or data[, unmap]])"));
+            }
+            let kind: u32 = t.get_item(0)?.extract()?;
+            let offset = non_negative(&t.get_item(1)?, "offsets must be non-negative multiples of 512")?;
+            let unmap = if t.len() == 4 { t.get_item(3)?.is_truthy()? } else { false };
+            if kind == VIRTIO_BLK_T_OUT {
+                let data = if t.len() > 2 { t.get_item(2)? } else { py.None().into_bound(py) };
+                ops.push(Op::from_bytes(kind, offset, 0, false).map_err(PyValueError::new_err)?);
+                payloads.push(Payload::from_py(&data)?);
+            } else {
+                let length = if t.len() > 2 {
+                    non_negative(&t.get_item(2)?, "lengths must be non-negative multiples of 512")?
+                } else {
+                    0
+                };
+                ops.push(Op::from_bytes(kind, offset, length, unmap).map_err(PyValueError::new_err)?);
                 payloads.push(Payload::None);
             }
         }

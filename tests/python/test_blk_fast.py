@@ -122,6 +122,33 @@ def test_batch_submit_reap_with_a_full_ring(blk_backend: Path, image: Path) -> N
             assert disk.read(off, 65536) == bytes(data[off : off + 65536])
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        (RequestType.IN, 100, 4096),  # offset not a multiple of 512
+        (RequestType.IN, -512, 4096),  # negative offset
+        (RequestType.IN, 0, 1000),  # length not a multiple of 512
+        (RequestType.DISCARD, 0, -512),  # negative length
+        (99, 0, 512),  # not a request type
+        (RequestType.IN,),  # too short
+    ],
+)
+def test_a_bad_request_in_a_batch_submits_nothing(blk_backend: Path, bad: tuple[object, ...]) -> None:
+    """The whole batch is checked before anything reaches the ring: a ValueError, nothing in
+    flight, and the client goes on."""
+    with BlockClient.connect(blk_backend) as disk:
+        with pytest.raises(ValueError):
+            disk.submit([(RequestType.IN, 0, 4096), bad])  # type: ignore[list-item]
+        assert disk.in_flight() == 0
+        # Lists work as well as tuples, and the FLUSH/GET_ID forms need no length.
+        tokens = disk.submit([[RequestType.IN, 512, 512], (RequestType.FLUSH, 0)])  # type: ignore[list-item]
+        got = disk.reap(8, timeout=5.0)
+        while len(got) < 2:
+            got += disk.reap(8, timeout=5.0)
+        got.sort()
+        assert [t for t, _, _ in got] == sorted(tokens) and all(status == 0 for _, status, _ in got)
+
+
 def test_sync_requests_from_several_threads(blk_backend: Path, image: Path) -> None:
     data = image.read_bytes()
     errors: list[BaseException] = []
