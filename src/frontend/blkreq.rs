@@ -90,7 +90,7 @@ impl Op {
     /// data's) must be multiples of 512 since virtio-blk addresses 512-byte sectors (virtio
     /// 1.2 §5.2.6).
     pub fn from_bytes(type_: u32, offset: u64, length: u64, unmap: bool) -> std::result::Result<Op, String> {
-        let sector_size = u64::from(SECTOR_SIZE);
+        let sector_size = SECTOR_SIZE;
         if offset % sector_size != 0 {
             return Err("offsets must be non-negative multiples of 512".into());
         }

@@ -138,7 +138,7 @@ def test_a_bad_request_in_a_batch_submits_nothing(blk_backend: Path, bad: tuple[
     flight, and the client goes on."""
     with BlockClient.connect(blk_backend) as disk:
         with pytest.raises(ValueError):
-            disk.submit([(RequestType.IN, 0, 4096), bad])  # type: ignore[list-item]
+            disk.submit([(RequestType.IN, 0, 4096), bad])
         assert disk.in_flight() == 0
         # Lists work as well as tuples, and the FLUSH/GET_ID forms need no length.
         tokens = disk.submit([[RequestType.IN, 512, 512], (RequestType.FLUSH, 0)])  # type: ignore[list-item]
