@@ -441,27 +441,30 @@ class BlockClient:
         """Read `length` bytes at byte `offset` (both multiples of 512): one native call that
         stages the request, adds, publishes and kicks (when the device asks), waits with the
         GIL released and checks the status."""
-        if length > 0 and offset >= 0 and not (offset | length) % SECTOR:
-            engine = self._engine(queue)
-            if engine is not None:  # the common case first, with the fewest Python steps
-                return engine.read(offset // SECTOR, length, timeout=self.timeout)
+        # The common case with the fewest Python steps: the native call checks the arguments.
+        try:
+            engine = self._engines[queue]
+            if engine is not None and self._engine_rings[queue] is self.queues[queue]:
+                return engine.read(offset, length, self.timeout)
+        except IndexError:
+            pass
         _check_aligned(offset, length)
         engine = self._engine(queue)
         if engine is None:
             return self._submit(RequestType.IN, offset // SECTOR, in_len=length, queue=queue)
-        if not length:
-            return b""
-        return engine.read(offset // SECTOR, length, timeout=self.timeout)
+        return engine.read(offset, length, self.timeout)
 
     def readinto(self, offset: int, buffer: Buffer, *, queue: int = 0) -> int:
         """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer (bytearray,
         memoryview, mmap, numpy array...: C-contiguous); returns the byte count. The data is
         copied once, from the staging slot into `buffer`."""
-        if offset >= 0 and not offset % SECTOR:
-            engine = self._engine(queue)
-            if engine is not None:
-                # The native call checks the buffer (writable, contiguous) and its length.
-                return engine.readinto(offset // SECTOR, buffer, timeout=self.timeout)
+        # The native call checks the offset and the buffer (writable, contiguous, its length).
+        try:
+            engine = self._engines[queue]
+            if engine is not None and self._engine_rings[queue] is self.queues[queue]:
+                return engine.readinto(offset, buffer, self.timeout)
+        except IndexError:
+            pass
         view = memoryview(buffer)
         length = view.nbytes
         _check_aligned(offset, length)
@@ -469,19 +472,23 @@ class BlockClient:
         if engine is None:
             view.cast("B")[:] = self._submit(RequestType.IN, offset // SECTOR, in_len=length, queue=queue)
             return length
-        if not length:
-            return 0
-        return engine.readinto(offset // SECTOR, view, timeout=self.timeout)
+        return engine.readinto(offset, view, self.timeout)
 
     def write(self, offset: int, data: Buffer, *, queue: int = 0) -> None:
         """Write `data` (any bytes-like object) at byte `offset` (both multiples of 512)."""
+        try:
+            engine = self._engines[queue]
+            if engine is not None and self._engine_rings[queue] is self.queues[queue]:
+                return engine.write(offset, data, self.timeout)
+        except IndexError:
+            pass
         length = memoryview(data).nbytes
         _check_aligned(offset, length)
         engine = self._engine(queue)
         if engine is None:
             self._submit(RequestType.OUT, offset // SECTOR, out=bytes(data), queue=queue)
         elif length:
-            engine.write(offset // SECTOR, data, timeout=self.timeout)
+            engine.write(offset, data, self.timeout)
 
     def flush(self, *, queue: int = 0) -> None:
         """FLUSH: make completed writes durable."""

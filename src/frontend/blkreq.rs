@@ -91,13 +91,10 @@ impl Op {
     /// 1.2 §5.2.6).
     pub fn from_bytes(type_: u32, offset: u64, length: u64, unmap: bool) -> std::result::Result<Op, String> {
         let sector_size = SECTOR_SIZE;
-        if offset % sector_size != 0 {
-            return Err("offsets must be non-negative multiples of 512".into());
-        }
+        let sector = sector_of(offset)?;
         if length % sector_size != 0 {
             return Err("lengths must be non-negative multiples of 512".into());
         }
-        let sector = offset / sector_size;
         let sectors = || u32::try_from(length / sector_size).map_err(|_| "too many sectors in one request".to_string());
         Ok(match type_ {
             VIRTIO_BLK_T_IN => {
@@ -120,6 +117,15 @@ impl Op {
             _ => 0,
         }
     }
+}
+
+/// The sector of byte `offset`, which must be a multiple of 512 (virtio-blk addresses 512-byte
+/// sectors, virtio 1.2 §5.2.6).
+pub fn sector_of(offset: u64) -> std::result::Result<u64, String> {
+    if offset % SECTOR_SIZE != 0 {
+        return Err("offsets must be non-negative multiples of 512".into());
+    }
+    Ok(offset / SECTOR_SIZE)
 }
 
 /// A collected completion.
@@ -169,6 +175,8 @@ struct Inner {
     closed: bool,
     /// Whether [`BlockRequests::wait_completions`] polls before sleeping.
     adaptive: AdaptivePoll,
+    /// Scratch for reaping, kept to avoid an allocation per reap.
+    used: Vec<(u16, u32)>,
 }
 
 /// Why a wait on the call eventfd ended.
@@ -259,6 +267,7 @@ impl BlockRequests {
                 dead: false,
                 closed: false,
                 adaptive: AdaptivePoll::new(),
+                used: Vec::with_capacity(usize::from(size)),
             }),
             reaped: Condvar::new(),
             poll,
@@ -304,11 +313,23 @@ impl BlockRequests {
     /// and kicks if the device asks. Returns the tokens of the requests added (a prefix of
     /// `ops`: fewer when the ring is full).
     pub fn submit(&self, queue: &Mutex<DriverQueue>, ops: &[(Op, &[u8])]) -> Result<Vec<u64>> {
+        let mut tokens = Vec::with_capacity(ops.len());
+        self.submit_each(queue, ops, &mut |t| tokens.push(t))?;
+        Ok(tokens)
+    }
+
+    /// [`submit`](Self::submit), handing each token to `token` (no allocation).
+    fn submit_each(
+        &self,
+        queue: &Mutex<DriverQueue>,
+        ops: &[(Op, &[u8])],
+        on_token: &mut dyn FnMut(u64),
+    ) -> Result<()> {
         let mut inner = self.lock();
         self.check(&inner)?;
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         let mem = self.memory.table();
-        let mut tokens = Vec::with_capacity(ops.len());
+        let mut added = false;
         for &(op, data) in ops {
             let payload_len = match op {
                 Op::Write { .. } => data.len(),
@@ -392,25 +413,26 @@ impl BlockRequests {
             .map_err(|e| self.qerr(e))?;
             inner.free.pop();
             inner.generation += 1;
-            let token = (inner.generation << 16) | u64::from(s);
+            let tok = (inner.generation << 16) | u64::from(s);
             inner.by_head[usize::from(head)] = s;
             inner.slots[usize::from(s)] = Slot {
                 state: State::InFlight,
-                token,
+                token: tok,
                 in_len: in_len as u32,
                 written: 0,
                 cancelled: false,
                 done_seq: 0,
             };
-            tokens.push(token);
+            added = true;
+            on_token(tok);
         }
-        if !tokens.is_empty() {
+        if added {
             q.publish();
             if q.kick_needed() {
                 eventfd::signal(self.kick.as_fd()).map_err(Error::Io)?;
             }
         }
-        Ok(tokens)
+        Ok(())
     }
 
     /// Reaps the used ring until it is empty (a second look after used_event was moved closes
@@ -420,11 +442,17 @@ impl BlockRequests {
     fn reap_locked(&self, inner: &mut Inner, queue: &Mutex<DriverQueue>) -> Result<usize> {
         self.check(inner)?;
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
-        let mut used = Vec::new();
+        let mut used = std::mem::take(&mut inner.used);
+        let result = self.reap_into(inner, &mut q, &mut used);
+        inner.used = used;
+        result
+    }
+
+    fn reap_into(&self, inner: &mut Inner, q: &mut DriverQueue, used: &mut Vec<(u16, u32)>) -> Result<usize> {
         let mut total = 0;
         loop {
             used.clear();
-            if let Err(e) = q.reap(&mut used, usize::MAX) {
+            if let Err(e) = q.reap(used, usize::MAX) {
                 inner.broken = Some(e.to_string());
                 self.reaped.notify_all();
                 return Err(self.qerr(e));
@@ -432,7 +460,7 @@ impl BlockRequests {
             if used.is_empty() {
                 break;
             }
-            for &(head, written) in &used {
+            for &(head, written) in used.iter() {
                 let s = inner.by_head[usize::from(head)];
                 if s == u16::MAX {
                     // In flight in the ring but not ours: added through the DriverQueue
@@ -756,6 +784,14 @@ impl BlockRequests {
         interrupt: &mut dyn FnMut() -> Result<()>,
     ) -> Result<u8> {
         let chunk = self.slot_bytes as usize;
+        let single = match op {
+            Op::Read { len, .. } => len > 0 && len as usize <= chunk,
+            Op::Write { .. } => !data.is_empty() && data.len() <= chunk,
+            _ => true,
+        };
+        if single {
+            return self.run_one(queue, op, data, out, deadline, interrupt);
+        }
         let mut pieces: Vec<(Op, std::ops::Range<usize>)> = Vec::new();
         match op {
             Op::Read { sector, len } => {
@@ -826,6 +862,42 @@ impl BlockRequests {
             return Err(e);
         }
         Ok(status)
+    }
+
+    /// [`run`](Self::run) of a request that fits one slot, without allocating: the path of
+    /// every `read`/`write` of up to a slot from Python.
+    fn run_one(
+        &self,
+        queue: &Mutex<DriverQueue>,
+        op: Op,
+        data: &[u8],
+        out: &mut [u8],
+        deadline: Option<Instant>,
+        interrupt: &mut dyn FnMut() -> Result<()>,
+    ) -> Result<u8> {
+        let out_len = match op {
+            Op::Read { len, .. } if out.len() < len as usize => {
+                return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "buffer smaller than the read")));
+            }
+            Op::Read { len, .. } => len as usize,
+            Op::Write { .. } => 0,
+            _ => out.len().min(op.in_len() as usize),
+        };
+        let token = loop {
+            let mut token = None;
+            self.submit_each(queue, &[(op, data)], &mut |t| token = Some(t))?;
+            if let Some(t) = token {
+                break t;
+            }
+            self.wait_room(queue, deadline, interrupt)?;
+        };
+        match self.wait_for(queue, token, &mut out[..out_len], deadline, interrupt) {
+            Ok(c) => Ok(c.status),
+            Err(e) => {
+                self.cancel(token);
+                Err(e)
+            }
+        }
     }
 
     /// Wakes every waiter with an error and refuses new requests; releases the eventfd and

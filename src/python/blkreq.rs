@@ -14,7 +14,7 @@ use super::memory::PyGuestMemory;
 use super::socket::borrow_fds;
 use super::virtqueue::PyDriverQueue;
 use crate::error::Error;
-use crate::frontend::blkreq::{BlockRequests, Op};
+use crate::frontend::blkreq::{sector_of, BlockRequests, Op};
 use crate::virtio::blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
@@ -67,6 +67,13 @@ fn block_error(py: Python<'_>, rtype: u32, status: u8) -> PyErr {
         Ok(PyErr::from_value(exc))
     })();
     made.unwrap_or_else(|e| e)
+}
+
+const ALIGN: &str = "offset and length must be non-negative multiples of 512";
+
+/// The sector of a byte offset given from Python.
+fn sector_arg(offset: &Bound<'_, PyAny>) -> PyResult<u64> {
+    sector_of(non_negative(offset, ALIGN)?).map_err(|_| PyValueError::new_err(ALIGN))
 }
 
 /// An int argument that must not be negative (Python ints: a ValueError, not OverflowError).
@@ -197,38 +204,56 @@ impl PyBlockRequests {
         self.engine.main_fd().map(|f| f.as_raw_fd())
     }
 
-    /// Reads `length` bytes at `sector` and waits: one request (or several of a slot each).
-    /// Raises BlockError on a non-OK status.
-    #[pyo3(signature = (sector, length, *, timeout=5.0))]
+    /// Reads `length` bytes at byte `offset` (both multiples of 512; empty bytes for 0) and
+    /// waits: one request (or several of a slot each). Raises BlockError on a non-OK status.
+    #[pyo3(signature = (offset, length, timeout=5.0))]
     fn read<'py>(
         &self,
         py: Python<'py>,
-        sector: u64,
-        length: usize,
+        offset: &Bound<'py, PyAny>,
+        length: &Bound<'py, PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<Bound<'py, PyBytes>> {
+        let sector = sector_arg(offset)?;
+        let length = non_negative(length, ALIGN)?;
+        if length % 512 != 0 {
+            return Err(PyValueError::new_err(ALIGN));
+        }
+        if length == 0 {
+            return Ok(PyBytes::new(py, b""));
+        }
+        let length = usize::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
         let len = u32::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
-        let mut status = VIRTIO_BLK_S_OK;
-        let bytes = PyBytes::new_with(py, length, |buf| {
-            status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf.as_mut_ptr(), buf.len()), timeout)?;
-            Ok(())
-        })?;
+        let size = isize::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
+        // A bytes object of `length` uninitialised bytes (PyBytes::new_with would zero 4 KiB
+        // per read first): on success the read fills every byte (a completed request copies
+        // its whole length out of the staging slot), on failure the object is dropped unseen.
+        // SAFETY: a NULL source with a size is the documented way to allocate a bytes object
+        // to fill before it is shared; the pointer is owned and checked for NULL.
+        let bytes = unsafe {
+            Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))?
+                .cast_into_unchecked::<PyBytes>()
+        };
+        // SAFETY: the object is a bytes object of `length` bytes that nobody else sees yet.
+        let buf = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>();
+        let status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf, length), timeout)?;
         if status != VIRTIO_BLK_S_OK {
             return Err(block_error(py, VIRTIO_BLK_T_IN, status));
         }
         Ok(bytes)
     }
 
-    /// Reads ``len(buffer)`` bytes at `sector` into a writable contiguous `buffer`; returns
-    /// the byte count. Raises BlockError on a non-OK status.
-    #[pyo3(signature = (sector, buffer, *, timeout=5.0))]
+    /// Reads ``len(buffer)`` bytes at byte `offset` (a multiple of 512) into a writable
+    /// contiguous `buffer`; returns the byte count. Raises BlockError on a non-OK status.
+    #[pyo3(signature = (offset, buffer, timeout=5.0))]
     fn readinto(
         &self,
         py: Python<'_>,
-        sector: u64,
+        offset: &Bound<'_, PyAny>,
         buffer: &Bound<'_, PyAny>,
         timeout: Option<f64>,
     ) -> PyResult<usize> {
+        let sector = sector_arg(offset)?;
         let buf = pyo3::buffer::PyBuffer::<u8>::get(buffer)?;
         if buf.readonly() || !buf.is_c_contiguous() {
             return Err(PyBufferError::new_err("readinto needs a writable C-contiguous buffer"));
@@ -238,7 +263,7 @@ impl PyBlockRequests {
             return Ok(0);
         }
         if n % 512 != 0 {
-            return Err(PyValueError::new_err("the buffer's length must be a multiple of 512"));
+            return Err(PyValueError::new_err(ALIGN));
         }
         let len = u32::try_from(n).map_err(|_| PyValueError::new_err("read too long"))?;
         let status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf.buf_ptr().cast(), n), timeout)?;
@@ -249,12 +274,25 @@ impl PyBlockRequests {
         Ok(n)
     }
 
-    /// Writes `data` (any bytes-like object) at `sector` and waits. Raises BlockError on a
-    /// non-OK status.
-    #[pyo3(signature = (sector, data, *, timeout=5.0))]
-    fn write(&self, py: Python<'_>, sector: u64, data: &Bound<'_, PyAny>, timeout: Option<f64>) -> PyResult<()> {
+    /// Writes `data` (any bytes-like object, a multiple of 512 bytes; nothing for none) at
+    /// byte `offset` (a multiple of 512) and waits. Raises BlockError on a non-OK status.
+    #[pyo3(signature = (offset, data, timeout=5.0))]
+    fn write(
+        &self,
+        py: Python<'_>,
+        offset: &Bound<'_, PyAny>,
+        data: &Bound<'_, PyAny>,
+        timeout: Option<f64>,
+    ) -> PyResult<()> {
+        let sector = sector_arg(offset)?;
         let payload = Payload::from_py(data)?;
         let slice = payload.slice(py);
+        if slice.len() % 512 != 0 {
+            return Err(PyValueError::new_err(ALIGN));
+        }
+        if slice.is_empty() {
+            return Ok(());
+        }
         let status = self.run(py, Op::Write { sector }, slice, OutBuf(std::ptr::null_mut(), 0), timeout)?;
         if status != VIRTIO_BLK_S_OK {
             return Err(block_error(py, VIRTIO_BLK_T_OUT, status));
