@@ -25,6 +25,8 @@ use crate::virtio::blk::{
 pub(crate) struct PyBlockRequests {
     engine: BlockRequests,
     queue: Py<PyDriverQueue>,
+    /// Where `collect` copies a completion's data before making bytes of it.
+    scratch: std::sync::Mutex<Vec<u8>>,
 }
 
 /// A caller's writable buffer, lent to a detached wait (the export keeps it from moving).
@@ -185,7 +187,7 @@ impl PyBlockRequests {
             )
             .py_err(py)?
         };
-        Ok(PyBlockRequests { engine, queue })
+        Ok(PyBlockRequests { engine, queue, scratch: Default::default() })
     }
 
     /// The largest data length of one ring request (longer reads and writes are split).
@@ -426,7 +428,9 @@ impl PyBlockRequests {
     /// Collects `token`'s completion without waiting: ``(status, data)`` or None while in
     /// flight. `data` as for :meth:`reap`.
     fn collect<'py>(&self, py: Python<'py>, token: u64) -> PyResult<Option<(u8, Bound<'py, PyAny>)>> {
-        let mut out = vec![0u8; self.engine.slot_bytes() as usize];
+        // One slot-sized buffer per engine, not a fresh zeroed one per call.
+        let mut out = self.scratch.lock().unwrap_or_else(|e| e.into_inner());
+        out.resize(self.engine.slot_bytes() as usize, 0);
         match self.engine.collect(token, &mut out).map_err(|e| match e {
             Error::Io(e) if e.kind() == io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
             e => to_pyerr(py, e),
