@@ -1,0 +1,57 @@
+"""Griffe extension of the API reference (mkdocs.yml, mkdocstrings' ``extensions``).
+
+- The native module's stubs (``_native.pyi``) declare signatures; the descriptions are the Rust
+  doc comments, which PyO3 exposes as ``__doc__`` on the built module. Objects the stub leaves
+  without a docstring take the runtime one, so the reference shows what the code documents
+  without copying it into the stubs. This imports ``vhostuser_rs._native`` (the package must be
+  installed where MkDocs runs, as for the protocol coverage page).
+- The docstrings are written for Sphinx (``:class:`X```, ``Example::``); MkDocs renders
+  Markdown, so roles become code spans and a trailing ``::`` a colon.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Any
+
+import griffe
+
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|mod|attr|data|exc|obj|const):`~?([^`]+)`")
+LITERAL_INTRO = re.compile(r"(\S)::$", re.M)
+
+
+def _markdown(text: str) -> str:
+    text = ROLE.sub(lambda m: f"`{m.group(1)}`", text)
+    return LITERAL_INTRO.sub(r"\1:", text)
+
+
+def _fill(obj: griffe.Object, runtime: Any) -> None:
+    """Give `obj` and its members the runtime docstrings the stub lacks."""
+    for name, member in obj.members.items():
+        if member.is_alias or name.startswith("__"):
+            continue
+        value = getattr(runtime, name, None)
+        if value is None:
+            continue
+        doc = getattr(value, "__doc__", None)
+        if member.docstring is None and isinstance(doc, str) and doc.strip() and not isinstance(value, (int, str, dict)):
+            member.docstring = griffe.Docstring(doc.strip(), parent=member)
+        if member.is_class:
+            _fill(member, value)  # type: ignore[arg-type]
+
+
+class NativeDocstrings(griffe.Extension):
+    def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
+        if pkg.name != "vhostuser_rs":
+            return
+        native = importlib.import_module("vhostuser_rs._native")
+        _fill(pkg["_native"], native)
+        self._convert(pkg)
+
+    def _convert(self, obj: griffe.Object) -> None:
+        if obj.docstring is not None:
+            obj.docstring.value = _markdown(obj.docstring.value)
+        for member in obj.members.values():
+            if not member.is_alias:
+                self._convert(member)  # type: ignore[arg-type]
