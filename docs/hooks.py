@@ -47,24 +47,22 @@ def _requests(channel: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _table(rows: list[dict[str, Any]], columns: dict[str, str]) -> list[str]:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "|".join("---:" if k == "code" else "---" for k in columns) + "|"]
+    lines += ["| " + " | ".join(_cell(r.get(k)) for k in columns) + " |" for r in rows]
+    return lines
+
+
 def requests_tables() -> str:
     """Markdown tables of both channels' requests, from the installed package."""
-    parts = [
-        "### Front-end requests (main channel)\n",
-        "| code | request | reply | fds | gate | back-end | offered | when refused | what the back-end does |",
-        "|---:|---|---|---|---|---|---|---|---|",
-    ]
-    for r in _requests("main"):
-        parts.append("| " + " | ".join(_cell(r.get(k)) for k in (
-            "code", "name", "reply", "fds", "gate", "backend", "offer", "refusal", "note")) + " |")
-    parts += [
-        "",
-        "### Back-end requests (back-end request channel)\n",
-        "| code | request | reply | fds | gate |",
-        "|---:|---|---|---|---|",
-    ]
-    for r in _requests("backend"):
-        parts.append("| " + " | ".join(_cell(r.get(k)) for k in ("code", "name", "reply", "fds", "gate")) + " |")
+    main = _requests("main")
+    parts = ["### What the back-end role does with each front-end request\n"]
+    parts += _table(main, {"code": "code", "name": "request", "backend": "back-end", "offer": "offered",
+                           "refusal": "when refused", "note": "what it does"})
+    parts += ["", "### Front-end requests: the spec's rules\n"]
+    parts += _table(main, {"code": "code", "name": "request", "reply": "reply", "fds": "fds", "gate": "gate"})
+    parts += ["", "### Back-end requests (back-end request channel): the spec's rules\n"]
+    parts += _table(_requests("backend"), {"code": "code", "name": "request", "reply": "reply", "fds": "fds", "gate": "gate"})
     return "\n".join(parts) + "\n"
 
 
