@@ -5,6 +5,8 @@
   without a docstring take the runtime one, so the reference shows what the code documents
   without copying it into the stubs. This imports ``vhostuser_rs._native`` (the package must be
   installed where MkDocs runs, as for the protocol coverage page).
+- A method that overrides a documented one without a docstring of its own (``BuiltinHandler``'s
+  answers to back-end requests) shows the overridden method's docstring, as ``help()`` does.
 - The docstrings are written for Sphinx (``:class:`X```, ``Example::``); MkDocs renders
   Markdown, so roles become code spans and a trailing ``::`` a colon.
 """
@@ -47,7 +49,24 @@ class NativeDocstrings(griffe.Extension):
             return
         native = importlib.import_module("vhostuser_rs._native")
         _fill(pkg["_native"], native)
+        self._inherit(pkg)
         self._convert(pkg)
+
+    def _inherit(self, obj: griffe.Object) -> None:
+        for member in obj.members.values():
+            if member.is_alias:
+                continue
+            if member.is_class:
+                for name, method in member.members.items():
+                    if method.is_alias or method.docstring is not None or not method.is_function:
+                        continue
+                    for base in member.mro():  # type: ignore[union-attr]
+                        inherited = base.members.get(name)
+                        if inherited is not None and inherited.docstring is not None:
+                            method.docstring = griffe.Docstring(inherited.docstring.value, parent=method)
+                            break
+            if member.is_module or member.is_class:
+                self._inherit(member)  # type: ignore[arg-type]
 
     def _convert(self, obj: griffe.Object) -> None:
         if obj.docstring is not None:
