@@ -1,6 +1,7 @@
 """The documentation's code samples run (docs/*.md, the site mkdocs.yml builds).
 
-Every ```python block compiles and every ```sh block passes ``bash -n``. On each page, the
+Every ```python block compiles and every ```sh block passes ``bash -n`` (README.md's too). On
+each page of docs/, the
 ```python blocks not marked ``{.no-run}`` (those serve forever or need a VM) are joined in page
 order and run as one script in a fresh directory, as a reader would paste them: the tutorials
 start their own peers and stop them. A page with ``<!-- doc-test: needs BINARY -->`` needs that
@@ -60,7 +61,7 @@ def blocks(page: Path) -> list[Block]:
 
 
 PAGES = sorted(DOCS.glob("*.md"))
-ALL_BLOCKS = [b for page in PAGES for b in blocks(page)]
+ALL_BLOCKS = [b for page in [*PAGES, DOCS.parent / "README.md"] for b in blocks(page)]
 
 
 def test_the_docs_have_code() -> None:
