@@ -1,10 +1,9 @@
 """The documentation's code samples run (docs/*.md, the site mkdocs.yml builds).
 
 Every ```python block compiles and every ```sh block passes ``bash -n`` (README.md's too). On
-each page of docs/, the
-```python blocks not marked ``{.no-run}`` (those serve forever or need a VM) are joined in page
-order and run as one script in a fresh directory, as a reader would paste them: the tutorials
-start their own peers and stop them. A page with ``<!-- doc-test: needs BINARY -->`` needs that
+each page of docs/, the ```python blocks not marked ``{.no-run}`` (those serve forever or need
+a VM) are joined in page order and run as one script in a fresh directory, as a reader would
+paste them: the tutorials start their own peers and stop them. A page with ``<!-- doc-test: needs BINARY -->`` needs that
 peer (skipped without it locally; CI has every peer, so there it fails).
 """
 
