@@ -31,7 +31,7 @@ def _markdown(text: str) -> str:
 def _fill(obj: griffe.Object, runtime: Any) -> None:
     """Give `obj` and its members the runtime docstrings the stub lacks."""
     for name, member in obj.members.items():
-        if member.is_alias or name.startswith("__"):
+        if isinstance(member, griffe.Alias) or name.startswith("__"):
             continue
         value = getattr(runtime, name, None)
         if value is None:
@@ -39,8 +39,8 @@ def _fill(obj: griffe.Object, runtime: Any) -> None:
         doc = getattr(value, "__doc__", None)
         if member.docstring is None and isinstance(doc, str) and doc.strip() and not isinstance(value, (int, str, dict)):
             member.docstring = griffe.Docstring(doc.strip(), parent=member)
-        if member.is_class:
-            _fill(member, value)  # type: ignore[arg-type]
+        if isinstance(member, griffe.Class):
+            _fill(member, value)
 
 
 class NativeDocstrings(griffe.Extension):
@@ -54,23 +54,23 @@ class NativeDocstrings(griffe.Extension):
 
     def _inherit(self, obj: griffe.Object) -> None:
         for member in obj.members.values():
-            if member.is_alias:
+            if isinstance(member, griffe.Alias):
                 continue
-            if member.is_class:
+            if isinstance(member, griffe.Class):
                 for name, method in member.members.items():
-                    if method.is_alias or method.docstring is not None or not method.is_function:
+                    if not isinstance(method, griffe.Function) or method.docstring is not None:
                         continue
-                    for base in member.mro():  # type: ignore[union-attr]
+                    for base in member.mro():
                         inherited = base.members.get(name)
                         if inherited is not None and inherited.docstring is not None:
                             method.docstring = griffe.Docstring(inherited.docstring.value, parent=method)
                             break
-            if member.is_module or member.is_class:
-                self._inherit(member)  # type: ignore[arg-type]
+            if isinstance(member, (griffe.Module, griffe.Class)):
+                self._inherit(member)
 
     def _convert(self, obj: griffe.Object) -> None:
         if obj.docstring is not None:
             obj.docstring.value = _markdown(obj.docstring.value)
         for member in obj.members.values():
-            if not member.is_alias:
-                self._convert(member)  # type: ignore[arg-type]
+            if not isinstance(member, griffe.Alias):
+                self._convert(member)
