@@ -339,3 +339,57 @@ fn stopping_the_proxy_closes_both_peers() {
     assert!(s.proxy.is_finished());
     assert!(!s.listen.exists(), "the listening socket is removed");
 }
+
+#[test]
+fn set_backend_req_fd_odd_cases() {
+    let s = setup("odd-chan", &[], WAIT);
+    let (front, back) = s.session();
+    // An fd that is not a socket: relayed as it is (the proxy cannot relay a channel over it).
+    let not_a_socket = eventfd();
+    let m = Message::request(FrontendRequest::SET_BACKEND_REQ_FD, Payload::Empty);
+    send(&front, &m.encode(), &[not_a_socket.as_fd()]);
+    let got = recv(&back);
+    assert!(same_file(got.fds[0].as_fd(), not_a_socket.as_fd()));
+    // Twice: the second channel replaces the first, whose front-end end sees the hang-up.
+    let (first_keeps, first_sends) = Connection::pair().unwrap();
+    send(&front, &m.encode(), &[first_sends.as_fd()]);
+    drop(first_sends);
+    let first_back = Connection::from_fd(recv(&back).fds.pop().unwrap()).unwrap();
+    let (second_keeps, second_sends) = Connection::pair().unwrap();
+    send(&front, &m.encode(), &[second_sends.as_fd()]);
+    drop(second_sends);
+    let second_back = Connection::from_fd(recv(&back).fds.pop().unwrap()).unwrap();
+    assert!(matches!(first_keeps.recv_raw(Deadline::after(Some(WAIT)), 4096), Err(Error::Disconnected)));
+    assert!(matches!(first_back.recv_raw(Deadline::after(Some(WAIT)), 4096), Err(Error::Disconnected)));
+    let req = Message::request(BackendRequest::VRING_CALL, Payload::VringState(VringState { index: 0, num: 0 }));
+    send(&second_back, &req.encode(), &[]);
+    assert_eq!(recv(&second_keeps).bytes(), req.encode());
+    drop(front);
+    let records = s.records_until(is_closed);
+    let notes: Vec<&String> = records
+        .iter()
+        .filter_map(|r| match &r.event {
+            Event::Note(n) => Some(n),
+            _ => None,
+        })
+        .collect();
+    assert!(notes[0].contains("relayed with the front-end's own fd"), "{notes:?}");
+    assert!(notes[1].contains("replaced the back-end request channel"), "{notes:?}");
+}
+
+#[test]
+fn queued_messages_are_delivered_before_a_hang_up_is_passed_on() {
+    let s = setup("drain", &["delay:SET_OWNER:200ms"], WAIT);
+    let (front, back) = s.session();
+    let owner = Message::request(FrontendRequest::SET_OWNER, Payload::Empty).encode();
+    let enable =
+        Message::request(FrontendRequest::SET_VRING_ENABLE, Payload::VringState(VringState { index: 0, num: 1 }));
+    send(&front, &owner, &[]);
+    send(&front, &enable.encode(), &[]);
+    drop(front);
+    assert_eq!(recv(&back).bytes(), owner);
+    assert_eq!(recv(&back).bytes(), enable.encode());
+    assert!(matches!(back.recv_raw(Deadline::after(Some(WAIT)), 4096), Err(Error::Disconnected)));
+    let records = s.records_until(is_closed);
+    assert!(matches!(&records.last().unwrap().event, Event::Closed { clean: true, .. }));
+}

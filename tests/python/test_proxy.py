@@ -226,6 +226,54 @@ def test_cli_json_lines_fds_and_next_sessions(sock_dir: Path, image: Path) -> No
         assert kick["fds"] == 1 and kick["payload"] == {"index": 0, "nofd": False} and kick["need_reply"]
 
 
+def test_cli_leaks_no_fd_on_hostile_or_injected_traffic(sock_dir: Path, image: Path) -> None:
+    """Fds the proxy drops (a dropped message, a stripped one), fds of messages still queued
+    when a peer hangs up, a substituted channel, nine fds on one message, a size it will not
+    read: after each session the proxy process holds exactly the fds it started with."""
+    import socket
+
+    from vhostuser_rs import hazmat
+
+    backend_sock, sock, out = sock_dir / "blk.sock", sock_dir / "proxy.sock", sock_dir / "trace.jsonl"
+    rules = ["drop:SET_VRING_KICK", "corrupt:SET_VRING_CALL:fds", "delay:SET_VRING_ERR:300ms"]
+    inject = [arg for rule in rules for arg in ("--inject", rule)]
+
+    def front_end() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(sock))
+        return s
+
+    def msg(request: F, payload: object = None) -> bytes:
+        return hazmat.encode(hazmat.request(request, payload))  # type: ignore[arg-type]
+
+    efd = os.eventfd(0, os.EFD_CLOEXEC)
+    a, b = socket.socketpair()
+    try:
+        with serve_blk(image, backend_sock, num_queues=1), \
+                proxy_cli(sock, backend_sock, out, "--json", "--timeout", "1", *inject) as proxy:
+            baseline = open_fds(proxy.pid)
+            sessions = [
+                [(msg(F.SET_OWNER), []), (msg(F.SET_VRING_KICK, vu.messages.VringFd(0)), [efd]),
+                 (msg(F.SET_VRING_CALL, vu.messages.VringFd(0)), [efd])],
+                [(msg(F.SET_BACKEND_REQ_FD), [b.fileno()]), (msg(F.SET_VRING_ERR, vu.messages.VringFd(0)), [efd])],
+                [(msg(F.GET_FEATURES), [efd] * 9)],
+                [(hazmat.encode_raw(1, b"", size=1 << 30), [])],
+            ]
+            for n, messages in enumerate(sessions, 1):
+                with front_end() as s:
+                    for data, fds in messages:
+                        socket.send_fds(s, [data], fds)
+                lines = wait_json(out, lambda ls, n=n: closed_sessions(ls) == n)
+                assert open_fds(proxy.pid) == baseline, f"session {n}: {lines[-1]}"
+    finally:
+        os.close(efd)
+        a.close()
+        b.close()
+    closed = [line for line in lines if line["event"] == "closed"]
+    assert "9 file descriptors" in closed[2]["reason"] and "exceeds the limit" in closed[3]["reason"]
+    assert [line["action"] for line in lines if line.get("request") == "SET_VRING_KICK"] == ["dropped"]
+
+
 def test_cli_text_lines_and_once(sock_dir: Path, image: Path) -> None:
     backend_sock, sock, out = sock_dir / "blk.sock", sock_dir / "proxy.sock", sock_dir / "trace.txt"
     with serve_blk(image, backend_sock, num_queues=1), proxy_cli(sock, backend_sock, out, "--once") as proxy:
