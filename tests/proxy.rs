@@ -393,3 +393,42 @@ fn queued_messages_are_delivered_before_a_hang_up_is_passed_on() {
     let records = s.records_until(is_closed);
     assert!(matches!(&records.last().unwrap().event, Event::Closed { clean: true, .. }));
 }
+
+#[test]
+fn once_relays_one_session_then_finishes() {
+    let dir = std::env::temp_dir().join(format!("vu-proxy-once-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (listen, connect) = (dir.join("proxy.sock"), dir.join("backend.sock"));
+    let backend = Listener::bind(&connect, false).unwrap();
+    let config = ProxyConfig {
+        listen: listen.clone(),
+        connect,
+        rules: vec![],
+        connect_timeout: WAIT,
+        io_timeout: WAIT,
+        once: true,
+    };
+    let proxy = Proxy::start(config).unwrap();
+    let front = Connection::connect(&listen, Some(WAIT)).unwrap();
+    let back = backend.accept(Deadline::after(Some(WAIT))).unwrap();
+    // A second front-end finds no listener while the first session runs.
+    let deadline = Instant::now() + WAIT;
+    while listen.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(Connection::connect(&listen, Some(Duration::ZERO)).is_err());
+    let m = Message::request(FrontendRequest::GET_FEATURES, Payload::Empty).encode();
+    send(&front, &m, &[]);
+    assert_eq!(recv(&back).bytes(), m);
+    drop(back);
+    let mut records = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while !proxy.is_finished() {
+        assert!(Instant::now() < deadline, "the proxy did not finish: {records:?}");
+        records.extend(proxy.next_records(64, Some(Duration::from_millis(100))));
+    }
+    assert!(matches!(records.last().map(|r| &r.event), Some(Event::Closed { clean: true, .. })), "{records:?}");
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -45,16 +45,15 @@ struct Queue {
     finished: bool,
 }
 
-struct Shared {
-    injector: Injector,
-    config: ProxyConfig,
-    stop: OwnedFd,
+/// The records on their way to the reader; outlives the proxy's threads and fds so that the
+/// last records can be read after `close()`.
+struct Records {
     start: Instant,
     queue: Mutex<Queue>,
     ready: Condvar,
 }
 
-impl Shared {
+impl Records {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -71,6 +70,26 @@ impl Shared {
         self.ready.notify_all();
     }
 
+    fn finish(&self) {
+        self.lock().finished = true;
+        self.ready.notify_all();
+    }
+}
+
+/// What the accept thread and the sessions share; dropped (closing the stop eventfd) once they
+/// are all joined.
+struct Shared {
+    injector: Injector,
+    config: ProxyConfig,
+    stop: OwnedFd,
+    records: Arc<Records>,
+}
+
+impl Shared {
+    fn report(&self, session: u64, event: Event) {
+        self.records.report(session, event);
+    }
+
     fn stopped(&self) -> bool {
         let mut pfd = libc::pollfd { fd: self.stop.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: one valid pollfd; zero timeout.
@@ -78,15 +97,21 @@ impl Shared {
     }
 }
 
+struct Running {
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
 /// A running proxy. Dropping it stops it and waits for its threads.
 pub struct Proxy {
-    shared: Arc<Shared>,
-    accept: Mutex<Option<JoinHandle<()>>>,
+    config: ProxyConfig,
+    records: Arc<Records>,
+    running: Mutex<Option<Running>>,
 }
 
 impl std::fmt::Debug for Proxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Proxy").field("config", &self.shared.config).finish()
+        f.debug_struct("Proxy").field("config", &self.config).finish()
     }
 }
 
@@ -94,24 +119,24 @@ impl Proxy {
     /// Binds the listening socket (replacing a stale socket file) and starts accepting.
     pub fn start(config: ProxyConfig) -> Result<Proxy> {
         let listener = Listener::bind(&config.listen, true)?;
+        let records =
+            Arc::new(Records { start: Instant::now(), queue: Mutex::new(Queue::default()), ready: Condvar::new() });
         let shared = Arc::new(Shared {
             injector: Injector::new(config.rules.clone()),
-            config,
+            config: config.clone(),
             stop: crate::eventfd::new()?,
-            start: Instant::now(),
-            queue: Mutex::new(Queue::default()),
-            ready: Condvar::new(),
+            records: Arc::clone(&records),
         });
         let for_thread = Arc::clone(&shared);
         let accept = std::thread::Builder::new()
             .name("vu-proxy-accept".into())
-            .spawn(move || accept_loop(&for_thread, listener))?;
-        Ok(Proxy { shared, accept: Mutex::new(Some(accept)) })
+            .spawn(move || accept_loop(for_thread, listener))?;
+        Ok(Proxy { config, records, running: Mutex::new(Some(Running { shared, accept })) })
     }
 
     /// The configuration it runs with.
     pub fn config(&self) -> &ProxyConfig {
-        &self.shared.config
+        &self.config
     }
 
     /// Takes up to `max` records, waiting up to `timeout` for the first (`None`: until one
@@ -119,12 +144,12 @@ impl Proxy {
     /// reported by a note in their place.
     pub fn next_records(&self, max: usize, timeout: Option<Duration>) -> Vec<Record> {
         let deadline = Deadline::after(timeout);
-        let mut q = self.shared.lock();
+        let mut q = self.records.lock();
         while q.records.is_empty() && q.lost == 0 && !q.finished {
             match deadline.remaining() {
                 Some(left) if left.is_zero() => break,
-                Some(left) => q = self.shared.ready.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0,
-                None => q = self.shared.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
+                Some(left) => q = self.records.ready.wait_timeout(q, left).unwrap_or_else(|e| e.into_inner()).0,
+                None => q = self.records.ready.wait(q).unwrap_or_else(|e| e.into_inner()),
             }
         }
         let mut out = Vec::new();
@@ -133,7 +158,7 @@ impl Proxy {
             q.lost = 0;
             out.push(Record {
                 time: SystemTime::now(),
-                elapsed: self.shared.start.elapsed(),
+                elapsed: self.records.start.elapsed(),
                 session: 0,
                 event: Event::Note(note),
             });
@@ -146,17 +171,20 @@ impl Proxy {
     /// Whether the proxy has finished (stopped, or its one session ended with `once`) and every
     /// record has been read.
     pub fn is_finished(&self) -> bool {
-        let q = self.shared.lock();
+        let q = self.records.lock();
         q.finished && q.records.is_empty() && q.lost == 0
     }
 
-    /// Stops accepting, ends every session (closing both peers' connections) and waits for
-    /// the threads. Idempotent.
+    /// Stops accepting, ends every session (closing both peers' connections), waits for the
+    /// threads and closes every fd of the proxy; the records not read yet stay readable.
+    /// Idempotent.
     pub fn close(&self) {
-        let _ = crate::eventfd::signal(self.shared.stop.as_fd());
-        let handle = self.accept.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(handle) = handle {
-            let _ = handle.join();
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(Running { shared, accept }) = running {
+            let _ = crate::eventfd::signal(shared.stop.as_fd());
+            let _ = accept.join();
+            // The last reference: the stop eventfd closes here.
+            drop(shared);
         }
     }
 }
@@ -167,7 +195,7 @@ impl Drop for Proxy {
     }
 }
 
-fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
+fn accept_loop(shared: Arc<Shared>, listener: Listener) {
     let next = AtomicU64::new(1);
     let mut sessions: Vec<JoinHandle<()>> = Vec::new();
     loop {
@@ -208,7 +236,7 @@ fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
             );
             continue;
         }
-        let for_session = Arc::clone(shared);
+        let for_session = Arc::clone(&shared);
         let spawned = std::thread::Builder::new()
             .name(format!("vu-proxy-{id}"))
             .spawn(move || run_session(&for_session, id, front));
@@ -222,13 +250,16 @@ fn accept_loop(shared: &Arc<Shared>, listener: Listener) {
             break;
         }
     }
-    // With `once`, the session runs to its end; otherwise the stop signal ends every session.
+    // No further front-end: with `once` one connecting now is refused at once instead of
+    // waiting in the backlog. The session runs to its end (or to the stop signal).
+    drop(listener);
     for s in sessions {
         let _ = s.join();
     }
-    drop(listener);
-    shared.lock().finished = true;
-    shared.ready.notify_all();
+    // Every session has ended and the listener is closed: no record will follow.
+    let records = Arc::clone(&shared.records);
+    drop(shared);
+    records.finish();
 }
 
 fn run_session(shared: &Shared, id: u64, front: Connection) {

@@ -142,6 +142,7 @@ def test_block_client_through_the_proxy_to_qemu_storage_daemon(sock_dir: Path, i
 import test_qemu_guest as KERNEL_TEST  # noqa: E402  (the guest recipe: kernel, initramfs, init script)
 
 
+@pytest.mark.timeout(300)
 def test_qemu_guest_boots_through_the_proxy_to_serve_blk(sock_dir: Path) -> None:
     """QEMU (vhost-user-blk-pci) → `vhostuser-rs proxy --json` → serve-blk: the guest reads the
     whole disk, writes and reads back a marker; the JSON trace holds QEMU's sequence; the
@@ -286,6 +287,33 @@ def test_cli_text_lines_and_once(sock_dir: Path, image: Path) -> None:
     assert " main F>B GET_FEATURES " in text and " main B>F GET_FEATURES reply " in text
     assert "(PROTOCOL_FEATURES|VERSION_1" in text or "|VERSION_1" in text
     assert not sock.exists(), "the listening socket is removed at exit"
+
+
+def test_python_api_callback_and_once(sock_dir: Path, image: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`once=True` finishes after the first session; the callback sees every record in order,
+    and one that raises is logged without stopping the trace."""
+    backend_sock, sock = sock_dir / "blk.sock", sock_dir / "proxy.sock"
+    seen: list[vu.ProxyRecord] = []
+
+    def callback(record: vu.ProxyRecord) -> None:
+        seen.append(record)
+        if record.name == "GET_FEATURES":
+            raise RuntimeError("a broken callback")
+
+    with serve_blk(image, backend_sock, num_queues=1), \
+            vu.Proxy(listen=sock, connect=backend_sock, once=True, callback=callback) as proxy:
+        with vu.Frontend.connect(sock) as fe:
+            fe.get_features()
+            fe.get_protocol_features()
+        assert proxy.wait(10) and proxy.finished
+        with pytest.raises(vu.VhostUserTimeoutError, match="finished"):
+            proxy.wait_for(lambda r: r.session == 2)
+        with pytest.raises(FileNotFoundError):
+            vu.Frontend.connect(sock, timeout=0)  # the listening socket is gone
+    assert seen == proxy.records
+    assert [r.name for r in seen if r.event == "message"] == [
+        "GET_FEATURES", "GET_FEATURES reply", "GET_PROTOCOL_FEATURES", "GET_PROTOCOL_FEATURES reply"]
+    assert "proxy record callback failed" in caplog.text
 
 
 def test_bad_rule_and_unreachable_back_end(sock_dir: Path) -> None:
