@@ -648,7 +648,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     _sigterm_interrupts()
     try:
         with Proxy(listen=args.listen, connect=args.connect, inject=args.inject, connect_timeout=args.timeout,
-                   io_timeout=args.timeout, once=args.once, callback=show) as proxy:
+                   io_timeout=args.timeout, once=args.once, callback=show, keep_records=False) as proxy:
             print(f"vhostuser-rs proxy: {args.listen} -> {args.connect}", file=sys.stderr, flush=True)
             while not proxy.wait(0.5):
                 pass

@@ -14,7 +14,8 @@ Inject rules (``inject=[...]``, the CLI's ``--inject``), for fault testing::
     drop:GET_FEATURES                  never relay GET_FEATURES (the front-end times out)
     drop:GET_FEATURES.reply@1          drop the reply to the first GET_FEATURES only
     delay:SET_MEM_TABLE:200ms          relay it 200 ms late (the ones behind it wait too)
-    corrupt:SET_VRING_ADDR             set reserved header flag bit 4 (the receiver must refuse)
+    corrupt:SET_VRING_ADDR             set reserved header flag bit 4 (a receiver that checks
+                                       the header refuses it; libvhost-user does not check)
     corrupt:SET_VRING_ADDR:size        payload one byte short (header size to match)
     corrupt:SET_VRING_KICK:fds         close the fds instead of passing them on
     corrupt:SET_VRING_ADDR:byte=0      invert payload byte 0
@@ -115,7 +116,9 @@ class Proxy:
     Rust thread; a peer hanging up ends that session (the proxy closes the other side) and the
     proxy goes on accepting — with ``once=True`` it finishes after the first session instead.
     Records are appended to :attr:`records` by a background thread, which also calls
-    `callback` with each one (exceptions from it are logged, not raised).
+    `callback` with each one (exceptions from it are logged, not raised). A proxy that runs for
+    long with a callback should pass ``keep_records=False``: :attr:`records` then stays empty
+    (and :meth:`wait_for` / :meth:`messages` see nothing), so memory does not grow.
 
     `connect_timeout`: seconds to keep trying to reach the back-end when a front-end connects.
     `io_timeout`: seconds one message may take to arrive whole or to be written; a peer stuck
@@ -133,6 +136,7 @@ class Proxy:
         io_timeout: float = 5.0,
         once: bool = False,
         callback: Callable[[ProxyRecord], object] | None = None,
+        keep_records: bool = True,
     ) -> None:
         self._core = _native.ProxyCore(
             os.fspath(listen), os.fspath(connect), inject=list(inject), connect_timeout=connect_timeout,
@@ -143,6 +147,7 @@ class Proxy:
         #: Every record so far, in order.
         self.records: list[ProxyRecord] = []
         self._callback = callback
+        self._keep = keep_records
         self._cond = threading.Condition()
         self._done = False
         self._thread = threading.Thread(target=self._pump, name="vhostuser-rs-proxy", daemon=True)
@@ -152,9 +157,10 @@ class Proxy:
         while True:
             batch = self._core.next_records(256, timeout=0.2)
             if batch:
-                with self._cond:
-                    self.records.extend(batch)
-                    self._cond.notify_all()
+                if self._keep:
+                    with self._cond:
+                        self.records.extend(batch)
+                        self._cond.notify_all()
                 for record in batch:
                     if self._callback is not None:
                         try:

@@ -18,6 +18,10 @@ use crate::error::Result;
 /// Records kept for a reader that does not keep up; older ones are discarded beyond it.
 const MAX_QUEUED_RECORDS: usize = 1 << 16;
 
+/// Payload bytes kept in those records (a peer sending 64 KiB messages must not make an idle
+/// reader's queue grow to gigabytes).
+const MAX_QUEUED_BYTES: usize = 64 << 20;
+
 /// Sessions relayed at once; a front-end connecting beyond it is disconnected at once.
 pub const MAX_SESSIONS: usize = 32;
 
@@ -41,8 +45,16 @@ pub struct ProxyConfig {
 #[derive(Default)]
 struct Queue {
     records: VecDeque<Record>,
+    bytes: usize,
     lost: u64,
     finished: bool,
+}
+
+fn payload_bytes(record: &Record) -> usize {
+    match &record.event {
+        Event::Message(t) => t.payload.len(),
+        _ => 0,
+    }
 }
 
 /// The records on their way to the reader; outlives the proxy's threads and fds so that the
@@ -60,11 +72,15 @@ impl Records {
 
     fn report(&self, session: u64, event: Event) {
         let record = Record { time: SystemTime::now(), elapsed: self.start.elapsed(), session, event };
+        let size = payload_bytes(&record);
         let mut q = self.lock();
-        if q.records.len() >= MAX_QUEUED_RECORDS {
-            q.records.pop_front();
-            q.lost += 1;
+        while q.records.len() >= MAX_QUEUED_RECORDS || (q.bytes + size > MAX_QUEUED_BYTES && !q.records.is_empty()) {
+            if let Some(old) = q.records.pop_front() {
+                q.bytes -= payload_bytes(&old);
+                q.lost += 1;
+            }
         }
+        q.bytes += size;
         q.records.push_back(record);
         drop(q);
         self.ready.notify_all();
@@ -165,6 +181,7 @@ impl Proxy {
         }
         let n = q.records.len().min(max.max(1).saturating_sub(out.len()));
         out.extend(q.records.drain(..n));
+        q.bytes -= out.iter().map(payload_bytes).sum::<usize>();
         out
     }
 
@@ -285,4 +302,50 @@ fn run_session(shared: &Shared, id: u64, front: Connection) {
     };
     let ending = Session::new(&ctx, front, back).run();
     shared.report(id, Event::Closed { reason: ending.reason, clean: ending.clean });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{Channel, Header};
+    use crate::proxy::{Side, Traced};
+
+    fn proxy_over(records: Arc<Records>) -> Proxy {
+        let config = ProxyConfig {
+            listen: PathBuf::new(),
+            connect: PathBuf::new(),
+            rules: Vec::new(),
+            connect_timeout: Duration::ZERO,
+            io_timeout: Duration::ZERO,
+            once: false,
+        };
+        Proxy { config, records, running: Mutex::new(None) }
+    }
+
+    #[test]
+    fn an_unread_queue_is_bounded_in_records_and_bytes() {
+        let records =
+            Arc::new(Records { start: Instant::now(), queue: Mutex::new(Queue::default()), ready: Condvar::new() });
+        for _ in 0..MAX_QUEUED_RECORDS + 10 {
+            records.report(1, Event::Connected);
+        }
+        let big = vec![0u8; 64 << 10];
+        let header = Header { code: 25, flags: 1, size: big.len() as u32 };
+        for _ in 0..(MAX_QUEUED_BYTES / big.len()) + 5 {
+            let t = Traced::new(Channel::Main, Side::Frontend, header, &big, 0);
+            records.report(1, Event::Message(Box::new(t)));
+        }
+        {
+            let q = records.lock();
+            assert!(q.bytes <= MAX_QUEUED_BYTES && q.records.len() <= MAX_QUEUED_RECORDS);
+            assert_eq!(q.bytes, q.records.iter().map(payload_bytes).sum::<usize>());
+        }
+        let proxy = proxy_over(Arc::clone(&records));
+        let first = proxy.next_records(10, Some(Duration::ZERO));
+        let Event::Note(note) = &first[0].event else { panic!("{first:?}") };
+        assert!(note.contains("discarded"), "{note}");
+        assert_eq!(first.len(), 10);
+        while !proxy.next_records(1 << 20, Some(Duration::ZERO)).is_empty() {}
+        assert_eq!(records.lock().bytes, 0);
+    }
 }
