@@ -210,6 +210,7 @@ def test_cli_json_lines_fds_and_next_sessions(sock_dir: Path, image: Path) -> No
                 assert disk.read(0, 4096) == bytes([session]) * 4096
             lines = wait_json(out, lambda ls, n=session: closed_sessions(ls) == n)
             assert open_fds(proxy.pid) == baseline, f"fds leaked by session {session}"
+    assert proxy.returncode == 0, "SIGTERM ends the proxy as Ctrl-C does"
     for line in lines:
         assert isinstance(line["time"], float) and line["session"] in (1, 2, 3)
     by_session = [[line for line in lines if line["session"] == s] for s in (1, 2, 3)]
