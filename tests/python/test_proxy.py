@@ -139,6 +139,38 @@ def test_block_client_through_the_proxy_to_qemu_storage_daemon(sock_dir: Path, i
     assert closed.event == "closed" and closed.clean and "front-end closed" in (closed.reason or "")
 
 
+def test_serve_blk_sees_the_same_session_with_and_without_the_proxy(sock_dir: Path, image: Path) -> None:
+    """The back-end's own trace (VHOSTUSER_RS_TRACE) of a BlockClient session, direct and then
+    through the proxy: the same requests, payloads and fd counts, in the same order (the
+    front-end's memory addresses differ between any two sessions, so large numbers are masked)."""
+    import re
+
+    backend_sock, sock, log = sock_dir / "blk.sock", sock_dir / "proxy.sock", sock_dir / "backend.log"
+    args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(backend_sock)]
+    with open(log, "wb") as err:
+        backend = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=err,
+                                   env=dict(os.environ, VHOSTUSER_RS_TRACE="1"))
+    sessions: list[list[str]] = []
+    try:
+        wait_for_socket(backend_sock, backend)
+        with vu.Proxy(listen=sock, connect=backend_sock) as proxy:
+            for path in (backend_sock, sock):
+                before = log.read_text().count("\n")
+                with BlockClient.connect(path, num_queues=1) as disk:
+                    disk.write(0, b"same" * 1024)
+                    assert disk.read(0, 4096) == b"same" * 1024
+                # The back-end logs each request before answering it and the client waits for
+                # every answer; the pause only lets the other process's last write land.
+                time.sleep(0.2)
+                lines = log.read_text().splitlines()[before:]
+                sessions.append([re.sub(r"\d{6,}", "N", line) for line in lines if "vhost-user back-end:" in line])
+    finally:
+        stop(backend)
+    direct, proxied = sessions
+    assert len(direct) > 15 and direct == proxied
+    assert len([r for r in proxy.messages() if r.direction == "F>B" and not r.is_reply]) >= len(proxied)
+
+
 import test_qemu_guest as KERNEL_TEST  # noqa: E402  (the guest recipe: kernel, initramfs, init script)
 
 
