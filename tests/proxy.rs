@@ -432,3 +432,35 @@ fn once_relays_one_session_then_finishes() {
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_replaced_channel_is_not_read_in_place_of_the_new_one() {
+    let s = setup("regen", &[], Duration::from_secs(2));
+    let (front, back) = s.session();
+    let set_fd = Message::request(FrontendRequest::SET_BACKEND_REQ_FD, Payload::Empty).encode();
+    let (old_keeps, old_sends) = Connection::pair().unwrap();
+    send(&front, &set_fd, &[old_sends.as_fd()]);
+    drop(old_sends);
+    let _old_back = Connection::from_fd(recv(&back).fds.pop().unwrap()).unwrap();
+    // Hold the proxy inside a half-sent message, so that what follows is seen by one poll: a
+    // message on the old channel and a SET_BACKEND_REQ_FD replacing it.
+    let features = Message::request(FrontendRequest::SET_FEATURES, Payload::U64(1)).encode();
+    send(&front, &features[..14], &[]);
+    std::thread::sleep(Duration::from_millis(50));
+    send(&old_keeps, &Message::reply(BackendRequest::CONFIG_CHANGE_MSG, Payload::U64(0)).encode(), &[]);
+    let (new_keeps, new_sends) = Connection::pair().unwrap();
+    let mut rest = features[14..].to_vec();
+    rest.extend_from_slice(&set_fd);
+    send(&front, &rest[..features.len() - 14], &[]);
+    send(&front, &rest[features.len() - 14..], &[new_sends.as_fd()]);
+    drop(new_sends);
+    assert_eq!(recv(&back).bytes(), features);
+    let new_back = Connection::from_fd(recv(&back).fds.pop().unwrap()).unwrap();
+    // The new channel works at once (it was not read in place of the old one, which would have
+    // waited out the I/O timeout and closed it).
+    let t0 = Instant::now();
+    let req = Message::request(BackendRequest::CONFIG_CHANGE_MSG, Payload::Empty);
+    send(&new_back, &req.encode(), &[]);
+    assert_eq!(new_keeps.recv_raw(Deadline::after(Some(Duration::from_secs(1))), 4096).unwrap().bytes(), req.encode());
+    assert!(t0.elapsed() < Duration::from_secs(1));
+}

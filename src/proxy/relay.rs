@@ -59,6 +59,9 @@ struct Outgoing {
 struct Endpoint {
     conn: Option<Connection>,
     queue: VecDeque<Outgoing>,
+    /// Bumped whenever `conn` is replaced or closed, so a poll result about the old socket is
+    /// not taken for the new one.
+    generation: u64,
 }
 
 /// What a session needs from its proxy.
@@ -136,7 +139,7 @@ impl<'a> Session<'a> {
             for (i, end) in self.ends.iter().enumerate() {
                 if let Some(conn) = &end.conn {
                     pfds.push(libc::pollfd { fd: conn.as_raw_fd(), events: libc::POLLIN, revents: 0 });
-                    which.push(i);
+                    which.push((i, end.generation));
                 }
             }
         }
@@ -159,9 +162,10 @@ impl<'a> Session<'a> {
             self.state = State::Done(Ending { reason: "the proxy was stopped".into(), clean: true });
             return Ok(());
         }
-        for (pfd, &i) in pfds[1..].iter().zip(&which) {
-            // POLLHUP/POLLERR too: the read then reports the hang-up or the error.
-            if pfd.revents != 0 && matches!(self.state, State::Running) {
+        for (pfd, &(i, generation)) in pfds[1..].iter().zip(&which) {
+            // POLLHUP/POLLERR too: the read then reports the hang-up or the error. A message
+            // handled just before may have replaced or closed the back-end request channel.
+            if pfd.revents != 0 && matches!(self.state, State::Running) && self.ends[i].generation == generation {
                 self.receive(i);
             }
         }
@@ -240,6 +244,8 @@ impl<'a> Session<'a> {
         }
         self.ends[FRONT_CHAN].conn = Some(front);
         self.ends[BACK_CHAN].conn = Some(ours);
+        self.ends[FRONT_CHAN].generation += 1;
+        self.ends[BACK_CHAN].generation += 1;
         Ok(theirs.into_fd())
     }
 
@@ -252,6 +258,7 @@ impl<'a> Session<'a> {
                 conn.shutdown();
             }
             self.ends[i].queue.clear();
+            self.ends[i].generation += 1;
         }
         (self.ctx.report)(Event::Note(why.to_string()));
     }
