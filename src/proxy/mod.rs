@@ -20,7 +20,7 @@ mod rules;
 mod server;
 
 pub use format::{json, text};
-pub use record::{Event, Record, Side, Traced};
+pub use record::{Event, Record, Side, Stamp, Traced};
 pub use relay::MAX_RELAY_PAYLOAD;
 pub use rules::{Action, Corruption, Injector, Rule, RuleError, Verdict, MAX_DELAY};
 pub use server::{Proxy, ProxyConfig, MAX_SESSIONS};

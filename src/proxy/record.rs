@@ -1,6 +1,6 @@
 //! What the proxy reports: one record per relayed (or dropped) message and per session event.
 
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::protocol::{self, Channel, Header, Message, ProtocolError, Request};
 
@@ -107,4 +107,20 @@ pub struct Record {
     pub session: u64,
     /// What happened.
     pub event: Event,
+}
+
+/// When something happened, by the wall clock and the monotonic one.
+#[derive(Clone, Copy, Debug)]
+pub struct Stamp {
+    /// Wall-clock time.
+    pub wall: SystemTime,
+    /// Monotonic time.
+    pub mono: Instant,
+}
+
+impl Stamp {
+    /// Now.
+    pub fn now() -> Stamp {
+        Stamp { wall: SystemTime::now(), mono: Instant::now() }
+    }
 }

@@ -22,7 +22,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use super::record::{Event, Side, Traced};
+use super::record::{Event, Side, Stamp, Traced};
 use super::rules::Injector;
 use crate::connection::{dup_cloexec, relabel, Connection, Deadline, RawMessage};
 use crate::error::Error;
@@ -72,8 +72,8 @@ pub(super) struct Context<'a> {
     pub io_timeout: Duration,
     /// Readable when the proxy stops.
     pub stop: BorrowedFd<'a>,
-    /// Where records go.
-    pub report: &'a (dyn Fn(Event) + Sync),
+    /// Where records go, with the time the event happened (`None`: now).
+    pub report: &'a (dyn Fn(Event, Option<Stamp>) + Sync),
 }
 
 /// How a session ended.
@@ -195,6 +195,7 @@ impl<'a> Session<'a> {
     }
 
     fn relay(&mut self, i: usize, raw: RawMessage) {
+        let received = Stamp::now();
         let (channel, from, dest) = route(i);
         let RawMessage { mut header, mut payload, mut fds } = raw;
         let mut traced = Traced::new(channel, from, header, &payload, fds.len());
@@ -202,7 +203,7 @@ impl<'a> Session<'a> {
         traced.injected = verdict.fired;
         if verdict.drop {
             traced.dropped = true;
-            (self.ctx.report)(Event::Message(Box::new(traced)));
+            (self.ctx.report)(Event::Message(Box::new(traced)), Some(received));
             return; // `fds` dropped: closed.
         }
         for corruption in &verdict.corrupt {
@@ -220,17 +221,20 @@ impl<'a> Session<'a> {
                     fds[0] = theirs;
                     traced.substituted = true;
                 }
-                Err(reason) => (self.ctx.report)(Event::Note(format!(
-                    "SET_BACKEND_REQ_FD relayed with the front-end's own fd: {reason}"
-                ))),
+                Err(reason) => (self.ctx.report)(
+                    Event::Note(format!("SET_BACKEND_REQ_FD relayed with the front-end's own fd: {reason}")),
+                    None,
+                ),
             }
         }
-        (self.ctx.report)(Event::Message(Box::new(traced)));
-        if self.ends[dest].conn.is_none() {
-            return; // The channel it was meant for is gone: nobody to tell.
-        }
-        let due = Instant::now() + verdict.delay;
-        self.ends[dest].queue.push_back(Outgoing { due, header, payload, fds });
+        if self.ends[dest].conn.is_some() {
+            let due = received.mono + verdict.delay;
+            self.ends[dest].queue.push_back(Outgoing { due, header, payload, fds });
+            // Relay first, report after: waking whoever reads the records must not delay the
+            // message (the record keeps the time it arrived).
+            self.send_due();
+        } // Else the channel it was meant for is gone: nobody to tell.
+        (self.ctx.report)(Event::Message(Box::new(traced)), Some(received));
     }
 
     /// Installs a new back-end request channel: the front-end's end `fd` (duplicated) becomes
@@ -260,7 +264,7 @@ impl<'a> Session<'a> {
             self.ends[i].queue.clear();
             self.ends[i].generation += 1;
         }
-        (self.ctx.report)(Event::Note(why.to_string()));
+        (self.ctx.report)(Event::Note(why.to_string()), None);
     }
 
     /// Sends every queued message whose time has come, in order per direction. Our copies of

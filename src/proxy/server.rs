@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
-use super::record::{Event, Record};
+use super::record::{Event, Record, Stamp};
 use super::relay::{Context, Session};
 use super::rules::{Injector, Rule};
 use crate::connection::{Connection, Deadline, Listener};
@@ -70,8 +70,10 @@ impl Records {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn report(&self, session: u64, event: Event) {
-        let record = Record { time: SystemTime::now(), elapsed: self.start.elapsed(), session, event };
+    fn report(&self, session: u64, event: Event, at: Option<Stamp>) {
+        let at = at.unwrap_or_else(Stamp::now);
+        let elapsed = at.mono.saturating_duration_since(self.start);
+        let record = Record { time: at.wall, elapsed, session, event };
         let size = payload_bytes(&record);
         let mut q = self.lock();
         while q.records.len() >= MAX_QUEUED_RECORDS || (q.bytes + size > MAX_QUEUED_BYTES && !q.records.is_empty()) {
@@ -103,7 +105,7 @@ struct Shared {
 
 impl Shared {
     fn report(&self, session: u64, event: Event) {
-        self.records.report(session, event);
+        self.records.report(session, event, None);
     }
 
     fn stopped(&self) -> bool {
@@ -293,7 +295,7 @@ fn run_session(shared: &Shared, id: u64, front: Connection) {
         return;
     }
     shared.report(id, Event::Connected);
-    let report = |event: Event| shared.report(id, event);
+    let report = |event: Event, at: Option<Stamp>| shared.records.report(id, event, at);
     let ctx = Context {
         injector: &shared.injector,
         io_timeout: shared.config.io_timeout,
@@ -327,13 +329,13 @@ mod tests {
         let records =
             Arc::new(Records { start: Instant::now(), queue: Mutex::new(Queue::default()), ready: Condvar::new() });
         for _ in 0..MAX_QUEUED_RECORDS + 10 {
-            records.report(1, Event::Connected);
+            records.report(1, Event::Connected, None);
         }
         let big = vec![0u8; 64 << 10];
         let header = Header { code: 25, flags: 1, size: big.len() as u32 };
         for _ in 0..(MAX_QUEUED_BYTES / big.len()) + 5 {
             let t = Traced::new(Channel::Main, Side::Frontend, header, &big, 0);
-            records.report(1, Event::Message(Box::new(t)));
+            records.report(1, Event::Message(Box::new(t)), None);
         }
         {
             let q = records.lock();
