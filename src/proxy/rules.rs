@@ -15,7 +15,8 @@
 //! NAME is a request name as the spec spells it, with or without `VHOST_USER_`, in any case:
 //! a front-end request (`GET_FEATURES`) or a back-end request (`BACKEND_CONFIG_CHANGE_MSG`;
 //! the `BACKEND_` prefix may be left out where no front-end request has the same name).
-//! `.reply` selects the reply to that request instead of the request itself.
+//! `.reply` selects the reply to that request instead of the request itself. A rule matches
+//! the header (the request's code on its channel, and the REPLY bit), whichever peer sends it.
 //!
 //! The corruptions are chosen so that a receiver that follows the spec must notice them:
 //! `flags` sets reserved header bit 4 (spec: "Flags ... the rest are reserved and must be 0"),
