@@ -136,6 +136,11 @@ impl std::fmt::Debug for Proxy {
 impl Proxy {
     /// Binds the listening socket (replacing a stale socket file) and starts accepting.
     pub fn start(config: ProxyConfig) -> Result<Proxy> {
+        if config.listen == config.connect {
+            // Each session would connect to the proxy itself, and that one again.
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "the proxy cannot connect to its own socket");
+            return Err(e.into());
+        }
         let listener = Listener::bind(&config.listen, true)?;
         let records =
             Arc::new(Records { start: Instant::now(), queue: Mutex::new(Queue::default()), ready: Condvar::new() });

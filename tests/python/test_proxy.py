@@ -355,6 +355,8 @@ def test_bad_rule_and_unreachable_back_end(sock_dir: Path) -> None:
     cli = subprocess.run([sys.executable, "-m", "vhostuser_rs", "proxy", "--listen", str(sock_dir / "p.sock"),
                           "--connect", "x", "--inject", "delay:GET_FEATURES"], capture_output=True, text=True)
     assert cli.returncode == 2 and "delay needs a duration" in cli.stderr
+    with pytest.raises(OSError, match="its own socket"):
+        vu.Proxy(listen=sock_dir / "p.sock", connect=sock_dir / "p.sock")
     with vu.Proxy(listen=sock_dir / "p.sock", connect=sock_dir / "none.sock", connect_timeout=0.2) as proxy:
         with vu.Frontend.connect(sock_dir / "p.sock", timeout=5) as fe:
             with pytest.raises(vu.ConnectionClosedError):
