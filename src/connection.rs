@@ -329,7 +329,9 @@ impl Connection {
     }
 }
 
-fn relabel(err: Error, channel: Channel) -> Error {
+/// Names the request of a size or fd-count error from [`Connection::recv_raw`] (which does not
+/// know the channel) after the channel it arrived on.
+pub(crate) fn relabel(err: Error, channel: Channel) -> Error {
     match err {
         Error::Protocol(ProtocolError::PayloadTooLarge { request, size, max }) => {
             let request = protocol::Request::from_code(channel, request.code());

@@ -14,6 +14,7 @@ pub mod eventfd;
 pub mod frontend;
 pub mod memory;
 pub mod protocol;
+pub mod proxy;
 #[cfg(feature = "python")]
 mod python;
 pub mod virtio;

@@ -14,7 +14,8 @@ Layers available today:
 - :class:`GuestMemory`, :class:`DirtyLog`: shared guest memory and the migration dirty log;
 - :class:`DriverQueue` (front-end side) and :class:`DeviceQueue` / :class:`DescriptorChain`
   (back-end side): split virtqueues with zero-copy buffer views;
-- :mod:`vhostuser_rs.exceptions`: the exception hierarchy.
+- :mod:`vhostuser_rs.exceptions`: the exception hierarchy;
+- :class:`Proxy`: a man-in-the-middle tracer (and fault injector) between two peers.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import logging as _logging
 import os as _os
 import sys as _sys
 
-from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient
+from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient, proxy
 from ._native import (
     Connection,
     DescriptorChain,
@@ -65,6 +66,7 @@ from .frontend import (
 )
 from .messages import Message
 from .net import NetClient, NetDevice
+from .proxy import Proxy, ProxyRecord
 
 __all__ = [
     "refresh_logging",
@@ -99,6 +101,8 @@ __all__ = [
     "NetDevice",
     "ProtocolError",
     "ProtocolFeature",
+    "Proxy",
+    "ProxyRecord",
     "RequestRejectedError",
     "SharedObjectTable",
     "SharedRegion",
@@ -119,6 +123,7 @@ __all__ = [
     "messages",
     "net",
     "netclient",
+    "proxy",
 ]
 
 

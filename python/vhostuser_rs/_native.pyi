@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypedDict, final
 
 from .messages import MemoryRegion, Message
+from .proxy import ProxyRecord
 
 __all__ = [
     "BackendRequests",
@@ -619,3 +620,25 @@ class SharedRegion:
     def unmap_all(self) -> None: ...
     def read(self, offset: int, length: int) -> bytes: ...
     def write(self, offset: int, data: bytes) -> None: ...
+
+# The proxy tracer (src/python/proxy.rs; vhostuser_rs.proxy.Proxy wraps it)
+__all__ += ["ProxyCore"]
+
+@final
+class ProxyCore:
+    """A running proxy: binds `listen`, relays each front-end to the back-end at `connect`."""
+
+    def __new__(
+        cls,
+        listen: str | os.PathLike[str],
+        connect: str | os.PathLike[str],
+        *,
+        inject: Sequence[str] = ...,
+        connect_timeout: float = 5.0,
+        io_timeout: float = 5.0,
+        once: bool = False,
+    ) -> ProxyCore: ...
+    def next_records(self, max: int = 256, *, timeout: float | None = None) -> list[ProxyRecord]: ...
+    @property
+    def finished(self) -> bool: ...
+    def close(self) -> None: ...

@@ -636,6 +636,31 @@ def _cmd_serve_net(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    """Relay front-ends on --listen to the back-end on --connect, printing every message."""
+    from .proxy import Proxy, ProxyRecord
+
+    def show(record: ProxyRecord) -> None:
+        print(record.json if args.json else record.text, flush=True)
+
+    _sigterm_interrupts()
+    try:
+        with Proxy(listen=args.listen, connect=args.connect, inject=args.inject, connect_timeout=args.timeout,
+                   io_timeout=args.timeout, once=args.once, callback=show, keep_records=False) as proxy:
+            print(f"vhostuser-rs proxy: {args.listen} -> {args.connect}", file=sys.stderr, flush=True)
+            while not proxy.wait(0.5):
+                pass
+    except KeyboardInterrupt:
+        pass
+    except ValueError as e:
+        print(f"vhostuser-rs proxy: {e}", file=sys.stderr)
+        return 2
+    except (VhostUserError, OSError) as e:
+        print(f"vhostuser-rs proxy: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -727,6 +752,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "eventfd mode; 'adaptive': up to 50 us, following the load)")
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_net)
+
+    p = sub.add_parser("proxy", help="relay a front-end to a back-end and trace every message (man in the middle)",
+                       description="Listen on --listen; for each front-end that connects, connect to the back-end on "
+                       "--connect and relay every message both ways with its fds (the back-end request channel too), "
+                       "printing each one decoded. Messages are relayed unchanged unless --inject says otherwise. "
+                       "Runs until Ctrl-C/SIGTERM (or, with --once, until the first session ends).",
+                       epilog="--inject RULE: ACTION:MESSAGE[:ARG][@N] with ACTION drop, delay (ARG: 200ms, 1.5s) or "
+                       "corrupt (ARG: flags (default), size, fds, byte=OFFSET); MESSAGE a request name as the spec "
+                       "spells it (back-end requests BACKEND_...), with .reply for its reply; @N only the N-th "
+                       "occurrence over the proxy's lifetime. E.g. drop:GET_FEATURES.reply@1, "
+                       "delay:SET_MEM_TABLE:200ms, corrupt:SET_VRING_ADDR.")
+    p.add_argument("--listen", required=True, metavar="PATH", help="socket the front-end connects to")
+    p.add_argument("--connect", required=True, metavar="PATH", help="the back-end's socket")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--inject", action="append", default=[], metavar="RULE",
+                   help="drop, delay or corrupt a message (repeatable; syntax below)")
+    p.add_argument("--once", action="store_true", help="exit when the first session ends")
+    p.add_argument("--timeout", type=float, default=5.0,
+                   help="seconds to reach the back-end, and for one message to be read or written")
+    p.set_defaults(func=_cmd_proxy)
 
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")

@@ -128,6 +128,12 @@ impl<T> IntoPyResult<T> for Result<T, ProtocolError> {
     }
 }
 
+/// An inject rule of the proxy that does not parse: a `ValueError` (bad argument), not a
+/// protocol error.
+pub(crate) fn rule_error(err: crate::proxy::RuleError) -> PyErr {
+    pyo3::exceptions::PyValueError::new_err(err.to_string())
+}
+
 /// The channel named by a Python `Channel` value (0 main, 1 back-end).
 pub(crate) fn channel(value: u32) -> PyResult<Channel> {
     match value {
@@ -202,6 +208,8 @@ for name in ("enums", "exceptions"):
             assert!(e.value(py).is_instance_of::<pyo3::exceptions::PyFileNotFoundError>());
             let errno: i32 = e.value(py).getattr("errno").unwrap().extract().unwrap();
             assert_eq!(errno, libc::ENOENT);
+            let e = rule_error(crate::proxy::Rule::parse("drop:NOTHING").unwrap_err());
+            assert!(e.value(py).is_instance_of::<pyo3::exceptions::PyValueError>());
         });
     }
 }

@@ -15,6 +15,7 @@ mod memory;
 mod net;
 mod netclient;
 mod netdevice;
+mod proxy;
 mod socket;
 mod virtio;
 mod virtqueue;
@@ -43,5 +44,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     net::register(m)?;
     netdevice::register(m)?;
     netclient::register(m)?;
+    proxy::register(m)?;
     Ok(())
 }
