@@ -59,6 +59,11 @@ pub struct Frontend {
     out_of_step: AtomicBool,
 }
 
+/// The `log` target of the front-end's request trace (in Python, the logger
+/// `vhostuser_rs.trace.frontend`, a child of the back-end's `vhostuser_rs.trace`, so that enabling
+/// `vhostuser_rs.trace` shows both roles): every request sent and every reply received, decoded.
+pub const TRACE: &str = "vhostuser_rs::trace::frontend";
+
 impl Frontend {
     /// A front-end over a connected main channel.
     pub fn new(conn: Connection) -> Frontend {
@@ -125,7 +130,12 @@ impl Frontend {
         }
         let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.send(&message, fds, opts.deadline)?;
+        log::debug!(target: TRACE, "{} {:?} ({} fds){}", request, message.payload, fds.len(),
+            if need_reply { " NEED_REPLY" } else { "" });
         let reply = if mandatory || need_reply { Some(self.await_reply(request, opts, interrupt)?) } else { None };
+        if let Some(r) = &reply {
+            log::debug!(target: TRACE, "{} reply {:?} ({} fds)", request, r.message.payload, r.fds.len());
+        }
         if let Some(r) = &reply {
             if !mandatory {
                 if let Payload::U64(status) = r.message.payload {
