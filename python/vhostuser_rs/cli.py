@@ -638,6 +638,69 @@ def _cmd_serve_net(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``serve MODULE:CLASS [ARGS...]`` (see ``_serve``). Exit status: 0 when ended by
+    SIGTERM/SIGINT or when the front-end of a connected ``--fd`` hangs up; 1 when the module
+    fails to import, the class to build or the socket to serve; 2 for a wrong command line."""
+    from . import _serve
+    from .backend import Backend
+
+    def fail(code: int, text: str) -> int:
+        print(f"vhostuser-rs serve: {text}", file=sys.stderr)
+        return code
+
+    try:
+        cls = _serve.load_class(args.target)
+        if args.print_capabilities:
+            # The spec: print the JSON and exit successfully, ignoring the other options.
+            print(json.dumps(_serve.capabilities(cls)))
+            return 0
+        if (args.socket_path is None) == (args.fd is None):
+            return fail(2, "give exactly one of --socket-path PATH / --fd N")
+        given = {
+            feature: getattr(args, feature.replace("-", "_"))
+            for options in _serve.SPEC_OPTIONS.values()
+            for feature, takes_value in options.items()
+            if getattr(args, feature.replace("-", "_")) not in (None, False)
+        }
+        options = _serve.spec_options(cls, given)
+        _sigterm_interrupts()
+        device = _serve.build(cls, args.args, options)
+    except _serve.UsageError as e:
+        return fail(2, str(e))
+    except _serve.LoadError as e:
+        return fail(1, str(e))
+    except KeyboardInterrupt:
+        return 0
+    try:
+        backend = Backend(device, socket_path=args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus,
+                          poll=_poll_seconds(args.poll_us))
+    except (VhostUserError, OSError, ValueError) as e:
+        return fail(1, str(e))
+    except KeyboardInterrupt:
+        return 0
+
+    def terminate(_sig: int, _frame: object) -> None:
+        # The stop flag ends serving within 200 ms even if the KeyboardInterrupt lands in Python
+        # code that swallows it (a logging handler, the device's own code on the main thread).
+        backend.stop()
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    try:
+        backend.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    except (VhostUserError, OSError, ValueError) as e:
+        return fail(1, str(e))
+    finally:
+        backend.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -730,6 +793,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-capabilities", action="store_true", help="print the capabilities JSON and exit")
     p.set_defaults(func=_cmd_serve_net)
 
+    p = sub.add_parser(
+        "serve", help="serve a Python device class (MODULE:CLASS) with the spec's back-end program conventions",
+        description="Serve a vhostuser_rs.Device or vhostuser_rs.NetDevice subclass. MODULE is an importable module "
+        "or a path to a .py file. ARGS are NAME=VALUE keyword arguments of the class (VALUE a Python literal, else a "
+        "string), or, if the class defines a from_args(argv) classmethod, its own command line (after --). Exit "
+        "status: 0 after SIGTERM/SIGINT (or when the front-end of a connected --fd leaves), 1 if the class fails to "
+        "import or build or the socket to serve, 2 for a wrong command line.",
+    )
+    p.add_argument("target", metavar="MODULE:CLASS", help="e.g. mydevices:RamDisk or ./ramdisk.py:RamDisk")
+    p.add_argument("args", nargs="*", metavar="ARGS", help="NAME=VALUE ... (or the class's from_args command line)")
+    p.add_argument("--socket-path", help="listen on this Unix socket")
+    p.add_argument("--fd", type=int, help="serve the inherited socket N: connected (that one front-end) or listening")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the capabilities JSON (vhost-user.json) derived from the class and exit")
+    p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
+    p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
+    p.add_argument("--poll-us", type=_poll_us, default=0.0,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0, the default: "
+                        "eventfd mode; 'adaptive': up to 50 us, following the load)")
+    spec = p.add_argument_group("the spec's per-type options (passed to the class as keyword arguments; "
+                                "--print-capabilities lists those it takes)")
+    spec.add_argument("--read-only", action="store_true", help="block: read_only=True")
+    spec.add_argument("--blk-file", metavar="PATH", help="block: blk_file=PATH")
+    spec.add_argument("--evdev-path", metavar="PATH", help="input: evdev_path=PATH")
+    spec.add_argument("--no-grab", action="store_true", help="input: no_grab=True")
+    spec.add_argument("--render-node", metavar="PATH", help="gpu: render_node=PATH")
+    spec.add_argument("--virgl", action="store_true", help="gpu: virgl=True")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")
     p.add_argument("--protocol", action="store_true", help="protocol features instead of virtio features")
@@ -739,7 +831,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vhostuser-rs`` and ``python -m vhostuser_rs``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:
+        # Everything after `--` is the class's ARGS (argparse would not give them to the ARGS
+        # positional once it matched the arguments before the options).
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if tail:
+        args.args = [*args.args, *tail]
     try:
         result: int = args.func(args)
     except BrokenPipeError:
