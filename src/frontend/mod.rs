@@ -8,6 +8,7 @@
 pub mod blkio;
 pub mod blkreq;
 pub mod channel;
+pub mod latency;
 /// Eventfd helpers, shared with the back-end (kept here under their old path).
 pub use crate::eventfd;
 pub mod netio;
