@@ -71,7 +71,9 @@ def _import(module_name: str) -> Any:
         path = Path(module_name)
         if not path.is_file():
             raise UsageError(f"{module_name}: no such file")
-        name = path.stem
+        # Under its file name, unless that would replace a module already imported (a file
+        # named json.py must not shadow the standard library's json for the whole process).
+        name = path.stem if path.stem not in sys.modules else f"{path.stem}__vhostuser_rs_serve"
         spec = importlib.util.spec_from_file_location(name, path)
         if spec is None or spec.loader is None:
             raise UsageError(f"{module_name}: not a Python module")

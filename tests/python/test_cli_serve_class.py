@@ -297,3 +297,35 @@ except KeyboardInterrupt:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
+
+
+def test_net_device_class(sock_dir: Path) -> None:
+    """A vu.NetDevice subclass serves as well: frames sent by our front-end come back."""
+    from vhostuser_rs.net import NetClient
+
+    sock = sock_dir / "net.sock"
+    proc = subprocess.Popen([*CLI, f"{RAM_BLOCK}:Echo", "--socket-path", str(sock)], stderr=subprocess.PIPE)
+    try:
+        _wait_for(sock, proc)  # type: ignore[arg-type]
+        with NetClient.connect(sock, timeout=10) as nic:
+            frame = bytes(range(14)) + b"payload" * 8
+            assert nic.send([frame]) == 1
+            got = nic.recv(timeout=10)
+            assert [bytes(f) for _, f in got] == [frame]
+        code, _ = _terminate(proc)  # type: ignore[arg-type]
+        assert code == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+def test_a_py_file_named_like_a_loaded_module_does_not_shadow_it(sock_dir: Path) -> None:
+    path = sock_dir / "json.py"
+    # The file imports the standard library's json: it must get that one, not itself.
+    path.write_text((DEVICES / "ram_block.py").read_text() + "\nimport json as _json\nassert hasattr(_json, 'dumps')\n")
+    r = run(f"{path}:RamBlock", "--print-capabilities")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["type"] == "block"
