@@ -97,7 +97,6 @@ fn serve(conn: &Connection, mut handler: Box<dyn BackendRequestHandler>) {
                 continue;
             }
             Ok(message) => {
-                log::debug!(target: super::TRACE, "back-end request {} {:?} ({} fds)", request, message.payload, fds.len());
                 let must = message.need_reply() || request == Request::Backend(BackendRequest::SHARED_OBJECT_LOOKUP);
                 if matches!(request, Request::Unknown(..)) {
                     drop(fds);

@@ -63,6 +63,9 @@ pub struct Frontend {
 /// The `log` target of the front-end's request trace (in Python, the logger
 /// `vhostuser_rs.trace.frontend`, a child of the back-end's `vhostuser_rs.trace`, so that enabling
 /// `vhostuser_rs.trace` shows both roles): every request sent and every reply received, decoded.
+/// Back-end requests received on the back-end request channel are not traced (yet): under
+/// pyo3-log a record on that thread takes the GIL on first use, one more wait on a thread whose
+/// exit `close()` synchronises with.
 pub const TRACE: &str = "vhostuser_rs::trace::frontend";
 
 impl Frontend {
