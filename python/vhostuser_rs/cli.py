@@ -4,7 +4,12 @@ Subcommands:
 
 - ``decode HEX`` — decode a captured message (hex, as a sniffer or ``strace -x`` shows it);
 - ``requests`` — the request table of the spec with each request's reply, fd and gate rules;
-- ``features VALUE`` — name the bits of a feature mask (virtio or ``--protocol``).
+- ``features VALUE`` — name the bits of a feature mask (virtio or ``--protocol``);
+- ``probe SOCKET`` — what a back-end offers;
+- ``bench`` — block benchmark (``--output-format json``/``json+``: fio's JSON layout) or
+  packet generator;
+- ``serve-blk`` / ``serve-net`` — the built-in devices; ``serve MODULE:CLASS [ARGS...]`` — a
+  Python device class; all three follow the spec's back-end program conventions.
 """
 
 from __future__ import annotations
