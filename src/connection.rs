@@ -361,11 +361,13 @@ impl AsRawFd for Connection {
     }
 }
 
-/// A listening Unix socket; the socket file is removed when the listener is dropped.
+/// A listening Unix socket; the socket file of a listener that bound it is removed when the
+/// listener is dropped (an adopted one leaves it to whoever created it).
 #[derive(Debug)]
 pub struct Listener {
     fd: OwnedFd,
     path: PathBuf,
+    remove_on_drop: bool,
 }
 
 impl Listener {
@@ -381,13 +383,26 @@ impl Listener {
         cvt(unsafe {
             libc::bind(fd.as_raw_fd(), &addr.0 as *const libc::sockaddr_un as *const libc::sockaddr, addr.1)
         })?;
-        let listener = Listener { fd, path: path.to_path_buf() };
+        let listener = Listener { fd, path: path.to_path_buf(), remove_on_drop: true };
         // SAFETY: plain syscall on a socket we own.
         cvt(unsafe { libc::listen(listener.fd.as_raw_fd(), 16) })?;
         Ok(listener)
     }
 
-    /// The socket path.
+    /// Adopts a listening Unix stream socket (the `--fd` of the spec's back-end program
+    /// conventions, when the management layer bound it). Refuses anything else and makes it
+    /// close-on-exec; its file status flags (shared with the management layer's copy) are left
+    /// as they are, and so is its socket file, if any, on drop.
+    pub fn from_fd(fd: OwnedFd) -> Result<Listener> {
+        check_unix_stream(fd.as_fd())?;
+        if !is_listening(fd.as_fd())? {
+            return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "the socket is not listening")));
+        }
+        set_cloexec(fd.as_fd())?;
+        Ok(Listener { fd, path: PathBuf::new(), remove_on_drop: false })
+    }
+
+    /// The socket path (empty for an adopted listener).
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -415,6 +430,9 @@ impl Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
+        if !self.remove_on_drop {
+            return;
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -455,16 +473,24 @@ fn sockaddr_un(path: &Path) -> Result<(libc::sockaddr_un, libc::socklen_t)> {
     Ok((addr, len as libc::socklen_t))
 }
 
+fn socket_option(fd: BorrowedFd<'_>, opt: libc::c_int) -> io::Result<libc::c_int> {
+    let mut v: libc::c_int = 0;
+    let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for getsockopt to write an int.
+    cvt(unsafe {
+        libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, &mut v as *mut _ as *mut libc::c_void, &mut len)
+    })?;
+    Ok(v)
+}
+
+/// Whether `fd` is a listening socket (SO_ACCEPTCONN): the spec's `--fd` may be a socket the
+/// management layer bound and listens on, or one end of a connected pair.
+pub fn is_listening(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(socket_option(fd, libc::SO_ACCEPTCONN)? != 0)
+}
+
 fn check_unix_stream(fd: BorrowedFd<'_>) -> Result<()> {
-    let get = |opt| -> io::Result<libc::c_int> {
-        let mut v: libc::c_int = 0;
-        let mut len = mem::size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and len are valid for getsockopt to write an int.
-        cvt(unsafe {
-            libc::getsockopt(fd.as_raw_fd(), libc::SOL_SOCKET, opt, &mut v as *mut _ as *mut libc::c_void, &mut len)
-        })?;
-        Ok(v)
-    };
+    let get = |opt| socket_option(fd, opt);
     let domain = get(libc::SO_DOMAIN)?;
     let kind = get(libc::SO_TYPE)?;
     if domain != libc::AF_UNIX || kind != libc::SOCK_STREAM {
@@ -667,6 +693,29 @@ mod tests {
         server.join().unwrap();
         assert!(!path.exists(), "the listener removes its socket file");
         let _ = std::fs::remove_dir(&dir);
+    }
+
+    #[test]
+    fn adopted_listener_accepts_and_leaves_its_socket_file() {
+        let dir = std::env::temp_dir().join(format!("vu-adopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sock");
+        let std_listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let fd: OwnedFd = std_listener.into();
+        assert!(is_listening(fd.as_fd()).unwrap());
+        let l = Listener::from_fd(fd).unwrap();
+        let c = Connection::connect(&path, Some(Duration::from_secs(5))).unwrap();
+        c.send(&Message::request(FrontendRequest::GET_FEATURES, Payload::Empty), &[], Deadline::never()).unwrap();
+        let s = l.accept(Deadline::after(Some(Duration::from_secs(5)))).unwrap();
+        let got = s.recv(Channel::Main, Deadline::after(Some(Duration::from_secs(5)))).unwrap();
+        assert_eq!(got.message.request, FrontendRequest::GET_FEATURES.into());
+        drop(l);
+        assert!(path.exists(), "an adopted listener leaves the socket file to its creator");
+        // A connected socket is not a listener; a listener is not a connection.
+        let (a, _b) = Connection::pair().unwrap();
+        assert!(!is_listening(a.as_fd()).unwrap());
+        assert!(Listener::from_fd(a.into_fd()).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

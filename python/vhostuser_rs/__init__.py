@@ -127,16 +127,26 @@ __all__ = [
 ]
 
 
+class _TraceFormatter(_logging.Formatter):
+    """``vhost-user back-end: ...`` / ``vhost-user front-end: ...``: which role traced it."""
+
+    def format(self, record: _logging.LogRecord) -> str:
+        role = "front-end" if record.name.startswith("vhostuser_rs.trace.frontend") else "back-end"
+        return f"vhost-user {role}: {record.getMessage()}"
+
+
 def _trace_from_environment() -> None:
     # VHOSTUSER_RS_TRACE=1: every request and ring event on stderr, without touching logging
-    # configuration in code (the records go to the logger ``vhostuser_rs.trace`` either way).
+    # configuration in code. The records go to the logger ``vhostuser_rs.trace`` (the front-end's
+    # to its child ``vhostuser_rs.trace.frontend``) either way: enabling that logger at DEBUG with
+    # ``logging`` gives the same trace.
     if _os.environ.get("VHOSTUSER_RS_TRACE", "") in ("", "0"):
         return
     trace = _logging.getLogger("vhostuser_rs.trace")
     trace.setLevel(_logging.DEBUG)
     if not trace.handlers:
         handler = _logging.StreamHandler(_sys.stderr)
-        handler.setFormatter(_logging.Formatter("vhost-user back-end: %(message)s"))
+        handler.setFormatter(_TraceFormatter())
         trace.addHandler(handler)
     refresh_logging()
 

@@ -324,6 +324,8 @@ def block_io(
     seed: int = 1,
     progress: bool = False,
     poll: float | None = None,
+    status: Callable[[int, int, float], object] | None = None,
+    status_interval: float = 1.0,
 ) -> dict[str, Any]: ...
 
 def serve_blk(

@@ -78,6 +78,11 @@ def coverage() -> list[RequestCoverage]:
 class Device:
     """Base class of Python virtio devices (override what your device needs)."""
 
+    #: The device type as the vhost-user back-end program conventions name it (vhost-user.json's
+    #: ``VHostUserBackendType``: ``"block"``, ``"net"``, ``"fs"``, ``"gpu"``, ``"input"``,
+    #: ``"scsi"``, ``"vsock"``...): the ``type`` that ``vhostuser-rs serve MODULE:CLASS
+    #: --print-capabilities`` reports. Not sent on the wire (the front-end knows the type).
+    device_type: str | None = None
     #: Number of queues (GET_QUEUE_NUM).
     num_queues: int = 1
     #: Largest ring size accepted (SET_VRING_NUM).
@@ -245,7 +250,9 @@ class Backend:
 
     @classmethod
     def from_fd(cls, fd: int, device: Device | NetDevice, **options: Any) -> Backend:
-        """Serve the connected socket `fd` (the spec's ``--fd`` convention)."""
+        """Serve the socket `fd` (the spec's ``--fd`` convention): a connected socket serves that
+        one front-end; a listening one (bound by the management layer) is served like
+        :meth:`listen`, one front-end at a time. `fd` stays the caller's (it is duplicated)."""
         return cls(device, fd=fd, **options)
 
     @classmethod

@@ -592,6 +592,8 @@ class BlockClient:
         poll: float | None = None,
         seed: int = 1,
         progress: bool = False,
+        status: Callable[[int, int, float], object] | None = None,
+        status_interval: float = 1.0,
     ) -> dict[str, Any]:
         """The batch interface: keep `iodepth` requests of `bs` bytes in flight on ring `queue`
         for `duration` seconds, resubmitting each completion at once, with the whole I/O loop in
@@ -602,8 +604,17 @@ class BlockClient:
         the call eventfd (None: 50 µs at iodepth ≤ 4 or while the device polls its ring too, i.e.
         suppresses kicks; else 0).
 
+        `status` is called about every `status_interval` seconds during the run, on this
+        thread, with the reads and writes completed so far and the seconds elapsed (an
+        exception from it ends the run and is raised).
+
         Returns ios, bytes, elapsed (s), errors (non-OK status), verify_failures, p50_ns,
-        p99_ns, p999_ns, max_ns and per_second (completions in each whole second).
+        p99_ns, p999_ns, max_ns (over all requests), per_second and per_second_writes
+        (completions, and of them writes, in each whole second), and ``read`` and ``write``:
+        the latency statistics of each direction (from just before submission to completion)
+        — ios, min_ns, max_ns, mean_ns, stddev_ns, ``percentiles`` (fio's default list, as
+        (percent, ns) nearest-rank values) and ``bins``: the non-empty buckets of fio's
+        log-linear histogram as (fio's bucket value, low, high, count), ns.
         """
         engine = self._engines[queue] if self._engines else None
         if engine is not None and engine.in_flight:
@@ -613,7 +624,8 @@ class BlockClient:
         vq = self.queues[queue]
         return _native.block_io(
             vq.queue, self.memory, vq.kick_fd, vq.call_fd, rw=rw, bs=bs, iodepth=iodepth, duration=duration,
-            capacity=self.capacity, verify=verify, seed=seed, progress=progress, poll=poll,
+            capacity=self.capacity, verify=verify, seed=seed, progress=progress, poll=poll, status=status,
+            status_interval=status_interval,
         )
 
 

@@ -4,7 +4,12 @@ Subcommands:
 
 - ``decode HEX`` — decode a captured message (hex, as a sniffer or ``strace -x`` shows it);
 - ``requests`` — the request table of the spec with each request's reply, fd and gate rules;
-- ``features VALUE`` — name the bits of a feature mask (virtio or ``--protocol``).
+- ``features VALUE`` — name the bits of a feature mask (virtio or ``--protocol``);
+- ``probe SOCKET`` — what a back-end offers;
+- ``bench`` — block benchmark (``--output-format json``/``json+``: fio's JSON layout) or
+  packet generator;
+- ``serve-blk`` / ``serve-net`` — the built-in devices; ``serve MODULE:CLASS [ARGS...]`` — a
+  Python device class; all three follow the spec's back-end program conventions.
 """
 
 from __future__ import annotations
@@ -191,12 +196,18 @@ def run_bench(
     timeout: float = 5.0,
     poll_us: float | None = None,
     cpus: list[int] | None = None,
+    details: bool = False,
+    status_interval: float | None = None,
+    status_file: Any = None,
 ) -> dict[str, Any]:
     """Connect to a vhost-user-blk back-end and run the Rust I/O loop on `queues` rings.
 
-    `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4 or while the device polls
-    its ring, else 0); `cpus` pins
-    the I/O thread of queue i to ``cpus[i % len(cpus)]``.
+    `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4, else polling or
+    sleeping by which costs less CPU per I/O); `cpus` pins the I/O thread of queue i to ``cpus[i % len(cpus)]``. `details`: add ``per_queue``, each
+    queue's ``run_io`` result with its thread's ``rusage`` (user s, system s, context switches,
+    major and minor faults), for the fio JSON layout. `status_interval`: print a status line
+    (the interval's IOPS and bandwidth per direction) every so many seconds to `status_file`
+    (default stderr).
     """
     import resource
     import threading
@@ -218,15 +229,31 @@ def run_bench(
             _stamp(disk, bs, iodepth)  # untimed, so that reads can be checked
         results: list[dict[str, Any]] = [{} for _ in range(queues)]
         errors: list[BaseException] = []
+        # Reads and writes completed so far by each queue, as its status callback last saw them.
+        so_far: list[tuple[int, int]] = [(0, 0)] * queues
 
         def one(i: int) -> None:
             if cpus:
                 # Pins this thread only (pid 0 is the calling thread on Linux).
                 os.sched_setaffinity(0, {cpus[i % len(cpus)]})
+
+            def status(reads: int, writes: int, _elapsed: float) -> None:
+                so_far[i] = (reads, writes)
+
             try:
+                before = resource.getrusage(resource.RUSAGE_THREAD)
                 results[i] = disk.run_io(
                     rw=rw, bs=bs, iodepth=iodepth, duration=duration, queue=i, verify=verify, seed=i + 1,
                     progress=progress and i == 0, poll=_poll_seconds(poll_us),
+                    status=status if status_interval else None,
+                    # Fresh counts for the status lines: the callback costs one GIL take per call.
+                    status_interval=min((status_interval or 1.0) / 4, 0.1),
+                )
+                after = resource.getrusage(resource.RUSAGE_THREAD)
+                results[i]["rusage"] = (
+                    after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime,
+                    (after.ru_nvcsw - before.ru_nvcsw) + (after.ru_nivcsw - before.ru_nivcsw),
+                    after.ru_majflt - before.ru_majflt, after.ru_minflt - before.ru_minflt,
                 )
             except BaseException as e:  # noqa: BLE001 - re-raised below
                 errors.append(e)
@@ -235,6 +262,8 @@ def run_bench(
         threads = [threading.Thread(target=one, args=(i,)) for i in range(queues)]
         for t in threads:
             t.start()
+        if status_interval:
+            _print_status(threads, so_far, bs, status_interval, duration, status_file or sys.stderr)
         for t in threads:
             t.join()
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
@@ -264,7 +293,35 @@ def run_bench(
         "poll_us": poll_us,
         "errors": sum(r["errors"] for r in results),
         "verify_failures": sum(r["verify_failures"] for r in results),
+        **({"per_queue": results} if details else {}),
     }
+
+
+def _print_status(threads: list[Any], so_far: list[tuple[int, int]], bs: int, interval: float, duration: float,
+                  out: Any) -> None:
+    """While `threads` run, one line per `interval` with the interval's rates (as fio's
+    ``--status-interval`` gives a report per interval)."""
+    import time
+
+    t0 = last_t = time.monotonic()
+    last = (0, 0)
+    while any(t.is_alive() for t in threads):
+        threads[0].join(timeout=max(0.0, last_t + interval - time.monotonic()))
+        now = time.monotonic()
+        if not any(t.is_alive() for t in threads):
+            break  # the summary follows; a last partial interval would show stale counts
+        if now - last_t < interval:
+            continue
+        total = (sum(r for r, _ in so_far), sum(w for _, w in so_far))
+        span = now - last_t
+        parts = []
+        for name, done, before in (("read", total[0], last[0]), ("write", total[1], last[1])):
+            if done or before:
+                iops = (done - before) / span
+                parts.append(f"{name}: IOPS={iops:,.0f}, BW={iops * bs / (1 << 20):.1f}MiB/s")
+        print(f"[{now - t0:6.1f}s/{duration:.0f}s] " + ("; ".join(parts) or "no completions yet"), file=out,
+              flush=True)
+        last, last_t = total, now
 
 
 def _stamp(disk: Any, bs: int, iodepth: int) -> None:
@@ -477,16 +534,38 @@ def _cmd_bench_net(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     if args.device == "net":
         return _cmd_bench_net(args)
+    import time
+
     backend = None
     socket_path = args.socket
+    fio_format = args.output_format in ("json", "json+")
+    if args.json and args.output_format != "normal":
+        print("vhostuser-rs bench: --json and --output-format are exclusive", file=sys.stderr)
+        return 2
+    if args.status_interval is not None and args.status_interval <= 0:
+        print("vhostuser-rs bench: --status-interval must be > 0", file=sys.stderr)
+        return 2
+    if args.histogram_file is not None:
+        # Checked before the run, not after it: a missing plotting library must not cost a run.
+        import importlib
+
+        try:
+            importlib.import_module("matplotlib")
+        except ImportError:
+            print("vhostuser-rs bench: --histogram-file needs matplotlib (pip install matplotlib)", file=sys.stderr)
+            return 2
+    started = time.time()
     try:
         if socket_path is None:
             backend = _builtin_backend(args.queues, args.backend_cpus)
             socket_path = backend[1]
         doc = run_bench(
             socket_path, rw=args.rw, bs=_size(args.bs), iodepth=args.iodepth, queues=args.queues,
-            duration=args.time, verify=args.verify, progress=not args.json and sys.stderr.isatty(),
+            duration=args.time, verify=args.verify,
+            progress=not (args.json or fio_format) and args.status_interval is None and sys.stderr.isatty(),
             poll_us=args.poll_us, cpus=args.cpus,
+            details=fio_format or args.histogram or args.histogram_file is not None,
+            status_interval=args.status_interval,
         )
         if backend is not None:
             doc["backend"] = "built-in serve-blk on a temporary image"
@@ -499,7 +578,23 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             proc.terminate()
             proc.wait()
             work.cleanup()
-    if args.json:
+    per_queue = doc.pop("per_queue", [])
+    if args.histogram_file is not None:
+        from ._fio import histogram_image
+
+        try:
+            histogram_image(per_queue, args.histogram_file,
+                            title=f"{doc['rw']} bs={doc['bs']} iodepth={doc['iodepth']} queues={doc['queues']}")
+        except (OSError, ValueError) as e:
+            print(f"vhostuser-rs bench: {args.histogram_file}: {e}", file=sys.stderr)
+            return 1
+    # The histogram goes to stderr when stdout carries JSON, so that the JSON stays parseable.
+    histogram_out = sys.stderr if (args.json or fio_format) else sys.stdout
+    if fio_format:
+        from ._fio import fio_document
+
+        print(json.dumps(fio_document(doc, per_queue, plus=args.output_format == "json+", started=started), indent=2))
+    elif args.json:
         print(json.dumps(doc))
     else:
         print(
@@ -510,6 +605,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         )
         if doc["errors"] or doc["verify_failures"]:
             print(f"  errors {doc['errors']}, verify failures {doc['verify_failures']}")
+    if args.histogram:
+        from ._fio import text_histogram
+
+        print(text_histogram(per_queue), end="", file=histogram_out)
     return 1 if doc["errors"] or doc["verify_failures"] else 0
 
 
@@ -661,6 +760,69 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    """``serve MODULE:CLASS [ARGS...]`` (see ``_serve``). Exit status: 0 when ended by
+    SIGTERM/SIGINT or when the front-end of a connected ``--fd`` hangs up; 1 when the module
+    fails to import, the class to build or the socket to serve; 2 for a wrong command line."""
+    from . import _serve
+    from .backend import Backend
+
+    def fail(code: int, text: str) -> int:
+        print(f"vhostuser-rs serve: {text}", file=sys.stderr)
+        return code
+
+    try:
+        cls = _serve.load_class(args.target)
+        if args.print_capabilities:
+            # The spec: print the JSON and exit successfully, ignoring the other options.
+            print(json.dumps(_serve.capabilities(cls)))
+            return 0
+        if (args.socket_path is None) == (args.fd is None):
+            return fail(2, "give exactly one of --socket-path PATH / --fd N")
+        given = {
+            feature: getattr(args, feature.replace("-", "_"))
+            for options in _serve.SPEC_OPTIONS.values()
+            for feature, takes_value in options.items()
+            if getattr(args, feature.replace("-", "_")) not in (None, False)
+        }
+        options = _serve.spec_options(cls, given)
+        _sigterm_interrupts()
+        device = _serve.build(cls, args.args, options)
+    except _serve.UsageError as e:
+        return fail(2, str(e))
+    except _serve.LoadError as e:
+        return fail(1, str(e))
+    except KeyboardInterrupt:
+        return 0
+    try:
+        backend = Backend(device, socket_path=args.socket_path, fd=args.fd, workers=args.workers, cpus=args.cpus,
+                          poll=_poll_seconds(args.poll_us))
+    except (VhostUserError, OSError, ValueError) as e:
+        return fail(1, str(e))
+    except KeyboardInterrupt:
+        return 0
+
+    def terminate(_sig: int, _frame: object) -> None:
+        # The stop flag ends serving within 200 ms even if the KeyboardInterrupt lands in Python
+        # code that swallows it (a logging handler, the device's own code on the main thread).
+        backend.stop()
+        raise KeyboardInterrupt
+
+    import signal
+
+    signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGINT, terminate)
+    try:
+        backend.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    except (VhostUserError, OSError, ValueError) as e:
+        return fail(1, str(e))
+    finally:
+        backend.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for documentation and tests)."""
     parser = argparse.ArgumentParser(prog="vhostuser-rs", description="vhost-user tools (front-end and back-end).")
@@ -709,7 +871,19 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--burst", type=int, default=32, help="frames per send / most frames per receive")
     p.add_argument("--backend-cpus", type=_cpu_list,
                    help="pin the built-in back-end started without --socket to these CPUs")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print this tool's JSON summary")
+    report = p.add_argument_group("reporting (--device blk)")
+    report.add_argument("--output-format", choices=("normal", "json", "json+"), default="normal",
+                        help="normal: the summary line; json: fio's JSON layout (one job per queue: read/write with "
+                             "io_bytes, bw in KiB/s, iops, runtime in ms, clat_ns with percentiles, usr_cpu/sys_cpu...); "
+                             "json+: also the clat_ns histogram bins, as fio's json+")
+    report.add_argument("--status-interval", type=float, metavar="SECONDS",
+                        help="print a status line (the interval's IOPS and bandwidth per direction) to stderr every "
+                             "SECONDS during the run")
+    report.add_argument("--histogram", action="store_true",
+                        help="print the latency histogram as text (stdout, or stderr with JSON output)")
+    report.add_argument("--histogram-file", metavar="PATH",
+                        help="draw the latency histogram into PATH (.png, .svg, .pdf: needs matplotlib)")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("serve-blk", help="serve a disk image with the built-in virtio-blk back-end")
@@ -773,6 +947,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to reach the back-end, and for one message to be read or written")
     p.set_defaults(func=_cmd_proxy)
 
+    p = sub.add_parser(
+        "serve", help="serve a Python device class (MODULE:CLASS) with the spec's back-end program conventions",
+        description="Serve a vhostuser_rs.Device or vhostuser_rs.NetDevice subclass. MODULE is an importable module "
+        "or a path to a .py file. ARGS are NAME=VALUE keyword arguments of the class (VALUE a Python literal, else a "
+        "string), or, if the class defines a from_args(argv) classmethod, its own command line (after --). Exit "
+        "status: 0 after SIGTERM/SIGINT (or when the front-end of a connected --fd leaves), 1 if the class fails to "
+        "import or build or the socket to serve, 2 for a wrong command line.",
+    )
+    p.add_argument("target", metavar="MODULE:CLASS", help="e.g. mydevices:RamDisk or ./ramdisk.py:RamDisk")
+    p.add_argument("args", nargs="*", metavar="ARGS", help="NAME=VALUE ... (or the class's from_args command line)")
+    p.add_argument("--socket-path", help="listen on this Unix socket")
+    p.add_argument("--fd", type=int, help="serve the inherited socket N: connected (that one front-end) or listening")
+    p.add_argument("--print-capabilities", action="store_true",
+                   help="print the capabilities JSON (vhost-user.json) derived from the class and exit")
+    p.add_argument("--workers", type=int, help="worker threads shared by the rings (default: one per ring)")
+    p.add_argument("--cpus", type=_cpu_list, help="pin worker thread t to the t-th of these CPUs (e.g. 0 or 0-3)")
+    p.add_argument("--poll-us", type=_poll_us, default=0.0,
+                   help="after work, keep checking the rings this long before sleeping on the kicks (0, the default: "
+                        "eventfd mode; 'adaptive': up to 50 us, following the load)")
+    spec = p.add_argument_group("the spec's per-type options (passed to the class as keyword arguments; "
+                                "--print-capabilities lists those it takes)")
+    spec.add_argument("--read-only", action="store_true", help="block: read_only=True")
+    spec.add_argument("--blk-file", metavar="PATH", help="block: blk_file=PATH")
+    spec.add_argument("--evdev-path", metavar="PATH", help="input: evdev_path=PATH")
+    spec.add_argument("--no-grab", action="store_true", help="input: no_grab=True")
+    spec.add_argument("--render-node", metavar="PATH", help="gpu: render_node=PATH")
+    spec.add_argument("--virgl", action="store_true", help="gpu: virgl=True")
+    p.set_defaults(func=_cmd_serve)
+
     p = sub.add_parser("features", help="name the bits of a feature mask")
     p.add_argument("value", help="mask, e.g. 0x175007e46")
     p.add_argument("--protocol", action="store_true", help="protocol features instead of virtio features")
@@ -782,7 +985,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``vhostuser-rs`` and ``python -m vhostuser_rs``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:
+        # Everything after `--` is the class's ARGS (argparse would not give them to the ARGS
+        # positional once it matched the arguments before the options).
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
+    if tail:
+        args.args = [*args.args, *tail]
     try:
         result: int = args.func(args)
     except BrokenPipeError:

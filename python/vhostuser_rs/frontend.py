@@ -81,7 +81,7 @@ __all__ = [
     "Virtqueue",
 ]
 
-log = logging.getLogger("vhostuser_rs.frontend")
+log = logging.getLogger(__name__)
 
 F = FrontendRequest
 

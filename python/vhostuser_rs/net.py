@@ -81,6 +81,8 @@ class NetDevice:
     overrides :meth:`send_rarp`.
     """
 
+    #: The back-end type of the vhost-user conventions (``--print-capabilities``).
+    device_type: str | None = "net"
     #: Queue pairs (receiveq + transmitq each).
     queue_pairs: int = 1
     #: MAC address in the config space.

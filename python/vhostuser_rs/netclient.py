@@ -42,7 +42,7 @@ from .frontend import BackendRequestHandler, Frontend, Virtqueue
 
 __all__ = ["ControlCommandError", "NetBenchResult", "NetClient", "NetClientCounters", "NetConfig"]
 
-log = logging.getLogger("vhostuser_rs.netclient")
+log = logging.getLogger(__name__)
 
 _N: dict[str, int] = dict(_native.VIRTIO_NET)
 CONFIG_SIZE = _N["CONFIG_SIZE"]

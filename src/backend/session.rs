@@ -1074,7 +1074,9 @@ fn region_desc(r: &MemoryRegion) -> RegionDesc {
     RegionDesc { guest_addr: r.guest_addr, size: r.size, user_addr: r.user_addr, mmap_offset: r.mmap_offset }
 }
 
-/// The `log` target of the request trace (in Python, the logger `vhostuser_rs.trace`).
+/// The `log` target of the request trace (in Python, the logger `vhostuser_rs.trace`): each
+/// request a session receives, decoded, and what it refuses. The front-end's trace is its child
+/// `vhostuser_rs::trace::frontend` (`frontend::TRACE`).
 pub const TRACE: &str = "vhostuser_rs::trace";
 
 /// VHOSTUSER_RS_TRACE=1: a debugging aid for users and for tests that check what a real
@@ -1084,12 +1086,13 @@ fn install_trace_logger() {
     struct Trace;
     impl log::Log for Trace {
         fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
-            (metadata.target() == TRACE || metadata.target().starts_with("vhostuser_rs::backend"))
+            (metadata.target().starts_with(TRACE) || metadata.target().starts_with("vhostuser_rs::backend"))
                 && metadata.level() <= log::Level::Debug
         }
         fn log(&self, record: &log::Record<'_>) {
             if self.enabled(record.metadata()) {
-                eprintln!("vhost-user back-end: {}", record.args());
+                let role = if record.target().starts_with(crate::frontend::TRACE) { "front-end" } else { "back-end" };
+                eprintln!("vhost-user {role}: {}", record.args());
             }
         }
         fn flush(&self) {}

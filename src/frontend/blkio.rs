@@ -78,14 +78,19 @@ pub struct Report {
     pub bytes: u64,
     /// Wall time.
     pub elapsed: Duration,
-    /// Latency of every request, nanoseconds (unsorted).
+    /// Latency of every read, nanoseconds (unsorted), from just before its submission to the
+    /// loop's seeing it in the used ring (fio's completion latency, clat).
     pub latencies_ns: Vec<u32>,
+    /// Latency of every write, nanoseconds (unsorted).
+    pub write_latencies_ns: Vec<u32>,
     /// Requests completed with a non-OK status.
     pub errors: u64,
     /// Sectors whose stamp did not match (with `verify`).
     pub verify_failures: u64,
     /// Completed requests per whole second of the run.
     pub per_second: Vec<u64>,
+    /// Completed writes per whole second of the run (included in `per_second`).
+    pub per_second_writes: Vec<u64>,
 }
 
 /// Length of the header descriptor of every request.
@@ -194,6 +199,7 @@ pub fn run(
     let mut done_slots = Vec::with_capacity(depth);
     let mut last_second = 0u64;
     let mut in_second = 0u64;
+    let mut in_second_writes = 0u64;
     let mut ticks = 0u32;
     let mut last_progress = Instant::now();
     loop {
@@ -238,7 +244,12 @@ pub fn run(
         for &i in &done_slots {
             let s = &slots[i];
             let lat = now.duration_since(s.started).as_nanos().min(u128::from(u32::MAX)) as u32;
-            report.latencies_ns.push(lat);
+            if s.write {
+                report.write_latencies_ns.push(lat);
+                in_second_writes += 1;
+            } else {
+                report.latencies_ns.push(lat);
+            }
             report.ios += 1;
             report.bytes += bs;
             in_second += 1;
@@ -267,7 +278,9 @@ pub fn run(
         let second = now.duration_since(start).as_secs();
         if second > last_second {
             report.per_second.push(in_second);
+            report.per_second_writes.push(in_second_writes);
             in_second = 0;
+            in_second_writes = 0;
             last_second = second;
         }
         ticks += 1;

@@ -8,6 +8,7 @@
 pub mod blkio;
 pub mod blkreq;
 pub mod channel;
+pub mod latency;
 /// Eventfd helpers, shared with the back-end (kept here under their old path).
 pub use crate::eventfd;
 pub mod netio;
@@ -59,6 +60,14 @@ pub struct Frontend {
     /// Set when a wait was abandoned mid-request: the next reply could belong to it.
     out_of_step: AtomicBool,
 }
+
+/// The `log` target of the front-end's request trace (in Python, the logger
+/// `vhostuser_rs.trace.frontend`, a child of the back-end's `vhostuser_rs.trace`, so that enabling
+/// `vhostuser_rs.trace` shows both roles): every request sent and every reply received, decoded.
+/// Back-end requests received on the back-end request channel are not traced (yet): under
+/// pyo3-log a record on that thread takes the GIL on first use, one more wait on a thread whose
+/// exit `close()` synchronises with.
+pub const TRACE: &str = "vhostuser_rs::trace::frontend";
 
 impl Frontend {
     /// A front-end over a connected main channel.
@@ -126,7 +135,12 @@ impl Frontend {
         }
         let _io = self.io.lock().unwrap_or_else(|e| e.into_inner());
         self.conn.send(&message, fds, opts.deadline)?;
+        log::debug!(target: TRACE, "{} {:?} ({} fds){}", request, message.payload, fds.len(),
+            if need_reply { " NEED_REPLY" } else { "" });
         let reply = if mandatory || need_reply { Some(self.await_reply(request, opts, interrupt)?) } else { None };
+        if let Some(r) = &reply {
+            log::debug!(target: TRACE, "{} reply {:?} ({} fds)", request, r.message.payload, r.fds.len());
+        }
         if let Some(r) = &reply {
             if !mandatory {
                 if let Payload::U64(status) = r.message.payload {

@@ -1,6 +1,6 @@
 //! The back-end role from Python: serving the built-in block device.
 
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,8 +21,9 @@ fn warn(_py: Python<'_>, text: String) {
     log::warn!(target: "vhostuser_rs::backend", "{text}");
 }
 
-/// Serves `image` with the built-in virtio-blk device on `socket_path` (or on the connected
-/// socket `fd`, the spec's `--fd` convention), one front-end at a time, until Ctrl-C/SIGTERM or
+/// Serves `image` with the built-in virtio-blk device on `socket_path` (or on the socket `fd`,
+/// the spec's `--fd` convention: a connected socket serves that one front-end, a listening one
+/// is served like `socket_path`), one front-end at a time, until Ctrl-C/SIGTERM or
 /// `max_connections` sessions. The data path runs on Rust threads and never takes the GIL.
 #[pyfunction]
 #[pyo3(signature = (image, *, socket_path=None, fd=None, num_queues=1, readonly=false, max_connections=None, workers=None, cpus=None, poll=None, io_engine="auto", direct=false))]
@@ -290,17 +291,23 @@ pub(crate) fn serve(
     };
     let serve =
         |conn: Connection| -> Result<(), Error> { serve_session(&conn, device.clone(), &requests, &policy, &stop) };
+    let mut adopted = None;
     if let Some(fd) = at.fd {
         if fd < 0 {
             return Err(PyValueError::new_err("invalid file descriptor"));
         }
         // SAFETY: the caller hands over an open socket; it is duplicated.
         let owned = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| os_error(&e))?;
-        let conn = Connection::from_fd(owned).py_err(py)?;
-        let r = py.detach(|| serve(conn));
-        return finish(py, r, &interrupted);
+        // The spec's --fd: a connected socket serves that one front-end; a listening one
+        // (bound by the management layer) is served like --socket-path.
+        if !crate::connection::is_listening(owned.as_fd()).map_err(|e| os_error(&e))? {
+            let conn = Connection::from_fd(owned).py_err(py)?;
+            let r = py.detach(|| serve(conn));
+            return finish(py, r, &interrupted);
+        }
+        adopted = Some(Arc::new(Listener::from_fd(owned).py_err(py)?));
     }
-    let listener = match (at.listener, at.socket_path) {
+    let listener = match (adopted.or(at.listener), at.socket_path) {
         (Some(l), _) => l,
         (None, Some(path)) => Arc::new(Listener::bind(&path, true).py_err(py)?),
         (None, None) => return Err(PyValueError::new_err("give socket_path, fd or listener")),

@@ -217,7 +217,7 @@ impl PyFrontendCore {
 /// Runs the Rust virtio-blk I/O loop on a ring set up by ``Frontend.setup_queue`` and returns
 /// what it measured. The GIL is released for the whole run; Ctrl-C ends it early.
 #[pyfunction]
-#[pyo3(signature = (queue, memory, kick_fd, call_fd, *, rw="randread", bs=4096, iodepth=32, duration=10.0, capacity, verify=false, seed=1, progress=false, poll=None))]
+#[pyo3(signature = (queue, memory, kick_fd, call_fd, *, rw="randread", bs=4096, iodepth=32, duration=10.0, capacity, verify=false, seed=1, progress=false, poll=None, status=None, status_interval=1.0))]
 #[allow(clippy::too_many_arguments)]
 fn block_io<'py>(
     py: Python<'py>,
@@ -234,8 +234,14 @@ fn block_io<'py>(
     seed: u64,
     progress: bool,
     poll: Option<f64>,
+    status: Option<Py<PyAny>>,
+    status_interval: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
     use crate::frontend::blkio::{run, Job, Pattern};
+    let status_every = super::blocking::timeout(Some(status_interval))?.unwrap_or_default();
+    if status.is_some() && status_every.is_zero() {
+        return Err(PyValueError::new_err("status_interval must be > 0"));
+    }
     let pattern = Pattern::parse(rw).ok_or_else(|| PyValueError::new_err(format!("unknown rw pattern {rw:?}")))?;
     let d = super::blocking::timeout(Some(duration))?.unwrap_or_default();
     let poll = match poll {
@@ -248,14 +254,28 @@ fn block_io<'py>(
     let mem = memory.inner.clone();
     let mut guard = queue.inner.lock().unwrap_or_else(|e| e.into_inner());
     let q: &mut crate::virtqueue::DriverQueue = &mut guard;
+    let mut status_error: Option<PyErr> = None;
     let result = py.detach(|| {
         let mut last_print = std::time::Instant::now();
         let mut shown = 0usize;
+        let mut next_status = status_every;
         let mut stop = |r: &crate::frontend::blkio::Report| {
             if last_print.elapsed() >= std::time::Duration::from_millis(100) {
                 last_print = std::time::Instant::now();
                 if Python::attach(|py| py.check_signals()).is_err() {
                     return true;
+                }
+            }
+            if let Some(callback) = &status {
+                if r.elapsed >= next_status {
+                    next_status = r.elapsed + status_every;
+                    let (reads, writes) = (r.latencies_ns.len(), r.write_latencies_ns.len());
+                    let called = Python::attach(|py| callback.call1(py, (reads, writes, r.elapsed.as_secs_f64())));
+                    if let Err(e) = called {
+                        // The callback's exception ends the run; it is raised below.
+                        status_error = Some(e);
+                        return true;
+                    }
                 }
             }
             if progress && r.per_second.len() > shown {
@@ -271,13 +291,23 @@ fn block_io<'py>(
         eprintln!();
     }
     let mut report = result.map_err(|e| to_pyerr(py, e))?;
+    if let Some(err) = status_error {
+        return Err(err);
+    }
     report.latencies_ns.sort_unstable();
+    report.write_latencies_ns.sort_unstable();
+    let directions = PyDict::new(py);
+    for (name, sorted) in [("read", &report.latencies_ns), ("write", &report.write_latencies_ns)] {
+        directions.set_item(name, latency_dict(py, sorted)?)?;
+    }
+    let mut all = [report.latencies_ns.as_slice(), report.write_latencies_ns.as_slice()].concat();
+    all.sort_unstable();
     let pct = |p: f64| -> u32 {
-        if report.latencies_ns.is_empty() {
+        if all.is_empty() {
             return 0;
         }
-        let i = ((report.latencies_ns.len() as f64 - 1.0) * p).round() as usize;
-        report.latencies_ns[i]
+        let i = ((all.len() as f64 - 1.0) * p).round() as usize;
+        all[i]
     };
     let out = PyDict::new(py);
     out.set_item("ios", report.ios)?;
@@ -288,9 +318,37 @@ fn block_io<'py>(
     out.set_item("p50_ns", pct(0.5))?;
     out.set_item("p99_ns", pct(0.99))?;
     out.set_item("p999_ns", pct(0.999))?;
-    out.set_item("max_ns", report.latencies_ns.last().copied().unwrap_or(0))?;
+    out.set_item("max_ns", all.last().copied().unwrap_or(0))?;
     out.set_item("per_second", report.per_second)?;
+    out.set_item("per_second_writes", report.per_second_writes)?;
+    out.set_item("read", directions.get_item("read")?)?;
+    out.set_item("write", directions.get_item("write")?)?;
     Ok(out)
+}
+
+/// The latency statistics of one direction (`frontend::latency`): ios, min/max/mean/stddev
+/// (ns), fio's percentile list as (percent, ns) and the non-empty histogram buckets as
+/// (fio's value, low, high, count).
+fn latency_dict<'py>(py: Python<'py>, sorted: &[u32]) -> PyResult<Bound<'py, PyDict>> {
+    use crate::frontend::latency::{bucket_range, bucket_value, histogram, percentile, summarize, FIO_PERCENTILES};
+    let summary = summarize(sorted);
+    let d = PyDict::new(py);
+    d.set_item("ios", summary.count)?;
+    d.set_item("min_ns", summary.min)?;
+    d.set_item("max_ns", summary.max)?;
+    d.set_item("mean_ns", summary.mean)?;
+    d.set_item("stddev_ns", summary.stddev)?;
+    let percentiles: Vec<(f64, u32)> = FIO_PERCENTILES.iter().map(|&p| (p, percentile(sorted, p))).collect();
+    d.set_item("percentiles", percentiles)?;
+    let bins: Vec<(u64, u64, u64, u64)> = histogram(sorted)
+        .into_iter()
+        .map(|(i, count)| {
+            let (low, high) = bucket_range(i);
+            (bucket_value(i), low, high, count)
+        })
+        .collect();
+    d.set_item("bins", bins)?;
+    Ok(d)
 }
 
 /// A VIRTIO Shared Memory Region held by the front-end (SHMEM): a reserved address range of

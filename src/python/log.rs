@@ -19,7 +19,17 @@ pub(crate) fn init() {
 
 /// Logs `err`, raised by a Python callback (`what`), with its traceback as a warning on
 /// `logger`: a device or handler that raises must not end the session silently.
+///
+/// A KeyboardInterrupt is not the callback's failure: Ctrl-C (or a SIGTERM handler that raises
+/// it, as the serving commands install) arrived while the callback ran on the main thread, e.g.
+/// a ring stopping at the end of a session. It is handed back to the interpreter as a pending
+/// interrupt, so that the serving loop's next signal check ends serving as it would have.
 pub(crate) fn callback_failed(py: Python<'_>, logger: &str, what: &str, err: &PyErr) {
+    if err.is_instance_of::<pyo3::exceptions::PyKeyboardInterrupt>(py) {
+        // SAFETY: plain C API call; it only sets the interpreter's pending-SIGINT flag.
+        unsafe { pyo3::ffi::PyErr_SetInterrupt() };
+        return;
+    }
     let tb = err.traceback(py).and_then(|t| t.format().ok()).unwrap_or_default();
     log::warn!(target: logger, "{what} failed: {err}\n{tb}");
 }

@@ -86,6 +86,7 @@ PY_DEVICE = textwrap.dedent(
     import vhostuser_rs as vu
 
     class FileBlock(vu.Device):
+        device_type = "block"
         num_queues = 1
         features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX | vu.VirtioFeature.INDIRECT_DESC) | (1 << 6) | (1 << 9)
 
@@ -120,16 +121,17 @@ PY_DEVICE = textwrap.dedent(
                 chain.write(bytes([status]), chain.writable_len - 1)
                 queue.complete(chain, written + 1)
 
-    try:
-        stall = int(sys.argv[3]) if len(sys.argv) > 3 else None
-        vu.Backend.listen(sys.argv[2], FileBlock(sys.argv[1], stall)).serve_forever()
-    except KeyboardInterrupt:
-        pass
+    if __name__ == "__main__":  # run as a script; `vhostuser-rs serve FILE:FileBlock` imports it
+        try:
+            stall = int(sys.argv[3]) if len(sys.argv) > 3 else None
+            vu.Backend.listen(sys.argv[2], FileBlock(sys.argv[1], stall)).serve_forever()
+        except KeyboardInterrupt:
+            pass
     """
 )
 
 
-@pytest.mark.parametrize("device", ["built-in", "python", "built-in behind a vIOMMU"])
+@pytest.mark.parametrize("device", ["built-in", "python", "python via serve MODULE:CLASS", "built-in behind a vIOMMU"])
 def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> None:
     """With a vIOMMU (intel-iommu, iommu_platform=on) every ring and buffer address is an IOVA
     and the back-end learns translations from QEMU's IOTLB_MSG updates."""
@@ -149,6 +151,11 @@ def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> N
     sock = work / "blk.sock"
     if device.startswith("built-in"):
         args = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]
+    elif "serve" in device:
+        module = work / "pyblk.py"
+        module.write_text(PY_DEVICE)
+        args = [sys.executable, "-m", "vhostuser_rs", "serve", f"{module}:FileBlock", f"path={str(image)!r}",
+                "--socket-path", str(sock)]
     else:
         args = [sys.executable, "-c", PY_DEVICE, str(image), str(sock)]
     env = dict(os.environ, VHOSTUSER_RS_TRACE="1")
