@@ -279,6 +279,18 @@ class DeviceQueue:
     def is_broken(self) -> bool: ...
 
 @final
+class Exchange:
+    """One request on its way (FrontendCore.begin), stepped without blocking by poll()."""
+
+    def poll(self) -> tuple[Message | None, list[int]] | None: ...
+    @property
+    def waits_for_reply(self) -> bool: ...
+    @property
+    def remaining(self) -> float | None: ...
+    def cancel(self) -> None: ...
+    @property
+    def done(self) -> bool: ...
+
 class FrontendCore:
     """The Rust core of a front-end session (use vhostuser_rs.Frontend)."""
 
@@ -296,6 +308,16 @@ class FrontendCore:
         timeout: float | None = 5.0,
         check_gate: bool = True,
     ) -> tuple[Message | None, list[int]]: ...
+    def begin(
+        self,
+        request: int,
+        payload: Any = None,
+        fds: list[int] = ...,
+        *,
+        need_reply: bool | None = None,
+        timeout: float | None = 5.0,
+        check_gate: bool = True,
+    ) -> Exchange: ...
     def negotiated(self) -> dict[str, int | None]: ...
     def start_backend_channel(self, handler: Any) -> int: ...
     @property

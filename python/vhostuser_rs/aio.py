@@ -1,12 +1,21 @@
-"""asyncio front-end clients: many requests in flight from coroutines on one client, without a
-thread per request.
+"""asyncio front-ends: the message exchange of a session and many requests in flight from
+coroutines on one client, without a thread per request and without blocking the event loop.
 
 Example::
 
-    from vhostuser_rs.aio import AsyncBlockClient
+    from vhostuser_rs.aio import AsyncBlockClient, AsyncFrontend
 
     async with await AsyncBlockClient.connect("/run/qsd.sock") as disk:
         blocks = await asyncio.gather(*(disk.read(i * 4096, 4096) for i in range(32)))
+
+    async with await AsyncFrontend.connect("/run/qsd.sock", timeout=5.0) as fe:
+        offered = await fe.get_features()
+        result = await fe.negotiate(memory=vu.GuestMemory.allocate(64 << 20))
+
+:class:`AsyncFrontend` has every request method and composition of
+:class:`~vhostuser_rs.Frontend` (the same definitions, run by the loop): each request is sent
+when the main channel is free and its reply read when the socket becomes readable
+(``loop.add_reader``), a non-blocking native step each time.
 
 Requests are submitted to the ring at once (the batch path of
 :class:`~vhostuser_rs.blk.BlockClient`) and their completions are reaped when the ring's call
@@ -27,14 +36,180 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _native
+from .enums import ProtocolFeature, VirtioFeature
+from .frontend import Exchange, Frontend, R, Steps, Virtqueue, _Requests
 from .blk import _STATUS_NAMES, SECTOR, BlockClient, BlockError, Buffer, RequestType, _check_aligned
 from .exceptions import ConnectionClosedError, VhostUserError
+from .messages import Message
 from .net import NetHeader
 from .netclient import NetClient, TxFrame
 
-__all__ = ["AsyncBlockClient", "AsyncNetClient"]
+__all__ = ["AsyncBlockClient", "AsyncFrontend", "AsyncNetClient"]
 
 _IN = int(RequestType.IN)
+
+
+class AsyncFrontend(_Requests):
+    """A :class:`~vhostuser_rs.Frontend` session driven from an asyncio event loop: ``await
+    fe.get_features()``, ``await fe.negotiate(...)``, ``await fe.setup_queue(...)`` — every
+    request method and composition of :class:`~vhostuser_rs.Frontend`, from the same
+    definitions. Nothing blocks the loop: a request is sent when the main channel is free and
+    its reply (or ack, with REPLY_ACK) read when the socket is readable, each step a
+    non-blocking native call. Coroutines of one loop take turns on the channel (the protocol
+    has no request tags); requests from other threads (a back-end request handler answering
+    an IOTLB miss on :attr:`frontend`) wait for the turn too.
+
+    Timeouts (`timeout`, seconds, per request): a reply that does not arrive in time raises
+    :class:`~vhostuser_rs.VhostUserTimeoutError` and leaves the connection out of step (a late
+    reply could be taken for the next request's): later requests raise InvalidStateError.
+
+    Cancellation: a request cancelled before it was sent is never sent; one cancelled while its
+    reply is awaited leaves that reply to the next request, which reads and discards it first
+    (recording what it says about the negotiated state) — the connection stays usable and in
+    step. A composition (``negotiate``, ``setup_queue``) cancelled half-way has sent what it
+    sent: the session is then half set up, as after an exception.
+
+    A back-end that hangs up mid-exchange raises :class:`~vhostuser_rs.ConnectionClosedError`.
+    :meth:`close` releases every fd at once. The back-end request channel is served on its own
+    thread as for :class:`~vhostuser_rs.Frontend`; its handler sees :attr:`frontend`, the
+    blocking view of the same session."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        #: The same session as a blocking :class:`~vhostuser_rs.Frontend` (negotiated state,
+        #: rings, memory, handler): for other threads and for what does not exchange messages.
+        self.frontend = frontend
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 5.0) -> AsyncFrontend:
+        """Connect to the back-end listening on `path`, retrying (without blocking the loop)
+        while it starts, up to `timeout` seconds; the same `timeout` bounds each request."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pause = 0.001
+        while True:
+            try:
+                core = _native.FrontendCore.connect(path, timeout=0)
+                break
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+                # Not listening yet (or a full backlog): a back-end that is still starting.
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                left = pause if deadline is None else min(pause, max(0.0, deadline - loop.time()))
+                await asyncio.sleep(left)
+                pause = min(pause * 2, 0.05)
+        return cls(Frontend(core, timeout=timeout, path=path))
+
+    async def __aenter__(self) -> AsyncFrontend:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session and release every fd it holds (see :meth:`Frontend.close`); a
+        request awaiting its reply fails with ConnectionClosedError. Idempotent."""
+        self.frontend.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.frontend.closed
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each request may take (None: no limit)."""
+        return self.frontend.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self.frontend.timeout = value
+
+    @property
+    def features(self) -> VirtioFeature:
+        """The acknowledged virtio features (empty before SET_FEATURES)."""
+        return self.frontend.features
+
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        """The acknowledged protocol features."""
+        return self.frontend.protocol_features
+
+    @property
+    def negotiated(self) -> dict[str, Any]:
+        """What was offered and acknowledged so far (raw ints)."""
+        return self.frontend.negotiated
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether the back-end hung up (looked at without waiting; nothing is read)."""
+        return self.frontend.peer_closed
+
+    def fileno(self) -> int:
+        """The main channel's fd."""
+        return self.frontend.fileno()
+
+    def queue(self, index: int) -> Virtqueue:
+        """The ring set up at `index`."""
+        return self.frontend.queue(index)
+
+    async def _run(self, steps: Steps[R]) -> R:
+        """Runs the steps of a request or composition, each exchange driven by the loop."""
+        try:
+            ex = next(steps)
+            while True:
+                try:
+                    result = await self._exchange(ex)
+                except BaseException as e:  # CancelledError too: the steps clean up, then it goes on
+                    ex = steps.throw(e)
+                else:
+                    ex = steps.send(result)
+        except StopIteration as stop:
+            value: R = stop.value
+            return value
+
+    async def _exchange(self, ex: Exchange) -> tuple[Message | None, list[int]]:
+        async with self._lock:
+            fe = self.frontend
+            if fe.closed:
+                raise ConnectionClosedError("the session is closed")
+            pending = fe._core.begin(
+                ex.request, ex.payload, ex.fds, need_reply=ex.need_reply, timeout=ex.timeout,
+                check_gate=ex.check_gate,
+            )
+            try:
+                while True:
+                    done = pending.poll()
+                    if done is not None:
+                        return done
+                    if pending.waits_for_reply:
+                        await self._readable(fe._core.fileno(), pending.remaining)
+                    else:
+                        # Another thread's request holds the channel: look again shortly.
+                        await asyncio.sleep(0.001)
+            except BaseException:
+                pending.cancel()
+                raise
+
+    async def _readable(self, fd: int, timeout: float | None) -> None:
+        """Until `fd` is readable or `timeout` passed (the next poll then reports the timeout)."""
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+
+        def wake() -> None:
+            if not ready.done():
+                ready.set_result(None)
+
+        loop.add_reader(fd, wake)
+        try:
+            if timeout is None:
+                await ready
+            else:
+                await asyncio.wait_for(ready, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            loop.remove_reader(fd)
 
 
 class AsyncBlockClient:
@@ -59,16 +234,22 @@ class AsyncBlockClient:
             self._loop.add_reader(self._main_fd, self._on_main)
 
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str], *, queue: int = 0, **options: Any) -> AsyncBlockClient:
-        """Connect and negotiate (in the loop's default executor: the exchange of requests is
-        blocking) with :meth:`BlockClient.connect`'s keyword options; the I/O is then driven
-        by the loop."""
-        loop = asyncio.get_running_loop()
-        client = await loop.run_in_executor(None, functools.partial(BlockClient.connect, path, **options))
+    async def connect(
+        cls, path: str | os.PathLike[str], *, queue: int = 0, timeout: float | None = 5.0, **options: Any
+    ) -> AsyncBlockClient:
+        """Connect and set up the client with :meth:`BlockClient.connect`'s keyword options
+        (except ``reconnect``), the handshake run by the loop through an :class:`AsyncFrontend`
+        (nothing blocks the loop); the I/O is then driven by the loop too."""
+        if options.get("reconnect") is not None:
+            raise ValueError("AsyncBlockClient does not reconnect (reconnect= is for the blocking BlockClient)")
+        options.pop("reconnect", None)
+        afe = await AsyncFrontend.connect(path, timeout=timeout)
         try:
+            client = BlockClient.__new__(BlockClient)
+            await afe._run(client._setup(afe.frontend, timeout=timeout, **options))
             return cls(client, queue=queue)
         except BaseException:
-            client.close()
+            afe.close()
             raise
 
     async def __aenter__(self) -> AsyncBlockClient:
