@@ -14,6 +14,7 @@ __all__ = [
     "BlockRequests",
     "BatchQueue",
     "Connection",
+    "Exchange",
     "FrontendCore",
     "SharedRegion",
     "block_io",
@@ -291,6 +292,7 @@ class Exchange:
     @property
     def done(self) -> bool: ...
 
+@final
 class FrontendCore:
     """The Rust core of a front-end session (use vhostuser_rs.Frontend)."""
 
