@@ -362,9 +362,16 @@ impl Connection {
     /// breaks a rule, so a rejected message leaves the stream in step; its fds are closed.
     pub fn recv(&self, channel: Channel, deadline: Deadline) -> Result<Received> {
         let raw = self.recv_raw(deadline, MAX_PAYLOAD_SIZE).map_err(|e| relabel(e, channel))?;
-        raw.header.validate(channel)?;
-        let message = protocol::decode_body(channel, raw.header, &raw.payload, raw.fds.len())?;
-        Ok(Received { message, fds: raw.fds })
+        decode(raw, channel)
+    }
+
+    /// [`recv`](Self::recv) without waiting: `None` while the message is incomplete (what has
+    /// arrived stays in `partial`; call again when the socket is readable).
+    pub fn try_recv(&self, partial: &mut PartialMessage, channel: Channel) -> Result<Option<Received>> {
+        match self.recv_some(partial, MAX_PAYLOAD_SIZE).map_err(|e| relabel(e, channel))? {
+            Some(raw) => decode(raw, channel).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Whether a message (or EOF) is waiting, without blocking longer than `timeout`. A signal
@@ -383,6 +390,14 @@ impl Connection {
         }
         Ok(n > 0)
     }
+}
+
+/// Validates and decodes a whole message of `channel`. The payload was read even when the
+/// header breaks a rule, so a rejected message leaves the stream in step; its fds are closed.
+fn decode(raw: RawMessage, channel: Channel) -> Result<Received> {
+    raw.header.validate(channel)?;
+    let message = protocol::decode_body(channel, raw.header, &raw.payload, raw.fds.len())?;
+    Ok(Received { message, fds: raw.fds })
 }
 
 fn relabel(err: Error, channel: Channel) -> Error {

@@ -10,10 +10,12 @@ from .messages import MemoryRegion, Message
 
 __all__ = [
     "BackendRequests",
+    "BackendSession",
     "backend_coverage",
     "BlockRequests",
     "BatchQueue",
     "Connection",
+    "DeviceServer",
     "Exchange",
     "FrontendCore",
     "SharedRegion",
@@ -437,6 +439,32 @@ class StopFlag:
     def set(self) -> None: ...
     @property
     def is_set(self) -> bool: ...
+
+@final
+class DeviceServer:
+    """Serves a Python device one session at a time, each stepped by an event loop."""
+
+    def __new__(
+        cls,
+        device: Any,
+        *,
+        requests: BackendRequests | None = None,
+        workers: int | None = None,
+        cpus: Sequence[int] | None = None,
+        poll: float | None = 0.0,
+    ) -> DeviceServer: ...
+    def session(self, connection: Connection) -> BackendSession: ...
+
+@final
+class BackendSession:
+    """One front-end session of a DeviceServer."""
+
+    def fileno(self) -> int: ...
+    def handle_ready(self) -> bool: ...
+    @property
+    def finished(self) -> bool: ...
+    def close(self) -> None: ...
+
 @final
 class BatchQueue:
     """The queue handed to Device.process: completes chains of the current batch."""
