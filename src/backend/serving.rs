@@ -97,3 +97,62 @@ impl Drop for ServedSession {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{FrontendRequest, Message, Payload};
+    use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+
+    struct Null;
+    impl Device for Null {
+        fn num_queues(&self) -> u16 {
+            1
+        }
+        fn features(&self) -> u64 {
+            1 << 32
+        }
+        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> std::result::Result<(), VirtqueueError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_step_handles_what_arrived_and_keeps_a_partial_message() {
+        let (ours, theirs) = Connection::pair().unwrap();
+        let mut served = ServedSession::new(Arc::new(Null), Arc::new(BackendRequests::new()), WorkerPolicy::default());
+        assert!(served.handle_ready(&ours).unwrap(), "nothing arrived: the session goes on");
+        let bytes = Message::request(FrontendRequest::GET_FEATURES, Payload::Empty).encode();
+        theirs.send_bytes(&bytes[..5], &[], Deadline::never()).unwrap();
+        assert!(served.handle_ready(&ours).unwrap());
+        assert!(!theirs.readable(Some(Duration::from_millis(10))).unwrap(), "no reply to half a message");
+        // The rest, and two more whole messages in the same event.
+        let mut more = bytes[5..].to_vec();
+        more.extend(Message::request(FrontendRequest::GET_PROTOCOL_FEATURES, Payload::Empty).encode());
+        more.extend(Message::request(FrontendRequest::GET_FEATURES, Payload::Empty).encode());
+        theirs.send_bytes(&more, &[], Deadline::never()).unwrap();
+        assert!(served.handle_ready(&ours).unwrap());
+        let deadline = Deadline::after(Some(Duration::from_secs(5)));
+        for expected in
+            [FrontendRequest::GET_FEATURES, FrontendRequest::GET_PROTOCOL_FEATURES, FrontendRequest::GET_FEATURES]
+        {
+            let reply = theirs.recv(Channel::Main, deadline).unwrap();
+            assert_eq!(reply.message.request, expected.into());
+        }
+        drop(theirs);
+        assert!(!served.handle_ready(&ours).unwrap(), "a hang-up ends the session");
+        assert!(served.is_finished());
+        assert!(!served.handle_ready(&ours).unwrap());
+    }
+
+    #[test]
+    fn a_message_that_breaks_the_spec_ends_the_session_with_an_error() {
+        let (ours, theirs) = Connection::pair().unwrap();
+        let mut served = ServedSession::new(Arc::new(Null), Arc::new(BackendRequests::new()), WorkerPolicy::default());
+        let header =
+            crate::protocol::Header { code: 1, flags: 1, size: (crate::protocol::MAX_PAYLOAD_SIZE + 1) as u32 };
+        theirs.send_bytes(&header.to_bytes(), &[], Deadline::never()).unwrap();
+        assert!(served.handle_ready(&ours).is_err());
+        assert!(served.is_finished());
+    }
+}
