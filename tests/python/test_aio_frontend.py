@@ -271,3 +271,25 @@ def test_coroutine_calls_and_blocking_calls_share_definitions() -> None:
     for name in defined:
         assert getattr(AsyncFrontend, name) is getattr(vu.Frontend, name)
     assert asyncio.iscoroutinefunction(AsyncFrontend.connect)
+
+
+def test_close_while_a_reply_is_awaited(sock_dir: Path) -> None:
+    done = threading.Event()
+
+    def silent(conn: vu.Connection) -> None:
+        expect(conn, F.GET_FEATURES)
+        done.wait(10)
+
+    async def main(path: Path) -> None:
+        fe = await AsyncFrontend.connect(path, timeout=10)
+        pending = asyncio.ensure_future(fe.get_features())
+        await asyncio.sleep(0.1)
+        fe.close()
+        with pytest.raises(vu.ConnectionClosedError):
+            await asyncio.wait_for(pending, 5)
+        with pytest.raises(vu.ConnectionClosedError):
+            await fe.get_features()
+        done.set()
+
+    with fake_backend(sock_dir, silent) as path:
+        asyncio.run(main(path))
