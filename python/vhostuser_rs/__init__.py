@@ -23,7 +23,7 @@ import logging as _logging
 import os as _os
 import sys as _sys
 
-from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient
+from . import aio, backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient
 from ._native import (
     Connection,
     DescriptorChain,

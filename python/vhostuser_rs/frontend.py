@@ -20,6 +20,14 @@ pages, in-band VRING_CALL / VRING_ERR).
 ``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
 session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
 every fd at once from any state.
+
+Each request method and composition is defined once, as the *steps* of its exchanges (a
+generator yielding an :class:`Exchange` per message and receiving its reply, decorated with
+:class:`exchange`): :class:`Frontend` runs the steps blocking, and
+:class:`vhostuser_rs.aio.AsyncFrontend` runs the very same steps from an asyncio event loop.
+Underneath, each exchange is a native state machine (send when the main channel is free, read
+what has arrived of the reply, check it) that never blocks: the blocking runner waits on the
+socket between steps, the event loop watches it with ``loop.add_reader``.
 """
 
 from __future__ import annotations
