@@ -47,6 +47,7 @@ from .netclient import NetClient, TxFrame
 __all__ = ["AsyncBlockClient", "AsyncFrontend", "AsyncNetClient"]
 
 _IN = int(RequestType.IN)
+_Future = asyncio.Future[tuple[int, "bytes | None"]]
 
 
 class AsyncFrontend(_Requests):
@@ -221,10 +222,14 @@ class AsyncBlockClient:
         self.queue = queue
         self._engine: _native.BlockRequests = client._batch_engine(queue)
         self._loop = asyncio.get_running_loop()
-        self._futures: dict[int, asyncio.Future[tuple[int, bytes | None]]] = {}
-        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[tuple[int, bytes | None]]]] = []
+        # Submitted requests by token; requests waiting for the next flush (two parallel lists:
+        # the requests go to the engine as they are). A cancelled request is looked up by a scan
+        # (rare), so the common path keeps one dict entry per request.
+        self._futures: dict[int, _Future] = {}
+        self._queued: list[tuple[Any, ...]] = []
+        self._queued_futures: list[_Future] = []
+        self._queued_cancelled = False
         self._flush_scheduled = False
-        self._token_of: dict[asyncio.Future[tuple[int, bytes | None]], int] = {}
         self._error: BaseException | None = None
         self._slot = int(self._engine.slot_bytes)
         self._call_fd = self._engine.call_fd()
@@ -280,9 +285,8 @@ class AsyncBlockClient:
         self._error = error
         self._unwatch()
         futures, self._futures = list(self._futures.values()), {}
-        futures += [f for _, f in self._queued]
-        self._queued = []
-        self._token_of.clear()
+        futures += self._queued_futures
+        self._queued, self._queued_futures = [], []
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
@@ -294,12 +298,11 @@ class AsyncBlockClient:
         except VhostUserError as e:
             self._fail(e)
             return
+        pop = self._futures.pop
         for token, status, data in done:
-            fut = self._futures.pop(token, None)
-            if fut is not None:
-                self._token_of.pop(fut, None)
-                if not fut.done():
-                    fut.set_result((status, data))
+            fut = pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result((status, data))
         if done and self._queued:
             self._flush()
 
@@ -314,45 +317,61 @@ class AsyncBlockClient:
             self._loop.call_later(0.1, lambda: self._error is None and self._loop.add_reader(fd, self._on_main))
 
     # -- requests ------------------------------------------------------------------------------
-    async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
+    def _enqueue(self, request: tuple[Any, ...]) -> _Future:
         if self._error is not None:
             raise self._error
-        fut: asyncio.Future[tuple[int, bytes | None]] = self._loop.create_future()
-        self._queued.append((request, fut))
+        fut: _Future = self._loop.create_future()
+        self._queued.append(request)
+        self._queued_futures.append(fut)
         if not self._flush_scheduled:
             # Every request made in this turn of the loop goes to the ring in one native call
             # (one publish, at most one kick).
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        return fut
+
+    def _abandon(self, fut: _Future) -> None:
+        """A cancelled request: forgotten, but its ring entry and staging slot come back only
+        when the device completes it, never before."""
+        for token, f in self._futures.items():
+            if f is fut:
+                del self._futures[token]
+                self._engine.cancel(token)
+                return
+        self._queued_cancelled = True  # still queued: the next flush drops it
+
+    async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
+        fut = self._enqueue(request)
         try:
             return await fut
         except asyncio.CancelledError:
-            token = self._token_of.pop(fut, None)
-            if token is not None:
-                self._futures.pop(token, None)
-                # The slot comes back when the device completes the request, not before.
-                self._engine.cancel(token)
-            # (Still queued: _flush skips a future that is done.)
+            self._abandon(fut)
             raise
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        queued = [(r, f) for r, f in self._queued if not f.done()]
-        self._queued = []
-        if not queued or self._error is not None:
+        requests, futures = self._queued, self._queued_futures
+        if self._queued_cancelled:
+            self._queued_cancelled = False
+            kept = [i for i, f in enumerate(futures) if not f.done()]
+            requests, futures = [requests[i] for i in kept], [futures[i] for i in kept]
+        if not requests or self._error is not None:
+            self._queued, self._queued_futures = requests, futures
             return
         try:
-            tokens = self._engine.submit([r for r, _ in queued])
+            tokens = self._engine.submit(requests)
         except VhostUserError as e:
-            for _, f in queued:
+            self._queued, self._queued_futures = [], []
+            for f in futures:
                 if not f.done():
                     f.set_exception(e)
             return
-        for token, (_, fut) in zip(tokens, queued):
-            self._futures[token] = fut
-            self._token_of[fut] = token
+        submitted = self._futures
+        for token, fut in zip(tokens, futures):
+            submitted[token] = fut
         # Back-pressure: what did not fit (ring or staging slots full) waits for completions.
-        self._queued = queued[len(tokens) :]
+        n = len(tokens)
+        self._queued, self._queued_futures = requests[n:], futures[n:]
 
     async def _checked(self, rtype: RequestType, request: tuple[Any, ...]) -> bytes | None:
         status, data = await self._one(request)
@@ -367,7 +386,12 @@ class AsyncBlockClient:
         slot = self._slot
         if 0 < length <= slot and offset >= 0 and not (offset | length) % SECTOR:
             # The common case with the fewest Python steps (one coroutine level).
-            status, data = await self._one((_IN, offset // SECTOR, length))
+            fut = self._enqueue((_IN, offset // SECTOR, length))
+            try:
+                status, data = await fut
+            except asyncio.CancelledError:
+                self._abandon(fut)
+                raise
             if status:
                 raise BlockError(f"virtio-blk read failed: {_STATUS_NAMES.get(status, status)}", status=status)
             return data or b""
