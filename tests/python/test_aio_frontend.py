@@ -217,6 +217,7 @@ def test_handler_thread_takes_its_turn_on_the_main_channel(sock_dir: Path) -> No
     coroutine awaits its reply: the handler's request waits for its turn, then goes."""
     proto = vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.BACKEND_REQ | vu.ProtocolFeature.CONFIG
     results: dict[str, object] = {}
+    handler_sent = threading.Event()
 
     def script(conn: vu.Connection) -> None:
         negotiate_reply_ack(conn, int(proto))
@@ -231,8 +232,14 @@ def test_handler_thread_takes_its_turn_on_the_main_channel(sock_dir: Path) -> No
             time.sleep(0.2)  # the handler is waiting for its turn meanwhile
             hazmat.send(conn, hazmat.reply(F.GET_FEATURES, int(PROTOCOL)))
             expect(conn, F.GET_CONFIG)  # the handler's
+            handler_sent.set()
+            # Now a coroutine's request waits for the handler's exchange to end.
+            with pytest.raises(vu.VhostUserTimeoutError):
+                conn.recv(timeout=0.3)
             hazmat.send(conn, hazmat.reply(F.GET_CONFIG, m.DeviceConfig(0, b"c" * 8)))
             results["ack"] = chan.recv(Channel.BACKEND, timeout=10)[0].payload
+            expect(conn, F.GET_FEATURES)
+            hazmat.send(conn, hazmat.reply(F.GET_FEATURES, int(PROTOCOL)))
             conn.recv(timeout=10)  # the front-end hangs up
 
     got: list[bytes] = []
@@ -248,10 +255,11 @@ def test_handler_thread_takes_its_turn_on_the_main_channel(sock_dir: Path) -> No
             await fe.set_backend_req_fd(vu.BuiltinHandler(on_config_change=on_change))
             with Ticker() as ticker:
                 assert await fe.get_features() == PROTOCOL
-                for _ in range(500):
-                    if got:
-                        break
-                    await asyncio.sleep(0.01)
+                assert await asyncio.to_thread(handler_sent.wait, 10)
+                # The handler's GET_CONFIG holds the channel: this waits for its turn (without
+                # blocking the loop), then goes.
+                assert await fe.get_features() == PROTOCOL
+                assert got == [b"c" * 8]
                 assert ticker.ticks > 0
 
     with fake_backend(sock_dir, script) as path:
