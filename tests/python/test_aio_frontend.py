@@ -73,6 +73,12 @@ def test_handshake_rings_and_io_on_the_loop(blk_backend: Path, image: Path) -> N
                 assert vu.ProtocolFeature.REPLY_ACK in fe.protocol_features
                 assert result.config is not None
                 assert BlockConfig.parse(result.config).capacity * 512 == IMAGE_SIZE
+                # A reply with an fd (GET_INFLIGHT_FD), then SET_INFLIGHT_FD, as QEMU does
+                # (serve-blk offers it; qemu-storage-daemon 7.2 does not).
+                inflight = None
+                if vu.ProtocolFeature.INFLIGHT_SHMFD in fe.protocol_features:
+                    inflight = await fe.setup_inflight(1, 64)
+                    assert inflight is not None and inflight.desc.mmap_size > 0
                 vq = await fe.setup_queue(0, 64)
                 assert fe.queue(0) is vq
                 # One read through the ring the loop set up.
@@ -89,6 +95,8 @@ def test_handshake_rings_and_io_on_the_loop(blk_backend: Path, image: Path) -> N
                 assert mem.read(status, 1) == b"\0"
                 assert mem.read(buf, 4096) == data[4096:8192]
                 assert await fe.stop_queue(0) == 1
+                if inflight is not None:
+                    inflight.close()
             assert fe.closed
             async with await AsyncBlockClient.connect(blk_backend, queue_size=32) as disk:
                 got = await asyncio.gather(*(disk.read(i * 8192, 4096) for i in range(64)))
