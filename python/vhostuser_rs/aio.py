@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _native
+from ._loop import readable
 from .enums import ProtocolFeature, VirtioFeature
 from .frontend import Exchange, Frontend, R, Steps, Virtqueue, _Requests
 from .blk import _STATUS_NAMES, SECTOR, BlockClient, BlockError, Buffer, RequestType, _check_aligned
@@ -184,33 +185,13 @@ class AsyncFrontend(_Requests):
                     if done is not None:
                         return done
                     if pending.waits_for_reply:
-                        await self._readable(fe._core.fileno(), pending.remaining)
+                        await readable(fe._core.fileno(), pending.remaining)
                     else:
                         # Another thread's request holds the channel: look again shortly.
                         await asyncio.sleep(0.001)
             except BaseException:
                 pending.cancel()
                 raise
-
-    async def _readable(self, fd: int, timeout: float | None) -> None:
-        """Until `fd` is readable or `timeout` passed (the next poll then reports the timeout)."""
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-
-        def wake() -> None:
-            if not ready.done():
-                ready.set_result(None)
-
-        loop.add_reader(fd, wake)
-        try:
-            if timeout is None:
-                await ready
-            else:
-                await asyncio.wait_for(ready, timeout)
-        except TimeoutError:
-            pass
-        finally:
-            loop.remove_reader(fd)
 
 
 class AsyncBlockClient:

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from . import _native
+from ._loop import readable
 from ._native import BatchQueue, DescriptorChain, RingQueue
 from .enums import BackendRequest, FrontendRequest, VirtioFeature
 from .messages import SharedObject
@@ -202,24 +203,6 @@ class Device:
         return None
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int, timeout: float) -> bool:
-    """Whether `fd` became readable within `timeout` seconds, waiting on the loop."""
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await asyncio.wait_for(ready, timeout)
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        loop.remove_reader(fd)
-
-
 class Backend:
     """Serves one :class:`Device` to one front-end at a time."""
 
@@ -315,7 +298,7 @@ class Backend:
             with conn:
                 session = server.session(conn)
                 try:
-                    await self._serve_session(loop, session)
+                    await self._serve_session(session)
                 except VhostUserError as e:
                     if self._listener is None:
                         raise
@@ -330,7 +313,7 @@ class Backend:
         if self._listener is not None:
             listener = self._listener
             while not self._stop.is_set:
-                if await _readable(loop, listener.fileno(), 0.2):
+                if await readable(listener.fileno(), 0.2):
                     try:
                         # Readable: a connection is waiting (the timeout is never reached).
                         return listener.accept(timeout=1.0)
@@ -351,10 +334,10 @@ class Backend:
                     raise
                 await asyncio.sleep(0.01)
 
-    async def _serve_session(self, loop: asyncio.AbstractEventLoop, session: _native.BackendSession) -> None:
+    async def _serve_session(self, session: _native.BackendSession) -> None:
         fd = session.fileno()
         while not self._stop.is_set:
-            if not await _readable(loop, fd, 0.2):
+            if not await readable(fd, 0.2):
                 continue
             if not session.handle_ready():
                 return

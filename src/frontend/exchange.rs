@@ -164,56 +164,24 @@ impl Frontend {
     /// the connection out of step.
     pub fn step(&self, ex: &mut Exchange) -> Result<Step> {
         let mut line = self.lock_line();
-        if let State::Queued { .. } = ex.state {
-            if let Some(a) = &line.awaiting {
-                if a.owner.load(Ordering::Acquire) {
-                    if ex.opts.deadline.expired() {
-                        ex.state = State::Done;
-                        return Err(Error::Timeout("waiting for another request on the main channel to finish"));
-                    }
-                    return Ok(Step::Turn);
-                }
-                // An orphan's reply comes first.
-                let orphan = a.sent;
-                match self.read_reply(&mut line, orphan) {
-                    Ok(None) if orphan.deadline.expired() || ex.opts.deadline.expired() => {
-                        line.awaiting = None;
-                        self.out_of_step.store(true, Ordering::Release);
-                        ex.state = State::Done;
-                        return Err(Error::Timeout("waiting for the reply of an abandoned request"));
-                    }
-                    Ok(None) => return Ok(Step::Readable),
-                    Ok(Some(received)) => {
-                        line.awaiting = None;
-                        self.turn.notify_all();
-                        if let Err(e) = self.conclude(orphan, &received) {
-                            log::info!(target: "vhostuser_rs::frontend", "abandoned request: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        line.awaiting = None;
-                        self.turn.notify_all();
-                        ex.state = State::Done;
-                        return Err(e);
-                    }
-                }
-            }
-            let State::Queued { payload, fds } = std::mem::replace(&mut ex.state, State::Done) else {
-                unreachable!("matched above")
-            };
-            let Some(sent) = self.send(ex.request, payload, &fds, ex.opts)? else {
-                return Ok(Step::Done(None));
-            };
-            drop(fds);
-            line.awaiting = Some(Awaiting { id: ex.id, sent, owner: ex.owner.clone() });
-            ex.state = State::Awaiting;
-        }
-        match ex.state {
-            State::Awaiting => {}
+        // Over unless put back: an error ends the exchange.
+        match std::mem::replace(&mut ex.state, State::Done) {
             State::Done => {
                 return Err(Error::InvalidState { request: ex.request.into(), state: "the exchange is over" })
             }
-            State::Queued { .. } => unreachable!("sent above"),
+            State::Awaiting => ex.state = State::Awaiting,
+            State::Queued { payload, fds } => {
+                if let Some(wait) = self.free_line(&mut line, ex.opts.deadline)? {
+                    ex.state = State::Queued { payload, fds };
+                    return Ok(wait);
+                }
+                let Some(sent) = self.send(ex.request, payload, &fds, ex.opts)? else {
+                    return Ok(Step::Done(None));
+                };
+                drop(fds);
+                line.awaiting = Some(Awaiting { id: ex.id, sent, owner: ex.owner.clone() });
+                ex.state = State::Awaiting;
+            }
         }
         let sent = match &line.awaiting {
             Some(a) if a.id == ex.id => a.sent,
@@ -235,6 +203,43 @@ impl Frontend {
         self.turn.notify_all();
         ex.state = State::Done;
         outcome
+    }
+
+    /// Whether the line is free for a new exchange: `None` once it is (an orphan's reply read
+    /// and discarded first), else what to wait for. An orphan whose reply does not come in
+    /// time leaves the stream out of step.
+    fn free_line(&self, line: &mut Line, deadline: Deadline) -> Result<Option<Step>> {
+        let Some(a) = &line.awaiting else {
+            return Ok(None);
+        };
+        if a.owner.load(Ordering::Acquire) {
+            if deadline.expired() {
+                return Err(Error::Timeout("waiting for another request on the main channel to finish"));
+            }
+            return Ok(Some(Step::Turn));
+        }
+        let orphan = a.sent;
+        match self.read_reply(line, orphan) {
+            Ok(None) if orphan.deadline.expired() || deadline.expired() => {
+                line.awaiting = None;
+                self.out_of_step.store(true, Ordering::Release);
+                Err(Error::Timeout("waiting for the reply of an abandoned request"))
+            }
+            Ok(None) => Ok(Some(Step::Readable)),
+            Ok(Some(received)) => {
+                line.awaiting = None;
+                self.turn.notify_all();
+                if let Err(e) = self.conclude(orphan, &received) {
+                    log::info!(target: "vhostuser_rs::frontend", "abandoned request: {e}");
+                }
+                Ok(None)
+            }
+            Err(e) => {
+                line.awaiting = None;
+                self.turn.notify_all();
+                Err(e)
+            }
+        }
     }
 
     /// Steps `ex` to its end, waiting in between on the main channel (or for the line) in
