@@ -299,7 +299,7 @@ class Backend:
                 session = server.session(conn)
                 try:
                     await self._serve_session(session)
-                except VhostUserError as e:
+                except (VhostUserError, OSError) as e:
                     if self._listener is None:
                         raise
                     # A broken or hostile front-end ends its own session only.
