@@ -156,6 +156,42 @@ pub struct Received {
     pub fds: Vec<OwnedFd>,
 }
 
+/// What has arrived so far of one message (header bytes, payload bytes, fds), for readers
+/// that must not block: [`Connection::recv_some`] fills it across calls.
+#[derive(Debug, Default)]
+pub struct PartialMessage {
+    head: [u8; HEADER_SIZE],
+    /// Bytes received: header first, then payload.
+    got: usize,
+    /// Sized once the header is complete.
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl PartialMessage {
+    /// Whether no byte of a message has arrived yet.
+    pub fn is_empty(&self) -> bool {
+        self.got == 0 && self.fds.is_empty()
+    }
+
+    /// The complete message (the payload was read even with surplus fds, so the stream stays
+    /// in step); `self` is empty again.
+    fn finish(&mut self) -> Result<RawMessage> {
+        if self.fds.len() > MAX_FDS {
+            return Err(self.too_many_fds());
+        }
+        let done = mem::take(self);
+        Ok(RawMessage { header: Header::from_bytes(&done.head), payload: done.payload, fds: done.fds })
+    }
+
+    /// Closes the fds received and empties `self`.
+    fn too_many_fds(&mut self) -> Error {
+        let done = mem::take(self);
+        let request = protocol::Request::Unknown(Channel::Main, Header::from_bytes(&done.head).code);
+        ProtocolError::FdCount { request, got: done.fds.len(), expected: format!("at most {MAX_FDS}") }.into()
+    }
+}
+
 /// One end of a vhost-user channel (main or back-end request channel).
 #[derive(Debug)]
 pub struct Connection {
@@ -263,52 +299,79 @@ impl Connection {
     /// stream is then out of step and the connection should be dropped). More than
     /// [`MAX_FDS`] fds, or a truncated fd list, closes all of them and fails.
     pub fn recv_raw(&self, deadline: Deadline, max_payload: usize) -> Result<RawMessage> {
-        let mut fds = Vec::new();
-        let mut head = [0u8; HEADER_SIZE];
-        self.recv_exact(&mut head, &mut fds, deadline)?;
-        let header = Header::from_bytes(&head);
-        let request = protocol::Request::Unknown(Channel::Main, header.code);
-        if header.size as usize > max_payload {
-            return Err(ProtocolError::PayloadTooLarge { request, size: header.size as usize, max: max_payload }.into());
+        let mut partial = PartialMessage::default();
+        loop {
+            if let Some(raw) = self.recv_some(&mut partial, max_payload)? {
+                return Ok(raw);
+            }
+            wait_ready(self.fd.as_fd(), libc::POLLIN, deadline, "waiting for a message")?;
         }
-        let mut payload = vec![0u8; header.size as usize];
-        self.recv_exact(&mut payload, &mut fds, deadline)?;
-        if fds.len() > MAX_FDS {
-            return Err(
-                ProtocolError::FdCount { request, got: fds.len(), expected: format!("at most {MAX_FDS}") }.into()
-            );
+    }
+
+    /// Reads what has arrived of one message into `partial`, without waiting: `Some` once the
+    /// message is complete (`partial` is then empty again), `None` when more bytes are due
+    /// (call again when the socket is readable). The same checks as [`recv_raw`](Self::recv_raw).
+    pub fn recv_some(&self, partial: &mut PartialMessage, max_payload: usize) -> Result<Option<RawMessage>> {
+        loop {
+            let (buf, in_header) = if partial.got < HEADER_SIZE {
+                (&mut partial.head[partial.got..], true)
+            } else {
+                let at = partial.got - HEADER_SIZE;
+                (&mut partial.payload[at..], false)
+            };
+            if !buf.is_empty() {
+                match recvmsg_fds(self.fd.as_fd(), buf, &mut partial.fds) {
+                    // EOF between messages or in the middle of one: either way the peer is gone.
+                    Ok(0) => return Err(Error::Disconnected),
+                    Ok(n) => partial.got += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                    Err(e) => {
+                        *partial = PartialMessage::default();
+                        return Err(classify(e));
+                    }
+                }
+                if partial.fds.len() > RECV_FD_CAPACITY {
+                    // A flood of fds: stop here rather than collect more (the stream is lost).
+                    return Err(partial.too_many_fds());
+                }
+                if !(in_header && partial.got == HEADER_SIZE) {
+                    if partial.got >= HEADER_SIZE && partial.got - HEADER_SIZE == partial.payload.len() {
+                        return partial.finish().map(Some);
+                    }
+                    continue;
+                }
+            }
+            // The header is complete: size the payload (refused before reading it when too large).
+            let header = Header::from_bytes(&partial.head);
+            if header.size as usize > max_payload {
+                *partial = PartialMessage::default();
+                let request = protocol::Request::Unknown(Channel::Main, header.code);
+                return Err(
+                    ProtocolError::PayloadTooLarge { request, size: header.size as usize, max: max_payload }.into()
+                );
+            }
+            partial.payload = vec![0u8; header.size as usize];
+            if header.size == 0 {
+                return partial.finish().map(Some);
+            }
         }
-        Ok(RawMessage { header, payload, fds })
     }
 
     /// Receives and decodes one message on `channel`. The payload is read even when the header
     /// breaks a rule, so a rejected message leaves the stream in step; its fds are closed.
     pub fn recv(&self, channel: Channel, deadline: Deadline) -> Result<Received> {
         let raw = self.recv_raw(deadline, MAX_PAYLOAD_SIZE).map_err(|e| relabel(e, channel))?;
-        raw.header.validate(channel)?;
-        let message = protocol::decode_body(channel, raw.header, &raw.payload, raw.fds.len())?;
-        Ok(Received { message, fds: raw.fds })
+        decode(raw, channel)
     }
 
-    /// Fills `buf` completely, collecting every fd that arrives on the way.
-    fn recv_exact(&self, buf: &mut [u8], fds: &mut Vec<OwnedFd>, deadline: Deadline) -> Result<()> {
-        let mut got = 0usize;
-        while got < buf.len() {
-            match recvmsg_fds(self.fd.as_fd(), &mut buf[got..], fds) {
-                // EOF between messages or in the middle of one: either way the peer is gone.
-                Ok(0) => return Err(Error::Disconnected),
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    wait_ready(self.fd.as_fd(), libc::POLLIN, deadline, "waiting for a message")?;
-                }
-                Err(e) => return Err(classify(e)),
-            }
-            if fds.len() > RECV_FD_CAPACITY {
-                break;
-            }
+    /// [`recv`](Self::recv) without waiting: `None` while the message is incomplete (what has
+    /// arrived stays in `partial`; call again when the socket is readable).
+    pub fn try_recv(&self, partial: &mut PartialMessage, channel: Channel) -> Result<Option<Received>> {
+        match self.recv_some(partial, MAX_PAYLOAD_SIZE).map_err(|e| relabel(e, channel))? {
+            Some(raw) => decode(raw, channel).map(Some),
+            None => Ok(None),
         }
-        Ok(())
     }
 
     /// Whether a message (or EOF) is waiting, without blocking longer than `timeout`. A signal
@@ -327,6 +390,14 @@ impl Connection {
         }
         Ok(n > 0)
     }
+}
+
+/// Validates and decodes a whole message of `channel`. The payload was read even when the
+/// header breaks a rule, so a rejected message leaves the stream in step; its fds are closed.
+fn decode(raw: RawMessage, channel: Channel) -> Result<Received> {
+    raw.header.validate(channel)?;
+    let message = protocol::decode_body(channel, raw.header, &raw.payload, raw.fds.len())?;
+    Ok(Received { message, fds: raw.fds })
 }
 
 /// Names the request of a size or fd-count error from [`Connection::recv_raw`] (which does not

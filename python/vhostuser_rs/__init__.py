@@ -24,7 +24,7 @@ import logging as _logging
 import os as _os
 import sys as _sys
 
-from . import backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient, proxy
+from . import aio, backend, blk, devices, enums, exceptions, frontend, hazmat, messages, net, netclient, proxy
 from ._native import (
     Connection,
     DescriptorChain,

@@ -11,10 +11,13 @@ from .proxy import ProxyRecord
 
 __all__ = [
     "BackendRequests",
+    "BackendSession",
     "backend_coverage",
     "BlockRequests",
     "BatchQueue",
     "Connection",
+    "DeviceServer",
+    "Exchange",
     "FrontendCore",
     "SharedRegion",
     "block_io",
@@ -281,6 +284,19 @@ class DeviceQueue:
     def is_broken(self) -> bool: ...
 
 @final
+class Exchange:
+    """One request on its way (FrontendCore.begin), stepped without blocking by poll()."""
+
+    def poll(self) -> tuple[Message | None, list[int]] | None: ...
+    @property
+    def waits_for_reply(self) -> bool: ...
+    @property
+    def remaining(self) -> float | None: ...
+    def cancel(self) -> None: ...
+    @property
+    def done(self) -> bool: ...
+
+@final
 class FrontendCore:
     """The Rust core of a front-end session (use vhostuser_rs.Frontend)."""
 
@@ -298,6 +314,16 @@ class FrontendCore:
         timeout: float | None = 5.0,
         check_gate: bool = True,
     ) -> tuple[Message | None, list[int]]: ...
+    def begin(
+        self,
+        request: int,
+        payload: Any = None,
+        fds: list[int] = ...,
+        *,
+        need_reply: bool | None = None,
+        timeout: float | None = 5.0,
+        check_gate: bool = True,
+    ) -> Exchange: ...
     def negotiated(self) -> dict[str, int | None]: ...
     def start_backend_channel(self, handler: Any) -> int: ...
     @property
@@ -417,6 +443,32 @@ class StopFlag:
     def set(self) -> None: ...
     @property
     def is_set(self) -> bool: ...
+
+@final
+class DeviceServer:
+    """Serves a Python device one session at a time, each stepped by an event loop."""
+
+    def __new__(
+        cls,
+        device: Any,
+        *,
+        requests: BackendRequests | None = None,
+        workers: int | None = None,
+        cpus: Sequence[int] | None = None,
+        poll: float | None = 0.0,
+    ) -> DeviceServer: ...
+    def session(self, connection: Connection) -> BackendSession: ...
+
+@final
+class BackendSession:
+    """One front-end session of a DeviceServer."""
+
+    def fileno(self) -> int: ...
+    def handle_ready(self) -> bool: ...
+    @property
+    def finished(self) -> bool: ...
+    def close(self) -> None: ...
+
 @final
 class BatchQueue:
     """The queue handed to Device.process: completes chains of the current batch."""

@@ -1,12 +1,21 @@
-"""asyncio front-end clients: many requests in flight from coroutines on one client, without a
-thread per request.
+"""asyncio front-ends: the message exchange of a session and many requests in flight from
+coroutines on one client, without a thread per request and without blocking the event loop.
 
 Example::
 
-    from vhostuser_rs.aio import AsyncBlockClient
+    from vhostuser_rs.aio import AsyncBlockClient, AsyncFrontend
 
     async with await AsyncBlockClient.connect("/run/qsd.sock") as disk:
         blocks = await asyncio.gather(*(disk.read(i * 4096, 4096) for i in range(32)))
+
+    async with await AsyncFrontend.connect("/run/qsd.sock", timeout=5.0) as fe:
+        offered = await fe.get_features()
+        result = await fe.negotiate(memory=vu.GuestMemory.allocate(64 << 20))
+
+:class:`AsyncFrontend` has every request method and composition of
+:class:`~vhostuser_rs.Frontend` (the same definitions, run by the loop): each request is sent
+when the main channel is free and its reply read when the socket becomes readable
+(``loop.add_reader``), a non-blocking native step each time.
 
 Requests are submitted to the ring at once (the batch path of
 :class:`~vhostuser_rs.blk.BlockClient`) and their completions are reaped when the ring's call
@@ -27,14 +36,162 @@ from collections.abc import Iterable
 from typing import Any
 
 from . import _native
+from ._loop import readable
+from .enums import ProtocolFeature, VirtioFeature
+from .frontend import Exchange, Frontend, R, Steps, Virtqueue, _Requests
 from .blk import _STATUS_NAMES, SECTOR, BlockClient, BlockError, Buffer, RequestType, _check_aligned
 from .exceptions import ConnectionClosedError, VhostUserError
+from .messages import Message
 from .net import NetHeader
 from .netclient import NetClient, TxFrame
 
-__all__ = ["AsyncBlockClient", "AsyncNetClient"]
+__all__ = ["AsyncBlockClient", "AsyncFrontend", "AsyncNetClient"]
 
 _IN = int(RequestType.IN)
+_Future = asyncio.Future[tuple[int, "bytes | None"]]
+
+
+class AsyncFrontend(_Requests):
+    """A :class:`~vhostuser_rs.Frontend` session driven from an asyncio event loop: ``await
+    fe.get_features()``, ``await fe.negotiate(...)``, ``await fe.setup_queue(...)`` — every
+    request method and composition of :class:`~vhostuser_rs.Frontend`, from the same
+    definitions. Nothing blocks the loop: a request is sent when the main channel is free and
+    its reply (or ack, with REPLY_ACK) read when the socket is readable, each step a
+    non-blocking native call. Coroutines of one loop take turns on the channel (the protocol
+    has no request tags); requests from other threads (a back-end request handler answering
+    an IOTLB miss on :attr:`frontend`) wait for the turn too.
+
+    Timeouts (`timeout`, seconds, per request): a reply that does not arrive in time raises
+    :class:`~vhostuser_rs.VhostUserTimeoutError` and leaves the connection out of step (a late
+    reply could be taken for the next request's): later requests raise InvalidStateError.
+
+    Cancellation: a request cancelled before it was sent is never sent; one cancelled while its
+    reply is awaited leaves that reply to the next request, which reads and discards it first
+    (recording what it says about the negotiated state) — the connection stays usable and in
+    step. A composition (``negotiate``, ``setup_queue``) cancelled half-way has sent what it
+    sent: the session is then half set up, as after an exception.
+
+    A back-end that hangs up mid-exchange raises :class:`~vhostuser_rs.ConnectionClosedError`.
+    :meth:`close` releases every fd at once. The back-end request channel is served on its own
+    thread as for :class:`~vhostuser_rs.Frontend`; its handler sees :attr:`frontend`, the
+    blocking view of the same session."""
+
+    def __init__(self, frontend: Frontend) -> None:
+        #: The same session as a blocking :class:`~vhostuser_rs.Frontend` (negotiated state,
+        #: rings, memory, handler): for other threads and for what does not exchange messages.
+        self.frontend = frontend
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, path: str | os.PathLike[str], *, timeout: float | None = 5.0) -> AsyncFrontend:
+        """Connect to the back-end listening on `path`, retrying (without blocking the loop)
+        while it starts, up to `timeout` seconds; the same `timeout` bounds each request."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        pause = 0.001
+        while True:
+            try:
+                core = _native.FrontendCore.connect(path, timeout=0)
+                break
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+                # Not listening yet (or a full backlog): a back-end that is still starting.
+                if deadline is not None and loop.time() >= deadline:
+                    raise
+                left = pause if deadline is None else min(pause, max(0.0, deadline - loop.time()))
+                await asyncio.sleep(left)
+                pause = min(pause * 2, 0.05)
+        return cls(Frontend(core, timeout=timeout, path=path))
+
+    async def __aenter__(self) -> AsyncFrontend:
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the session and release every fd it holds (see :meth:`Frontend.close`); a
+        request awaiting its reply fails with ConnectionClosedError. Idempotent."""
+        self.frontend.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self.frontend.closed
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds each request may take (None: no limit)."""
+        return self.frontend.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self.frontend.timeout = value
+
+    @property
+    def features(self) -> VirtioFeature:
+        """The acknowledged virtio features (empty before SET_FEATURES)."""
+        return self.frontend.features
+
+    @property
+    def protocol_features(self) -> ProtocolFeature:
+        """The acknowledged protocol features."""
+        return self.frontend.protocol_features
+
+    @property
+    def negotiated(self) -> dict[str, Any]:
+        """What was offered and acknowledged so far (raw ints)."""
+        return self.frontend.negotiated
+
+    @property
+    def peer_closed(self) -> bool:
+        """Whether the back-end hung up (looked at without waiting; nothing is read)."""
+        return self.frontend.peer_closed
+
+    def fileno(self) -> int:
+        """The main channel's fd."""
+        return self.frontend.fileno()
+
+    def queue(self, index: int) -> Virtqueue:
+        """The ring set up at `index`."""
+        return self.frontend.queue(index)
+
+    async def _run(self, steps: Steps[R]) -> R:
+        """Runs the steps of a request or composition, each exchange driven by the loop."""
+        try:
+            ex = next(steps)
+            while True:
+                try:
+                    result = await self._exchange(ex)
+                except BaseException as e:  # CancelledError too: the steps clean up, then it goes on
+                    ex = steps.throw(e)
+                else:
+                    ex = steps.send(result)
+        except StopIteration as stop:
+            value: R = stop.value
+            return value
+
+    async def _exchange(self, ex: Exchange) -> tuple[Message | None, list[int]]:
+        async with self._lock:
+            fe = self.frontend
+            if fe.closed:
+                raise ConnectionClosedError("the session is closed")
+            pending = fe._core.begin(
+                ex.request, ex.payload, ex.fds, need_reply=ex.need_reply, timeout=ex.timeout,
+                check_gate=ex.check_gate,
+            )
+            try:
+                while True:
+                    done = pending.poll()
+                    if done is not None:
+                        return done
+                    if pending.waits_for_reply:
+                        await readable(fe._core.fileno(), pending.remaining)
+                    else:
+                        # Another thread's request holds the channel: look again shortly.
+                        await asyncio.sleep(0.001)
+            except BaseException:
+                pending.cancel()
+                raise
 
 
 class AsyncBlockClient:
@@ -46,10 +203,14 @@ class AsyncBlockClient:
         self.queue = queue
         self._engine: _native.BlockRequests = client._batch_engine(queue)
         self._loop = asyncio.get_running_loop()
-        self._futures: dict[int, asyncio.Future[tuple[int, bytes | None]]] = {}
-        self._queued: list[tuple[tuple[Any, ...], asyncio.Future[tuple[int, bytes | None]]]] = []
+        # Submitted requests by token; requests waiting for the next flush (two parallel lists:
+        # the requests go to the engine as they are). A cancelled request is looked up by a scan
+        # (rare), so the common path keeps one dict entry per request.
+        self._futures: dict[int, _Future] = {}
+        self._queued: list[tuple[Any, ...]] = []
+        self._queued_futures: list[_Future] = []
+        self._queued_cancelled = False
         self._flush_scheduled = False
-        self._token_of: dict[asyncio.Future[tuple[int, bytes | None]], int] = {}
         self._error: BaseException | None = None
         self._slot = int(self._engine.slot_bytes)
         self._call_fd = self._engine.call_fd()
@@ -59,16 +220,22 @@ class AsyncBlockClient:
             self._loop.add_reader(self._main_fd, self._on_main)
 
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str], *, queue: int = 0, **options: Any) -> AsyncBlockClient:
-        """Connect and negotiate (in the loop's default executor: the exchange of requests is
-        blocking) with :meth:`BlockClient.connect`'s keyword options; the I/O is then driven
-        by the loop."""
-        loop = asyncio.get_running_loop()
-        client = await loop.run_in_executor(None, functools.partial(BlockClient.connect, path, **options))
+    async def connect(
+        cls, path: str | os.PathLike[str], *, queue: int = 0, timeout: float | None = 5.0, **options: Any
+    ) -> AsyncBlockClient:
+        """Connect and set up the client with :meth:`BlockClient.connect`'s keyword options
+        (except ``reconnect``), the handshake run by the loop through an :class:`AsyncFrontend`
+        (nothing blocks the loop); the I/O is then driven by the loop too."""
+        if options.get("reconnect") is not None:
+            raise ValueError("AsyncBlockClient does not reconnect (reconnect= is for the blocking BlockClient)")
+        options.pop("reconnect", None)
+        afe = await AsyncFrontend.connect(path, timeout=timeout)
         try:
+            client = BlockClient.__new__(BlockClient)
+            await afe._run(client._setup(afe.frontend, timeout=timeout, **options))
             return cls(client, queue=queue)
         except BaseException:
-            client.close()
+            afe.close()
             raise
 
     async def __aenter__(self) -> AsyncBlockClient:
@@ -99,9 +266,8 @@ class AsyncBlockClient:
         self._error = error
         self._unwatch()
         futures, self._futures = list(self._futures.values()), {}
-        futures += [f for _, f in self._queued]
-        self._queued = []
-        self._token_of.clear()
+        futures += self._queued_futures
+        self._queued, self._queued_futures = [], []
         for fut in futures:
             if not fut.done():
                 fut.set_exception(error)
@@ -113,12 +279,11 @@ class AsyncBlockClient:
         except VhostUserError as e:
             self._fail(e)
             return
+        pop = self._futures.pop
         for token, status, data in done:
-            fut = self._futures.pop(token, None)
-            if fut is not None:
-                self._token_of.pop(fut, None)
-                if not fut.done():
-                    fut.set_result((status, data))
+            fut = pop(token, None)
+            if fut is not None and not fut.done():
+                fut.set_result((status, data))
         if done and self._queued:
             self._flush()
 
@@ -133,45 +298,61 @@ class AsyncBlockClient:
             self._loop.call_later(0.1, lambda: self._error is None and self._loop.add_reader(fd, self._on_main))
 
     # -- requests ------------------------------------------------------------------------------
-    async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
+    def _enqueue(self, request: tuple[Any, ...]) -> _Future:
         if self._error is not None:
             raise self._error
-        fut: asyncio.Future[tuple[int, bytes | None]] = self._loop.create_future()
-        self._queued.append((request, fut))
+        fut: _Future = self._loop.create_future()
+        self._queued.append(request)
+        self._queued_futures.append(fut)
         if not self._flush_scheduled:
             # Every request made in this turn of the loop goes to the ring in one native call
             # (one publish, at most one kick).
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
+        return fut
+
+    def _abandon(self, fut: _Future) -> None:
+        """A cancelled request: forgotten, but its ring entry and staging slot come back only
+        when the device completes it, never before."""
+        for token, f in self._futures.items():
+            if f is fut:
+                del self._futures[token]
+                self._engine.cancel(token)
+                return
+        self._queued_cancelled = True  # still queued: the next flush drops it
+
+    async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
+        fut = self._enqueue(request)
         try:
             return await fut
         except asyncio.CancelledError:
-            token = self._token_of.pop(fut, None)
-            if token is not None:
-                self._futures.pop(token, None)
-                # The slot comes back when the device completes the request, not before.
-                self._engine.cancel(token)
-            # (Still queued: _flush skips a future that is done.)
+            self._abandon(fut)
             raise
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        queued = [(r, f) for r, f in self._queued if not f.done()]
-        self._queued = []
-        if not queued or self._error is not None:
+        requests, futures = self._queued, self._queued_futures
+        if self._queued_cancelled:
+            self._queued_cancelled = False
+            kept = [i for i, f in enumerate(futures) if not f.done()]
+            requests, futures = [requests[i] for i in kept], [futures[i] for i in kept]
+        if not requests or self._error is not None:
+            self._queued, self._queued_futures = requests, futures
             return
         try:
-            tokens = self._engine.submit([r for r, _ in queued])
+            tokens = self._engine.submit(requests)
         except VhostUserError as e:
-            for _, f in queued:
+            self._queued, self._queued_futures = [], []
+            for f in futures:
                 if not f.done():
                     f.set_exception(e)
             return
-        for token, (_, fut) in zip(tokens, queued):
-            self._futures[token] = fut
-            self._token_of[fut] = token
+        submitted = self._futures
+        for token, fut in zip(tokens, futures):
+            submitted[token] = fut
         # Back-pressure: what did not fit (ring or staging slots full) waits for completions.
-        self._queued = queued[len(tokens) :]
+        n = len(tokens)
+        self._queued, self._queued_futures = requests[n:], futures[n:]
 
     async def _checked(self, rtype: RequestType, request: tuple[Any, ...]) -> bytes | None:
         status, data = await self._one(request)
@@ -186,7 +367,12 @@ class AsyncBlockClient:
         slot = self._slot
         if 0 < length <= slot and offset >= 0 and not (offset | length) % SECTOR:
             # The common case with the fewest Python steps (one coroutine level).
-            status, data = await self._one((_IN, offset // SECTOR, length))
+            fut = self._enqueue((_IN, offset // SECTOR, length))
+            try:
+                status, data = await fut
+            except asyncio.CancelledError:
+                self._abandon(fut)
+                raise
             if status:
                 raise BlockError(f"virtio-blk read failed: {_STATUS_NAMES.get(status, status)}", status=status)
             return data or b""

@@ -31,20 +31,23 @@ virtio-blk status byte is the last one). A device must not write into a chain af
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, BinaryIO, NamedTuple
 
 from . import _native
+from ._loop import readable
 from ._native import BatchQueue, DescriptorChain, RingQueue
 from .enums import BackendRequest, FrontendRequest, VirtioFeature
 from .messages import SharedObject
-from .exceptions import RequestRejectedError
+from .exceptions import RequestRejectedError, VhostUserError, VhostUserTimeoutError
 
 if TYPE_CHECKING:
     from .net import NetDevice
+
+log = logging.getLogger("vhostuser_rs.backend")
 
 __all__ = ["Backend", "BatchQueue", "Device", "RequestCoverage", "RingQueue", "coverage"]
 
@@ -277,17 +280,74 @@ class Backend:
         )
 
     async def serve_async(self, *, max_connections: int | None = None) -> None:
-        """:meth:`serve_forever` for asyncio programs: the serving loop runs on a worker thread
-        (the data path is on Rust threads as always) and this coroutine ends with it; cancelling
-        it stops serving (within about 200 ms) before the cancellation propagates."""
+        """:meth:`serve_forever` driven by the running asyncio loop, with no serving thread: the
+        listening socket and the session's socket are watched with ``loop.add_reader``, and
+        each readable event is handled by a non-blocking native step (the GIL released; the
+        device's Python hooks take it on the ring workers as always). The data path stays on
+        the Rust worker threads. One front-end at a time; ends after `max_connections`
+        sessions, on :meth:`stop`, or when the socket of :meth:`from_fd` / :meth:`connect`
+        hangs up. Cancelling it ends the session (rings stopped, device reset) and stops
+        serving; the listening socket stays until :meth:`close`.
+
+        A message is handled within the loop's turn; the handling is bounded but not always
+        instant: GET_VRING_BASE waits for the ring's worker to finish its current batch,
+        CHECK_DEVICE_STATE waits at most 5 s for a state transfer."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, functools.partial(self.serve_forever, max_connections=max_connections))
-        try:
-            await asyncio.shield(future)
-        except asyncio.CancelledError:
-            self._stop.set()
-            await future
-            raise
+        server = _native.DeviceServer(
+            self.device, requests=self.requests, workers=self.workers, cpus=self.cpus, poll=self.poll
+        )
+        served = 0
+        while (max_connections is None or served < max_connections) and not self._stop.is_set:
+            conn = await self._next_connection(loop, first=served == 0)
+            if conn is None:
+                return
+            served += 1
+            with conn:
+                session = server.session(conn)
+                try:
+                    await self._serve_session(session)
+                except (VhostUserError, OSError) as e:
+                    if self._listener is None:
+                        raise
+                    # A broken or hostile front-end ends its own session only.
+                    log.warning("front-end session ended: %s", str(e))
+                finally:
+                    session.close()
+            if self._listener is None:
+                return
+
+    async def _next_connection(self, loop: asyncio.AbstractEventLoop, *, first: bool) -> _native.Connection | None:
+        if self._listener is not None:
+            listener = self._listener
+            while not self._stop.is_set:
+                if await readable(listener.fileno(), 0.2):
+                    try:
+                        # Readable: a connection is waiting (the timeout is never reached).
+                        return listener.accept(timeout=1.0)
+                    except VhostUserTimeoutError:
+                        continue
+            return None
+        if not first:
+            return None
+        if self.fd is not None:
+            return _native.Connection.from_fd(self.fd)
+        assert self.connect_path is not None
+        deadline = loop.time() + 5.0
+        while True:
+            try:
+                return _native.Connection.connect(self.connect_path, timeout=0)
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError):
+                if loop.time() >= deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
+    async def _serve_session(self, session: _native.BackendSession) -> None:
+        fd = session.fileno()
+        while not self._stop.is_set:
+            if not await readable(fd, 0.2):
+                continue
+            if not session.handle_ready():
+                return
 
     def fileno(self) -> int:
         """The listening socket (readable when a front-end connects), or the connected socket of

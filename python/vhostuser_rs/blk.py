@@ -26,7 +26,7 @@ from . import _native
 from ._native import GuestMemory
 from .enums import ProtocolFeature, VirtioFeature
 from .exceptions import ConnectionClosedError, NegotiationError, VhostUserError, VhostUserTimeoutError
-from .frontend import BuiltinHandler, Frontend, IommuTable, Virtqueue
+from .frontend import BuiltinHandler, Frontend, IommuTable, Steps, Virtqueue
 
 __all__ = ["BlockClient", "BlockConfig", "BlockError", "BlockFeature", "Completion", "Request", "RequestType"]
 
@@ -182,6 +182,29 @@ class BlockClient:
         poll: float = 50e-6,
         native: bool = True,
     ) -> None:
+        steps = self._setup(
+            frontend, num_queues=num_queues, queue_size=queue_size, memory_size=memory_size, indirect=indirect,
+            event_idx=event_idx, timeout=timeout, iommu=iommu, slot_size=slot_size, poll=poll, native=native,
+        )
+        frontend._run(steps)
+
+    def _setup(
+        self,
+        frontend: Frontend,
+        *,
+        num_queues: int = 1,
+        queue_size: int = 128,
+        memory_size: int = 64 << 20,
+        indirect: bool = False,
+        event_idx: bool | None = None,
+        timeout: float | None = 5.0,
+        iommu: IommuTable | None = None,
+        slot_size: int = 128 << 10,
+        poll: float = 50e-6,
+        native: bool = True,
+    ) -> Steps[None]:
+        """The set-up as steps (run blocking by the constructor, by the loop in
+        :meth:`AsyncBlockClient.connect <vhostuser_rs.aio.AsyncBlockClient.connect>`)."""
         self.frontend = frontend
         self.timeout = timeout
         if iommu is not None and indirect:
@@ -192,7 +215,7 @@ class BlockClient:
         self.config_callbacks: list[Callable[[BlockClient], object]] = []
         handler = BuiltinHandler(iommu=iommu, on_config_change=self._config_changed)
         self._memory: GuestMemory | None = GuestMemory.allocate(memory_size)
-        offered = frontend.get_features()
+        offered = yield from frontend.get_features.steps()
         wanted = int(CLIENT_FEATURES) | int(VirtioFeature.VERSION_1)
         if indirect:
             wanted |= int(VirtioFeature.INDIRECT_DESC)
@@ -208,7 +231,7 @@ class BlockClient:
             wanted |= int(VirtioFeature.ACCESS_PLATFORM)
             if VirtioFeature.ACCESS_PLATFORM not in offered:
                 raise NegotiationError("the device does not offer ACCESS_PLATFORM")
-        result = frontend.negotiate(
+        result = yield from frontend.negotiate.steps(
             features=wanted, memory=self.memory, num_queues=num_queues, config_size=CONFIG_SIZE, handler=handler
         )
         self.features = result.features
@@ -218,11 +241,11 @@ class BlockClient:
         self.indirect = indirect
         if frontend.reconnect is not None and ProtocolFeature.INFLIGHT_SHMFD in result.protocol_features:
             # Kept by the front-end for the next back-end (vhost-user-blk does this in QEMU).
-            frontend.setup_inflight(num_queues, queue_size)
-        self.queues: list[Virtqueue] = [
-            frontend.setup_queue(i, queue_size, self.memory, indirect_max=8 if indirect else 0)
-            for i in range(num_queues)
-        ]
+            yield from frontend.setup_inflight.steps(num_queues, queue_size)
+        self.queues: list[Virtqueue] = []
+        for i in range(num_queues):
+            vq = yield from frontend.setup_queue.steps(i, queue_size, self.memory, indirect_max=8 if indirect else 0)
+            self.queues.append(vq)
         # The native request path (one call per request, a staging slot per ring entry): used
         # unless the client translates through an IOMMU table, reconnects (the ring is handed
         # over between sessions by frontend.py) or kicks in-band.

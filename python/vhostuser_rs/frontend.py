@@ -20,6 +20,14 @@ pages, in-band VRING_CALL / VRING_ERR).
 ``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
 session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
 every fd at once from any state.
+
+Each request method and composition is defined once, as the *steps* of its exchanges (a
+generator yielding an :class:`Exchange` per message and receiving its reply, decorated with
+:class:`exchange`): :class:`Frontend` runs the steps blocking, and
+:class:`vhostuser_rs.aio.AsyncFrontend` runs the very same steps from an asyncio event loop.
+Underneath, each exchange is a native state machine (send when the main channel is free, read
+what has arrived of the reply, check it) that never blocks: the blocking runner waits on the
+socket between steps, the event loop watches it with ``loop.add_reader``.
 """
 
 from __future__ import annotations
@@ -33,10 +41,10 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from types import EllipsisType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
 
 from . import _native
 from ._native import DirtyLog, DriverQueue, GuestMemory, SharedRegion
@@ -67,9 +75,16 @@ from .messages import (
     VringState,
 )
 
+if TYPE_CHECKING:
+    from .aio import AsyncFrontend
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
 __all__ = [
     "BackendRequestHandler",
     "BuiltinHandler",
+    "Exchange",
     "Frontend",
     "HostNotifier",
     "InflightBuffer",
@@ -78,7 +93,9 @@ __all__ = [
     "NegotiationResult",
     "SharedObjectTable",
     "SharedRegion",
+    "Steps",
     "Virtqueue",
+    "exchange",
 ]
 
 log = logging.getLogger(__name__)
@@ -878,7 +895,732 @@ class NegotiationResult:
     config: bytes | None
 
 
-class Frontend:
+@dataclass(frozen=True, slots=True)
+class Exchange:
+    """One request as the steps of a session yield it: what :meth:`Frontend.request` sends.
+    The runner sends it back the ``(reply, fds)`` or throws in what the request failed with."""
+
+    request: int
+    payload: Payload
+    fds: list[int]
+    need_reply: bool | None
+    timeout: float | None
+    check_gate: bool
+
+
+#: The steps of one request or composition: a generator that yields each :class:`Exchange`,
+#: receives its ``(reply, fds)`` and returns the result. :class:`Frontend` runs it blocking,
+#: :class:`~vhostuser_rs.aio.AsyncFrontend` from an event loop: one definition for both.
+Steps = Generator[Exchange, tuple[Message | None, list[int]], R]
+
+
+class _SyncCall(Generic[P, R]):
+    """A request method bound to a :class:`Frontend`: calling it runs the exchanges blocking."""
+
+    __slots__ = ("_fe", "_fn")
+
+    def __init__(self, fe: Frontend, fn: Callable[Concatenate[Frontend, P], Steps[R]]) -> None:
+        self._fe = fe
+        self._fn = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self._fe._run(self._fn(self._fe, *args, **kwargs))
+
+    def steps(self, *args: P.args, **kwargs: P.kwargs) -> Steps[R]:
+        """The steps of this call, to compose into other steps (``yield from``)."""
+        return self._fn(self._fe, *args, **kwargs)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self._fn.__doc__
+
+
+class _AsyncCall(Generic[P, R]):
+    """A request method bound to an :class:`~vhostuser_rs.aio.AsyncFrontend`: calling it
+    returns a coroutine that runs the exchanges without blocking the event loop."""
+
+    __slots__ = ("_afe", "_fn")
+
+    def __init__(self, afe: AsyncFrontend, fn: Callable[Concatenate[Frontend, P], Steps[R]]) -> None:
+        self._afe = afe
+        self._fn = fn
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
+        run: Coroutine[Any, Any, R] = self._afe._run(self._fn(self._afe.frontend, *args, **kwargs))
+        return run
+
+    def steps(self, *args: P.args, **kwargs: P.kwargs) -> Steps[R]:
+        """The steps of this call, to compose into other steps (``yield from``)."""
+        return self._fn(self._afe.frontend, *args, **kwargs)
+
+    @property
+    def __doc__(self) -> str | None:  # type: ignore[override]
+        return self._fn.__doc__
+
+
+class exchange(Generic[P, R]):  # noqa: N801 - used as a decorator
+    """Defines a request method once, as the steps of its exchanges: on a :class:`Frontend` it
+    is a blocking method, on an :class:`~vhostuser_rs.aio.AsyncFrontend` a coroutine method.
+    The steps always run against the session's :class:`Frontend` (its negotiated state, rings,
+    handler)."""
+
+    def __init__(self, fn: Callable[Concatenate[Frontend, P], Steps[R]]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+        self.__name__ = fn.__name__
+
+    def __call__(self, fe: Frontend, *args: P.args, **kwargs: P.kwargs) -> R:
+        """Called on the class (``Frontend.get_features(fe)``): the blocking form."""
+        return fe._run(self.fn(fe, *args, **kwargs))
+
+    @overload
+    def __get__(self, obj: None, owner: type) -> exchange[P, R]: ...
+    @overload
+    def __get__(self, obj: Frontend, owner: type) -> _SyncCall[P, R]: ...
+    @overload
+    def __get__(self, obj: AsyncFrontend, owner: type) -> _AsyncCall[P, R]: ...
+    def __get__(self, obj: object, owner: type) -> Any:
+        if obj is None:
+            return self
+        if isinstance(obj, Frontend):
+            return _SyncCall(obj, self.fn)
+        return _AsyncCall(obj, self.fn)  # type: ignore[arg-type]
+
+
+class _Requests:
+    """The requests and compositions of a front-end session, each defined once as the steps
+    of its exchanges (:class:`exchange`): :class:`Frontend` runs them blocking,
+    :class:`~vhostuser_rs.aio.AsyncFrontend` from an event loop."""
+
+    @exchange
+    @staticmethod
+    def request(
+        fe: Frontend,
+        request: FrontendRequest,
+        payload: Payload = None,
+        fds: Sequence[int] = (),
+        *,
+        need_reply: bool | None = None,
+        timeout: float | None | EllipsisType = ...,
+        check_gate: bool = True,
+    ) -> Steps[tuple[Message | None, list[int]]]:
+        """Send any request; returns ``(reply, fds)``. The building block of every method."""
+        t = fe.timeout if isinstance(timeout, EllipsisType) else timeout
+        return (yield Exchange(int(request), payload, list(fds), need_reply, t, check_gate))
+
+    # -- one method per request ------------------------------------------------------------------
+    @exchange
+    @staticmethod
+    def get_features(fe: Frontend) -> Steps[VirtioFeature]:
+        """GET_FEATURES: the virtio and vhost feature bits the back-end offers."""
+        return VirtioFeature((yield from fe._call(F.GET_FEATURES)))
+
+    @exchange
+    @staticmethod
+    def set_features(fe: Frontend, features: int, *, need_reply: bool | None = None) -> Steps[None]:
+        """SET_FEATURES: acknowledge a subset of the offered bits (keep PROTOCOL_FEATURES set if
+        it was offered; without it the back-end enables all rings at once)."""
+        yield from fe._call(F.SET_FEATURES, int(features), need_reply=need_reply)
+
+    @exchange
+    @staticmethod
+    def set_owner(fe: Frontend) -> Steps[None]:
+        """SET_OWNER: start the session."""
+        yield from fe._call(F.SET_OWNER)
+
+    @exchange
+    @staticmethod
+    def reset_owner(fe: Frontend) -> Steps[None]:
+        """RESET_OWNER (deprecated; back-ends treat it as "disable all rings")."""
+        yield from fe._call(F.RESET_OWNER)
+
+    @exchange
+    @staticmethod
+    def set_mem_table(fe: Frontend, memory: GuestMemory) -> Steps[None]:
+        """SET_MEM_TABLE: share all regions of `memory` (at most 8), one fd each."""
+        regions = memory.regions
+        yield from fe._call(F.SET_MEM_TABLE, MemoryTable(tuple(regions)), memory.fds())
+        fe.memory = memory
+
+    @exchange
+    @staticmethod
+    def set_log_base(fe: Frontend, log: DirtyLog, *, mmap_offset: int = 0) -> Steps[None]:
+        """SET_LOG_BASE: hand the dirty log to the back-end (needs LOG_SHMFD for the fd form)."""
+        fd = log.fileno()
+        yield from fe._call(F.SET_LOG_BASE, LogBase(log.size, mmap_offset), [] if fd is None else [fd])
+
+    @exchange
+    @staticmethod
+    def set_log_fd(fe: Frontend, fd: int) -> Steps[None]:
+        """SET_LOG_FD: an eventfd the back-end may signal after log updates."""
+        yield from fe._call(F.SET_LOG_FD, None, [fd])
+
+    @exchange
+    @staticmethod
+    def set_vring_num(fe: Frontend, index: int, num: int) -> Steps[None]:
+        """SET_VRING_NUM: ring size."""
+        yield from fe._call(F.SET_VRING_NUM, VringState(index, num))
+
+    @exchange
+    @staticmethod
+    def set_vring_addr(
+        fe: Frontend, index: int, desc: int, used: int, avail: int, *, log_guest_addr: int = 0, log: bool = False
+    ) -> Steps[None]:
+        """SET_VRING_ADDR: ring addresses (this process's addresses, as QEMU sends them)."""
+        yield from fe._call(F.SET_VRING_ADDR, VringAddr(index, 1 if log else 0, desc, used, avail, log_guest_addr))
+
+    @exchange
+    @staticmethod
+    def set_vring_base(fe: Frontend, index: int, base: int) -> Steps[None]:
+        """SET_VRING_BASE: the next available index the device will read. The ring must be stopped."""
+        yield from fe._call(F.SET_VRING_BASE, VringState(index, base))
+
+    @exchange
+    @staticmethod
+    def get_vring_base(fe: Frontend, index: int) -> Steps[int]:
+        """GET_VRING_BASE: stop the ring and return its next available index."""
+        state = (yield from fe._call(F.GET_VRING_BASE, VringState(index, 0)))
+        return int(state.num)
+
+    @exchange
+    @staticmethod
+    def get_vring_base_skip_drain(fe: Frontend, index: int) -> Steps[int]:
+        """GET_VRING_BASE_SKIP_DRAIN: stop the ring without draining in-flight requests."""
+        state = (yield from fe._call(F.GET_VRING_BASE_SKIP_DRAIN, VringState(index, 0)))
+        return int(state.num)
+
+    @exchange
+    @staticmethod
+    def set_vring_kick(fe: Frontend, index: int, fd: int | None) -> Steps[None]:
+        """SET_VRING_KICK: the kick eventfd (``None``: NOFD, the back-end polls)."""
+        yield from fe._call(F.SET_VRING_KICK, VringFd(index, fd is None), [] if fd is None else [fd])
+
+    @exchange
+    @staticmethod
+    def set_vring_call(fe: Frontend, index: int, fd: int | None) -> Steps[None]:
+        """SET_VRING_CALL: the call eventfd (``None``: NOFD, no notifications)."""
+        yield from fe._call(F.SET_VRING_CALL, VringFd(index, fd is None), [] if fd is None else [fd])
+
+    @exchange
+    @staticmethod
+    def set_vring_err(fe: Frontend, index: int, fd: int | None) -> Steps[None]:
+        """SET_VRING_ERR: the error eventfd (``None``: NOFD)."""
+        yield from fe._call(F.SET_VRING_ERR, VringFd(index, fd is None), [] if fd is None else [fd])
+
+    @exchange
+    @staticmethod
+    def get_protocol_features(fe: Frontend) -> Steps[ProtocolFeature]:
+        """GET_PROTOCOL_FEATURES (needs PROTOCOL_FEATURES offered by GET_FEATURES)."""
+        return ProtocolFeature((yield from fe._call(F.GET_PROTOCOL_FEATURES)))
+
+    @exchange
+    @staticmethod
+    def set_protocol_features(fe: Frontend, features: int) -> Steps[None]:
+        """SET_PROTOCOL_FEATURES: a subset of the offer, with its dependencies (spec §5.4)."""
+        yield from fe._call(F.SET_PROTOCOL_FEATURES, int(features))
+
+    @exchange
+    @staticmethod
+    def get_queue_num(fe: Frontend) -> Steps[int]:
+        """GET_QUEUE_NUM: the most queues the back-end supports (queue pairs for net)."""
+        return int((yield from fe._call(F.GET_QUEUE_NUM)))
+
+    @exchange
+    @staticmethod
+    def set_vring_enable(fe: Frontend, index: int, enabled: bool = True) -> Steps[None]:
+        """SET_VRING_ENABLE (needs PROTOCOL_FEATURES acknowledged)."""
+        yield from fe._call(F.SET_VRING_ENABLE, VringState(index, 1 if enabled else 0))
+
+    @exchange
+    @staticmethod
+    def send_rarp(fe: Frontend, mac: bytes) -> Steps[None]:
+        """SEND_RARP: broadcast a RARP for a migrated guest's MAC (6 bytes)."""
+        if len(mac) != 6:
+            raise ValueError("a MAC address is 6 bytes")
+        yield from fe._call(F.SEND_RARP, int.from_bytes(mac, "little"))
+
+    @exchange
+    @staticmethod
+    def net_set_mtu(fe: Frontend, mtu: int) -> Steps[None]:
+        """NET_SET_MTU (needs MTU protocol feature and VIRTIO_NET_F_MTU)."""
+        yield from fe._call(F.NET_SET_MTU, mtu)
+
+    @exchange
+    @staticmethod
+    def set_backend_req_fd(fe: Frontend, handler: BackendRequestHandler) -> Steps[None]:
+        """SET_BACKEND_REQ_FD: open the back-end request channel, served by `handler` on its
+        own thread (replacing any previous channel)."""
+        old = fe.handler
+        if old is not None and old is not handler:
+            old.detach(fe)
+        handler.attach(fe)
+        fe.handler = handler
+        fd = fe._core.start_backend_channel(handler)
+        try:
+            yield from fe._call(F.SET_BACKEND_REQ_FD, None, [fd])
+        finally:
+            os.close(fd)
+
+    @exchange
+    @staticmethod
+    def iotlb_msg(fe: Frontend, msg: IotlbMsg) -> Steps[None]:
+        """IOTLB_MSG update or invalidation (needs ACCESS_PLATFORM); the ack is checked."""
+        status = (yield from fe._call(F.IOTLB_MSG, msg))
+        if status:
+            raise RequestRejectedError(f"IOTLB_MSG rejected with status {status:#x}", request=F.IOTLB_MSG, status=status)
+
+    @exchange
+    @staticmethod
+    def set_vring_endian(fe: Frontend, index: int, big_endian: bool) -> Steps[None]:
+        """SET_VRING_ENDIAN (legacy cross-endian devices, CROSS_ENDIAN)."""
+        yield from fe._call(F.SET_VRING_ENDIAN, VringState(index, 1 if big_endian else 0))
+
+    @exchange
+    @staticmethod
+    def get_config(fe: Frontend, offset: int = 0, size: int = 256) -> Steps[bytes]:
+        """GET_CONFIG: `size` bytes of device config space from `offset` (CONFIG). An empty or
+        short reply is the back-end's way of failing and raises RequestRejectedError."""
+        cfg = (yield from fe._call(F.GET_CONFIG, DeviceConfig(offset, bytes(size))))
+        if not isinstance(cfg, DeviceConfig) or len(cfg.data) != size or cfg.offset != offset:
+            raise RequestRejectedError("GET_CONFIG failed (empty or mismatched reply)", request=F.GET_CONFIG, status=1)
+        return cfg.data
+
+    @exchange
+    @staticmethod
+    def set_config(fe: Frontend, offset: int, data: bytes, *, migration: bool = False) -> Steps[None]:
+        """SET_CONFIG: write config space (flags 1 = restore during migration)."""
+        yield from fe._call(F.SET_CONFIG, DeviceConfig(offset, bytes(data), 1 if migration else 0))
+
+    @exchange
+    @staticmethod
+    def create_crypto_session(fe: Frontend, session: CryptoSession) -> Steps[CryptoSession]:
+        """CREATE_CRYPTO_SESSION (virtio-crypto)."""
+        result: CryptoSession = (yield from fe._call(F.CREATE_CRYPTO_SESSION, session))
+        return result
+
+    @exchange
+    @staticmethod
+    def close_crypto_session(fe: Frontend, session_id: int) -> Steps[None]:
+        """CLOSE_CRYPTO_SESSION."""
+        yield from fe._call(F.CLOSE_CRYPTO_SESSION, session_id)
+
+    @exchange
+    @staticmethod
+    def postcopy_advise(fe: Frontend) -> Steps[int]:
+        """POSTCOPY_ADVISE: returns the back-end's userfaultfd (yours to close)."""
+        _, fds = (yield from fe.request.steps(F.POSTCOPY_ADVISE))
+        return fds[0]
+
+    @exchange
+    @staticmethod
+    def postcopy_listen(fe: Frontend) -> Steps[None]:
+        """POSTCOPY_LISTEN."""
+        yield from fe._call(F.POSTCOPY_LISTEN)
+
+    @exchange
+    @staticmethod
+    def postcopy_end(fe: Frontend) -> Steps[None]:
+        """POSTCOPY_END."""
+        yield from fe._call(F.POSTCOPY_END)
+
+    @exchange
+    @staticmethod
+    def get_inflight_fd(fe: Frontend, num_queues: int, queue_size: int) -> Steps[tuple[InflightDesc, int | None]]:
+        """GET_INFLIGHT_FD: the back-end's inflight buffer description and fd (yours to close)."""
+        reply, fds = (yield from fe.request.steps(F.GET_INFLIGHT_FD, InflightDesc(0, 0, num_queues, queue_size)))
+        assert reply is not None and isinstance(reply.payload, InflightDesc)
+        return reply.payload, (fds[0] if fds else None)
+
+    @exchange
+    @staticmethod
+    def set_inflight_fd(fe: Frontend, desc: InflightDesc, fd: int) -> Steps[None]:
+        """SET_INFLIGHT_FD: hand an inflight buffer (back) to the back-end."""
+        yield from fe._call(F.SET_INFLIGHT_FD, desc, [fd])
+
+    @exchange
+    @staticmethod
+    def setup_inflight(
+        fe: Frontend, num_queues: int, queue_size: int, *, buffer: InflightBuffer | None = None
+    ) -> Steps[InflightBuffer | None]:
+        """What QEMU does before starting the rings of a device that tracks inflight I/O:
+        GET_INFLIGHT_FD for a new buffer (unless `buffer`, kept from an earlier back-end, is
+        passed), then SET_INFLIGHT_FD. Returns the buffer to keep (yours to close), or None when
+        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only. On a
+        ``reconnect=`` front-end the buffer is also kept as :attr:`inflight` and handed to each
+        new back-end; the front-end then owns it (closed by :meth:`close`)."""
+        if buffer is None:
+            desc, fd = (yield from fe.get_inflight_fd.steps(num_queues, queue_size))
+            if fd is None or desc.mmap_size == 0:
+                if fd is not None:
+                    os.close(fd)
+                return None
+            buffer = InflightBuffer(InflightDesc(desc.mmap_size, desc.mmap_offset, num_queues, queue_size), fd)
+        yield from fe.set_inflight_fd.steps(buffer.desc, buffer.fd)
+        if fe.reconnect is not None:
+            fe.inflight = buffer
+        return buffer
+
+    @exchange
+    @staticmethod
+    def gpu_set_socket(fe: Frontend, fd: int) -> Steps[None]:
+        """GPU_SET_SOCKET (vhost-user-gpu's side protocol)."""
+        yield from fe._call(F.GPU_SET_SOCKET, None, [fd])
+
+    @exchange
+    @staticmethod
+    def reset_device(fe: Frontend) -> Steps[None]:
+        """RESET_DEVICE: disable all rings and reset device state; the session stays. The
+        built-in handler's SHMEM mappings and host-notifier pages go with the device state
+        (the front-end drops them on reset, spec: "SHMEM_MAP")."""
+        yield from fe._call(F.RESET_DEVICE)
+        if isinstance(fe.handler, BuiltinHandler):
+            fe.handler._reset_mappings()
+
+    @exchange
+    @staticmethod
+    def vring_kick(fe: Frontend, index: int) -> Steps[None]:
+        """VRING_KICK: in-band kick (INBAND_NOTIFICATIONS)."""
+        yield from fe._call(F.VRING_KICK, VringState(index, 0))
+
+    @exchange
+    @staticmethod
+    def get_max_mem_slots(fe: Frontend) -> Steps[int]:
+        """GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS)."""
+        return int((yield from fe._call(F.GET_MAX_MEM_SLOTS)))
+
+    @exchange
+    @staticmethod
+    def add_mem_reg(fe: Frontend, region: MemoryRegion, fd: int) -> Steps[None]:
+        """ADD_MEM_REG: add one region with its fd."""
+        yield from fe._call(F.ADD_MEM_REG, region, [fd])
+
+    @exchange
+    @staticmethod
+    def rem_mem_reg(fe: Frontend, region: MemoryRegion) -> Steps[None]:
+        """REM_MEM_REG: remove the region with the same guest address, user address and size."""
+        yield from fe._call(F.REM_MEM_REG, region)
+
+    @exchange
+    @staticmethod
+    def set_status(fe: Frontend, status: int) -> Steps[None]:
+        """SET_STATUS: the virtio device status byte (STATUS)."""
+        yield from fe._call(F.SET_STATUS, int(status))
+
+    @exchange
+    @staticmethod
+    def get_status(fe: Frontend) -> Steps[DeviceStatus]:
+        """GET_STATUS (STATUS)."""
+        return DeviceStatus((yield from fe._call(F.GET_STATUS)))
+
+    @exchange
+    @staticmethod
+    def get_shared_object(fe: Frontend, uuid: bytes) -> Steps[int | None]:
+        """GET_SHARED_OBJECT: the exported dma-buf fd (yours to close), or None."""
+        _, fds = (yield from fe.request.steps(F.GET_SHARED_OBJECT, SharedObject(bytes(uuid))))
+        return fds[0] if fds else None
+
+    @exchange
+    @staticmethod
+    def set_device_state_fd(fe: Frontend, direction: int, fd: int) -> Steps[int | None]:
+        """SET_DEVICE_STATE_FD: start a state transfer over `fd`; returns the back-end's own fd
+        to use instead (yours to close), or None."""
+        reply, fds = (yield from fe.request.steps(F.SET_DEVICE_STATE_FD, DeviceStateParams(direction, 0), [fd]))
+        assert reply is not None
+        status = int(reply.payload) if isinstance(reply.payload, int) else 1
+        if status & 0xFF:
+            for f in fds:
+                os.close(f)
+            raise RequestRejectedError(f"SET_DEVICE_STATE_FD failed: {status:#x}", request=F.SET_DEVICE_STATE_FD, status=status)
+        return fds[0] if fds else None
+
+    @exchange
+    @staticmethod
+    def check_device_state(fe: Frontend) -> Steps[None]:
+        """CHECK_DEVICE_STATE: raise if the back-end did not process the transferred state."""
+        status = (yield from fe._call(F.CHECK_DEVICE_STATE))
+        if status:
+            raise RequestRejectedError(f"device state check failed: {status:#x}", request=F.CHECK_DEVICE_STATE, status=status)
+
+    @exchange
+    @staticmethod
+    def get_shmem_config(fe: Frontend) -> Steps[tuple[int, ...]]:
+        """GET_SHMEM_CONFIG: the size of each VIRTIO shared memory region by id (0 = unused)."""
+        return tuple((yield from fe._call(F.GET_SHMEM_CONFIG)).memory_sizes)
+
+    # -- compositions --------------------------------------------------------------------------
+    @exchange
+    @staticmethod
+    def negotiate(
+        fe: Frontend,
+        *,
+        features: int | None = None,
+        protocol_features: int | None = None,
+        memory: GuestMemory | None = None,
+        num_queues: int | None = None,
+        handler: BackendRequestHandler | None = None,
+        config_size: int | None = None,
+        inband_notifications: bool = False,
+    ) -> Steps[NegotiationResult]:
+        """The sequence QEMU uses: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
+        GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES,
+        GET_SHMEM_CONFIG (SHMEM), memory (SET_MEM_TABLE, or ADD_MEM_REG per region with
+        CONFIGURE_MEM_SLOTS) and GET_CONFIG.
+
+        `features` (default: everything offered) is intersected with the offer, and VERSION_1
+        and PROTOCOL_FEATURES are kept when offered; of the transport bits (24..=40) only
+        :data:`DRIVER_TRANSPORT_FEATURES` are acknowledged (plus ACCESS_PLATFORM when `features`
+        asks for it; never LOG_ALL, which :meth:`enable_logging` turns on). `protocol_features`
+        defaults to what this library supports; of the features that need the back-end request
+        channel only those `handler` answers are acknowledged (none without a handler; see
+        :meth:`BackendRequestHandler.protocol_features`), and a feature whose dependencies
+        (spec: protocol.md §5.4) are not acknowledged is dropped. INBAND_NOTIFICATIONS is
+        acknowledged only with `inband_notifications` (rings then get no kick/call/err fds:
+        :class:`Virtqueue`). Raises NegotiationError if the back-end has fewer queues than asked.
+        On a ``reconnect=`` front-end the same arguments are replayed for each new back-end.
+        """
+        fe._negotiation = dict(
+            features=features, protocol_features=protocol_features, memory=memory, num_queues=num_queues,
+            handler=handler, config_size=config_size, inband_notifications=inband_notifications,
+        )
+        offered = (yield from fe.get_features.steps())
+        proto = ProtocolFeature(0)
+        if VirtioFeature.PROTOCOL_FEATURES in offered:
+            offered_proto = (yield from fe.get_protocol_features.steps())
+            if protocol_features is None:
+                wanted = SUPPORTED_PROTOCOL_FEATURES | ProtocolFeature.SHMEM
+                if inband_notifications:
+                    wanted |= ProtocolFeature.INBAND_NOTIFICATIONS
+            else:
+                wanted = ProtocolFeature(protocol_features)
+            served = handler.protocol_features() if handler is not None else ProtocolFeature(0)
+            if not inband_notifications:
+                served &= ~ProtocolFeature.INBAND_NOTIFICATIONS
+            proto = ProtocolFeature(int(offered_proto) & int(wanted) & (~int(_CHANNEL_FEATURES) | int(served)))
+            proto = _drop_unmet_dependencies(proto)
+        iommu = features is not None and bool(int(features) & int(offered) & int(VirtioFeature.ACCESS_PLATFORM))
+        if iommu and (handler is None or _IOMMU_NEEDS & ~proto):
+            # IOTLB misses come on the back-end request channel and must be acked (spec:
+            # protocol.md §5.4; QEMU refuses ACCESS_PLATFORM otherwise).
+            raise NegotiationError(
+                "ACCESS_PLATFORM needs a handler answering IOTLB misses and the BACKEND_REQ and REPLY_ACK "
+                "protocol features"
+            )
+        if VirtioFeature.PROTOCOL_FEATURES in offered:
+            yield from fe.set_protocol_features.steps(proto)
+        queues = 1
+        if ProtocolFeature.MQ in proto:
+            queues = (yield from fe.get_queue_num.steps())
+            if num_queues is not None and num_queues > queues:
+                raise NegotiationError(f"the back-end supports {queues} queues, {num_queues} requested")
+        fe._num_queues = queues if ProtocolFeature.MQ in proto else None
+        slots = (yield from fe.get_max_mem_slots.steps()) if ProtocolFeature.CONFIGURE_MEM_SLOTS in proto else None
+        if handler is not None and ProtocolFeature.BACKEND_REQ in proto:
+            yield from fe.set_backend_req_fd.steps(handler)
+        yield from fe.set_owner.steps()
+        acked = int(offered) if features is None else int(offered) & int(features)
+        acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
+        # Transport bits: only what the driver side implements (device bits stay as asked).
+        transport = int(DRIVER_TRANSPORT_FEATURES)
+        if iommu:
+            # Only on request: with it every ring and buffer address is an IOVA the front-end
+            # must serve through IOTLB_MSG.
+            transport |= int(VirtioFeature.ACCESS_PLATFORM)
+        acked &= ~_TRANSPORT_BITS | transport
+        yield from fe.set_features.steps(acked)
+        if ProtocolFeature.SHMEM in proto and handler is not None:
+            handler.shmem_config((yield from fe.get_shmem_config.steps()))
+        if memory is not None:
+            yield from fe.add_memory.steps(memory)
+        config = None
+        if config_size and ProtocolFeature.CONFIG in proto:
+            config = (yield from fe.get_config.steps(0, config_size))
+        return NegotiationResult(VirtioFeature(acked), proto, queues, slots, config)
+
+    @exchange
+    @staticmethod
+    def add_memory(fe: Frontend, memory: GuestMemory) -> Steps[None]:
+        """Share `memory`: ADD_MEM_REG per region when CONFIGURE_MEM_SLOTS was negotiated,
+        otherwise SET_MEM_TABLE."""
+        if ProtocolFeature.CONFIGURE_MEM_SLOTS in fe.protocol_features:
+            for region, fd in zip(memory.regions, memory.fds()):
+                yield from fe.add_mem_reg.steps(region, fd)
+            fe.memory = memory
+        else:
+            yield from fe.set_mem_table.steps(memory)
+
+    @exchange
+    @staticmethod
+    def setup_queue(
+        fe: Frontend,
+        index: int,
+        size: int,
+        memory: GuestMemory | None = None,
+        *,
+        base: int | None = None,
+        indirect_max: int = 0,
+        enable: bool = True,
+        ring: DriverQueue | None = None,
+    ) -> Steps[Virtqueue]:
+        """Allocate a ring in `memory` and start it: SET_VRING_NUM, SET_VRING_BASE,
+        SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR and, with
+        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged.
+
+        `ring` hands an existing driver ring (with its requests in flight) to this back-end
+        instead, as QEMU does when a back-end restarts: the base defaults to the ring's used
+        index, and with an inflight buffer (`setup_inflight`) the back-end resubmits what the
+        previous one had not completed.
+        """
+        mem = memory or fe.memory
+        if mem is None:
+            raise NegotiationError("no guest memory: pass memory= or negotiate(memory=...) first")
+        event_idx = VirtioFeature.EVENT_IDX in fe.features
+        if ring is not None:
+            if ring.size != size:
+                raise ValueError(f"the ring has {ring.size} descriptors, not {size}")
+            dq = ring
+            base = ring.used_idx if base is None else base
+        else:
+            dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index)
+            base = base or 0
+            if base:
+                dq.reset_to(base)
+        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        vq = Virtqueue(index, dq, kick, call, err, frontend=fe)
+        try:
+            yield from fe._start_ring.steps(vq, base, enable=enable)
+        except BaseException:
+            vq.close()
+            raise
+        old = fe._queues.pop(index, None)
+        if old is not None:
+            old.close()
+        fe._queues[index] = vq
+        return vq
+
+    @exchange
+    @staticmethod
+    def _start_ring(fe: Frontend, vq: Virtqueue, base: int, *, enable: bool) -> Steps[None]:
+        index, dq = vq.index, vq.queue
+        # INBAND_NOTIFICATIONS: no fds; kicks travel as VRING_KICK, calls and errors come back
+        # as VRING_CALL / VRING_ERR (spec: "In-band notifications").
+        vq.inband = ProtocolFeature.INBAND_NOTIFICATIONS in fe.protocol_features
+        yield from fe.set_vring_num.steps(index, dq.size)
+        yield from fe.set_vring_base.steps(index, base)
+        desc, avail, used = dq.user_addrs
+        log_addr = dq.guest_addrs[2]
+        if VirtioFeature.ACCESS_PLATFORM in fe.features:
+            # Ring addresses are IOVAs (spec: "IOMMU support"), and so is log_guest_addr.
+            desc, avail, used = fe._ring_iovas(dq)
+            log_addr = used
+        yield from fe.set_vring_addr.steps(index, desc, used, avail, log_guest_addr=log_addr)
+        yield from fe.set_vring_kick.steps(index, None if vq.inband else vq.kick_fd)
+        yield from fe.set_vring_call.steps(index, None if vq.inband else vq.call_fd)
+        yield from fe.set_vring_err.steps(index, None if vq.inband else vq.err_fd)
+        if enable and VirtioFeature.PROTOCOL_FEATURES in fe.features:
+            yield from fe.set_vring_enable.steps(index, True)
+
+    @exchange
+    @staticmethod
+    def stop_queue(fe: Frontend, index: int) -> Steps[int]:
+        """Disable (with PROTOCOL_FEATURES) and stop a ring with GET_VRING_BASE; returns the base
+        to restart from with ``setup_queue(index, size, base=...)``. A host-notifier page of the
+        ring is unmapped first, as QEMU does before GET_VRING_BASE."""
+        if isinstance(fe.handler, BuiltinHandler):
+            fe.handler._drop_host_notifier(index)
+        if VirtioFeature.PROTOCOL_FEATURES in fe.features:
+            yield from fe.set_vring_enable.steps(index, False)
+        base = (yield from fe.get_vring_base.steps(index))
+        vq = fe._queues.pop(index, None)
+        if vq is not None:
+            vq.close()
+        return base
+
+    @exchange
+    @staticmethod
+    def enable_logging(fe: Frontend, memory: GuestMemory | None = None) -> Steps[DirtyLog]:
+        """Start dirty logging for migration, in QEMU's order (spec §6.7): allocate a log
+        covering `memory` (default: the memory shared), SET_LOG_BASE with its fd (LOG_SHMFD),
+        SET_FEATURES with LOG_ALL, and SET_VRING_ADDR with VHOST_VRING_F_LOG for each ring set
+        up. Without REPLY_ACK each step is followed by a GET_FEATURES barrier, so the back-end
+        logs from the moment this returns. Read the pages with :meth:`DirtyLog.take_dirty`
+        (read and clear); :attr:`dirty_log` keeps the log in use."""
+        mem = memory or fe.memory
+        if mem is None:
+            raise NegotiationError("no guest memory to log")
+        dirty = DirtyLog.allocate(mem.guest_end)
+        yield from fe.set_log_base.steps(dirty)
+        fe.dirty_log = dirty
+        yield from fe.set_features.steps(int(fe.features) | int(VirtioFeature.LOG_ALL))
+        yield from fe._barrier.steps()
+        yield from fe._set_ring_logging.steps(True)
+        return dirty
+
+    @exchange
+    @staticmethod
+    def resize_logging(fe: Frontend, memory: GuestMemory | int) -> Steps[DirtyLog]:
+        """Memory grew while logging: hand the back-end a new log covering `memory` (or guest
+        addresses up to the int given) with SET_LOG_BASE, as QEMU does on a memory change. The
+        pages still marked in the old log are carried over to the new one, which is returned
+        (and kept as :attr:`dirty_log`). A log already large enough is kept."""
+        old = fe.dirty_log
+        if old is None:
+            raise NegotiationError("logging is not enabled")
+        guest_end = memory if isinstance(memory, int) else memory.guest_end
+        if guest_end <= old.size * 8 * LOG_PAGE_SIZE:
+            return old
+        new = DirtyLog.allocate(guest_end)
+        yield from fe.set_log_base.steps(new)  # replied to (LOG_SHMFD): the back-end no longer writes the old one
+        fe.dirty_log = new
+        for page in old.take_dirty():
+            new.mark(page * LOG_PAGE_SIZE, LOG_PAGE_SIZE)
+        return new
+
+    @exchange
+    @staticmethod
+    def disable_logging(fe: Frontend) -> Steps[DirtyLog | None]:
+        """Stop dirty logging: SET_FEATURES without LOG_ALL, then SET_VRING_ADDR without the log
+        flag for each ring (each awaited, with a GET_FEATURES barrier without REPLY_ACK).
+        Returns the log, whose marks are still there to read, or None if logging was off."""
+        dirty, fe.dirty_log = fe.dirty_log, None
+        yield from fe.set_features.steps(int(fe.features) & ~int(VirtioFeature.LOG_ALL))
+        yield from fe._barrier.steps()
+        yield from fe._set_ring_logging.steps(False)
+        return dirty
+
+    @exchange
+    @staticmethod
+    def announce(fe: Frontend, mac: bytes) -> Steps[bool]:
+        """After a switch-over (the destination's rings are running): SEND_RARP for the
+        guest's `mac` when the guest cannot announce itself, i.e. VIRTIO_NET_F_GUEST_ANNOUNCE
+        was not negotiated and the back-end has the RARP protocol feature (what QEMU's
+        vhost_net does). Returns whether it was sent."""
+        if fe.features & _GUEST_ANNOUNCE or ProtocolFeature.RARP not in fe.protocol_features:
+            return False
+        yield from fe.send_rarp.steps(mac)
+        return True
+
+    @exchange
+    @staticmethod
+    def _set_ring_logging(fe: Frontend, on: bool) -> Steps[None]:
+        for index, vq in fe._queues.items():
+            desc, avail, used = vq.queue.user_addrs
+            yield from fe.set_vring_addr.steps(index, desc, used, avail, log_guest_addr=vq.queue.guest_addrs[2], log=on)
+        if fe._queues:
+            yield from fe._barrier.steps()
+
+    @exchange
+    @staticmethod
+    def _barrier(fe: Frontend) -> Steps[None]:
+        """Without REPLY_ACK, a GET_FEATURES whose reply says every earlier request was handled
+        (spec §5.4: what QEMU does after SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log
+        flag and SET_VRING_ENABLE). With REPLY_ACK those requests were acked already."""
+        if ProtocolFeature.REPLY_ACK not in fe.protocol_features:
+            yield from fe.get_features.steps()
+
+
+class Frontend(_Requests):
     """A session with a vhost-user back-end, as its front-end (context manager)."""
 
     def __init__(
@@ -1003,443 +1745,35 @@ class Frontend:
         """The acknowledged virtio features (empty before SET_FEATURES)."""
         return VirtioFeature(self._core.negotiated()["acked_features"] or 0)
 
-    def request(
-        self,
-        request: FrontendRequest,
-        payload: Payload = None,
-        fds: Sequence[int] = (),
-        *,
-        need_reply: bool | None = None,
-        timeout: float | None | EllipsisType = ...,
-        check_gate: bool = True,
-    ) -> tuple[Message | None, list[int]]:
-        """Send any request; returns ``(reply, fds)``. The building block of every method."""
-        t = self.timeout if isinstance(timeout, EllipsisType) else timeout
-        return self._core.request(int(request), payload, list(fds), need_reply=need_reply, timeout=t, check_gate=check_gate)
-
-    def _call(self, request: FrontendRequest, payload: Payload = None, fds: Sequence[int] = (), **kw: Any) -> Any:
-        reply, got = self.request(request, payload, fds, **kw)
+    def _call(self, request: FrontendRequest, payload: Payload = None, fds: Sequence[int] = (), **kw: Any) -> Steps[Any]:
+        reply, got = yield from self.request.steps(request, payload, fds, **kw)
         for fd in got:  # none of the simple requests returns fds
             os.close(fd)
         return None if reply is None else reply.payload
 
-    # -- one method per request ------------------------------------------------------------------
-    def get_features(self) -> VirtioFeature:
-        """GET_FEATURES: the virtio and vhost feature bits the back-end offers."""
-        return VirtioFeature(self._call(F.GET_FEATURES))
-
-    def set_features(self, features: int, *, need_reply: bool | None = None) -> None:
-        """SET_FEATURES: acknowledge a subset of the offered bits (keep PROTOCOL_FEATURES set if
-        it was offered; without it the back-end enables all rings at once)."""
-        self._call(F.SET_FEATURES, int(features), need_reply=need_reply)
-
-    def set_owner(self) -> None:
-        """SET_OWNER: start the session."""
-        self._call(F.SET_OWNER)
-
-    def reset_owner(self) -> None:
-        """RESET_OWNER (deprecated; back-ends treat it as "disable all rings")."""
-        self._call(F.RESET_OWNER)
-
-    def set_mem_table(self, memory: GuestMemory) -> None:
-        """SET_MEM_TABLE: share all regions of `memory` (at most 8), one fd each."""
-        regions = memory.regions
-        self._call(F.SET_MEM_TABLE, MemoryTable(tuple(regions)), memory.fds())
-        self.memory = memory
-
-    def set_log_base(self, log: DirtyLog, *, mmap_offset: int = 0) -> None:
-        """SET_LOG_BASE: hand the dirty log to the back-end (needs LOG_SHMFD for the fd form)."""
-        fd = log.fileno()
-        self._call(F.SET_LOG_BASE, LogBase(log.size, mmap_offset), [] if fd is None else [fd])
-
-    def set_log_fd(self, fd: int) -> None:
-        """SET_LOG_FD: an eventfd the back-end may signal after log updates."""
-        self._call(F.SET_LOG_FD, None, [fd])
-
-    def set_vring_num(self, index: int, num: int) -> None:
-        """SET_VRING_NUM: ring size."""
-        self._call(F.SET_VRING_NUM, VringState(index, num))
-
-    def set_vring_addr(
-        self, index: int, desc: int, used: int, avail: int, *, log_guest_addr: int = 0, log: bool = False
-    ) -> None:
-        """SET_VRING_ADDR: ring addresses (this process's addresses, as QEMU sends them)."""
-        self._call(F.SET_VRING_ADDR, VringAddr(index, 1 if log else 0, desc, used, avail, log_guest_addr))
-
-    def set_vring_base(self, index: int, base: int) -> None:
-        """SET_VRING_BASE: the next available index the device will read. The ring must be stopped."""
-        self._call(F.SET_VRING_BASE, VringState(index, base))
-
-    def get_vring_base(self, index: int) -> int:
-        """GET_VRING_BASE: stop the ring and return its next available index."""
-        state = self._call(F.GET_VRING_BASE, VringState(index, 0))
-        return int(state.num)
-
-    def get_vring_base_skip_drain(self, index: int) -> int:
-        """GET_VRING_BASE_SKIP_DRAIN: stop the ring without draining in-flight requests."""
-        state = self._call(F.GET_VRING_BASE_SKIP_DRAIN, VringState(index, 0))
-        return int(state.num)
-
-    def set_vring_kick(self, index: int, fd: int | None) -> None:
-        """SET_VRING_KICK: the kick eventfd (``None``: NOFD, the back-end polls)."""
-        self._call(F.SET_VRING_KICK, VringFd(index, fd is None), [] if fd is None else [fd])
-
-    def set_vring_call(self, index: int, fd: int | None) -> None:
-        """SET_VRING_CALL: the call eventfd (``None``: NOFD, no notifications)."""
-        self._call(F.SET_VRING_CALL, VringFd(index, fd is None), [] if fd is None else [fd])
-
-    def set_vring_err(self, index: int, fd: int | None) -> None:
-        """SET_VRING_ERR: the error eventfd (``None``: NOFD)."""
-        self._call(F.SET_VRING_ERR, VringFd(index, fd is None), [] if fd is None else [fd])
-
-    def get_protocol_features(self) -> ProtocolFeature:
-        """GET_PROTOCOL_FEATURES (needs PROTOCOL_FEATURES offered by GET_FEATURES)."""
-        return ProtocolFeature(self._call(F.GET_PROTOCOL_FEATURES))
-
-    def set_protocol_features(self, features: int) -> None:
-        """SET_PROTOCOL_FEATURES: a subset of the offer, with its dependencies (spec §5.4)."""
-        self._call(F.SET_PROTOCOL_FEATURES, int(features))
-
-    def get_queue_num(self) -> int:
-        """GET_QUEUE_NUM: the most queues the back-end supports (queue pairs for net)."""
-        return int(self._call(F.GET_QUEUE_NUM))
-
-    def set_vring_enable(self, index: int, enabled: bool = True) -> None:
-        """SET_VRING_ENABLE (needs PROTOCOL_FEATURES acknowledged)."""
-        self._call(F.SET_VRING_ENABLE, VringState(index, 1 if enabled else 0))
-
-    def send_rarp(self, mac: bytes) -> None:
-        """SEND_RARP: broadcast a RARP for a migrated guest's MAC (6 bytes)."""
-        if len(mac) != 6:
-            raise ValueError("a MAC address is 6 bytes")
-        self._call(F.SEND_RARP, int.from_bytes(mac, "little"))
-
-    def net_set_mtu(self, mtu: int) -> None:
-        """NET_SET_MTU (needs MTU protocol feature and VIRTIO_NET_F_MTU)."""
-        self._call(F.NET_SET_MTU, mtu)
-
-    def set_backend_req_fd(self, handler: BackendRequestHandler) -> None:
-        """SET_BACKEND_REQ_FD: open the back-end request channel, served by `handler` on its
-        own thread (replacing any previous channel)."""
-        old = self.handler
-        if old is not None and old is not handler:
-            old.detach(self)
-        handler.attach(self)
-        self.handler = handler
-        fd = self._core.start_backend_channel(handler)
+    def _run(self, steps: Steps[R]) -> R:
+        """Runs the steps of a request or composition, each exchange blocking (with the GIL
+        released, bounded by its timeout, woken by Ctrl-C)."""
         try:
-            self._call(F.SET_BACKEND_REQ_FD, None, [fd])
-        finally:
-            os.close(fd)
+            ex = next(steps)
+            while True:
+                try:
+                    result = self._core.request(
+                        ex.request, ex.payload, ex.fds, need_reply=ex.need_reply, timeout=ex.timeout,
+                        check_gate=ex.check_gate,
+                    )
+                except BaseException as e:
+                    ex = steps.throw(e)
+                else:
+                    ex = steps.send(result)
+        except StopIteration as stop:
+            value: R = stop.value
+            return value
 
     @property
     def backend_channel_running(self) -> bool:
         """Whether the back-end request channel is being served."""
         return bool(self._core.backend_channel_running)
-
-    def iotlb_msg(self, msg: IotlbMsg) -> None:
-        """IOTLB_MSG update or invalidation (needs ACCESS_PLATFORM); the ack is checked."""
-        status = self._call(F.IOTLB_MSG, msg)
-        if status:
-            raise RequestRejectedError(f"IOTLB_MSG rejected with status {status:#x}", request=F.IOTLB_MSG, status=status)
-
-    def set_vring_endian(self, index: int, big_endian: bool) -> None:
-        """SET_VRING_ENDIAN (legacy cross-endian devices, CROSS_ENDIAN)."""
-        self._call(F.SET_VRING_ENDIAN, VringState(index, 1 if big_endian else 0))
-
-    def get_config(self, offset: int = 0, size: int = 256) -> bytes:
-        """GET_CONFIG: `size` bytes of device config space from `offset` (CONFIG). An empty or
-        short reply is the back-end's way of failing and raises RequestRejectedError."""
-        cfg = self._call(F.GET_CONFIG, DeviceConfig(offset, bytes(size)))
-        if not isinstance(cfg, DeviceConfig) or len(cfg.data) != size or cfg.offset != offset:
-            raise RequestRejectedError("GET_CONFIG failed (empty or mismatched reply)", request=F.GET_CONFIG, status=1)
-        return cfg.data
-
-    def set_config(self, offset: int, data: bytes, *, migration: bool = False) -> None:
-        """SET_CONFIG: write config space (flags 1 = restore during migration)."""
-        self._call(F.SET_CONFIG, DeviceConfig(offset, bytes(data), 1 if migration else 0))
-
-    def create_crypto_session(self, session: CryptoSession) -> CryptoSession:
-        """CREATE_CRYPTO_SESSION (virtio-crypto)."""
-        result: CryptoSession = self._call(F.CREATE_CRYPTO_SESSION, session)
-        return result
-
-    def close_crypto_session(self, session_id: int) -> None:
-        """CLOSE_CRYPTO_SESSION."""
-        self._call(F.CLOSE_CRYPTO_SESSION, session_id)
-
-    def postcopy_advise(self) -> int:
-        """POSTCOPY_ADVISE: returns the back-end's userfaultfd (yours to close)."""
-        _, fds = self.request(F.POSTCOPY_ADVISE)
-        return fds[0]
-
-    def postcopy_listen(self) -> None:
-        """POSTCOPY_LISTEN."""
-        self._call(F.POSTCOPY_LISTEN)
-
-    def postcopy_end(self) -> None:
-        """POSTCOPY_END."""
-        self._call(F.POSTCOPY_END)
-
-    def get_inflight_fd(self, num_queues: int, queue_size: int) -> tuple[InflightDesc, int | None]:
-        """GET_INFLIGHT_FD: the back-end's inflight buffer description and fd (yours to close)."""
-        reply, fds = self.request(F.GET_INFLIGHT_FD, InflightDesc(0, 0, num_queues, queue_size))
-        assert reply is not None and isinstance(reply.payload, InflightDesc)
-        return reply.payload, (fds[0] if fds else None)
-
-    def set_inflight_fd(self, desc: InflightDesc, fd: int) -> None:
-        """SET_INFLIGHT_FD: hand an inflight buffer (back) to the back-end."""
-        self._call(F.SET_INFLIGHT_FD, desc, [fd])
-
-    def setup_inflight(
-        self, num_queues: int, queue_size: int, *, buffer: InflightBuffer | None = None
-    ) -> InflightBuffer | None:
-        """What QEMU does before starting the rings of a device that tracks inflight I/O:
-        GET_INFLIGHT_FD for a new buffer (unless `buffer`, kept from an earlier back-end, is
-        passed), then SET_INFLIGHT_FD. Returns the buffer to keep (yours to close), or None when
-        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only. On a
-        ``reconnect=`` front-end the buffer is also kept as :attr:`inflight` and handed to each
-        new back-end; the front-end then owns it (closed by :meth:`close`)."""
-        if buffer is None:
-            desc, fd = self.get_inflight_fd(num_queues, queue_size)
-            if fd is None or desc.mmap_size == 0:
-                if fd is not None:
-                    os.close(fd)
-                return None
-            buffer = InflightBuffer(InflightDesc(desc.mmap_size, desc.mmap_offset, num_queues, queue_size), fd)
-        self.set_inflight_fd(buffer.desc, buffer.fd)
-        if self.reconnect is not None:
-            self.inflight = buffer
-        return buffer
-
-    def gpu_set_socket(self, fd: int) -> None:
-        """GPU_SET_SOCKET (vhost-user-gpu's side protocol)."""
-        self._call(F.GPU_SET_SOCKET, None, [fd])
-
-    def reset_device(self) -> None:
-        """RESET_DEVICE: disable all rings and reset device state; the session stays. The
-        built-in handler's SHMEM mappings and host-notifier pages go with the device state
-        (the front-end drops them on reset, spec: "SHMEM_MAP")."""
-        self._call(F.RESET_DEVICE)
-        if isinstance(self.handler, BuiltinHandler):
-            self.handler._reset_mappings()
-
-    def vring_kick(self, index: int) -> None:
-        """VRING_KICK: in-band kick (INBAND_NOTIFICATIONS)."""
-        self._call(F.VRING_KICK, VringState(index, 0))
-
-    def get_max_mem_slots(self) -> int:
-        """GET_MAX_MEM_SLOTS (CONFIGURE_MEM_SLOTS)."""
-        return int(self._call(F.GET_MAX_MEM_SLOTS))
-
-    def add_mem_reg(self, region: MemoryRegion, fd: int) -> None:
-        """ADD_MEM_REG: add one region with its fd."""
-        self._call(F.ADD_MEM_REG, region, [fd])
-
-    def rem_mem_reg(self, region: MemoryRegion) -> None:
-        """REM_MEM_REG: remove the region with the same guest address, user address and size."""
-        self._call(F.REM_MEM_REG, region)
-
-    def set_status(self, status: int) -> None:
-        """SET_STATUS: the virtio device status byte (STATUS)."""
-        self._call(F.SET_STATUS, int(status))
-
-    def get_status(self) -> DeviceStatus:
-        """GET_STATUS (STATUS)."""
-        return DeviceStatus(self._call(F.GET_STATUS))
-
-    def get_shared_object(self, uuid: bytes) -> int | None:
-        """GET_SHARED_OBJECT: the exported dma-buf fd (yours to close), or None."""
-        _, fds = self.request(F.GET_SHARED_OBJECT, SharedObject(bytes(uuid)))
-        return fds[0] if fds else None
-
-    def set_device_state_fd(self, direction: int, fd: int) -> int | None:
-        """SET_DEVICE_STATE_FD: start a state transfer over `fd`; returns the back-end's own fd
-        to use instead (yours to close), or None."""
-        reply, fds = self.request(F.SET_DEVICE_STATE_FD, DeviceStateParams(direction, 0), [fd])
-        assert reply is not None
-        status = int(reply.payload) if isinstance(reply.payload, int) else 1
-        if status & 0xFF:
-            for f in fds:
-                os.close(f)
-            raise RequestRejectedError(f"SET_DEVICE_STATE_FD failed: {status:#x}", request=F.SET_DEVICE_STATE_FD, status=status)
-        return fds[0] if fds else None
-
-    def check_device_state(self) -> None:
-        """CHECK_DEVICE_STATE: raise if the back-end did not process the transferred state."""
-        status = self._call(F.CHECK_DEVICE_STATE)
-        if status:
-            raise RequestRejectedError(f"device state check failed: {status:#x}", request=F.CHECK_DEVICE_STATE, status=status)
-
-    def get_shmem_config(self) -> tuple[int, ...]:
-        """GET_SHMEM_CONFIG: the size of each VIRTIO shared memory region by id (0 = unused)."""
-        return tuple(self._call(F.GET_SHMEM_CONFIG).memory_sizes)
-
-    # -- compositions --------------------------------------------------------------------------
-    def negotiate(
-        self,
-        *,
-        features: int | None = None,
-        protocol_features: int | None = None,
-        memory: GuestMemory | None = None,
-        num_queues: int | None = None,
-        handler: BackendRequestHandler | None = None,
-        config_size: int | None = None,
-        inband_notifications: bool = False,
-    ) -> NegotiationResult:
-        """The sequence QEMU uses: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
-        GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES,
-        GET_SHMEM_CONFIG (SHMEM), memory (SET_MEM_TABLE, or ADD_MEM_REG per region with
-        CONFIGURE_MEM_SLOTS) and GET_CONFIG.
-
-        `features` (default: everything offered) is intersected with the offer, and VERSION_1
-        and PROTOCOL_FEATURES are kept when offered; of the transport bits (24..=40) only
-        :data:`DRIVER_TRANSPORT_FEATURES` are acknowledged (plus ACCESS_PLATFORM when `features`
-        asks for it; never LOG_ALL, which :meth:`enable_logging` turns on). `protocol_features`
-        defaults to what this library supports; of the features that need the back-end request
-        channel only those `handler` answers are acknowledged (none without a handler; see
-        :meth:`BackendRequestHandler.protocol_features`), and a feature whose dependencies
-        (spec: protocol.md §5.4) are not acknowledged is dropped. INBAND_NOTIFICATIONS is
-        acknowledged only with `inband_notifications` (rings then get no kick/call/err fds:
-        :class:`Virtqueue`). Raises NegotiationError if the back-end has fewer queues than asked.
-        On a ``reconnect=`` front-end the same arguments are replayed for each new back-end.
-        """
-        self._negotiation = dict(
-            features=features, protocol_features=protocol_features, memory=memory, num_queues=num_queues,
-            handler=handler, config_size=config_size, inband_notifications=inband_notifications,
-        )
-        offered = self.get_features()
-        proto = ProtocolFeature(0)
-        if VirtioFeature.PROTOCOL_FEATURES in offered:
-            offered_proto = self.get_protocol_features()
-            if protocol_features is None:
-                wanted = SUPPORTED_PROTOCOL_FEATURES | ProtocolFeature.SHMEM
-                if inband_notifications:
-                    wanted |= ProtocolFeature.INBAND_NOTIFICATIONS
-            else:
-                wanted = ProtocolFeature(protocol_features)
-            served = handler.protocol_features() if handler is not None else ProtocolFeature(0)
-            if not inband_notifications:
-                served &= ~ProtocolFeature.INBAND_NOTIFICATIONS
-            proto = ProtocolFeature(int(offered_proto) & int(wanted) & (~int(_CHANNEL_FEATURES) | int(served)))
-            proto = _drop_unmet_dependencies(proto)
-        iommu = features is not None and bool(int(features) & int(offered) & int(VirtioFeature.ACCESS_PLATFORM))
-        if iommu and (handler is None or _IOMMU_NEEDS & ~proto):
-            # IOTLB misses come on the back-end request channel and must be acked (spec:
-            # protocol.md §5.4; QEMU refuses ACCESS_PLATFORM otherwise).
-            raise NegotiationError(
-                "ACCESS_PLATFORM needs a handler answering IOTLB misses and the BACKEND_REQ and REPLY_ACK "
-                "protocol features"
-            )
-        if VirtioFeature.PROTOCOL_FEATURES in offered:
-            self.set_protocol_features(proto)
-        queues = 1
-        if ProtocolFeature.MQ in proto:
-            queues = self.get_queue_num()
-            if num_queues is not None and num_queues > queues:
-                raise NegotiationError(f"the back-end supports {queues} queues, {num_queues} requested")
-        self._num_queues = queues if ProtocolFeature.MQ in proto else None
-        slots = self.get_max_mem_slots() if ProtocolFeature.CONFIGURE_MEM_SLOTS in proto else None
-        if handler is not None and ProtocolFeature.BACKEND_REQ in proto:
-            self.set_backend_req_fd(handler)
-        self.set_owner()
-        acked = int(offered) if features is None else int(offered) & int(features)
-        acked |= int(offered) & int(VirtioFeature.VERSION_1 | VirtioFeature.PROTOCOL_FEATURES)
-        # Transport bits: only what the driver side implements (device bits stay as asked).
-        transport = int(DRIVER_TRANSPORT_FEATURES)
-        if iommu:
-            # Only on request: with it every ring and buffer address is an IOVA the front-end
-            # must serve through IOTLB_MSG.
-            transport |= int(VirtioFeature.ACCESS_PLATFORM)
-        acked &= ~_TRANSPORT_BITS | transport
-        self.set_features(acked)
-        if ProtocolFeature.SHMEM in proto and handler is not None:
-            handler.shmem_config(self.get_shmem_config())
-        if memory is not None:
-            self.add_memory(memory)
-        config = None
-        if config_size and ProtocolFeature.CONFIG in proto:
-            config = self.get_config(0, config_size)
-        return NegotiationResult(VirtioFeature(acked), proto, queues, slots, config)
-
-    def add_memory(self, memory: GuestMemory) -> None:
-        """Share `memory`: ADD_MEM_REG per region when CONFIGURE_MEM_SLOTS was negotiated,
-        otherwise SET_MEM_TABLE."""
-        if ProtocolFeature.CONFIGURE_MEM_SLOTS in self.protocol_features:
-            for region, fd in zip(memory.regions, memory.fds()):
-                self.add_mem_reg(region, fd)
-            self.memory = memory
-        else:
-            self.set_mem_table(memory)
-
-    def setup_queue(
-        self,
-        index: int,
-        size: int,
-        memory: GuestMemory | None = None,
-        *,
-        base: int | None = None,
-        indirect_max: int = 0,
-        enable: bool = True,
-        ring: DriverQueue | None = None,
-    ) -> Virtqueue:
-        """Allocate a ring in `memory` and start it: SET_VRING_NUM, SET_VRING_BASE,
-        SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR and, with
-        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged.
-
-        `ring` hands an existing driver ring (with its requests in flight) to this back-end
-        instead, as QEMU does when a back-end restarts: the base defaults to the ring's used
-        index, and with an inflight buffer (`setup_inflight`) the back-end resubmits what the
-        previous one had not completed.
-        """
-        mem = memory or self.memory
-        if mem is None:
-            raise NegotiationError("no guest memory: pass memory= or negotiate(memory=...) first")
-        event_idx = VirtioFeature.EVENT_IDX in self.features
-        if ring is not None:
-            if ring.size != size:
-                raise ValueError(f"the ring has {ring.size} descriptors, not {size}")
-            dq = ring
-            base = ring.used_idx if base is None else base
-        else:
-            dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index)
-            base = base or 0
-            if base:
-                dq.reset_to(base)
-        kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        vq = Virtqueue(index, dq, kick, call, err, frontend=self)
-        try:
-            self._start_ring(vq, base, enable=enable)
-        except BaseException:
-            vq.close()
-            raise
-        old = self._queues.pop(index, None)
-        if old is not None:
-            old.close()
-        self._queues[index] = vq
-        return vq
-
-    def _start_ring(self, vq: Virtqueue, base: int, *, enable: bool) -> None:
-        index, dq = vq.index, vq.queue
-        # INBAND_NOTIFICATIONS: no fds; kicks travel as VRING_KICK, calls and errors come back
-        # as VRING_CALL / VRING_ERR (spec: "In-band notifications").
-        vq.inband = ProtocolFeature.INBAND_NOTIFICATIONS in self.protocol_features
-        self.set_vring_num(index, dq.size)
-        self.set_vring_base(index, base)
-        desc, avail, used = dq.user_addrs
-        log_addr = dq.guest_addrs[2]
-        if VirtioFeature.ACCESS_PLATFORM in self.features:
-            # Ring addresses are IOVAs (spec: "IOMMU support"), and so is log_guest_addr.
-            desc, avail, used = self._ring_iovas(dq)
-            log_addr = used
-        self.set_vring_addr(index, desc, used, avail, log_guest_addr=log_addr)
-        self.set_vring_kick(index, None if vq.inband else vq.kick_fd)
-        self.set_vring_call(index, None if vq.inband else vq.call_fd)
-        self.set_vring_err(index, None if vq.inband else vq.err_fd)
-        if enable and VirtioFeature.PROTOCOL_FEATURES in self.features:
-            self.set_vring_enable(index, True)
 
     def _ring_iovas(self, dq: DriverQueue) -> tuple[int, int, int]:
         iommu = getattr(self.handler, "iommu", None)
@@ -1536,90 +1870,6 @@ class Frontend:
             self._start_ring(vq, vq.queue.used_idx, enable=True)
         for vq in self._queues.values():
             vq.kick()
-
-    def stop_queue(self, index: int) -> int:
-        """Disable (with PROTOCOL_FEATURES) and stop a ring with GET_VRING_BASE; returns the base
-        to restart from with ``setup_queue(index, size, base=...)``. A host-notifier page of the
-        ring is unmapped first, as QEMU does before GET_VRING_BASE."""
-        if isinstance(self.handler, BuiltinHandler):
-            self.handler._drop_host_notifier(index)
-        if VirtioFeature.PROTOCOL_FEATURES in self.features:
-            self.set_vring_enable(index, False)
-        base = self.get_vring_base(index)
-        vq = self._queues.pop(index, None)
-        if vq is not None:
-            vq.close()
-        return base
-
-    def enable_logging(self, memory: GuestMemory | None = None) -> DirtyLog:
-        """Start dirty logging for migration, in QEMU's order (spec §6.7): allocate a log
-        covering `memory` (default: the memory shared), SET_LOG_BASE with its fd (LOG_SHMFD),
-        SET_FEATURES with LOG_ALL, and SET_VRING_ADDR with VHOST_VRING_F_LOG for each ring set
-        up. Without REPLY_ACK each step is followed by a GET_FEATURES barrier, so the back-end
-        logs from the moment this returns. Read the pages with :meth:`DirtyLog.take_dirty`
-        (read and clear); :attr:`dirty_log` keeps the log in use."""
-        mem = memory or self.memory
-        if mem is None:
-            raise NegotiationError("no guest memory to log")
-        dirty = DirtyLog.allocate(mem.guest_end)
-        self.set_log_base(dirty)
-        self.dirty_log = dirty
-        self.set_features(int(self.features) | int(VirtioFeature.LOG_ALL))
-        self._barrier()
-        self._set_ring_logging(True)
-        return dirty
-
-    def resize_logging(self, memory: GuestMemory | int) -> DirtyLog:
-        """Memory grew while logging: hand the back-end a new log covering `memory` (or guest
-        addresses up to the int given) with SET_LOG_BASE, as QEMU does on a memory change. The
-        pages still marked in the old log are carried over to the new one, which is returned
-        (and kept as :attr:`dirty_log`). A log already large enough is kept."""
-        old = self.dirty_log
-        if old is None:
-            raise NegotiationError("logging is not enabled")
-        guest_end = memory if isinstance(memory, int) else memory.guest_end
-        if guest_end <= old.size * 8 * LOG_PAGE_SIZE:
-            return old
-        new = DirtyLog.allocate(guest_end)
-        self.set_log_base(new)  # replied to (LOG_SHMFD): the back-end no longer writes the old one
-        self.dirty_log = new
-        for page in old.take_dirty():
-            new.mark(page * LOG_PAGE_SIZE, LOG_PAGE_SIZE)
-        return new
-
-    def disable_logging(self) -> DirtyLog | None:
-        """Stop dirty logging: SET_FEATURES without LOG_ALL, then SET_VRING_ADDR without the log
-        flag for each ring (each awaited, with a GET_FEATURES barrier without REPLY_ACK).
-        Returns the log, whose marks are still there to read, or None if logging was off."""
-        dirty, self.dirty_log = self.dirty_log, None
-        self.set_features(int(self.features) & ~int(VirtioFeature.LOG_ALL))
-        self._barrier()
-        self._set_ring_logging(False)
-        return dirty
-
-    def announce(self, mac: bytes) -> bool:
-        """After a switch-over (the destination's rings are running): SEND_RARP for the
-        guest's `mac` when the guest cannot announce itself, i.e. VIRTIO_NET_F_GUEST_ANNOUNCE
-        was not negotiated and the back-end has the RARP protocol feature (what QEMU's
-        vhost_net does). Returns whether it was sent."""
-        if self.features & _GUEST_ANNOUNCE or ProtocolFeature.RARP not in self.protocol_features:
-            return False
-        self.send_rarp(mac)
-        return True
-
-    def _set_ring_logging(self, on: bool) -> None:
-        for index, vq in self._queues.items():
-            desc, avail, used = vq.queue.user_addrs
-            self.set_vring_addr(index, desc, used, avail, log_guest_addr=vq.queue.guest_addrs[2], log=on)
-        if self._queues:
-            self._barrier()
-
-    def _barrier(self) -> None:
-        """Without REPLY_ACK, a GET_FEATURES whose reply says every earlier request was handled
-        (spec §5.4: what QEMU does after SET_FEATURES with LOG_ALL, SET_VRING_ADDR with the log
-        flag and SET_VRING_ENABLE). With REPLY_ACK those requests were acked already."""
-        if ProtocolFeature.REPLY_ACK not in self.protocol_features:
-            self.get_features()
 
     def queue(self, index: int) -> Virtqueue:
         """The ring set up at `index`."""

@@ -19,6 +19,7 @@
 mod coverage;
 mod requests;
 mod rings;
+mod serving;
 mod session;
 mod shared;
 mod shmem;
@@ -28,6 +29,7 @@ mod worker;
 pub use coverage::{coverage, offer, refusal, Coverage, Handling, Offer, Refusal};
 pub use requests::BackendRequests;
 pub use rings::{RingHandle, Rings};
+pub use serving::ServedSession;
 pub use session::{
     serve_connection, serve_session, Session, DEVICE_PROTOCOL_FEATURES, NEVER_OFFERED, SESSION_PROTOCOL_FEATURES,
 };

@@ -11,14 +11,14 @@ use super::worker::{
     STATUS_NEEDS_RESET,
 };
 use super::{Device, DeviceRequest};
-use crate::connection::{Connection, Deadline};
+use crate::connection::Connection;
 use crate::error::{Error, Result};
 use crate::memory::{
     DirtyLog, Iotlb, IotlbFault, MemoryTable, Region, RegionDesc, DEFAULT_MAX_SLOTS, IOTLB_READ, IOTLB_WRITE,
 };
 use crate::protocol::{
-    BackendRequest, Channel, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion,
-    Message, Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VringArea, VRING_F_LOG,
+    BackendRequest, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion, Message,
+    Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VringArea, VRING_F_LOG,
 };
 use crate::virtqueue::{
     avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
@@ -1082,7 +1082,7 @@ pub const TRACE: &str = "vhostuser_rs::trace";
 /// VHOSTUSER_RS_TRACE=1: a debugging aid for users and for tests that check what a real
 /// front-end sent. Prints the back-end's `log` records (one line per request received, refusals,
 /// ring events) to stderr, unless the program installed a logger of its own.
-fn install_trace_logger() {
+pub(super) fn install_trace_logger() {
     struct Trace;
     impl log::Log for Trace {
         fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
@@ -1123,8 +1123,7 @@ pub fn serve_session(
     policy: &WorkerPolicy,
     stop: &dyn Fn() -> bool,
 ) -> Result<()> {
-    install_trace_logger();
-    let mut session = Session::with_options(device.clone(), requests.clone(), policy.clone());
+    let mut served = super::serving::ServedSession::new(device, requests.clone(), policy.clone());
     let result = loop {
         if stop() {
             break Ok(());
@@ -1132,26 +1131,12 @@ pub fn serve_session(
         if !conn.readable(Some(std::time::Duration::from_millis(200)))? {
             continue;
         }
-        let received = match conn.recv(Channel::Main, Deadline::after(Some(std::time::Duration::from_secs(5)))) {
-            Ok(r) => r,
-            Err(Error::Disconnected) => break Ok(()),
-            Err(e) => break Err(e),
-        };
-        let m = &received.message;
-        log::debug!(target: TRACE, "{} {:?} ({} fds)", m.request, m.payload, received.fds.len());
-        match session.handle(&received.message, received.fds) {
-            Ok(Some((reply, fds))) => {
-                let borrowed: Vec<_> = fds.iter().map(std::os::fd::AsFd::as_fd).collect();
-                conn.send(&reply, &borrowed, Deadline::after(Some(std::time::Duration::from_secs(5))))?;
-            }
-            Ok(None) => {}
+        match served.handle_ready(conn) {
+            Ok(true) => {}
+            Ok(false) => break Ok(()),
             Err(e) => break Err(e),
         }
     };
-    // Close the back-end channel first: a worker waiting for an answer on it (an IOTLB miss)
-    // wakes at once instead of holding up the end of the session.
-    requests.detach();
-    drop(session);
-    device.reset();
+    served.finish();
     result
 }

@@ -3,14 +3,14 @@
 use std::os::fd::{AsFd, BorrowedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use super::errors::{os_error, to_pyerr, IntoPyResult};
-use crate::backend::{serve_session, BackendRequests, Device, Polling, WorkerPolicy};
+use crate::backend::{serve_session, BackendRequests, Device, Polling, ServedSession, WorkerPolicy};
 use crate::connection::{Connection, Deadline, Listener};
 use crate::devices::blk::{BlockOptions, IoEngine};
 use crate::devices::BlockDevice;
@@ -95,14 +95,7 @@ pub(crate) fn serve_device(
     listener: Option<Py<super::socket::PyListener>>,
 ) -> PyResult<()> {
     let policy = policy(workers, cpus, poll)?;
-    let device: Arc<dyn Device> = match device.bind(py).call_method0("_net_port") {
-        // A ``vhostuser_rs.NetDevice``: rings, control queue and RX buffers handled in Rust.
-        Ok(port) => {
-            let port = port.cast::<super::netdevice::PyNetPort>()?.clone();
-            Arc::new(super::netdevice::PyNetDevice::new(py, device, &port)?)
-        }
-        Err(_) => Arc::new(super::device::PyDevice::new(py, device)?),
-    };
+    let device = adapt(py, device)?;
     let bound = listener.map(|l| l.get().get(py)).transpose()?;
     let flag = stop.map(|s| s.get().flag.clone());
     let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));
@@ -115,6 +108,103 @@ pub(crate) fn serve_device(
         return r.map_err(|e| to_pyerr(py, e));
     }
     serve(py, device, Where { socket_path, fd, listener: bound }, max_connections, flag, requests, policy)
+}
+
+/// A Python device as the back-end sees it.
+fn adapt(py: Python<'_>, device: Py<PyAny>) -> PyResult<Arc<dyn Device>> {
+    Ok(match device.bind(py).call_method0("_net_port") {
+        // A ``vhostuser_rs.NetDevice``: rings, control queue and RX buffers handled in Rust.
+        Ok(port) => {
+            let port = port.cast::<super::netdevice::PyNetPort>()?.clone();
+            Arc::new(super::netdevice::PyNetDevice::new(py, device, &port)?)
+        }
+        Err(_) => Arc::new(super::device::PyDevice::new(py, device)?),
+    })
+}
+
+/// Serves a Python device one session at a time, each stepped by an event loop
+/// (``Backend.serve_async``): the loop accepts, watches the session's socket and calls
+/// :meth:`BackendSession.handle_ready` when it is readable.
+#[pyclass(module = "vhostuser_rs", name = "DeviceServer", frozen)]
+pub(crate) struct PyDeviceServer {
+    device: Arc<dyn Device>,
+    requests: Arc<BackendRequests>,
+    policy: WorkerPolicy,
+}
+
+#[pymethods]
+impl PyDeviceServer {
+    #[new]
+    #[pyo3(signature = (device, *, requests=None, workers=None, cpus=None, poll=0.0))]
+    fn new(
+        py: Python<'_>,
+        device: Py<PyAny>,
+        requests: Option<Py<PyBackendRequests>>,
+        workers: Option<usize>,
+        cpus: Option<Vec<usize>>,
+        poll: Option<f64>,
+    ) -> PyResult<PyDeviceServer> {
+        let policy = policy(workers, cpus, poll)?;
+        let requests = requests.map(|r| r.get().inner.clone()).unwrap_or_else(|| Arc::new(BackendRequests::new()));
+        Ok(PyDeviceServer { device: adapt(py, device)?, requests, policy })
+    }
+
+    /// Starts a session with the front-end on `connection` (the session shares it).
+    fn session(&self, py: Python<'_>, connection: &super::socket::PyConnection) -> PyResult<PyBackendSession> {
+        let conn = connection.shared(py)?;
+        let served = ServedSession::new(self.device.clone(), self.requests.clone(), self.policy.clone());
+        Ok(PyBackendSession {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&*conn),
+            conn: Mutex::new(Some(conn)),
+            served: Mutex::new(served),
+        })
+    }
+}
+
+/// One front-end session of a :class:`DeviceServer`.
+#[pyclass(module = "vhostuser_rs", name = "BackendSession", frozen)]
+pub(crate) struct PyBackendSession {
+    /// `None` once closed: the socket is released at once, not when the object is collected.
+    conn: Mutex<Option<Arc<Connection>>>,
+    fd: RawFd,
+    served: Mutex<ServedSession>,
+}
+
+#[pymethods]
+impl PyBackendSession {
+    /// The session's socket (watch it for readability).
+    fn fileno(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Handles the messages that have arrived, without waiting for more, with the GIL released
+    /// (the device's Python hooks take it on their own). True while the session goes on, False
+    /// once the front-end hung up; a message that breaks the spec raises (the session is then
+    /// over). Handling one message is bounded but may take a while: GET_VRING_BASE waits for
+    /// the ring's worker to finish its batch, CHECK_DEVICE_STATE at most 5 s.
+    fn handle_ready(&self, py: Python<'_>) -> PyResult<bool> {
+        // The lock is taken with the GIL released: the device hooks run under it take the GIL.
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let Some(conn) = conn else { return Ok(false) };
+        let served = &self.served;
+        py.detach(|| served.lock().unwrap_or_else(|e| e.into_inner()).handle_ready(&conn)).map_err(|e| to_pyerr(py, e))
+    }
+
+    /// Whether the session is over.
+    #[getter]
+    fn finished(&self, py: Python<'_>) -> bool {
+        let served = &self.served;
+        py.detach(|| served.lock().unwrap_or_else(|e| e.into_inner()).is_finished())
+    }
+
+    /// Ends the session (rings stopped, device reset) and shuts the socket down. Idempotent.
+    fn close(&self, py: Python<'_>) {
+        let served = &self.served;
+        py.detach(|| served.lock().unwrap_or_else(|e| e.into_inner()).finish());
+        if let Some(conn) = self.conn.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            conn.shutdown();
+        }
+    }
 }
 
 /// Where to serve: a listener bound earlier, a path to bind, or one connected socket.
@@ -361,6 +451,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(serve_blk, m)?)?;
     m.add_function(wrap_pyfunction!(serve_device, m)?)?;
     m.add_class::<StopFlag>()?;
+    m.add_class::<PyDeviceServer>()?;
+    m.add_class::<PyBackendSession>()?;
     m.add_class::<PyBackendRequests>()?;
     Ok(())
 }

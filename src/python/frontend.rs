@@ -4,6 +4,7 @@
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use pyo3::exceptions::PyValueError;
@@ -14,10 +15,11 @@ use super::blocking::timeout;
 use super::errors::{to_pyerr, IntoPyResult};
 use super::socket::borrow_fds;
 use super::wire::{message_to_py, payload_from_py};
+use crate::connection::Received;
 use crate::connection::{Connection, Deadline};
 use crate::error::Error;
 use crate::frontend::channel::{BackendChannel, BackendRequestHandler, NOT_SUPPORTED};
-use crate::frontend::{Frontend, RequestOptions};
+use crate::frontend::{Exchange, Frontend, RequestOptions, Step};
 use crate::protocol::{FrontendRequest, Message};
 
 /// The Rust core of a front-end session (use ``vhostuser_rs.Frontend``).
@@ -46,6 +48,126 @@ impl PyFrontendCore {
                 Err(e) => e,
             }
         })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn prepare(
+    py: Python<'_>,
+    fe: &Frontend,
+    request: u32,
+    payload: Option<Bound<'_, PyAny>>,
+    fds: Vec<RawFd>,
+    need_reply: Option<bool>,
+    timeout: Option<f64>,
+    check_gate: bool,
+) -> PyResult<Exchange> {
+    let req = FrontendRequest::from_code(request)
+        .ok_or_else(|| PyValueError::new_err(format!("unknown front-end request {request}")))?;
+    let payload = match payload {
+        Some(p) => payload_from_py(&p)?,
+        None => crate::protocol::Payload::Empty,
+    };
+    let borrowed = borrow_fds(&fds)?;
+    let opts = RequestOptions {
+        need_reply,
+        check_gate,
+        deadline: Deadline::after(super::blocking::timeout(timeout)?),
+        ..RequestOptions::default()
+    };
+    fe.exchange(req, payload, &borrowed, opts).py_err(py)
+}
+
+type Reply<'py> = (Option<Bound<'py, PyAny>>, Vec<RawFd>);
+
+fn reply_to_py(py: Python<'_>, result: Result<Option<Received>, Error>) -> PyResult<Reply<'_>> {
+    match result.map_err(|e| to_pyerr(py, e))? {
+        None => Ok((None, Vec::new())),
+        Some(r) => {
+            let fds = r.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
+            Ok((Some(message_to_py(py, &r.message)?), fds))
+        }
+    }
+}
+
+/// One request on its way (``FrontendCore.begin``): :meth:`poll` moves it on without blocking.
+/// Dropping or cancelling it after it was sent leaves its reply to be read and discarded by
+/// the next request (the connection stays in step).
+#[pyclass(module = "vhostuser_rs", name = "Exchange", frozen)]
+pub(crate) struct PyExchange {
+    fe: Arc<Frontend>,
+    /// `None` once over (result handed out, or cancelled).
+    ex: Mutex<Option<Exchange>>,
+    /// What the last step waits for: the main channel (true) or the line (false).
+    waiting: AtomicBool,
+}
+
+impl PyExchange {
+    fn set_waiting(&self, readable: bool) {
+        self.waiting.store(readable, Ordering::Relaxed);
+    }
+}
+
+#[pymethods]
+impl PyExchange {
+    /// One step, never blocking (the GIL is released during it): ``(reply, fds)`` once the
+    /// exchange is over (the fds are the caller's), ``None`` while it waits — for the main
+    /// channel to become readable (:attr:`waits_for_reply`), or for another thread's request
+    /// to finish. Raises what the request failed with (a rejection, a timeout, a hang-up).
+    fn poll<'py>(&self, py: Python<'py>) -> PyResult<Option<Reply<'py>>> {
+        let mut guard = self.ex.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(ex) = guard.as_mut() else {
+            return Err(PyValueError::new_err("the exchange is over"));
+        };
+        let fe = &self.fe;
+        let step = py.detach(|| fe.step(ex));
+        match step {
+            Ok(Step::Readable) => {
+                drop(guard);
+                self.set_waiting(true);
+                Ok(None)
+            }
+            Ok(Step::Turn) => {
+                drop(guard);
+                self.set_waiting(false);
+                Ok(None)
+            }
+            Ok(Step::Done(reply)) => {
+                *guard = None;
+                reply_to_py(py, Ok(reply)).map(Some)
+            }
+            Err(e) => {
+                *guard = None;
+                Err(to_pyerr(py, e))
+            }
+        }
+    }
+
+    /// Whether the last :meth:`poll` waits for the main channel (``fileno``) to become
+    /// readable; otherwise another request holds the channel: poll again shortly.
+    #[getter]
+    fn waits_for_reply(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Seconds left before the request's timeout (None: no timeout).
+    #[getter]
+    fn remaining(&self) -> Option<f64> {
+        let guard = self.ex.lock().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().and_then(|ex| ex.deadline().remaining()).map(|d| d.as_secs_f64())
+    }
+
+    /// Abandons the request: not sent yet, it never will be; sent, its reply is read and
+    /// discarded by the next request. Idempotent.
+    fn cancel(&self) {
+        let ex = self.ex.lock().unwrap_or_else(|e| e.into_inner()).take();
+        drop(ex);
+    }
+
+    /// Whether the exchange is over.
+    #[getter]
+    fn done(&self) -> bool {
+        self.ex.lock().unwrap_or_else(|e| e.into_inner()).is_none()
     }
 }
 
@@ -120,32 +242,33 @@ impl PyFrontendCore {
         timeout: Option<f64>,
         check_gate: bool,
     ) -> PyResult<(Option<Bound<'py, PyAny>>, Vec<RawFd>)> {
-        let req = FrontendRequest::from_code(request)
-            .ok_or_else(|| PyValueError::new_err(format!("unknown front-end request {request}")))?;
-        let payload = match payload {
-            Some(p) => payload_from_py(&p)?,
-            None => crate::protocol::Payload::Empty,
-        };
-        let borrowed = borrow_fds(&fds)?;
-        let opts = RequestOptions {
-            need_reply,
-            check_gate,
-            deadline: Deadline::after(super::blocking::timeout(timeout)?),
-            ..RequestOptions::default()
-        };
         let fe = self.frontend(py)?;
+        let mut ex = prepare(py, &fe, request, payload, fds, need_reply, timeout, check_gate)?;
         let result = py.detach(|| {
             let mut interrupt = || Python::attach(|py| py.check_signals()).map_err(|e| Error::Io(io::Error::other(e)));
-            fe.request(req, payload, &borrowed, opts, &mut interrupt)
+            fe.wait(&mut ex, &mut interrupt)
         });
-        let reply = result.map_err(|e| to_pyerr(py, e))?;
-        match reply {
-            None => Ok((None, Vec::new())),
-            Some(r) => {
-                let fds = r.fds.into_iter().map(IntoRawFd::into_raw_fd).collect();
-                Ok((Some(message_to_py(py, &r.message)?), fds))
-            }
-        }
+        reply_to_py(py, result)
+    }
+
+    /// Prepares one request without sending it: an :class:`Exchange` that the caller steps with
+    /// :meth:`Exchange.poll` (never blocks) when the main channel is readable — how
+    /// ``vhostuser_rs.aio`` runs requests from an event loop.
+    #[pyo3(signature = (request, payload=None, fds=Vec::new(), *, need_reply=None, timeout=5.0, check_gate=true))]
+    #[allow(clippy::too_many_arguments)]
+    fn begin<'py>(
+        &self,
+        py: Python<'py>,
+        request: u32,
+        payload: Option<Bound<'py, PyAny>>,
+        fds: Vec<RawFd>,
+        need_reply: Option<bool>,
+        timeout: Option<f64>,
+        check_gate: bool,
+    ) -> PyResult<PyExchange> {
+        let fe = self.frontend(py)?;
+        let ex = prepare(py, &fe, request, payload, fds, need_reply, timeout, check_gate)?;
+        Ok(PyExchange { fe, ex: Mutex::new(Some(ex)), waiting: AtomicBool::new(true) })
     }
 
     /// What was offered and acknowledged so far.
@@ -426,6 +549,7 @@ impl PySharedRegion {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(block_io, m)?)?;
     m.add_class::<PyFrontendCore>()?;
+    m.add_class::<PyExchange>()?;
     m.add_class::<PySharedRegion>()?;
     let _ = timeout;
     Ok(())

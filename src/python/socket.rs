@@ -36,6 +36,11 @@ impl PyConnection {
         guard.clone().ok_or_else(|| closed_error(py))
     }
 
+    /// The connection, shared (fails once closed).
+    pub(crate) fn shared(&self, py: Python<'_>) -> PyResult<Arc<Connection>> {
+        self.get(py)
+    }
+
     fn wait_readable(&self, py: Python<'_>, conn: &Arc<Connection>, deadline: Deadline) -> PyResult<()> {
         let c = conn.clone();
         wait_until(py, deadline, "waiting for a message", move |slice| c.readable(slice))

@@ -116,15 +116,19 @@ def wait_marked(log: vu.DirtyLog, at_least: set[int], timeout: float = 5.0) -> s
 
 
 def record_requests(fe: vu.Frontend) -> list[FrontendRequest]:
-    """Makes `fe` record every request code it sends."""
+    """Makes `fe` record every request code it sends (every exchange goes through its core)."""
     sent: list[FrontendRequest] = []
-    request = fe.request
+    core = fe._core
 
-    def recording(req: FrontendRequest, *args: object, **kw: object) -> object:
-        sent.append(FrontendRequest(req))
-        return request(req, *args, **kw)  # type: ignore[arg-type]
+    class Recording:
+        def request(self, req: int, *args: object, **kw: object) -> object:
+            sent.append(FrontendRequest(req))
+            return core.request(req, *args, **kw)  # type: ignore[arg-type]
 
-    fe.request = recording  # type: ignore[method-assign, assignment]
+        def __getattr__(self, name: str) -> object:
+            return getattr(core, name)
+
+    fe._core = Recording()  # type: ignore[assignment]
     return sent
 
 
