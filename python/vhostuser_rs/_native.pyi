@@ -189,10 +189,17 @@ class BlockRequests:
 
 @final
 class DriverQueue:
-    """The driver side of a split ring (front-end role)."""
+    """The driver side of a ring (front-end role): split, or packed with ``packed=True``."""
 
     def __new__(
-        cls, memory: GuestMemory, size: int, *, event_idx: bool = False, indirect_max: int = 0, index: int = 0
+        cls,
+        memory: GuestMemory,
+        size: int,
+        *,
+        event_idx: bool = False,
+        indirect_max: int = 0,
+        index: int = 0,
+        packed: bool = False,
     ) -> DriverQueue: ...
     def add(
         self, readable: Sequence[tuple[int, int]] = ..., writable: Sequence[tuple[int, int]] = ..., *, indirect: bool = False
@@ -205,6 +212,9 @@ class DriverQueue:
     def reap(self, max: int | None = None) -> list[tuple[int, int]]: ...
     def set_interrupts(self, enabled: bool) -> None: ...
     def reset_to(self, base: int) -> None: ...
+    def hand_over(self) -> int: ...
+    @property
+    def packed(self) -> bool: ...
     @property
     def size(self) -> int: ...
     @property
@@ -214,6 +224,8 @@ class DriverQueue:
     @property
     def in_flight(self) -> int: ...
     @property
+    def vring_base(self) -> int: ...
+    @property
     def avail_idx(self) -> int: ...
     @property
     def used_idx(self) -> int: ...
@@ -221,6 +233,8 @@ class DriverQueue:
     def guest_addrs(self) -> tuple[int, int, int]: ...
     @property
     def user_addrs(self) -> tuple[int, int, int]: ...
+    @property
+    def log_guest_addr(self) -> int: ...
 
 @final
 class DescriptorChain:

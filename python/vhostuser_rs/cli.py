@@ -191,11 +191,13 @@ def run_bench(
     timeout: float = 5.0,
     poll_us: float | None = None,
     cpus: list[int] | None = None,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Connect to a vhost-user-blk back-end and run the Rust I/O loop on `queues` rings.
 
     `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4, else 0); `cpus` pins
-    the I/O thread of queue i to ``cpus[i % len(cpus)]``.
+    the I/O thread of queue i to ``cpus[i % len(cpus)]``; `packed` drives packed rings
+    (VIRTIO_F_RING_PACKED; NegotiationError if the back-end does not offer it).
     """
     import resource
     import threading
@@ -213,6 +215,7 @@ def run_bench(
         queue_size=max(64, 1 << (3 * iodepth - 1).bit_length()),
         memory_size=max(64 << 20, 4 * queues * iodepth * bs + (16 << 20)),
         timeout=timeout,
+        packed=packed,
     )
     handshake = time.perf_counter() - t0
     try:
@@ -254,6 +257,7 @@ def run_bench(
         "bs": bs,
         "iodepth": iodepth,
         "queues": queues,
+        "packed": packed,
         "ios": ios,
         "elapsed_s": elapsed,
         "iops": ios / elapsed if elapsed else 0.0,
@@ -345,6 +349,7 @@ def run_net_bench(
     poll_us: float = 50.0,
     cpus: list[int] | None = None,
     timeout: float = 5.0,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Connect a :class:`~vhostuser_rs.netclient.NetClient` to a vhost-user net back-end and run
     the Rust burst loop (:meth:`NetClient.run_bench`) on each of `queue_pairs` pairs, one thread
@@ -358,7 +363,7 @@ def run_net_bench(
     from .netclient import NetBenchResult, NetClient
 
     t0 = time.perf_counter()
-    client = NetClient.connect(socket_path, queue_pairs=queue_pairs, timeout=timeout)
+    client = NetClient.connect(socket_path, queue_pairs=queue_pairs, timeout=timeout, packed=packed)
     handshake = time.perf_counter() - t0
     try:
         results: list[NetBenchResult | None] = [None] * queue_pairs
@@ -400,6 +405,7 @@ def run_net_bench(
         "pktlen": pktlen,
         "burst": burst,
         "queue_pairs": queue_pairs,
+        "packed": packed,
         "frames": frames,
         "tx_frames": total("tx_frames"),
         "rx_frames": total("rx_frames"),
@@ -449,6 +455,7 @@ def _cmd_bench_net(args: argparse.Namespace) -> int:
         doc = run_net_bench(
             socket_path, mode=args.mode, pktlen=args.pktlen, queue_pairs=args.queue_pairs, burst=args.burst,
             duration=args.time, poll_us=50.0 if args.poll_us is None else args.poll_us, cpus=args.cpus,
+            packed=args.packed,
         )
         if backend is not None:
             doc["backend"] = "built-in serve-net --loopback"
@@ -488,7 +495,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         doc = run_bench(
             socket_path, rw=args.rw, bs=_size(args.bs), iodepth=args.iodepth, queues=args.queues,
             duration=args.time, verify=args.verify, progress=not args.json and sys.stderr.isatty(),
-            poll_us=args.poll_us, cpus=args.cpus,
+            poll_us=args.poll_us, cpus=args.cpus, packed=args.packed,
         )
         if backend is not None:
             doc["backend"] = "built-in serve-blk on a temporary image"
@@ -678,6 +685,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid polling: yield and re-check the used ring this long before sleeping on the call "
                    "eventfd (default: blk 50 at iodepth <= 4, else 0; net 50)")
     p.add_argument("--cpus", type=_cpu_list, help="pin the I/O threads to these CPUs (e.g. 0 or 0,1 or 0-3)")
+    p.add_argument("--packed", action="store_true",
+                   help="drive packed rings (VIRTIO_F_RING_PACKED); fails if the back-end does not offer them")
     net = p.add_argument_group("--device net")
     net.add_argument("--mode", choices=("txonly", "rxonly", "loopback"), default="txonly",
                      help="send only, receive only, or send and count what comes back")

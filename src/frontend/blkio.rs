@@ -12,7 +12,7 @@ use super::eventfd;
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::virtio::blk::{RequestHeader, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use crate::virtqueue::DriverQueue;
+use crate::virtqueue::AnyDriverQueue;
 
 /// The access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -108,7 +108,7 @@ fn xorshift(state: &mut u64) -> u64 {
 /// Runs `job` on one ring. `stop` is polled about every millisecond; returning true ends the run
 /// early (Ctrl-C, a progress display).
 pub fn run(
-    queue: &mut DriverQueue,
+    queue: &mut AnyDriverQueue,
     memory: &Arc<GuestMemory>,
     kick: BorrowedFd<'_>,
     call: BorrowedFd<'_>,
@@ -119,7 +119,7 @@ pub fn run(
     if bs == 0 || bs % SECTOR_SIZE != 0 || job.capacity < bs || job.iodepth == 0 {
         return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "invalid block size, capacity or iodepth")));
     }
-    let depth = usize::from(job.iodepth).min(usize::from(queue.ring().size));
+    let depth = usize::from(job.iodepth).min(usize::from(queue.size()));
     let blocks = job.capacity / bs;
     let mem = memory.table();
     let mut slots = Vec::with_capacity(depth);
@@ -133,14 +133,14 @@ pub fn run(
             started: Instant::now(),
         });
     }
-    let mut by_head = vec![usize::MAX; usize::from(queue.ring().size)];
+    let mut by_head = vec![usize::MAX; usize::from(queue.size())];
     let mut rng = job.seed | 1;
     let mut next_seq = 0u64;
     let mut report = Report { latencies_ns: Vec::with_capacity(1 << 20), ..Report::default() };
     let mut stamp = vec![0u8; bs as usize];
     let mut check = vec![0u8; bs as usize];
     let mut submit =
-        |queue: &mut DriverQueue, i: usize, slots: &mut Vec<Slot>, by_head: &mut Vec<usize>| -> Result<()> {
+        |queue: &mut AnyDriverQueue, i: usize, slots: &mut Vec<Slot>, by_head: &mut Vec<usize>| -> Result<()> {
             let block = match job.pattern {
                 Pattern::Read | Pattern::Write => {
                     next_seq += 1;
@@ -182,7 +182,7 @@ pub fn run(
     }
     queue.set_interrupts(true);
     queue.publish();
-    if queue.kick_needed() {
+    if queue.kick_needed().map_err(|e| Error::Queue { queue: 0, source: e })? {
         eventfd::signal(kick).map_err(Error::Io)?;
     }
     let mut used = Vec::with_capacity(depth);
@@ -249,7 +249,7 @@ pub fn run(
         }
         if !used.is_empty() && running {
             queue.publish();
-            if queue.kick_needed() {
+            if queue.kick_needed().map_err(|e| Error::Queue { queue: 0, source: e })? {
                 eventfd::signal(kick).map_err(Error::Io)?;
             }
         }
@@ -279,7 +279,7 @@ pub fn run(
 }
 
 fn finish(
-    queue: &mut DriverQueue,
+    queue: &mut AnyDriverQueue,
     call: BorrowedFd<'_>,
     mut report: Report,
     start: Instant,
