@@ -119,7 +119,9 @@ pub fn run(
     if bs == 0 || bs % SECTOR_SIZE != 0 || job.capacity < bs || job.iodepth == 0 {
         return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "invalid block size, capacity or iodepth")));
     }
-    let depth = usize::from(job.iodepth).min(usize::from(queue.size()));
+    // Every request is a 3-descriptor chain (header, data, status): no more in flight than the
+    // ring holds, whichever its format.
+    let depth = usize::from(job.iodepth).min(usize::from(queue.size() / 3).max(1));
     let blocks = job.capacity / bs;
     let mem = memory.table();
     let mut slots = Vec::with_capacity(depth);

@@ -15,6 +15,7 @@ mod memory;
 mod net;
 mod netclient;
 mod netdevice;
+mod packed;
 mod socket;
 mod virtio;
 mod virtqueue;
@@ -43,5 +44,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     net::register(m)?;
     netdevice::register(m)?;
     netclient::register(m)?;
+    packed::register(m)?;
     Ok(())
 }

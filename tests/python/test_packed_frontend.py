@@ -32,6 +32,7 @@ from vhostuser_rs.blk import BlockClient, RequestType
 from vhostuser_rs.netclient import NetClient
 
 from netdriver import frame, swapped
+from packedblk import packed_block_backend
 from peers import qemu_storage_daemon, serve_blk
 from scripted import scripted_backend
 from test_net_client import check_port_counters, exchange, vhost_pmd
@@ -345,3 +346,63 @@ def test_packed_rings_handed_to_a_restarted_serve_blk(image: Path, sock_dir: Pat
                 reader.join(30)
                 assert got == [b"".join(sector_bytes(77 + i) for i in range(8))]
                 assert disk.frontend.sessions == 2
+
+
+# -- a packed vhost-user-blk device in this process (tests/python/packedblk.py) ---------------------
+
+
+def test_block_client_on_packed_rings_against_a_packed_device(image: Path, sock_dir: Path) -> None:
+    """Every block path on packed rings against a device that completes each batch in reverse
+    order: the crate's packed device side served on threads (no installed block back-end
+    offers RING_PACKED)."""
+    sock = sock_dir / "packed.sock"
+    with packed_block_backend(sock, image) as be:
+        _block_checks_on_packed_rings(sock, image)
+        assert be.sessions == 2 and be.acked & PACKED
+        # The Python request path (native=False) too.
+        with BlockClient.connect(sock, packed=True, native=False, queue_size=10) as disk:
+            assert disk.read(512 * 5, 512) == sector_bytes(5)
+            disk.write(512 * 6, b"\x5a" * 1024)
+            assert disk.read(512 * 6, 1024) == b"\x5a" * 1024
+            assert disk.get_id() == b"packed-test"
+
+
+def test_bench_packed_against_a_packed_device(image: Path, sock_dir: Path) -> None:
+    sock = sock_dir / "packed.sock"
+    with packed_block_backend(sock, image):
+        out = subprocess.run(
+            [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock), "--packed", "--time", "0.5",
+             "--iodepth", "8", "--rw", "rw", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert doc["packed"] is True and doc["ios"] > 50 and doc["errors"] == 0
+
+
+def test_reconnect_hands_a_packed_ring_with_a_request_in_flight_to_a_new_device(image: Path, sock_dir: Path) -> None:
+    """The back-end takes a read from the ring and dies without completing it; the restarted
+    back-end gets the ring with the read written into it again (DriverQueue.hand_over) and
+    completes it with the right data."""
+    sock = sock_dir / "packed.sock"
+    got: list[bytes] = []
+    with packed_block_backend(sock, image) as first:
+        disk = BlockClient.connect(sock, packed=True, reconnect=20.0, timeout=30.0)
+        try:
+            assert disk.read(0, 512) == sector_bytes(0)
+            first.die_on_pop = True
+            reader = threading.Thread(target=lambda: got.append(disk.read(512 * 77, 4096)))
+            reader.start()
+            assert first.dead.wait(10), "the back-end took the read"
+        except BaseException:
+            disk.close()
+            raise
+    try:
+        assert disk.queues[0].queue.in_flight == 1
+        with packed_block_backend(sock, image) as second:
+            reader.join(30)
+            assert got == [b"".join(sector_bytes(77 + i) for i in range(8))]
+            assert second.sessions == 1 and disk.frontend.sessions == 2
+            assert disk.read(512 * 9, 512) == sector_bytes(9)
+    finally:
+        disk.close()
