@@ -873,6 +873,7 @@ mod packed_tests {
     use super::*;
     use crate::virtqueue::{
         ChainBatch, PackedBase, PackedDeviceQueue, PackedDriverQueue, PackedQueueConfig, RingAddressSpace,
+        VirtqueueError,
     };
 
     fn device(q: &AnyDriverQueue) -> PackedDeviceQueue {
@@ -937,5 +938,41 @@ mod packed_tests {
         }
         assert_eq!(rx.counters().rx_frames, 60);
         assert_eq!(rxq.in_flight(), 6, "every RX buffer posted again");
+    }
+
+    /// A packed device that returns an RX buffer id not in flight, or a length beyond the
+    /// buffer, breaks nothing: `recv` fails with the queue's error; a used descriptor with the
+    /// wrong wrap counter is not a completion at all.
+    #[test]
+    fn hostile_packed_rx_completions_are_errors() {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 16 << 20)]).unwrap());
+        let layout = PairLayout::new(VirtioFeatures::VERSION_1.bits(), None);
+        let mut rxq = AnyDriverQueue::Packed(PackedDriverQueue::allocate(mem.clone(), 4, false, 0).unwrap());
+        let mut rx = RxRing::new(mem.clone(), &mut rxq, 2, layout).unwrap();
+        let desc = rxq.guest_addrs().0;
+        let used = |id: u16, len: u32, wrap: bool| {
+            let flags: u16 = crate::virtqueue::VIRTQ_DESC_F_WRITE | if wrap { 0x8080 } else { 0 };
+            let mut raw = [0u8; 16];
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&id.to_le_bytes());
+            raw[14..16].copy_from_slice(&flags.to_le_bytes());
+            mem.table().write(desc, &raw).unwrap();
+        };
+        let mut frames = 0;
+        used(0, 100, false);
+        assert_eq!(rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap().0, 0, "a previous lap's used descriptor");
+        used(9, 100, true);
+        let err = rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::Queue { queue: 2, source: VirtqueueError::UsedIdNotInFlight { id: 9 } }), "{err}");
+        used(0, layout.rx_buffer_len + 1, true);
+        let err = rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. }), "{err}");
+        used(0, 80, true);
+        rx.recv(&mut rxq, 8, &mut |_| {
+            frames += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(frames, 1, "the ring still works");
     }
 }
