@@ -90,8 +90,10 @@ def test_packed_rings_are_acked_only_when_asked_and_set_up_with_their_three_part
             # The scripted back-end answers GET_VRING_BASE with 0: slot 0, wrap counter 0.
             stopped = fe.stop_queue(0)
             assert stopped == 0
-            fe.setup_queue(0, 12, base=stopped)
+            again = fe.setup_queue(0, 12, base=stopped).queue
             assert fake.requests(F.SET_VRING_BASE)[-1][0] == m.VringState(0, 0)
+            # A fresh ring restarted with wrap counter 0 has nothing used in it.
+            assert again.reap() == [] and again.vring_base == 0
             with pytest.raises(vu.NegotiationError, match="split rings only"):
                 fe.setup_inflight(1, 12)
     # Offered but not asked for: a split ring, RING_PACKED not acknowledged.

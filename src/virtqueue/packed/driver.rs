@@ -8,8 +8,11 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use super::device::PackedDesc;
-use super::{event_wants, is_used, PackedBase, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET, MAX_PACKED_QUEUE_SIZE};
+use super::{
+    event_wants, is_used, used_bits, PackedBase, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET, MAX_PACKED_QUEUE_SIZE,
+};
 use super::{RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE};
+use super::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
 use crate::memory::GuestMemory;
 use crate::virtqueue::error::VirtqueueError;
 use crate::virtqueue::layout::{load_u16, store_u16, DESC_SIZE};
@@ -200,9 +203,24 @@ impl PackedDriverQueue {
 
     /// Restarts from `base` (GET_VRING_BASE of a back-end that completed everything: the next
     /// available and used positions coincide). Buffers still in flight are forgotten.
+    ///
+    /// Every slot's AVAIL/USED bits are rewritten to read "used in the lap it last belonged
+    /// to": slots before `base` in `base`'s lap, the others in the lap before. Without this a
+    /// zeroed ring restarted with wrap counter 0 would read as full of used descriptors (both
+    /// bits equal to the counter, virtio 1.2 §2.8.1) — to the driver, which reaps from there.
     pub fn reset_to(&mut self, base: RingPos) -> Result<(), VirtqueueError> {
         if base.index >= self.ring.size {
             return Err(VirtqueueError::PositionOutOfRange { part: "avail", index: base.index, size: self.ring.size });
+        }
+        for slot in 0..self.ring.size {
+            let lap = if slot < base.index { base.wrap } else { !base.wrap };
+            let at = usize::from(slot) * 16 + FLAGS_OFFSET;
+            // SAFETY: slot < size, inside the ring; nobody else uses a ring being reset.
+            unsafe {
+                let f = load_u16(self.desc.add(at), Ordering::Relaxed);
+                let f = (f & !(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) | used_bits(lap);
+                store_u16(self.desc.add(at), f, Ordering::Relaxed);
+            }
         }
         self.next_avail = base;
         self.kicked = base;
@@ -567,6 +585,34 @@ mod hand_over_tests {
             let e = q.add(&[(buf, 1)], &[]).unwrap();
             q.publish();
             assert_eq!(pop_all(&mut dev)[0].0, e);
+        }
+    }
+
+    #[test]
+    fn a_ring_restarted_at_any_position_reads_empty_then_runs() {
+        // Wrap counter 0 is the case a zeroed ring gets wrong (flags 0 = used in lap 0).
+        for base in
+            [RingPos { index: 0, wrap: false }, RingPos { index: 3, wrap: false }, RingPos { index: 5, wrap: true }]
+        {
+            let mem = Arc::new(GuestMemory::allocate(&[(0, 1 << 20)]).unwrap());
+            let mut q = PackedDriverQueue::allocate(mem.clone(), 6, false, 0).unwrap();
+            let buf = mem.alloc(4096, 64).unwrap();
+            q.reset_to(base).unwrap();
+            let mut dev = device(&q, PackedBase { avail: base, used: base });
+            let mut used = Vec::new();
+            assert_eq!(q.reap(&mut used, 8).unwrap(), 0, "nothing is used yet");
+            assert!(pop_all(&mut dev).is_empty(), "nothing is available yet");
+            for round in 0..10u32 {
+                let a = q.add(&[(buf, 8)], &[(buf + 64, 64)]).unwrap();
+                q.publish();
+                let [(id, _)] = pop_all(&mut dev)[..] else { panic!("round {round}") };
+                assert_eq!(id, a);
+                dev.complete_with(id, std::iter::empty(), round).unwrap();
+                dev.publish_used().unwrap();
+                used.clear();
+                assert_eq!(q.reap(&mut used, 8).unwrap(), 1);
+                assert_eq!(used, vec![(a, round)]);
+            }
         }
     }
 
