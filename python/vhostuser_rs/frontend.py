@@ -1328,7 +1328,7 @@ class Frontend:
         if packed and VirtioFeature.RING_PACKED not in offered:
             raise NegotiationError(
                 "packed rings were asked for but the back-end does not offer VIRTIO_F_RING_PACKED "
-                f"(it offers {offered!r})"
+                f"(it offers {int(offered):#x}: {offered!r})"
             )
         proto = ProtocolFeature(0)
         if VirtioFeature.PROTOCOL_FEATURES in offered:
