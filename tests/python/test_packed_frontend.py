@@ -179,6 +179,40 @@ def test_hostile_completions_through_the_native_block_path(sock_dir: Path) -> No
                 engine.close()
 
 
+def test_block_client_survives_a_hostile_packed_device(sock_dir: Path) -> None:
+    """BlockClient(packed=True) whose device answers a read with a used descriptor naming an id
+    never submitted: the read raises VirtqueueError, the next request too (the ring is broken
+    for good), and the client closes (no fd left behind: conftest checks)."""
+    proto = int(vu.ProtocolFeature.REPLY_ACK | vu.ProtocolFeature.CONFIG)
+    with scripted_backend(sock_dir, features=OFFER, protocol_features=proto) as fake:
+        disk = BlockClient.connect(fake.path, packed=True, timeout=10.0)  # type: ignore[attr-defined]
+        try:
+            dq = disk.queues[0].queue
+            errors: list[BaseException] = []
+
+            def read() -> None:
+                try:
+                    disk.read(0, 512)
+                except BaseException as e:  # noqa: BLE001 - checked below
+                    errors.append(e)
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            deadline = time.monotonic() + 5
+            while dq.in_flight == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            _used(disk.memory, dq, 0, 77, 1)
+            os.eventfd_write(disk.queues[0].call_fd, 1)
+            reader.join(10)
+            assert len(errors) == 1 and isinstance(errors[0], vu.VirtqueueError), errors
+            assert "77" in str(errors[0])
+            with pytest.raises(vu.VirtqueueError):
+                disk.flush()
+        finally:
+            disk.close()
+
+
 # -- DPDK testpmd's net_vhost (offers RING_PACKED) ----------------------------------------------
 
 
