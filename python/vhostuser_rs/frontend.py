@@ -17,6 +17,12 @@ them (an :class:`IommuTable` for IOTLB misses, config-change callbacks, a
 :class:`SharedObjectTable`, :class:`SharedRegion` mappings for SHMEM, :class:`HostNotifier`
 pages, in-band VRING_CALL / VRING_ERR).
 
+Rings are split rings unless :meth:`Frontend.negotiate` is given ``packed=True``: then
+VIRTIO_F_RING_PACKED is acknowledged (a back-end that does not offer it raises
+NegotiationError) and :meth:`Frontend.setup_queue` sets up packed rings (virtio 1.2 §2.8), with
+SET_VRING_ADDR carrying the descriptor ring and the driver and device event suppression areas,
+and SET_VRING_BASE the packed encoding (positions and wrap counters of both sides).
+
 ``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
 session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
 every fd at once from any state.
