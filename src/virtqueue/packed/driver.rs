@@ -73,7 +73,7 @@ pub struct PackedDriverQueue {
     /// A private copy of every descriptor written (flags without AVAIL/USED): the device
     /// overwrites slots with used descriptors, so a hand-over to a new back-end
     /// ([`hand_over`](PackedDriverQueue::hand_over)) writes the chains still in flight from here.
-    shadow: Vec<[u8; 16]>,
+    shadow: Vec<PackedDesc>,
     /// Free ring slots.
     num_free: u16,
     in_flight: u16,
@@ -126,7 +126,12 @@ impl PackedDriverQueue {
             if addr % align != 0 {
                 return Err(VirtqueueError::Misaligned { part: name, addr, align });
             }
-            t.translate(addr, len).map_err(|source| VirtqueueError::RingUnmapped { part: name, source })
+            let host = t.translate(addr, len).map_err(|source| VirtqueueError::RingUnmapped { part: name, source })?;
+            // Where the part is in this process too: descriptors are written a word at a time.
+            if host as u64 % align != 0 {
+                return Err(VirtqueueError::Misaligned { part: name, addr, align });
+            }
+            Ok(host)
         };
         let desc = part("desc", ring.desc, DESC_SIZE * u64::from(size), 16)?;
         let driver_event = part("driver event", ring.driver_event, EVENT_SUPPRESS_SIZE, 4)?;
@@ -156,7 +161,7 @@ impl PackedDriverQueue {
             last_used: RingPos::START,
             free_ids: (0..size).rev().collect(),
             ids: vec![IdState::default(); usize::from(size)],
-            shadow: vec![[0; 16]; usize::from(size)],
+            shadow: vec![PackedDesc::default(); usize::from(size)],
             num_free: size,
             in_flight: 0,
             pending: None,
@@ -276,7 +281,7 @@ impl PackedDriverQueue {
             (0..size).filter(|&id| self.ids[usize::from(id)].active && !done[usize::from(id)]).collect();
         again
             .sort_by_key(|&id| std::cmp::Reverse(self.next_avail.distance_from(self.ids[usize::from(id)].start, size)));
-        let mut lists: Vec<[u8; 16]> = Vec::new();
+        let mut lists: Vec<PackedDesc> = Vec::new();
         for &id in &again {
             let st = self.ids[usize::from(id)];
             let mut p = st.start;
@@ -294,7 +299,7 @@ impl PackedDriverQueue {
             let slots = self.ids[usize::from(id)].slots;
             self.ids[usize::from(id)].start = self.next_avail;
             for _ in 0..slots {
-                let d = PackedDesc::from_bytes(&lists[k]);
+                let d = lists[k];
                 k += 1;
                 self.put(d);
             }
@@ -323,11 +328,17 @@ impl PackedDriverQueue {
         let slot = self.next_avail.index;
         let flags = PackedDesc::avail_flags(d.flags, self.next_avail.wrap);
         let at = usize::from(slot) * 16;
-        let raw = d.to_bytes();
-        self.shadow[usize::from(slot)] = raw;
-        // SAFETY: slot < size, inside the ring; flags 2-byte aligned.
+        if let Some(s) = self.shadow.get_mut(usize::from(slot)) {
+            *s = d;
+        }
+        // SAFETY: slot < size, inside the ring (16-byte aligned, checked at set-up); flags
+        // 2-byte aligned. Written as the words of the layout (addr u64, len u32, id u16), not
+        // byte by byte: this runs for every descriptor added.
         unsafe {
-            std::ptr::write_volatile(self.desc.add(at).cast::<[u8; 14]>(), raw[..14].try_into().unwrap_or([0; 14]));
+            let p = self.desc.add(at);
+            std::ptr::write_volatile(p.cast::<u64>(), d.addr.to_le());
+            std::ptr::write_volatile(p.add(8).cast::<u32>(), d.len.to_le());
+            std::ptr::write_volatile(p.add(12).cast::<u16>(), d.id.to_le());
             if self.pending.is_none() {
                 self.pending = Some((slot, flags));
             } else {
