@@ -361,6 +361,63 @@ fn packed_driver_side(c: &mut Criterion, name: &str, shape: Shape) {
     });
 }
 
+/// Packed rings on two threads: the workload of [`two_threads`] (the issue's "driver ↔ device
+/// on two threads ≥ the split ring's chains per second").
+fn packed_two_threads(c: &mut Criterion, name: &str, shape: Shape, batch_size: usize, copy: bool) {
+    c.bench_function(name, |b| {
+        b.iter_custom(|iters| {
+            let PackedSetup { mut driver, mut device, requests } = packed_setup(shape);
+            let chains = iters * batch_size as u64;
+            let stop = Arc::new(AtomicBool::new(false));
+            let stop2 = stop.clone();
+            let dev = std::thread::spawn(move || {
+                let mut batch = ChainBatch::new();
+                let payload = vec![0x5au8; 4096];
+                while !stop2.load(Ordering::Relaxed) {
+                    batch.clear();
+                    let n = device.pop_batch(&mut batch, BATCH).unwrap();
+                    if n == 0 {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    for chain in batch.chains() {
+                        let mut written = 0;
+                        if copy {
+                            if let Some(seg) = batch.writable(chain).first() {
+                                let n = (seg.len as usize).min(payload.len());
+                                // SAFETY: inside a live mapping.
+                                unsafe { std::ptr::copy_nonoverlapping(payload.as_ptr(), seg.host, n) };
+                                written = n as u32;
+                            }
+                        }
+                        device.complete(&batch, chain, written).unwrap();
+                    }
+                    device.publish_used().unwrap();
+                }
+            });
+            let mut used = Vec::new();
+            let start = Instant::now();
+            let (mut sent, mut done) = (0u64, 0u64);
+            while done < chains {
+                let mut added = 0;
+                while sent < chains && added < batch_size && driver.num_free() >= 3 {
+                    let (r, w) = &requests[(sent % BATCH as u64) as usize];
+                    driver.add(r, w).unwrap();
+                    sent += 1;
+                    added += 1;
+                }
+                driver.publish();
+                used.clear();
+                done += driver.reap(&mut used, BATCH).unwrap() as u64;
+            }
+            let elapsed = start.elapsed();
+            stop.store(true, Ordering::Relaxed);
+            dev.join().unwrap();
+            elapsed
+        })
+    });
+}
+
 fn benches(c: &mut Criterion) {
     device_side(c, "device: 32 x 1-desc 64B chains", Shape::Single, false);
     device_side(c, "device: 32 x 3-desc block chains", Shape::Block, false);
@@ -377,6 +434,9 @@ fn benches(c: &mut Criterion) {
     packed_device_side(c, "packed device: 32 x 3-desc block chains + 4KiB copy", Shape::Block, true);
     packed_driver_side(c, "packed driver: 32 x 1-desc 64B chains", Shape::Single);
     packed_driver_side(c, "packed driver: 32 x 3-desc block chains", Shape::Block);
+    packed_two_threads(c, "packed two threads: batches of 32 x 1-desc", Shape::Single, BATCH, false);
+    packed_two_threads(c, "packed two threads: batches of 1 x 1-desc", Shape::Single, 1, false);
+    packed_two_threads(c, "packed two threads: batches of 32 x block + 4KiB copy", Shape::Block, BATCH, true);
 }
 
 criterion_group! {

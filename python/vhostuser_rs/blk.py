@@ -165,6 +165,12 @@ class BlockClient:
     (INFLIGHT_SHMFD, set up at connect when offered), and the new back-end resubmits what the
     old one had not completed. A request either completes or raises VhostUserTimeoutError after
     `timeout`; none is lost. Without it a hang-up raises ConnectionClosedError.
+
+    With ``packed=True`` the rings are packed (VIRTIO_F_RING_PACKED): asked for and not offered
+    is a NegotiationError. On a packed ring ``reconnect=`` sets up no inflight buffer: the
+    requests in flight are written into the ring again for the new back-end
+    (:meth:`DriverQueue.hand_over`), so one the old back-end had executed without completing
+    may run twice (as on a split ring without INFLIGHT_SHMFD).
     """
 
     def __init__(
@@ -181,10 +187,12 @@ class BlockClient:
         slot_size: int = 128 << 10,
         poll: float = 50e-6,
         native: bool = True,
+        packed: bool = False,
     ) -> None:
         steps = self._setup(
             frontend, num_queues=num_queues, queue_size=queue_size, memory_size=memory_size, indirect=indirect,
             event_idx=event_idx, timeout=timeout, iommu=iommu, slot_size=slot_size, poll=poll, native=native,
+            packed=packed,
         )
         frontend._run(steps)
 
@@ -202,6 +210,7 @@ class BlockClient:
         slot_size: int = 128 << 10,
         poll: float = 50e-6,
         native: bool = True,
+        packed: bool = False,
     ) -> Steps[None]:
         """The set-up as steps (run blocking by the constructor, by the loop in
         :meth:`AsyncBlockClient.connect <vhostuser_rs.aio.AsyncBlockClient.connect>`)."""
@@ -232,14 +241,21 @@ class BlockClient:
             if VirtioFeature.ACCESS_PLATFORM not in offered:
                 raise NegotiationError("the device does not offer ACCESS_PLATFORM")
         result = yield from frontend.negotiate.steps(
-            features=wanted, memory=self.memory, num_queues=num_queues, config_size=CONFIG_SIZE, handler=handler
+            features=wanted, memory=self.memory, num_queues=num_queues, config_size=CONFIG_SIZE, handler=handler,
+            packed=packed,
         )
         self.features = result.features
         self.config = BlockConfig.parse(result.config) if result.config is not None else None
         if self.config is not None and int(self.features) & BlockFeature.MQ and num_queues > self.config.num_queues:
             raise NegotiationError(f"the device has {self.config.num_queues} queues, {num_queues} requested")
         self.indirect = indirect
-        if frontend.reconnect is not None and ProtocolFeature.INFLIGHT_SHMFD in result.protocol_features:
+        #: Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated).
+        self.packed = VirtioFeature.RING_PACKED in result.features
+        if (
+            frontend.reconnect is not None
+            and ProtocolFeature.INFLIGHT_SHMFD in result.protocol_features
+            and not self.packed
+        ):
             # Kept by the front-end for the next back-end (vhost-user-blk does this in QEMU).
             yield from frontend.setup_inflight.steps(num_queues, queue_size)
         self.queues: list[Virtqueue] = []
@@ -280,6 +296,7 @@ class BlockClient:
         slot_size: int = 128 << 10,
         poll: float = 50e-6,
         native: bool = True,
+        packed: bool = False,
     ) -> BlockClient:
         """Connect to a vhost-user-blk back-end and set up `num_queues` rings. `reconnect`:
         seconds to keep trying to reach a restarted back-end after it hangs up (see the class).
@@ -293,7 +310,11 @@ class BlockClient:
         sleeping on the call eventfd — a back-end that polls its rings (``serve-blk
         --poll-us``) usually answers within it, which saves both sides a wake-up. `native`:
         False keeps every request on the Python path (one staging area, the ring driven
-        through :class:`DriverQueue` calls), as ``iommu=`` and ``reconnect=`` always do."""
+        through :class:`DriverQueue` calls), as ``iommu=`` and ``reconnect=`` always do.
+        `packed`: drive packed rings (VIRTIO_F_RING_PACKED, virtio 1.2 §2.8) instead of split
+        ones; a back-end that does not offer RING_PACKED raises NegotiationError (there is no
+        silent fall-back). Every path (native, batch, ``run_io``, aio, ``reconnect=``) works on
+        either."""
         fe = Frontend.connect(path, timeout=timeout, reconnect=reconnect)
         try:
             return cls(
@@ -308,6 +329,7 @@ class BlockClient:
                 slot_size=slot_size,
                 poll=poll,
                 native=native,
+                packed=packed,
             )
         except BaseException:
             fe.close()

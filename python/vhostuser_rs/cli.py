@@ -199,6 +199,7 @@ def run_bench(
     details: bool = False,
     status_interval: float | None = None,
     status_file: Any = None,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Connect to a vhost-user-blk back-end and run the Rust I/O loop on `queues` rings.
 
@@ -207,7 +208,8 @@ def run_bench(
     queue's ``run_io`` result with its thread's ``rusage`` (user s, system s, context switches,
     major and minor faults), for the fio JSON layout. `status_interval`: print a status line
     (the interval's IOPS and bandwidth per direction) every so many seconds to `status_file`
-    (default stderr).
+    (default stderr). `packed` drives packed rings (VIRTIO_F_RING_PACKED; NegotiationError if
+    the back-end does not offer it).
     """
     import resource
     import threading
@@ -222,6 +224,7 @@ def run_bench(
         queue_size=max(64, 1 << (3 * iodepth - 1).bit_length()),
         memory_size=max(64 << 20, 4 * queues * iodepth * bs + (16 << 20)),
         timeout=timeout,
+        packed=packed,
     )
     handshake = time.perf_counter() - t0
     try:
@@ -281,6 +284,7 @@ def run_bench(
         "bs": bs,
         "iodepth": iodepth,
         "queues": queues,
+        "packed": packed,
         "ios": ios,
         "elapsed_s": elapsed,
         "iops": ios / elapsed if elapsed else 0.0,
@@ -400,6 +404,7 @@ def run_net_bench(
     poll_us: float = 50.0,
     cpus: list[int] | None = None,
     timeout: float = 5.0,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Connect a :class:`~vhostuser_rs.netclient.NetClient` to a vhost-user net back-end and run
     the Rust burst loop (:meth:`NetClient.run_bench`) on each of `queue_pairs` pairs, one thread
@@ -413,7 +418,7 @@ def run_net_bench(
     from .netclient import NetBenchResult, NetClient
 
     t0 = time.perf_counter()
-    client = NetClient.connect(socket_path, queue_pairs=queue_pairs, timeout=timeout)
+    client = NetClient.connect(socket_path, queue_pairs=queue_pairs, timeout=timeout, packed=packed)
     handshake = time.perf_counter() - t0
     try:
         results: list[NetBenchResult | None] = [None] * queue_pairs
@@ -455,6 +460,7 @@ def run_net_bench(
         "pktlen": pktlen,
         "burst": burst,
         "queue_pairs": queue_pairs,
+        "packed": packed,
         "frames": frames,
         "tx_frames": total("tx_frames"),
         "rx_frames": total("rx_frames"),
@@ -504,6 +510,7 @@ def _cmd_bench_net(args: argparse.Namespace) -> int:
         doc = run_net_bench(
             socket_path, mode=args.mode, pktlen=args.pktlen, queue_pairs=args.queue_pairs, burst=args.burst,
             duration=args.time, poll_us=50.0 if args.poll_us is None else args.poll_us, cpus=args.cpus,
+            packed=args.packed,
         )
         if backend is not None:
             doc["backend"] = "built-in serve-net --loopback"
@@ -565,7 +572,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not (args.json or fio_format) and args.status_interval is None and sys.stderr.isatty(),
             poll_us=args.poll_us, cpus=args.cpus,
             details=fio_format or args.histogram or args.histogram_file is not None,
-            status_interval=args.status_interval,
+            status_interval=args.status_interval, packed=args.packed,
         )
         if backend is not None:
             doc["backend"] = "built-in serve-blk on a temporary image"
@@ -863,6 +870,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid polling: yield and re-check the used ring this long before sleeping on the call "
                    "eventfd (default: blk 50 at iodepth <= 4 or while the device polls its ring, else 0; net 50)")
     p.add_argument("--cpus", type=_cpu_list, help="pin the I/O threads to these CPUs (e.g. 0 or 0,1 or 0-3)")
+    p.add_argument("--packed", action="store_true",
+                   help="drive packed rings (VIRTIO_F_RING_PACKED); fails if the back-end does not offer them")
     net = p.add_argument_group("--device net")
     net.add_argument("--mode", choices=("txonly", "rxonly", "loopback"), default="txonly",
                      help="send only, receive only, or send and count what comes back")

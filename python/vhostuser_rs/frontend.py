@@ -17,6 +17,12 @@ them (an :class:`IommuTable` for IOTLB misses, config-change callbacks, a
 :class:`SharedObjectTable`, :class:`SharedRegion` mappings for SHMEM, :class:`HostNotifier`
 pages, in-band VRING_CALL / VRING_ERR).
 
+Rings are split rings unless :meth:`Frontend.negotiate` is given ``packed=True``: then
+VIRTIO_F_RING_PACKED is acknowledged (a back-end that does not offer it raises
+NegotiationError) and :meth:`Frontend.setup_queue` sets up packed rings (virtio 1.2 §2.8), with
+SET_VRING_ADDR carrying the descriptor ring and the driver and device event suppression areas,
+and SET_VRING_BASE the packed encoding (positions and wrap counters of both sides).
+
 ``Frontend.connect(path, reconnect=SECONDS)`` replaces a back-end that hangs up with a new
 session on the same path (:meth:`Frontend.reconnect_now`); :meth:`Frontend.close` releases
 every fd at once from any state.
@@ -127,9 +133,10 @@ SUPPORTED_PROTOCOL_FEATURES = (
 #: The transport feature bits (24..=40) are about the rings and the vhost layer, so the driver
 #: side of this library must implement what it acknowledges. These are the ones it does: split
 #: rings with EVENT_IDX and indirect tables (DriverQueue), VERSION_1, ANY_LAYOUT (a permission
-#: for the driver, implied by VERSION_1), PROTOCOL_FEATURES. LOG_ALL is turned on by
+#: for the driver, implied by VERSION_1), PROTOCOL_FEATURES. RING_PACKED only when the caller
+#: asks for packed rings (``negotiate(packed=True)``); LOG_ALL is turned on by
 #: :meth:`Frontend.enable_logging`; ACCESS_PLATFORM only when the caller asks for it (it then
-#: serves IOTLB_MSG). Never RING_PACKED, IN_ORDER, NOTIFICATION_DATA, ORDER_PLATFORM, SR_IOV,
+#: serves IOTLB_MSG). Never IN_ORDER, NOTIFICATION_DATA, ORDER_PLATFORM, SR_IOV,
 #: NOTIFY_ON_EMPTY, RING_RESET...: nothing here honours them.
 DRIVER_TRANSPORT_FEATURES = (
     VirtioFeature.VERSION_1
@@ -1072,13 +1079,18 @@ class _Requests:
     @exchange
     @staticmethod
     def set_vring_base(fe: Frontend, index: int, base: int) -> Steps[None]:
-        """SET_VRING_BASE: the next available index the device will read. The ring must be stopped."""
+        """SET_VRING_BASE: where the device resumes. The ring must be stopped. Split rings: the
+        next available index the device will read. Packed rings (RING_PACKED): bits 0-14 the
+        next available slot, bit 15 the driver's wrap counter, bits 16-30 the next used slot,
+        bit 31 the device's wrap counter (:attr:`DriverQueue.vring_base` computes it)."""
         yield from fe._call(F.SET_VRING_BASE, VringState(index, base))
 
     @exchange
     @staticmethod
     def get_vring_base(fe: Frontend, index: int) -> Steps[int]:
-        """GET_VRING_BASE: stop the ring and return its next available index."""
+        """GET_VRING_BASE: stop the ring and return its base (split: the next available index;
+        packed: the encoding of :meth:`set_vring_base`, of which some back-ends, DPDK's, fill
+        only the low half)."""
         state = (yield from fe._call(F.GET_VRING_BASE, VringState(index, 0)))
         return int(state.num)
 
@@ -1245,9 +1257,14 @@ class _Requests:
         """What QEMU does before starting the rings of a device that tracks inflight I/O:
         GET_INFLIGHT_FD for a new buffer (unless `buffer`, kept from an earlier back-end, is
         passed), then SET_INFLIGHT_FD. Returns the buffer to keep (yours to close), or None when
-        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only. On a
+        the back-end declines (mmap_size 0). Needs INFLIGHT_SHMFD; split rings only (raises
+        NegotiationError with RING_PACKED: a packed ring handed to a new back-end gets its
+        requests in flight written into the ring again, which a back-end resubmitting from an
+        inflight buffer would execute twice). On a
         ``reconnect=`` front-end the buffer is also kept as :attr:`inflight` and handed to each
         new back-end; the front-end then owns it (closed by :meth:`close`)."""
+        if VirtioFeature.RING_PACKED in fe.features:
+            raise NegotiationError("inflight tracking is set up for split rings only (RING_PACKED was negotiated)")
         if buffer is None:
             desc, fd = (yield from fe.get_inflight_fd.steps(num_queues, queue_size))
             if fd is None or desc.mmap_size == 0:
@@ -1360,6 +1377,7 @@ class _Requests:
         handler: BackendRequestHandler | None = None,
         config_size: int | None = None,
         inband_notifications: bool = False,
+        packed: bool = False,
     ) -> Steps[NegotiationResult]:
         """The sequence QEMU uses: GET_FEATURES, GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM,
         GET_MAX_MEM_SLOTS, SET_BACKEND_REQ_FD (with `handler`), SET_OWNER, SET_FEATURES,
@@ -1375,14 +1393,23 @@ class _Requests:
         :meth:`BackendRequestHandler.protocol_features`), and a feature whose dependencies
         (spec: protocol.md §5.4) are not acknowledged is dropped. INBAND_NOTIFICATIONS is
         acknowledged only with `inband_notifications` (rings then get no kick/call/err fds:
-        :class:`Virtqueue`). Raises NegotiationError if the back-end has fewer queues than asked.
+        :class:`Virtqueue`). With `packed`, VIRTIO_F_RING_PACKED is acknowledged and every ring
+        :meth:`setup_queue` sets up is a packed ring; a back-end that does not offer it raises
+        NegotiationError (never a silent fall-back to split rings). Without `packed` it is never
+        acknowledged. Raises NegotiationError if the back-end has fewer queues than asked.
         On a ``reconnect=`` front-end the same arguments are replayed for each new back-end.
         """
         fe._negotiation = dict(
             features=features, protocol_features=protocol_features, memory=memory, num_queues=num_queues,
             handler=handler, config_size=config_size, inband_notifications=inband_notifications,
+            packed=packed,
         )
         offered = (yield from fe.get_features.steps())
+        if packed and VirtioFeature.RING_PACKED not in offered:
+            raise NegotiationError(
+                "packed rings were asked for but the back-end does not offer VIRTIO_F_RING_PACKED "
+                f"(it offers {int(offered):#x}: {offered!r})"
+            )
         proto = ProtocolFeature(0)
         if VirtioFeature.PROTOCOL_FEATURES in offered:
             offered_proto = (yield from fe.get_protocol_features.steps())
@@ -1425,6 +1452,9 @@ class _Requests:
             # Only on request: with it every ring and buffer address is an IOVA the front-end
             # must serve through IOTLB_MSG.
             transport |= int(VirtioFeature.ACCESS_PLATFORM)
+        if packed:
+            transport |= int(VirtioFeature.RING_PACKED)
+            acked |= int(VirtioFeature.RING_PACKED)
         acked &= ~_TRANSPORT_BITS | transport
         yield from fe.set_features.steps(acked)
         if ProtocolFeature.SHMEM in proto and handler is not None:
@@ -1463,27 +1493,35 @@ class _Requests:
     ) -> Steps[Virtqueue]:
         """Allocate a ring in `memory` and start it: SET_VRING_NUM, SET_VRING_BASE,
         SET_VRING_ADDR, SET_VRING_KICK, SET_VRING_CALL, SET_VRING_ERR and, with
-        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged.
+        PROTOCOL_FEATURES, SET_VRING_ENABLE. EVENT_IDX follows what SET_FEATURES acknowledged,
+        and so does the format: a packed ring when RING_PACKED was acknowledged
+        (``negotiate(packed=True)``), whose SET_VRING_ADDR carries the descriptor ring, the
+        driver event suppression area (as ``avail``) and the device event suppression area (as
+        ``used``). `base`: what :meth:`stop_queue` returned, to restart where the ring stopped.
 
         `ring` hands an existing driver ring (with its requests in flight) to this back-end
-        instead, as QEMU does when a back-end restarts: the base defaults to the ring's used
-        index, and with an inflight buffer (`setup_inflight`) the back-end resubmits what the
-        previous one had not completed.
+        instead, as QEMU does when a back-end restarts: the base defaults to
+        :meth:`DriverQueue.hand_over` (split: the ring's used index, and with an inflight buffer
+        (`setup_inflight`) the back-end resubmits what the previous one had not completed;
+        packed: the requests in flight are written into the ring again for the new back-end).
         """
         mem = memory or fe.memory
         if mem is None:
             raise NegotiationError("no guest memory: pass memory= or negotiate(memory=...) first")
         event_idx = VirtioFeature.EVENT_IDX in fe.features
+        packed = VirtioFeature.RING_PACKED in fe.features
         if ring is not None:
             if ring.size != size:
                 raise ValueError(f"the ring has {ring.size} descriptors, not {size}")
+            if ring.packed != packed:
+                raise ValueError(f"the ring is {'packed' if ring.packed else 'split'}, the session is not")
             dq = ring
-            base = ring.used_idx if base is None else base
+            base = ring.hand_over() if base is None else base
         else:
-            dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index)
-            base = base or 0
-            if base:
+            dq = DriverQueue(mem, size, event_idx=event_idx, indirect_max=indirect_max, index=index, packed=packed)
+            if base is not None:
                 dq.reset_to(base)
+            base = dq.vring_base
         kick = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         err = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -1508,12 +1546,14 @@ class _Requests:
         vq.inband = ProtocolFeature.INBAND_NOTIFICATIONS in fe.protocol_features
         yield from fe.set_vring_num.steps(index, dq.size)
         yield from fe.set_vring_base.steps(index, base)
+        # Packed rings: desc = descriptor ring, avail = driver event suppression area, used =
+        # device event suppression area (spec: "Ring addresses").
         desc, avail, used = dq.user_addrs
-        log_addr = dq.guest_addrs[2]
+        log_addr = dq.log_guest_addr
         if VirtioFeature.ACCESS_PLATFORM in fe.features:
             # Ring addresses are IOVAs (spec: "IOMMU support"), and so is log_guest_addr.
             desc, avail, used = fe._ring_iovas(dq)
-            log_addr = used
+            log_addr = desc if dq.packed else used
         yield from fe.set_vring_addr.steps(index, desc, used, avail, log_guest_addr=log_addr)
         yield from fe.set_vring_kick.steps(index, None if vq.inband else vq.kick_fd)
         yield from fe.set_vring_call.steps(index, None if vq.inband else vq.call_fd)
@@ -1606,7 +1646,7 @@ class _Requests:
     def _set_ring_logging(fe: Frontend, on: bool) -> Steps[None]:
         for index, vq in fe._queues.items():
             desc, avail, used = vq.queue.user_addrs
-            yield from fe.set_vring_addr.steps(index, desc, used, avail, log_guest_addr=vq.queue.guest_addrs[2], log=on)
+            yield from fe.set_vring_addr.steps(index, desc, used, avail, log_guest_addr=vq.queue.log_guest_addr, log=on)
         if fe._queues:
             yield from fe._barrier.steps()
 
@@ -1783,7 +1823,10 @@ class Frontend(_Requests):
                 "or set the ring up message by message"
             )
         n = dq.size
-        sizes = (16 * n, 6 + 2 * n, 6 + 8 * n)  # descriptor table, avail ring, used ring
+        if dq.packed:
+            sizes = (16 * n, 4, 4)  # descriptor ring, driver and device event suppression areas
+        else:
+            sizes = (16 * n, 6 + 2 * n, 6 + 8 * n)  # descriptor table, avail ring, used ring
         out = []
         for gpa, size in zip(dq.guest_addrs, sizes):
             iova = iommu.iova_of(gpa, size)
@@ -1799,8 +1842,10 @@ class Frontend(_Requests):
         arguments (the handler is attached again and starts from scratch), hand over the
         inflight buffer (:attr:`inflight`, SET_INFLIGHT_FD) so the new back-end resubmits what
         the old one had taken and not completed, then hand over every ring with its requests
-        in flight (SET_VRING_BASE = the used index; with the inflight record the back-end
-        resumes after what it resubmits) and kick each. The :class:`Virtqueue` objects stay the
+        in flight (split: SET_VRING_BASE = the used index; with the inflight record the back-end
+        resumes after what it resubmits; packed: the requests in flight are written into the
+        ring again after the completions not reaped yet, :meth:`DriverQueue.hand_over`) and kick
+        each. The :class:`Virtqueue` objects stay the
         same (new eventfds inside). Raises VhostUserTimeoutError if no back-end answered in
         time (the session stays lost; call again)."""
         if self._closed:
@@ -1867,7 +1912,7 @@ class Frontend(_Requests):
             vq.kick_fd, vq.call_fd, vq.err_fd = fds
             for fd in old:
                 os.close(fd)
-            self._start_ring(vq, vq.queue.used_idx, enable=True)
+            self._start_ring(vq, vq.queue.hand_over(), enable=True)
         for vq in self._queues.values():
             vq.kick()
 

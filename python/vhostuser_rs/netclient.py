@@ -169,6 +169,7 @@ class NetClient:
         queue_size: int = 256,
         timeout: float | None = 5.0,
         control_queue: bool = False,
+        packed: bool = False,
     ) -> None:
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be at least 1")
@@ -195,8 +196,10 @@ class NetClient:
         size = queue_pairs * room + (1 << 20)
         self._memory: GuestMemory | None = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
         self._watch = _ConfigWatch()
-        result = frontend.negotiate(features=wanted, memory=self.memory, handler=self._watch)
+        result = frontend.negotiate(features=wanted, memory=self.memory, handler=self._watch, packed=packed)
         self.features = int(result.features)
+        #: Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated).
+        self.packed = bool(self.features & int(VirtioFeature.RING_PACKED))
         self._config: NetConfig | None = None
         if ProtocolFeature.CONFIG in frontend.protocol_features:
             try:
@@ -265,6 +268,7 @@ class NetClient:
         queue_size: int = 256,
         timeout: float | None = 5.0,
         control_queue: bool = False,
+        packed: bool = False,
     ) -> NetClient:
         """Connect to a vhost-user net back-end, negotiate (MRG_RXBUF, MAC, MTU, STATUS, MQ,
         CTRL_VQ, CTRL_RX, CTRL_MAC_ADDR, EVENT_IDX, INDIRECT_DESC, VERSION_1 when offered, or
@@ -278,12 +282,15 @@ class NetClient:
         enables and disables rings, and only the bits this makes true are acknowledged (MQ,
         CTRL_VQ; not CTRL_RX, CTRL_MAC_ADDR). ``control_queue=True`` gives the ring (the last
         one) to a back-end that serves it, such as ``vhostuser-rs serve-net``, and the
-        commands go through it."""
+        commands go through it.
+
+        `packed`: every ring (RX, TX, control) is a packed ring (VIRTIO_F_RING_PACKED); a
+        back-end that does not offer it raises NegotiationError (no silent fall-back)."""
         fe = Frontend.connect(path, timeout=timeout)
         try:
             return cls(
                 fe, queue_pairs=queue_pairs, mac=mac, mtu=mtu, features=features, queue_size=queue_size,
-                timeout=timeout, control_queue=control_queue,
+                timeout=timeout, control_queue=control_queue, packed=packed,
             )
         except BaseException:
             fe.close()

@@ -13,7 +13,7 @@ use super::poll::{AdaptivePoll, POLL_WINDOW};
 use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::virtio::blk::{RequestHeader, SECTOR_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT};
-use crate::virtqueue::DriverQueue;
+use crate::virtqueue::AnyDriverQueue;
 
 /// The access pattern.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -117,7 +117,7 @@ fn xorshift(state: &mut u64) -> u64 {
 /// Runs `job` on one ring. `stop` is polled about every millisecond; returning true ends the run
 /// early (Ctrl-C, a progress display).
 pub fn run(
-    queue: &mut DriverQueue,
+    queue: &mut AnyDriverQueue,
     memory: &Arc<GuestMemory>,
     kick: BorrowedFd<'_>,
     call: BorrowedFd<'_>,
@@ -128,7 +128,9 @@ pub fn run(
     if bs == 0 || bs % SECTOR_SIZE != 0 || job.capacity < bs || job.iodepth == 0 {
         return Err(Error::Io(io::Error::new(io::ErrorKind::InvalidInput, "invalid block size, capacity or iodepth")));
     }
-    let depth = usize::from(job.iodepth).min(usize::from(queue.ring().size));
+    // Every request is a 3-descriptor chain (header, data, status): no more in flight than the
+    // ring holds, whichever its format.
+    let depth = usize::from(job.iodepth).min(usize::from(queue.size() / 3).max(1));
     let blocks = job.capacity / bs;
     let mem = memory.table();
     let mut slots = Vec::with_capacity(depth);
@@ -142,14 +144,14 @@ pub fn run(
             started: Instant::now(),
         });
     }
-    let mut by_head = vec![usize::MAX; usize::from(queue.ring().size)];
+    let mut by_head = vec![usize::MAX; usize::from(queue.size())];
     let mut rng = job.seed | 1;
     let mut next_seq = 0u64;
     let mut report = Report { latencies_ns: Vec::with_capacity(1 << 20), ..Report::default() };
     let mut stamp = vec![0u8; bs as usize];
     let mut check = vec![0u8; bs as usize];
     let mut submit =
-        |queue: &mut DriverQueue, i: usize, slots: &mut Vec<Slot>, by_head: &mut Vec<usize>| -> Result<()> {
+        |queue: &mut AnyDriverQueue, i: usize, slots: &mut Vec<Slot>, by_head: &mut Vec<usize>| -> Result<()> {
             let block = match job.pattern {
                 Pattern::Read | Pattern::Write => {
                     next_seq += 1;
@@ -191,7 +193,7 @@ pub fn run(
     }
     queue.set_interrupts(true);
     queue.publish();
-    if queue.kick_needed() {
+    if queue.kick_needed().map_err(|e| Error::Queue { queue: 0, source: e })? {
         eventfd::signal(kick).map_err(Error::Io)?;
     }
     let mut adaptive = AdaptivePoll::new();
@@ -271,7 +273,7 @@ pub fn run(
         }
         if !used.is_empty() && running {
             queue.publish();
-            if queue.kick_needed() {
+            if queue.kick_needed().map_err(|e| Error::Queue { queue: 0, source: e })? {
                 eventfd::signal(kick).map_err(Error::Io)?;
             }
         }
@@ -303,7 +305,7 @@ pub fn run(
 }
 
 fn finish(
-    queue: &mut DriverQueue,
+    queue: &mut AnyDriverQueue,
     call: BorrowedFd<'_>,
     mut report: Report,
     start: Instant,

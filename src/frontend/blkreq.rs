@@ -26,7 +26,7 @@ use crate::virtio::blk::{
     RequestHeader, SECTOR_SIZE, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
-use crate::virtqueue::{DriverQueue, VirtqueueError};
+use crate::virtqueue::{AnyDriverQueue, VirtqueueError};
 
 /// Bytes of the per-slot metadata area: the 16-byte request header, then the status byte.
 const META: u64 = 32;
@@ -222,7 +222,7 @@ impl BlockRequests {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         memory: Arc<GuestMemory>,
-        queue: &DriverQueue,
+        queue: &AnyDriverQueue,
         queue_index: u16,
         indirect: bool,
         slot_bytes: u32,
@@ -231,7 +231,7 @@ impl BlockRequests {
         main: Option<BorrowedFd<'_>>,
         poll: Duration,
     ) -> Result<BlockRequests> {
-        let size = queue.ring().size;
+        let size = queue.size();
         let n = u64::from(size);
         let mut slot_bytes = slot_bytes.max(4096) & !4095;
         let meta_base = memory.alloc(n * META, 64)?;
@@ -312,7 +312,7 @@ impl BlockRequests {
     /// order; `data[i]` is the payload of `ops[i]` for writes. Publishes them with one store
     /// and kicks if the device asks. Returns the tokens of the requests added (a prefix of
     /// `ops`: fewer when the ring is full).
-    pub fn submit(&self, queue: &Mutex<DriverQueue>, ops: &[(Op, &[u8])]) -> Result<Vec<u64>> {
+    pub fn submit(&self, queue: &Mutex<AnyDriverQueue>, ops: &[(Op, &[u8])]) -> Result<Vec<u64>> {
         let mut tokens = Vec::with_capacity(ops.len());
         self.submit_each(queue, ops, &mut |t| tokens.push(t))?;
         Ok(tokens)
@@ -321,7 +321,7 @@ impl BlockRequests {
     /// [`submit`](Self::submit), handing each token to `token` (no allocation).
     fn submit_each(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         ops: &[(Op, &[u8])],
         on_token: &mut dyn FnMut(u64),
     ) -> Result<()> {
@@ -395,7 +395,7 @@ impl BlockRequests {
             let hdr = (meta, RequestHeader::SIZE as u32);
             let status = (meta + STATUS_OFF, 1u32);
             let head = {
-                let add = |r: &[(u64, u32)], w: &[(u64, u32)], q: &mut DriverQueue| {
+                let add = |r: &[(u64, u32)], w: &[(u64, u32)], q: &mut AnyDriverQueue| {
                     if self.indirect {
                         q.add_indirect(r, w)
                     } else {
@@ -428,7 +428,13 @@ impl BlockRequests {
         }
         if added {
             q.publish();
-            if q.kick_needed() {
+            // A device event suppression area filled wrongly (packed rings) breaks the ring
+            // like a bad used entry: the requests just added are the engine's to forget.
+            let kick = q.kick_needed().inspect_err(|e| {
+                inner.broken = Some(e.to_string());
+                self.reaped.notify_all();
+            });
+            if kick.map_err(|e| self.qerr(e))? {
                 eventfd::signal(self.kick.as_fd()).map_err(Error::Io)?;
             }
         }
@@ -439,7 +445,7 @@ impl BlockRequests {
     /// the window in which the device could have skipped the call, virtio 1.2 §2.7.10);
     /// returns how many completed. A used id that is not in flight, or a length beyond the
     /// chain's writable buffers, breaks the ring for good (VirtqueueError).
-    fn reap_locked(&self, inner: &mut Inner, queue: &Mutex<DriverQueue>) -> Result<usize> {
+    fn reap_locked(&self, inner: &mut Inner, queue: &Mutex<AnyDriverQueue>) -> Result<usize> {
         self.check(inner)?;
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         let mut used = std::mem::take(&mut inner.used);
@@ -448,7 +454,7 @@ impl BlockRequests {
         result
     }
 
-    fn reap_into(&self, inner: &mut Inner, q: &mut DriverQueue, used: &mut Vec<(u16, u32)>) -> Result<usize> {
+    fn reap_into(&self, inner: &mut Inner, q: &mut AnyDriverQueue, used: &mut Vec<(u16, u32)>) -> Result<usize> {
         let mut total = 0;
         loop {
             used.clear();
@@ -463,7 +469,7 @@ impl BlockRequests {
             for &(head, written) in used.iter() {
                 let s = inner.by_head[usize::from(head)];
                 if s == u16::MAX {
-                    // In flight in the ring but not ours: added through the DriverQueue
+                    // In flight in the ring but not ours: added through the AnyDriverQueue
                     // directly. Not for this engine to judge; it only tracks its own.
                     continue;
                 }
@@ -490,7 +496,7 @@ impl BlockRequests {
     }
 
     /// Reaps without waiting; returns how many requests completed.
-    pub fn reap(&self, queue: &Mutex<DriverQueue>) -> Result<usize> {
+    pub fn reap(&self, queue: &Mutex<AnyDriverQueue>) -> Result<usize> {
         let mut inner = self.lock();
         self.reap_locked(&mut inner, queue)
     }
@@ -629,7 +635,7 @@ impl BlockRequests {
     fn sleep_once<'a>(
         &'a self,
         mut inner: MutexGuard<'a, Inner>,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         deadline: Option<Instant>,
     ) -> Result<MutexGuard<'a, Inner>> {
         let now = Instant::now();
@@ -664,7 +670,7 @@ impl BlockRequests {
     /// on the call eventfd in slices, calling `interrupt` between them.
     pub fn wait_for(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         token: u64,
         out: &mut [u8],
         deadline: Option<Instant>,
@@ -714,7 +720,7 @@ impl BlockRequests {
     /// finds polling cheaper than sleeping on the call eventfd.
     pub fn wait_completions(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         deadline: Option<Instant>,
         interrupt: &mut dyn FnMut() -> Result<()>,
     ) -> Result<bool> {
@@ -748,7 +754,7 @@ impl BlockRequests {
     /// Waits until a request could be submitted (a free slot and room in the ring).
     fn wait_room(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         deadline: Option<Instant>,
         interrupt: &mut dyn FnMut() -> Result<()>,
     ) -> Result<()> {
@@ -776,7 +782,7 @@ impl BlockRequests {
     /// completes them).
     pub fn run(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         op: Op,
         data: &[u8],
         out: &mut [u8],
@@ -868,7 +874,7 @@ impl BlockRequests {
     /// every `read`/`write` of up to a slot from Python.
     fn run_one(
         &self,
-        queue: &Mutex<DriverQueue>,
+        queue: &Mutex<AnyDriverQueue>,
         op: Op,
         data: &[u8],
         out: &mut [u8],
@@ -918,165 +924,266 @@ impl BlockRequests {
 mod tests {
 
     use super::*;
-    use crate::virtqueue::DriverRing;
+    use crate::virtqueue::{
+        ChainBatch, DriverQueue, DriverRing, PackedBase, PackedDeviceQueue, PackedDriverQueue, PackedDriverRing,
+        PackedQueueConfig, RingAddressSpace,
+    };
 
     fn eventfd() -> OwnedFd {
         super::eventfd::new().unwrap()
     }
 
-    /// The device side, played on the shared ring memory.
-    struct Device {
+    /// The device side of a split ring, played by hand on the shared ring memory.
+    struct SplitDevice {
         mem: Arc<GuestMemory>,
         ring: DriverRing,
         seen: u16,
         used: u16,
     }
 
-    impl Device {
+    /// The device side of a packed ring: the crate's device queue, plus raw used descriptors
+    /// for the hostile cases.
+    struct PackedDevice {
+        mem: Arc<GuestMemory>,
+        ring: PackedDriverRing,
+        dq: PackedDeviceQueue,
+        chains: std::collections::HashMap<u16, Vec<(u64, u32)>>,
+    }
+
+    enum Device {
+        Split(SplitDevice),
+        Packed(PackedDevice),
+    }
+
+    impl SplitDevice {
         fn u16_at(&self, gpa: u64) -> u16 {
             let mut b = [0u8; 2];
             self.mem.table().read(gpa, &mut b).unwrap();
             u16::from_le_bytes(b)
         }
+    }
+
+    impl Device {
+        fn mem(&self) -> &Arc<GuestMemory> {
+            match self {
+                Device::Split(d) => &d.mem,
+                Device::Packed(d) => &d.mem,
+            }
+        }
 
         fn take(&mut self) -> Vec<u16> {
-            let idx = self.u16_at(self.ring.avail + 2);
-            let mut heads = vec![];
-            while self.seen != idx {
-                let slot = u64::from(self.seen % self.ring.size);
-                heads.push(self.u16_at(self.ring.avail + 4 + 2 * slot));
-                self.seen = self.seen.wrapping_add(1);
+            match self {
+                Device::Split(d) => {
+                    let idx = d.u16_at(d.ring.avail + 2);
+                    let mut heads = vec![];
+                    while d.seen != idx {
+                        let slot = u64::from(d.seen % d.ring.size);
+                        heads.push(d.u16_at(d.ring.avail + 4 + 2 * slot));
+                        d.seen = d.seen.wrapping_add(1);
+                    }
+                    heads
+                }
+                Device::Packed(d) => {
+                    let mut batch = ChainBatch::new();
+                    d.dq.pop_batch(&mut batch, 64).unwrap();
+                    let mut heads = vec![];
+                    for c in batch.chains() {
+                        d.chains.insert(c.head, batch.segments(c).iter().map(|s| (s.gpa, s.len)).collect());
+                        heads.push(c.head);
+                    }
+                    heads
+                }
             }
-            heads
         }
 
         /// (addr, len) of each descriptor of the chain.
         fn chain(&self, head: u16) -> Vec<(u64, u32)> {
-            let mut out = vec![];
-            let mut d = head;
-            loop {
-                let mut b = [0u8; 16];
-                self.mem.table().read(self.ring.desc + 16 * u64::from(d), &mut b).unwrap();
-                let addr = u64::from_le_bytes(b[..8].try_into().unwrap());
-                let len = u32::from_le_bytes(b[8..12].try_into().unwrap());
-                let flags = u16::from_le_bytes(b[12..14].try_into().unwrap());
-                out.push((addr, len));
-                if flags & 1 == 0 {
-                    return out;
+            match self {
+                Device::Split(d) => {
+                    let mut out = vec![];
+                    let mut i = head;
+                    loop {
+                        let mut b = [0u8; 16];
+                        d.mem.table().read(d.ring.desc + 16 * u64::from(i), &mut b).unwrap();
+                        let addr = u64::from_le_bytes(b[..8].try_into().unwrap());
+                        let len = u32::from_le_bytes(b[8..12].try_into().unwrap());
+                        let flags = u16::from_le_bytes(b[12..14].try_into().unwrap());
+                        out.push((addr, len));
+                        if flags & 1 == 0 {
+                            return out;
+                        }
+                        i = u16::from_le_bytes(b[14..16].try_into().unwrap());
+                    }
                 }
-                d = u16::from_le_bytes(b[14..16].try_into().unwrap());
+                Device::Packed(d) => d.chains[&head].clone(),
             }
         }
 
         fn complete(&mut self, head: u16, data: &[u8], status: u8) {
             let chain = self.chain(head);
-            self.mem.table().write(chain[1].0, data).unwrap();
-            self.mem.table().write(chain.last().unwrap().0, &[status]).unwrap();
-            self.publish(u32::from(head), data.len() as u32 + 1);
+            self.mem().table().write(chain[1].0, data).unwrap();
+            self.mem().table().write(chain.last().unwrap().0, &[status]).unwrap();
+            match self {
+                Device::Split(_) => self.publish(u32::from(head), data.len() as u32 + 1),
+                Device::Packed(d) => {
+                    d.dq.complete_with(head, std::iter::empty(), data.len() as u32 + 1).unwrap();
+                    d.dq.publish_used().unwrap();
+                }
+            }
         }
 
+        /// Writes a used entry as a hostile device would: any id, any length.
         fn publish(&mut self, id: u32, len: u32) {
-            let slot = u64::from(self.used % self.ring.size);
-            let mut e = [0u8; 8];
-            e[..4].copy_from_slice(&id.to_le_bytes());
-            e[4..].copy_from_slice(&len.to_le_bytes());
-            self.mem.table().write(self.ring.used + 4 + 8 * slot, &e).unwrap();
-            self.used = self.used.wrapping_add(1);
-            self.mem.table().write(self.ring.used + 2, &self.used.to_le_bytes()).unwrap();
+            match self {
+                Device::Split(d) => {
+                    let slot = u64::from(d.used % d.ring.size);
+                    let mut e = [0u8; 8];
+                    e[..4].copy_from_slice(&id.to_le_bytes());
+                    e[4..].copy_from_slice(&len.to_le_bytes());
+                    d.mem.table().write(d.ring.used + 4 + 8 * slot, &e).unwrap();
+                    d.used = d.used.wrapping_add(1);
+                    d.mem.table().write(d.ring.used + 2, &d.used.to_le_bytes()).unwrap();
+                }
+                Device::Packed(d) => {
+                    let at = d.dq.base().used;
+                    let flags = crate::virtqueue::packed::used_bits(at.wrap) | crate::virtqueue::VIRTQ_DESC_F_WRITE;
+                    let mut raw = [0u8; 16];
+                    raw[8..12].copy_from_slice(&len.to_le_bytes());
+                    raw[12..14].copy_from_slice(&(id as u16).to_le_bytes());
+                    raw[14..16].copy_from_slice(&flags.to_le_bytes());
+                    d.mem.table().write(d.ring.desc + 16 * u64::from(at.index), &raw).unwrap();
+                }
+            }
         }
     }
 
-    fn setup() -> (Mutex<DriverQueue>, BlockRequests, Device, [OwnedFd; 2]) {
+    fn setup_ring(packed: bool) -> (Mutex<AnyDriverQueue>, BlockRequests, Device, [OwnedFd; 2]) {
         let mem = Arc::new(GuestMemory::allocate(&[(0, 8 << 20)]).unwrap());
-        let q = DriverQueue::allocate(mem.clone(), 16, true, 0).unwrap();
+        let (q, dev) = if packed {
+            let q = PackedDriverQueue::allocate(mem.clone(), 16, true, 0).unwrap();
+            let (desc, drv, devev) = q.user_addrs();
+            let cfg = PackedQueueConfig {
+                size: 16,
+                desc_addr: desc,
+                driver_event_addr: drv,
+                device_event_addr: devev,
+                addr_space: RingAddressSpace::User,
+                event_idx: true,
+                indirect: false,
+                base: PackedBase::START,
+            };
+            let dq = PackedDeviceQueue::new(Arc::new(mem.table().clone()), cfg).unwrap();
+            let dev = PackedDevice { mem: mem.clone(), ring: q.ring(), dq, chains: Default::default() };
+            (AnyDriverQueue::Packed(q), Device::Packed(dev))
+        } else {
+            let q = DriverQueue::allocate(mem.clone(), 16, true, 0).unwrap();
+            let dev = SplitDevice { mem: mem.clone(), ring: q.ring(), seen: 0, used: 0 };
+            (AnyDriverQueue::Split(q), Device::Split(dev))
+        };
         let (kick, call) = (eventfd(), eventfd());
         let engine =
             BlockRequests::new(mem.clone(), &q, 0, false, 4096, kick.as_fd(), call.as_fd(), None, Duration::ZERO)
                 .unwrap();
-        let dev = Device { mem, ring: q.ring(), seen: 0, used: 0 };
         (Mutex::new(q), engine, dev, [kick, call])
+    }
+
+    /// Every test runs on both ring formats.
+    fn each_format(test: impl Fn(&dyn Fn() -> (Mutex<AnyDriverQueue>, BlockRequests, Device, [OwnedFd; 2]))) {
+        for packed in [false, true] {
+            test(&|| setup_ring(packed));
+        }
     }
 
     #[test]
     fn out_of_order_completions_and_a_full_ring() {
-        let (q, e, mut dev, _fds) = setup();
-        let ops: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
-        let tokens = e.submit(&q, &ops).unwrap();
-        assert_eq!(tokens.len(), 5, "16 descriptors hold five 3-descriptor chains");
-        let heads = dev.take();
-        for (i, &h) in heads.iter().enumerate().rev() {
-            dev.complete(h, &[i as u8; 512], 0);
-        }
-        let mut got = vec![];
-        e.wait_completions(&q, None, &mut || Ok(())).unwrap();
-        e.collect_any(64, &mut |c, d| got.push((c.token, d[0]))).unwrap();
-        let want: Vec<(u64, u8)> = (0..5).rev().map(|i| (tokens[i], i as u8)).collect();
-        assert_eq!(got, want);
-        assert_eq!(e.in_flight(), 0);
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let ops: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+            let tokens = e.submit(&q, &ops).unwrap();
+            assert_eq!(tokens.len(), 5, "16 descriptors hold five 3-descriptor chains");
+            let heads = dev.take();
+            for (i, &h) in heads.iter().enumerate().rev() {
+                dev.complete(h, &[i as u8; 512], 0);
+            }
+            let mut got = vec![];
+            e.wait_completions(&q, None, &mut || Ok(())).unwrap();
+            e.collect_any(64, &mut |c, d| got.push((c.token, d[0]))).unwrap();
+            let want: Vec<(u64, u8)> = (0..5).rev().map(|i| (tokens[i], i as u8)).collect();
+            assert_eq!(got, want);
+            assert_eq!(e.in_flight(), 0);
+        });
     }
 
     #[test]
     fn a_cancelled_request_keeps_its_slot_until_the_device_uses_it() {
-        let (q, e, mut dev, _fds) = setup();
-        let t = e.submit(&q, &[(Op::Read { sector: 0, len: 4096 }, &[][..])]).unwrap()[0];
-        let [h] = dev.take()[..] else { panic!() };
-        let victim = dev.chain(h)[1].0;
-        e.cancel(t);
-        let more: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 4096 }, &[][..])).collect();
-        let others = e.submit(&q, &more).unwrap();
-        assert_eq!(others.len(), 4);
-        for h2 in dev.take() {
-            assert_ne!(dev.chain(h2)[1].0, victim);
-        }
-        assert_eq!(e.in_flight(), 5);
-        dev.complete(h, &[1; 4096], 0);
-        e.reap(&q).unwrap();
-        assert_eq!(e.pending_completions(), 0, "nothing reported for the cancelled request");
-        assert_eq!(e.in_flight(), 4);
-        assert!(e.collect(t, &mut []).is_err());
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let t = e.submit(&q, &[(Op::Read { sector: 0, len: 4096 }, &[][..])]).unwrap()[0];
+            let [h] = dev.take()[..] else { panic!() };
+            let victim = dev.chain(h)[1].0;
+            e.cancel(t);
+            let more: Vec<(Op, &[u8])> = (0..8).map(|i| (Op::Read { sector: i, len: 4096 }, &[][..])).collect();
+            let others = e.submit(&q, &more).unwrap();
+            assert_eq!(others.len(), 4);
+            for h2 in dev.take() {
+                assert_ne!(dev.chain(h2)[1].0, victim);
+            }
+            assert_eq!(e.in_flight(), 5);
+            dev.complete(h, &[1; 4096], 0);
+            e.reap(&q).unwrap();
+            assert_eq!(e.pending_completions(), 0, "nothing reported for the cancelled request");
+            assert_eq!(e.in_flight(), 4);
+            assert!(e.collect(t, &mut []).is_err());
+        });
     }
 
     #[test]
     fn hostile_used_entries_break_the_ring_for_good() {
-        let (q, e, mut dev, _fds) = setup();
-        e.submit(&q, &[(Op::Flush, &[][..])]).unwrap();
-        let [h] = dev.take()[..] else { panic!() };
-        dev.publish(u32::from(h) + 5, 1);
-        assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedIdNotInFlight { .. }, .. })));
-        assert!(matches!(e.submit(&q, &[(Op::Flush, &[][..])]), Err(Error::Queue { .. })));
-        let (q, e, mut dev, _fds) = setup();
-        e.submit(&q, &[(Op::Read { sector: 0, len: 512 }, &[][..])]).unwrap();
-        let [h] = dev.take()[..] else { panic!() };
-        dev.publish(u32::from(h), 4096);
-        assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. })));
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            e.submit(&q, &[(Op::Flush, &[][..])]).unwrap();
+            let [h] = dev.take()[..] else { panic!() };
+            dev.publish(u32::from(h) + 5, 1);
+            assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedIdNotInFlight { .. }, .. })));
+            assert!(matches!(e.submit(&q, &[(Op::Flush, &[][..])]), Err(Error::Queue { .. })));
+            let (q, e, mut dev, _fds) = setup();
+            e.submit(&q, &[(Op::Read { sector: 0, len: 512 }, &[][..])]).unwrap();
+            let [h] = dev.take()[..] else { panic!() };
+            dev.publish(u32::from(h), 4096);
+            assert!(matches!(e.reap(&q), Err(Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. })));
+        });
     }
 
     #[test]
     fn long_reads_are_split_into_slots_and_close_wakes_a_waiter() {
-        let (q, e, mut dev, _fds) = setup();
-        let e = Arc::new(e);
-        let q = Arc::new(q);
-        let (e2, q2) = (e.clone(), q.clone());
-        let reader = std::thread::spawn(move || {
-            let mut out = vec![0u8; 3 * 4096];
-            e2.run(&q2, Op::Read { sector: 0, len: 3 * 4096 }, &[], &mut out, None, &mut || Ok(())).map(|s| (s, out))
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let e = Arc::new(e);
+            let q = Arc::new(q);
+            let (e2, q2) = (e.clone(), q.clone());
+            let reader = std::thread::spawn(move || {
+                let mut out = vec![0u8; 3 * 4096];
+                e2.run(&q2, Op::Read { sector: 0, len: 3 * 4096 }, &[], &mut out, None, &mut || Ok(()))
+                    .map(|s| (s, out))
+            });
+            let mut heads = vec![];
+            while heads.len() < 3 {
+                heads.extend(dev.take());
+                std::thread::yield_now();
+            }
+            for (i, &h) in heads.iter().enumerate() {
+                assert_eq!(dev.chain(h)[1].1, 4096);
+                dev.complete(h, &[i as u8 + 1; 4096], 0);
+            }
+            let (status, out) = reader.join().unwrap().unwrap();
+            assert_eq!(status, 0);
+            assert_eq!((out[0], out[4096], out[8191 + 4096]), (1, 2, 3));
+            let (e2, q2) = (e.clone(), q.clone());
+            let waiter =
+                std::thread::spawn(move || e2.run(&q2, Op::Flush, &[], &mut [], None, &mut || Ok(())).map(|_| ()));
+            std::thread::sleep(Duration::from_millis(50));
+            e.close();
+            assert!(matches!(waiter.join().unwrap(), Err(Error::Disconnected)));
         });
-        let mut heads = vec![];
-        while heads.len() < 3 {
-            heads.extend(dev.take());
-            std::thread::yield_now();
-        }
-        for (i, &h) in heads.iter().enumerate() {
-            assert_eq!(dev.chain(h)[1].1, 4096);
-            dev.complete(h, &[i as u8 + 1; 4096], 0);
-        }
-        let (status, out) = reader.join().unwrap().unwrap();
-        assert_eq!(status, 0);
-        assert_eq!((out[0], out[4096], out[8191 + 4096]), (1, 2, 3));
-        let (e2, q2) = (e.clone(), q.clone());
-        let waiter = std::thread::spawn(move || e2.run(&q2, Op::Flush, &[], &mut [], None, &mut || Ok(())).map(|_| ()));
-        std::thread::sleep(Duration::from_millis(50));
-        e.close();
-        assert!(matches!(waiter.join().unwrap(), Err(Error::Disconnected)));
     }
 }

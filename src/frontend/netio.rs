@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 use crate::memory::GuestMemory;
 use crate::protocol::VirtioFeatures;
 use crate::virtio::net::{self as vnet, feature, NetHeader};
-use crate::virtqueue::{DriverQueue, VirtqueueError};
+use crate::virtqueue::{AnyDriverQueue, VirtqueueError};
 
 /// RX buffer size with MRG_RXBUF (what a frame is split into).
 pub const MRG_BUFFER_LEN: u32 = 2048;
@@ -148,8 +148,8 @@ pub struct RxRing {
 impl RxRing {
     /// Allocates one buffer per descriptor of `queue` in `memory` and posts them all (not
     /// published: call [`RxRing::flush`]). `index` names the ring in errors.
-    pub fn new(memory: Arc<GuestMemory>, queue: &mut DriverQueue, index: u16, layout: PairLayout) -> Result<RxRing> {
-        let size = queue.ring().size;
+    pub fn new(memory: Arc<GuestMemory>, queue: &mut AnyDriverQueue, index: u16, layout: PairLayout) -> Result<RxRing> {
+        let size = queue.size();
         let mut buffers = Vec::with_capacity(usize::from(size));
         for _ in 0..size {
             buffers.push(memory.alloc(u64::from(layout.rx_buffer_len), 64)?);
@@ -172,7 +172,7 @@ impl RxRing {
         Ok(rx)
     }
 
-    fn post(&mut self, queue: &mut DriverQueue, buffer: u32) -> Result<()> {
+    fn post(&mut self, queue: &mut AnyDriverQueue, buffer: u32) -> Result<()> {
         let gpa = self.buffers[buffer as usize];
         let head = queue.add(&[], &[(gpa, self.layout.rx_buffer_len)]).map_err(|e| queue_err(self.index, e))?;
         self.by_head[usize::from(head)] = buffer;
@@ -199,7 +199,7 @@ impl RxRing {
     /// device wants a kick for the reposted buffers.
     pub fn recv(
         &mut self,
-        queue: &mut DriverQueue,
+        queue: &mut AnyDriverQueue,
         max: usize,
         f: &mut dyn FnMut(RxFrame<'_>) -> Result<()>,
     ) -> Result<(usize, bool)> {
@@ -275,7 +275,7 @@ impl RxRing {
         }
         let kick = if reposted > 0 {
             queue.publish();
-            queue.kick_needed()
+            queue.kick_needed().map_err(|e| queue_err(self.index, e))?
         } else {
             false
         };
@@ -286,7 +286,7 @@ impl RxRing {
 /// The TX half of a queue pair.
 ///
 /// Each descriptor head owns one slot (header and frame): a frame goes into the slot of the head
-/// it is added under. With the first-in-first-out free list of [`DriverQueue`] and a device that
+/// it is added under. With the first-in-first-out free list of [`AnyDriverQueue`] and a device that
 /// completes in order, slot, descriptor and avail entry stay the same lap after lap, so the
 /// steady state rewrites no descriptor and no avail entry (the device's cached copies stay valid:
 /// measured against DPDK's vhost PMD, see the README).
@@ -311,8 +311,8 @@ pub struct TxRing {
 
 impl TxRing {
     /// Allocates the slots of `queue`: one per descriptor, used by the heads.
-    pub fn new(memory: Arc<GuestMemory>, queue: &DriverQueue, index: u16, layout: PairLayout) -> Result<TxRing> {
-        let size = queue.ring().size;
+    pub fn new(memory: Arc<GuestMemory>, queue: &AnyDriverQueue, index: u16, layout: PairLayout) -> Result<TxRing> {
+        let size = queue.size();
         let mut slots = Vec::with_capacity(usize::from(size));
         for _ in 0..size {
             slots.push(memory.alloc(u64::from(layout.tx_slot_len), 64)?);
@@ -353,7 +353,7 @@ impl TxRing {
 
     /// Takes back the slots the device is done with (the queue checks every used id is a head
     /// in flight).
-    pub fn reclaim(&mut self, queue: &mut DriverQueue) -> Result<()> {
+    pub fn reclaim(&mut self, queue: &mut AnyDriverQueue) -> Result<()> {
         self.used.clear();
         queue.reap(&mut self.used, usize::MAX).map_err(|e| queue_err(self.index, e))?;
         self.free += self.used.len();
@@ -377,7 +377,7 @@ impl TxRing {
     /// and whether the device wants a kick.
     pub fn send(
         &mut self,
-        queue: &mut DriverQueue,
+        queue: &mut AnyDriverQueue,
         frames: &mut dyn Iterator<Item = (NetHeader, &[u8])>,
     ) -> Result<(usize, bool)> {
         self.reclaim(queue)?;
@@ -387,7 +387,7 @@ impl TxRing {
     /// [`TxRing::send`] without reclaiming first: only the slots free now are used.
     pub fn fill(
         &mut self,
-        queue: &mut DriverQueue,
+        queue: &mut AnyDriverQueue,
         frames: &mut dyn Iterator<Item = (NetHeader, &[u8])>,
     ) -> Result<(usize, bool)> {
         let hl = self.layout.header_len;
@@ -434,7 +434,7 @@ impl TxRing {
         }
         let kick = if n > 0 {
             queue.publish();
-            queue.kick_needed()
+            queue.kick_needed().map_err(|e| queue_err(self.index, e))?
         } else {
             false
         };
@@ -515,11 +515,11 @@ pub struct PairIo<'a> {
     /// RX half and its ring.
     pub rx: &'a mut RxRing,
     /// The RX ring.
-    pub rx_queue: &'a mut DriverQueue,
+    pub rx_queue: &'a mut AnyDriverQueue,
     /// TX half.
     pub tx: &'a mut TxRing,
     /// The TX ring.
-    pub tx_queue: &'a mut DriverQueue,
+    pub tx_queue: &'a mut AnyDriverQueue,
     /// Kick of the RX ring (reposted buffers).
     pub rx_kick: BorrowedFd<'a>,
     /// Call of the RX ring.
@@ -568,16 +568,16 @@ pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) 
     let sends = job.mode != BenchMode::RxOnly;
     let receives = job.mode != BenchMode::TxOnly;
     // Loopback keeps at most one RX ring of frames out, so the device never finds it empty.
-    let window = u64::from(rx_queue.ring().size);
+    let window = u64::from(rx_queue.size());
     let rx0 = rx.counters();
     let tx0 = tx.counters();
     let mut report = BenchReport::default();
     let mut count = |_: RxFrame<'_>| Ok(());
     // One turn: a send and a receive. Returns the frames moved and whether TX was short of slots.
     let mut turn = |rx: &mut RxRing,
-                    rx_queue: &mut DriverQueue,
+                    rx_queue: &mut AnyDriverQueue,
                     tx: &mut TxRing,
-                    tx_queue: &mut DriverQueue,
+                    tx_queue: &mut AnyDriverQueue,
                     sending: bool|
      -> Result<(usize, bool)> {
         let mut moved = 0;
@@ -691,20 +691,28 @@ pub fn run_bench(io: PairIo<'_>, job: BenchJob, stop: &mut dyn FnMut() -> bool) 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::virtqueue::{DriverQueue, DriverRing};
 
     const MB: u64 = 1 << 20;
 
-    fn setup(features: u64, size: u16) -> (Arc<GuestMemory>, DriverQueue, DriverQueue, PairLayout) {
+    fn setup(features: u64, size: u16) -> (Arc<GuestMemory>, AnyDriverQueue, AnyDriverQueue, PairLayout) {
         let mem = Arc::new(GuestMemory::allocate(&[(0, 16 * MB)]).unwrap());
-        let rx = DriverQueue::allocate(mem.clone(), size, false, 0).unwrap();
-        let tx = DriverQueue::allocate(mem.clone(), size, false, 0).unwrap();
+        let rx = AnyDriverQueue::Split(DriverQueue::allocate(mem.clone(), size, false, 0).unwrap());
+        let tx = AnyDriverQueue::Split(DriverQueue::allocate(mem.clone(), size, false, 0).unwrap());
         (mem, rx, tx, PairLayout::new(features, None))
+    }
+
+    fn split_ring(q: &AnyDriverQueue) -> DriverRing {
+        match q {
+            AnyDriverQueue::Split(q) => q.ring(),
+            AnyDriverQueue::Packed(_) => unreachable!("a split ring test"),
+        }
     }
 
     /// Writes what a device would into the RX buffer under `head` and uses it (by hand, as a
     /// hostile or careful device would: the used ring is written directly).
-    fn use_rx(mem: &GuestMemory, q: &DriverQueue, entries: &[(u16, &[u8])]) {
-        let r = q.ring();
+    fn use_rx(mem: &GuestMemory, q: &AnyDriverQueue, entries: &[(u16, &[u8])]) {
+        let r = split_ring(q);
         let t = mem.table();
         let mut idx = [0u8; 2];
         t.read(r.used + 2, &mut idx).unwrap();
@@ -801,7 +809,7 @@ mod tests {
     fn used_length_beyond_the_buffer_is_an_error() {
         let (mem, mut q, _tx, layout) = setup(VirtioFeatures::VERSION_1.bits(), 4);
         let mut rx = RxRing::new(mem.clone(), &mut q, 0, layout).unwrap();
-        let r = q.ring();
+        let r = split_ring(&q);
         let mut e = [0u8; 8];
         e[4..].copy_from_slice(&(layout.rx_buffer_len + 1).to_le_bytes());
         mem.table().write(r.used + 4, &e).unwrap();
@@ -812,8 +820,8 @@ mod tests {
 
     /// Uses every chain published on `q` so far with length 0; returns their descriptors'
     /// (addr, len) lists.
-    fn use_all_tx(mem: &GuestMemory, q: &DriverQueue, from: u16) -> Vec<(u64, u32)> {
-        let r = q.ring();
+    fn use_all_tx(mem: &GuestMemory, q: &AnyDriverQueue, from: u16) -> Vec<(u64, u32)> {
+        let r = split_ring(q);
         let t = mem.table();
         let mut b = [0u8; 2];
         t.read(r.avail + 2, &mut b).unwrap();
@@ -857,5 +865,114 @@ mod tests {
         assert_eq!(n, 2);
         assert_eq!(tx.counters().tx_frames, 6);
         assert!(tx.check(10).is_err() && tx.check(layout.max_tx_frame() + 1).is_err() && tx.check(60).is_ok());
+    }
+}
+
+#[cfg(test)]
+mod packed_tests {
+    use super::*;
+    use crate::virtqueue::{
+        ChainBatch, PackedBase, PackedDeviceQueue, PackedDriverQueue, PackedQueueConfig, RingAddressSpace,
+        VirtqueueError,
+    };
+
+    fn device(q: &AnyDriverQueue) -> PackedDeviceQueue {
+        let (desc, drv, dev) = q.user_addrs();
+        let cfg = PackedQueueConfig {
+            size: q.size(),
+            desc_addr: desc,
+            driver_event_addr: drv,
+            device_event_addr: dev,
+            addr_space: RingAddressSpace::User,
+            event_idx: false,
+            indirect: false,
+            base: PackedBase::START,
+        };
+        PackedDeviceQueue::new(Arc::new(q.memory().table().clone()), cfg).unwrap()
+    }
+
+    /// Frames sent on a packed TX ring come back on a packed RX ring through a device that
+    /// copies each TX chain into the next RX buffer (a loopback), over several laps of both
+    /// rings (sizes that are not powers of two: packed rings allow any).
+    #[test]
+    fn frames_loop_through_packed_rings() {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 16 << 20)]).unwrap());
+        let layout = PairLayout::new(VirtioFeatures::VERSION_1.bits(), None);
+        let mut rxq = AnyDriverQueue::Packed(PackedDriverQueue::allocate(mem.clone(), 6, false, 0).unwrap());
+        let mut txq = AnyDriverQueue::Packed(PackedDriverQueue::allocate(mem.clone(), 5, false, 0).unwrap());
+        let mut rx = RxRing::new(mem.clone(), &mut rxq, 0, layout).unwrap();
+        let mut tx = TxRing::new(mem.clone(), &txq, 1, layout).unwrap();
+        let (mut rxdev, mut txdev) = (device(&rxq), device(&txq));
+        let (mut rb, mut tb) = (ChainBatch::new(), ChainBatch::new());
+        let t = mem.table();
+        let mut got = Vec::new();
+        for round in 0..20u8 {
+            let frames: Vec<Vec<u8>> =
+                (0..3).map(|i| vec![round.wrapping_mul(3).wrapping_add(i); 60 + usize::from(i)]).collect();
+            let mut it = frames.iter().map(|f| (NetHeader::default(), &f[..]));
+            assert_eq!(tx.send(&mut txq, &mut it).unwrap().0, 3);
+            tb.clear();
+            rb.clear();
+            txdev.pop_batch(&mut tb, 8).unwrap();
+            rxdev.pop_batch(&mut rb, 3).unwrap();
+            assert_eq!((tb.chains().len(), rb.chains().len()), (3, 3));
+            for (tc, rc) in tb.chains().iter().zip(rb.chains()) {
+                let seg = tb.segments(tc)[0];
+                let mut data = vec![0u8; seg.len as usize];
+                t.read(seg.gpa, &mut data).unwrap();
+                t.write(rb.segments(rc)[0].gpa, &data).unwrap();
+                txdev.complete_with(tc.head, std::iter::empty(), 0).unwrap();
+                rxdev.complete_with(rc.head, std::iter::empty(), seg.len).unwrap();
+            }
+            txdev.publish_used().unwrap();
+            rxdev.publish_used().unwrap();
+            got.clear();
+            rx.recv(&mut rxq, 64, &mut |fr| {
+                let mut v = vec![0u8; fr.len];
+                fr.copy_to(&mem, &mut v)?;
+                got.push(v);
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(got, frames);
+        }
+        assert_eq!(rx.counters().rx_frames, 60);
+        assert_eq!(rxq.in_flight(), 6, "every RX buffer posted again");
+    }
+
+    /// A packed device that returns an RX buffer id not in flight, or a length beyond the
+    /// buffer, breaks nothing: `recv` fails with the queue's error; a used descriptor with the
+    /// wrong wrap counter is not a completion at all.
+    #[test]
+    fn hostile_packed_rx_completions_are_errors() {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 16 << 20)]).unwrap());
+        let layout = PairLayout::new(VirtioFeatures::VERSION_1.bits(), None);
+        let mut rxq = AnyDriverQueue::Packed(PackedDriverQueue::allocate(mem.clone(), 4, false, 0).unwrap());
+        let mut rx = RxRing::new(mem.clone(), &mut rxq, 2, layout).unwrap();
+        let desc = rxq.guest_addrs().0;
+        let used = |id: u16, len: u32, wrap: bool| {
+            let flags: u16 = crate::virtqueue::VIRTQ_DESC_F_WRITE | if wrap { 0x8080 } else { 0 };
+            let mut raw = [0u8; 16];
+            raw[8..12].copy_from_slice(&len.to_le_bytes());
+            raw[12..14].copy_from_slice(&id.to_le_bytes());
+            raw[14..16].copy_from_slice(&flags.to_le_bytes());
+            mem.table().write(desc, &raw).unwrap();
+        };
+        let mut frames = 0;
+        used(0, 100, false);
+        assert_eq!(rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap().0, 0, "a previous lap's used descriptor");
+        used(9, 100, true);
+        let err = rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::Queue { queue: 2, source: VirtqueueError::UsedIdNotInFlight { id: 9 } }), "{err}");
+        used(0, layout.rx_buffer_len + 1, true);
+        let err = rx.recv(&mut rxq, 8, &mut |_| Ok(())).unwrap_err();
+        assert!(matches!(err, Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. }), "{err}");
+        used(0, 80, true);
+        rx.recv(&mut rxq, 8, &mut |_| {
+            frames += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(frames, 1, "the ring still works");
     }
 }

@@ -376,7 +376,7 @@ fn block_io<'py>(
     let borrowed = borrow_fds(&fds)?;
     let mem = memory.inner.clone();
     let mut guard = queue.inner.lock().unwrap_or_else(|e| e.into_inner());
-    let q: &mut crate::virtqueue::DriverQueue = &mut guard;
+    let q: &mut crate::virtqueue::AnyDriverQueue = &mut guard;
     let mut status_error: Option<PyErr> = None;
     let result = py.detach(|| {
         let mut last_print = std::time::Instant::now();

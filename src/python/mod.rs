@@ -15,6 +15,7 @@ mod memory;
 mod net;
 mod netclient;
 mod netdevice;
+mod packed;
 mod proxy;
 mod socket;
 mod virtio;
@@ -44,6 +45,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     net::register(m)?;
     netdevice::register(m)?;
     netclient::register(m)?;
+    packed::register(m)?;
     proxy::register(m)?;
     Ok(())
 }

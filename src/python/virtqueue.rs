@@ -1,4 +1,4 @@
-//! `DriverQueue` (front-end side), `DeviceQueue` and `DescriptorChain` (back-end side).
+//! `DriverQueue` (front-end side, split or packed), `DeviceQueue` and `DescriptorChain` (back-end side).
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -10,7 +10,10 @@ use super::errors::to_pyerr;
 use super::memory::{GuestBuffer, PyDirtyLog, PyGuestMemory};
 use crate::error::Error;
 use crate::memory::MemoryTable;
-use crate::virtqueue::{Buffer, ChainBatch, DeviceQueue, DriverQueue, QueueConfig, RingAddressSpace, VirtqueueError};
+use crate::virtqueue::{
+    AnyDriverQueue, Buffer, ChainBatch, DeviceQueue, DriverQueue, PackedDriverQueue, QueueConfig, RingAddressSpace,
+    VirtqueueError,
+};
 
 fn queue_err(py: Python<'_>, queue: u16, e: VirtqueueError) -> PyErr {
     to_pyerr(py, Error::Queue { queue, source: e })
@@ -20,20 +23,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The driver side of a split ring in this process's guest memory (front-end role): add chains
-/// of buffers, publish them, decide on kicks, reap what the device used.
+/// The driver side of a ring in this process's guest memory (front-end role), split or packed
+/// (``packed=True``, VIRTIO_F_RING_PACKED): add chains of buffers, publish them, decide on
+/// kicks, reap what the device used. Both formats behind one class: code written against one
+/// runs on the other, only the meaning of the numbers differs (a head index or a buffer id;
+/// an avail index or a packed position).
 #[pyclass(module = "vhostuser_rs", name = "DriverQueue", frozen)]
 pub(crate) struct PyDriverQueue {
-    pub(crate) inner: Mutex<DriverQueue>,
+    pub(crate) inner: Mutex<AnyDriverQueue>,
     index: u16,
 }
 
 #[pymethods]
 impl PyDriverQueue {
-    /// Allocates a ring of `size` entries (a power of two) in `memory`. With `indirect_max` > 0,
-    /// room for an indirect table of that many descriptors per head is allocated too.
+    /// Allocates a ring of `size` entries in `memory`: a split ring (size a power of two) or,
+    /// with `packed`, a packed ring (any size up to 32768). With `indirect_max` > 0, room for an
+    /// indirect table of that many descriptors per head (per buffer id) is allocated too.
     #[new]
-    #[pyo3(signature = (memory, size, *, event_idx=false, indirect_max=0, index=0))]
+    #[pyo3(signature = (memory, size, *, event_idx=false, indirect_max=0, index=0, packed=false))]
     fn new(
         py: Python<'_>,
         memory: &PyGuestMemory,
@@ -41,14 +48,21 @@ impl PyDriverQueue {
         event_idx: bool,
         indirect_max: u16,
         index: u16,
+        packed: bool,
     ) -> PyResult<PyDriverQueue> {
-        let q = DriverQueue::allocate(memory.inner.clone(), size, event_idx, indirect_max)
-            .map_err(|e| queue_err(py, index, e))?;
+        let mem = memory.inner.clone();
+        let q = if packed {
+            PackedDriverQueue::allocate(mem, size, event_idx, indirect_max).map(AnyDriverQueue::Packed)
+        } else {
+            DriverQueue::allocate(mem, size, event_idx, indirect_max).map(AnyDriverQueue::Split)
+        }
+        .map_err(|e| queue_err(py, index, e))?;
         Ok(PyDriverQueue { inner: Mutex::new(q), index })
     }
 
     /// Adds one chain: device-readable ``(addr, len)`` buffers, then device-writable ones.
-    /// Returns its head. Not visible to the device until :meth:`publish`.
+    /// Returns its head (split) or buffer id (packed). Not visible to the device until
+    /// :meth:`publish`.
     #[pyo3(signature = (readable=Vec::new(), writable=Vec::new(), *, indirect=false))]
     fn add(&self, py: Python<'_>, readable: Vec<Buffer>, writable: Vec<Buffer>, indirect: bool) -> PyResult<u16> {
         let mut q = lock(&self.inner);
@@ -56,7 +70,7 @@ impl PyDriverQueue {
         r.map_err(|e| queue_err(py, self.index, e))
     }
 
-    /// Adds many chains ``[(readable, writable), ...]`` in one call; returns their heads.
+    /// Adds many chains ``[(readable, writable), ...]`` in one call; returns their heads (ids).
     #[pyo3(signature = (chains, *, indirect=false))]
     fn add_batch(&self, py: Python<'_>, chains: Vec<(Vec<Buffer>, Vec<Buffer>)>, indirect: bool) -> PyResult<Vec<u16>> {
         let mut q = lock(&self.inner);
@@ -67,18 +81,22 @@ impl PyDriverQueue {
             .map_err(|e| queue_err(py, self.index, e))
     }
 
-    /// Makes the added chains visible (one release store of avail.idx).
+    /// Makes the added chains visible with one release store (split: avail.idx; packed: the
+    /// flags of the first descriptor added since the last publish).
     fn publish(&self) {
         lock(&self.inner).publish();
     }
 
-    /// Whether the device wants a kick for what was published since the last call.
-    fn kick_needed(&self) -> bool {
-        lock(&self.inner).kick_needed()
+    /// Whether the device wants a kick for what was published since the last call (split:
+    /// NO_NOTIFY or avail_event; packed: the device event suppression area, whose malformed
+    /// contents raise ``VirtqueueError``).
+    fn kick_needed(&self, py: Python<'_>) -> PyResult<bool> {
+        lock(&self.inner).kick_needed().map_err(|e| queue_err(py, self.index, e))
     }
 
-    /// Used entries as ``(head, written_len)``, at most `max`. Raises ``VirtqueueError`` if the
-    /// device returned something not in flight or claimed more bytes than a chain can hold.
+    /// Used entries as ``(head or id, written_len)``, at most `max`. Raises ``VirtqueueError``
+    /// if the device returned something not in flight or claimed more bytes than a chain can
+    /// hold.
     #[pyo3(signature = (max=None))]
     fn reap(&self, py: Python<'_>, max: Option<usize>) -> PyResult<Vec<(u16, u32)>> {
         let mut q = lock(&self.inner);
@@ -92,15 +110,31 @@ impl PyDriverQueue {
         lock(&self.inner).set_interrupts(enabled);
     }
 
-    /// Restarts from the base GET_VRING_BASE returned (forgets chains in flight).
-    fn reset_to(&self, base: u16) {
-        lock(&self.inner).reset_to(base);
+    /// Restarts from the base GET_VRING_BASE returned (forgets chains in flight). Packed: the
+    /// avail half of the packed encoding (bits 0–14 slot, bit 15 wrap counter) is used.
+    fn reset_to(&self, py: Python<'_>, base: u32) -> PyResult<()> {
+        lock(&self.inner).reset_to(base).map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Prepares the ring, with its chains in flight, for a new back-end (the old one died
+    /// without answering GET_VRING_BASE) and returns the SET_VRING_BASE value to send. Split:
+    /// ``used.idx`` as the device last published it. Packed: the chains still in flight are
+    /// written again after the used descriptors not reaped yet (the old device may have
+    /// overwritten them), and both halves of the base name that position.
+    fn hand_over(&self, py: Python<'_>) -> PyResult<u32> {
+        lock(&self.inner).hand_over().map_err(|e| queue_err(py, self.index, e))
+    }
+
+    /// Whether this is a packed ring.
+    #[getter]
+    fn packed(&self) -> bool {
+        lock(&self.inner).is_packed()
     }
 
     /// Ring size.
     #[getter]
     fn size(&self) -> u16 {
-        lock(&self.inner).ring().size
+        lock(&self.inner).size()
     }
 
     /// Ring index this queue is used as.
@@ -109,7 +143,7 @@ impl PyDriverQueue {
         self.index
     }
 
-    /// Free descriptors.
+    /// Free descriptors (packed: free ring slots).
     #[getter]
     fn num_free(&self) -> u16 {
         lock(&self.inner).num_free()
@@ -121,30 +155,50 @@ impl PyDriverQueue {
         lock(&self.inner).in_flight()
     }
 
-    /// The next available index (what SET_VRING_BASE sends).
+    /// What SET_VRING_BASE sends for where the driver stands: split, the next avail index;
+    /// packed, bits 0–14 the next available slot, bit 15 its wrap counter, bits 16–30 the next
+    /// used slot, bit 31 its wrap counter.
+    #[getter]
+    fn vring_base(&self) -> u32 {
+        lock(&self.inner).vring_base()
+    }
+
+    /// The next available index (split), or the next available position encoded as in the
+    /// vring base's low half (packed: slot | wrap counter << 15).
     #[getter]
     fn avail_idx(&self) -> u16 {
-        lock(&self.inner).avail_idx()
+        lock(&self.inner).vring_base() as u16
     }
 
-    /// ``used.idx`` as the device last published it, read from the ring (the base to restart
-    /// from after the back-end died without answering GET_VRING_BASE).
+    /// Split: ``used.idx`` as the device last published it, read from the ring. Packed: the
+    /// next used position the driver expects (slot | wrap counter << 15).
     #[getter]
     fn used_idx(&self) -> u16 {
-        lock(&self.inner).used_idx()
+        match &*lock(&self.inner) {
+            AnyDriverQueue::Split(q) => q.used_idx(),
+            AnyDriverQueue::Packed(q) => q.last_used().encode(),
+        }
     }
 
-    /// Guest addresses ``(desc, avail, used)`` of the ring.
+    /// Guest addresses of the ring parts: split ``(desc, avail, used)``; packed ``(descriptor
+    /// ring, driver event area, device event area)``.
     #[getter]
     fn guest_addrs(&self) -> (u64, u64, u64) {
-        let r = lock(&self.inner).ring();
-        (r.desc, r.avail, r.used)
+        lock(&self.inner).guest_addrs()
     }
 
-    /// This process's addresses ``(desc, avail, used)``: what SET_VRING_ADDR sends.
+    /// This process's addresses of the same three parts: what SET_VRING_ADDR sends (as its
+    /// desc, avail and used fields).
     #[getter]
     fn user_addrs(&self) -> (u64, u64, u64) {
         lock(&self.inner).user_addrs()
+    }
+
+    /// SET_VRING_ADDR's ``log_guest_addr``: the guest address of what the device writes when it
+    /// returns buffers (split: the used ring; packed: the descriptor ring).
+    #[getter]
+    fn log_guest_addr(&self) -> u64 {
+        lock(&self.inner).log_guest_addr()
     }
 }
 

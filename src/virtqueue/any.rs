@@ -227,6 +227,90 @@ impl AnyDriverQueue {
     pub fn memory(&self) -> &Arc<GuestMemory> {
         both_driver!(self, q => q.memory())
     }
+
+    /// Ring size.
+    #[inline]
+    pub fn size(&self) -> u16 {
+        match self {
+            AnyDriverQueue::Split(q) => q.ring().size,
+            AnyDriverQueue::Packed(q) => q.ring().size,
+        }
+    }
+
+    /// Whether this is a packed ring (VIRTIO_F_RING_PACKED).
+    pub fn is_packed(&self) -> bool {
+        matches!(self, AnyDriverQueue::Packed(_))
+    }
+
+    /// The head (split) or id (packed) the next add will return; `None` when there is no room
+    /// for one more descriptor.
+    #[inline]
+    pub fn next_head(&self) -> Option<u16> {
+        match self {
+            AnyDriverQueue::Split(q) => q.next_head(),
+            AnyDriverQueue::Packed(q) => q.next_id(),
+        }
+    }
+
+    /// Guest addresses of the three ring parts, in SET_VRING_ADDR's sense: split (desc, avail,
+    /// used); packed (descriptor ring, driver event area, device event area).
+    pub fn guest_addrs(&self) -> (u64, u64, u64) {
+        match self {
+            AnyDriverQueue::Split(q) => {
+                let r = q.ring();
+                (r.desc, r.avail, r.used)
+            }
+            AnyDriverQueue::Packed(q) => {
+                let r = q.ring();
+                (r.desc, r.driver_event, r.device_event)
+            }
+        }
+    }
+
+    /// SET_VRING_ADDR's `log_guest_addr`: the guest address of what the device writes when it
+    /// returns buffers, which VHOST_VRING_F_LOG logs — split, the used ring; packed, the
+    /// descriptor ring (used descriptors are written there).
+    pub fn log_guest_addr(&self) -> u64 {
+        match self {
+            AnyDriverQueue::Split(q) => q.ring().used,
+            AnyDriverQueue::Packed(q) => q.ring().desc,
+        }
+    }
+
+    /// SET_VRING_BASE's `num` for where the driver stands: split, the next avail index; packed,
+    /// the next available position and the next used position expected, with their wrap
+    /// counters ([`super::PackedBase::encode`]).
+    pub fn vring_base(&self) -> u32 {
+        match self {
+            AnyDriverQueue::Split(q) => q.avail_idx().into(),
+            AnyDriverQueue::Packed(q) => super::PackedBase { avail: q.next_avail(), used: q.last_used() }.encode(),
+        }
+    }
+
+    /// Restarts from what GET_VRING_BASE returned (chains in flight are forgotten): split, the
+    /// next avail index (bits 0–15); packed, the avail half (bits 0–15: slot and wrap counter;
+    /// a back-end that completed everything before answering has its used position there too,
+    /// and DPDK fills only that half, protocol.md §9 #19).
+    pub fn reset_to(&mut self, base: u32) -> Result<(), VirtqueueError> {
+        match self {
+            AnyDriverQueue::Split(q) => {
+                q.reset_to(base as u16);
+                Ok(())
+            }
+            AnyDriverQueue::Packed(q) => q.reset_to(super::PackedBase::decode_avail_only(base).avail),
+        }
+    }
+
+    /// Hands the ring, with its chains in flight, to a new back-end (the old one died without
+    /// answering GET_VRING_BASE); returns the SET_VRING_BASE `num`. Split: `used.idx` as the
+    /// device last published it (the new device reads the avail ring again from there); packed:
+    /// see [`PackedDriverQueue::hand_over`].
+    pub fn hand_over(&mut self) -> Result<u32, VirtqueueError> {
+        match self {
+            AnyDriverQueue::Split(q) => Ok(q.used_idx().into()),
+            AnyDriverQueue::Packed(q) => Ok(q.hand_over()?.encode()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -8,8 +8,11 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 
 use super::device::PackedDesc;
-use super::{event_wants, is_used, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET, MAX_PACKED_QUEUE_SIZE};
+use super::{
+    event_wants, is_used, used_bits, PackedBase, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET, MAX_PACKED_QUEUE_SIZE,
+};
 use super::{RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE};
+use super::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
 use crate::memory::GuestMemory;
 use crate::virtqueue::error::VirtqueueError;
 use crate::virtqueue::layout::{load_u16, store_u16, DESC_SIZE};
@@ -32,13 +35,21 @@ pub struct PackedDriverRing {
     pub indirect_max: u16,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 struct IdState {
     /// Ring slots the list took.
     slots: u16,
+    /// Where its first descriptor went (to write it again on a hand-over).
+    start: RingPos,
     /// Capacity of the device-writable buffers.
     writable: u64,
     active: bool,
+}
+
+impl Default for IdState {
+    fn default() -> IdState {
+        IdState { slots: 0, start: RingPos::START, writable: 0, active: false }
+    }
 }
 
 /// The driver side of one packed ring, over memory this process owns.
@@ -59,6 +70,10 @@ pub struct PackedDriverQueue {
     /// Free ids, kept privately (the device could scribble on the ring). Last in, first out.
     free_ids: Vec<u16>,
     ids: Vec<IdState>,
+    /// A private copy of every descriptor written (flags without AVAIL/USED): the device
+    /// overwrites slots with used descriptors, so a hand-over to a new back-end
+    /// ([`hand_over`](PackedDriverQueue::hand_over)) writes the chains still in flight from here.
+    shadow: Vec<PackedDesc>,
     /// Free ring slots.
     num_free: u16,
     in_flight: u16,
@@ -111,7 +126,12 @@ impl PackedDriverQueue {
             if addr % align != 0 {
                 return Err(VirtqueueError::Misaligned { part: name, addr, align });
             }
-            t.translate(addr, len).map_err(|source| VirtqueueError::RingUnmapped { part: name, source })
+            let host = t.translate(addr, len).map_err(|source| VirtqueueError::RingUnmapped { part: name, source })?;
+            // Where the part is in this process too: descriptors are written a word at a time.
+            if host as u64 % align != 0 {
+                return Err(VirtqueueError::Misaligned { part: name, addr, align });
+            }
+            Ok(host)
         };
         let desc = part("desc", ring.desc, DESC_SIZE * u64::from(size), 16)?;
         let driver_event = part("driver event", ring.driver_event, EVENT_SUPPRESS_SIZE, 4)?;
@@ -141,6 +161,7 @@ impl PackedDriverQueue {
             last_used: RingPos::START,
             free_ids: (0..size).rev().collect(),
             ids: vec![IdState::default(); usize::from(size)],
+            shadow: vec![PackedDesc::default(); usize::from(size)],
             num_free: size,
             in_flight: 0,
             pending: None,
@@ -187,9 +208,24 @@ impl PackedDriverQueue {
 
     /// Restarts from `base` (GET_VRING_BASE of a back-end that completed everything: the next
     /// available and used positions coincide). Buffers still in flight are forgotten.
+    ///
+    /// Every slot's AVAIL/USED bits are rewritten to read "used in the lap it last belonged
+    /// to": slots before `base` in `base`'s lap, the others in the lap before. Without this a
+    /// zeroed ring restarted with wrap counter 0 would read as full of used descriptors (both
+    /// bits equal to the counter, virtio 1.2 §2.8.1) — to the driver, which reaps from there.
     pub fn reset_to(&mut self, base: RingPos) -> Result<(), VirtqueueError> {
         if base.index >= self.ring.size {
             return Err(VirtqueueError::PositionOutOfRange { part: "avail", index: base.index, size: self.ring.size });
+        }
+        for slot in 0..self.ring.size {
+            let lap = if slot < base.index { base.wrap } else { !base.wrap };
+            let at = usize::from(slot) * 16 + FLAGS_OFFSET;
+            // SAFETY: slot < size, inside the ring; nobody else uses a ring being reset.
+            unsafe {
+                let f = load_u16(self.desc.add(at), Ordering::Relaxed);
+                let f = (f & !(VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED)) | used_bits(lap);
+                store_u16(self.desc.add(at), f, Ordering::Relaxed);
+            }
         }
         self.next_avail = base;
         self.kicked = base;
@@ -201,6 +237,81 @@ impl PackedDriverQueue {
         self.in_flight = 0;
         self.pending = None;
         Ok(())
+    }
+
+    /// Hands the ring to a new back-end with the buffers still in flight (the old one died
+    /// without answering GET_VRING_BASE): returns the base to send with SET_VRING_BASE.
+    ///
+    /// A packed ring keeps no record of what was made available that a new device could
+    /// re-read: the device writes used descriptors over slots it has read, so after an
+    /// out-of-order completion the descriptors of a buffer still in flight may be gone from
+    /// the ring. So: used descriptors the old device wrote and the driver has not reaped yet
+    /// stay (they are reaped as usual); after them, every buffer still in flight is written
+    /// again from this queue's private copy, in the order it was first made available, with
+    /// the same id (the span they fill is the one they took before). Both halves of the base are that position
+    /// (what QEMU restores a packed ring to: "last_avail = used", virtio 1.2 §2.8.21 gives the
+    /// driver no avail index to send). A used descriptor naming an id not in flight, or twice,
+    /// is an error and nothing is changed.
+    pub fn hand_over(&mut self) -> Result<PackedBase, VirtqueueError> {
+        let size = self.ring.size;
+        // Used but not reaped: walk them without consuming anything.
+        let mut pos = self.last_used;
+        let mut done = vec![false; usize::from(size)];
+        let mut walked = 0u16;
+        while walked < self.in_flight {
+            let at = usize::from(pos.index) * 16;
+            // SAFETY: pos.index < size, inside the ring.
+            let flags = unsafe { load_u16(self.desc.add(at + FLAGS_OFFSET), Ordering::Acquire) };
+            if !is_used(flags, pos.wrap) {
+                break;
+            }
+            // SAFETY: as above.
+            let d = unsafe { PackedDesc::read(self.desc.add(at)) };
+            let i = usize::from(d.id);
+            let entry = self.ids.get(i).copied().unwrap_or_default();
+            if !entry.active || done[i] {
+                return Err(VirtqueueError::UsedIdNotInFlight { id: d.id.into() });
+            }
+            done[i] = true;
+            pos = pos.advance(entry.slots, size);
+            walked += 1;
+        }
+        // The rest, oldest first (distance back from the next available slot).
+        let mut again: Vec<u16> =
+            (0..size).filter(|&id| self.ids[usize::from(id)].active && !done[usize::from(id)]).collect();
+        again
+            .sort_by_key(|&id| std::cmp::Reverse(self.next_avail.distance_from(self.ids[usize::from(id)].start, size)));
+        let mut lists: Vec<PackedDesc> = Vec::new();
+        for &id in &again {
+            let st = self.ids[usize::from(id)];
+            let mut p = st.start;
+            for _ in 0..st.slots {
+                lists.push(self.shadow[usize::from(p.index)]);
+                p = p.advance(1, size);
+            }
+        }
+        let old_next = self.next_avail;
+        let base = pos;
+        self.pending = None;
+        self.next_avail = pos;
+        let mut k = 0;
+        for &id in &again {
+            let slots = self.ids[usize::from(id)].slots;
+            self.ids[usize::from(id)].start = self.next_avail;
+            for _ in 0..slots {
+                let d = lists[k];
+                k += 1;
+                self.put(d);
+            }
+        }
+        // Slots in flight span exactly from the last used position to the next available one,
+        // so the lists fill that span again and end where the driver had got to.
+        debug_assert_eq!(self.next_avail, old_next);
+        self.publish();
+        self.kicked = self.next_avail;
+        self.added_since_kick = 0;
+        self.write_driver_event();
+        Ok(PackedBase { avail: base, used: base })
     }
 
     /// The id the next [`add`](Self::add) will return (`None`: no room for one descriptor).
@@ -217,10 +328,17 @@ impl PackedDriverQueue {
         let slot = self.next_avail.index;
         let flags = PackedDesc::avail_flags(d.flags, self.next_avail.wrap);
         let at = usize::from(slot) * 16;
-        let raw = d.to_bytes();
-        // SAFETY: slot < size, inside the ring; flags 2-byte aligned.
+        if let Some(s) = self.shadow.get_mut(usize::from(slot)) {
+            *s = d;
+        }
+        // SAFETY: slot < size, inside the ring (16-byte aligned, checked at set-up); flags
+        // 2-byte aligned. Written as the words of the layout (addr u64, len u32, id u16), not
+        // byte by byte: this runs for every descriptor added.
         unsafe {
-            std::ptr::write_volatile(self.desc.add(at).cast::<[u8; 14]>(), raw[..14].try_into().unwrap_or([0; 14]));
+            let p = self.desc.add(at);
+            std::ptr::write_volatile(p.cast::<u64>(), d.addr.to_le());
+            std::ptr::write_volatile(p.add(8).cast::<u32>(), d.len.to_le());
+            std::ptr::write_volatile(p.add(12).cast::<u16>(), d.id.to_le());
             if self.pending.is_none() {
                 self.pending = Some((slot, flags));
             } else {
@@ -248,6 +366,7 @@ impl PackedDriverQueue {
             return Err(VirtqueueError::InvalidChain("a chain needs at least one buffer"));
         }
         let id = self.take_id(n)?;
+        let start = self.next_avail;
         let mut cap = 0u64;
         for (i, &(addr, len)) in readable.iter().chain(writable).enumerate() {
             let w = i >= readable.len();
@@ -258,7 +377,7 @@ impl PackedDriverQueue {
             // The id goes in every descriptor; the device reads it from the last one.
             self.put(PackedDesc { addr, len, id, flags });
         }
-        self.commit(id, n as u16, cap);
+        self.commit(id, start, n as u16, cap);
         Ok(id)
     }
 
@@ -288,13 +407,14 @@ impl PackedDriverQueue {
             unsafe { std::ptr::write_volatile(table.add(i * 16).cast::<[u8; 16]>(), e.to_bytes()) };
         }
         let addr = self.ring.indirect_tables + (usize::from(id) * stride) as u64;
+        let start = self.next_avail;
         self.put(PackedDesc { addr, len: (n * 16) as u32, id, flags: VIRTQ_DESC_F_INDIRECT });
-        self.commit(id, 1, cap);
+        self.commit(id, start, 1, cap);
         Ok(id)
     }
 
-    fn commit(&mut self, id: u16, slots: u16, writable: u64) {
-        self.ids[usize::from(id)] = IdState { slots, writable, active: true };
+    fn commit(&mut self, id: u16, start: RingPos, slots: u16, writable: u64) {
+        self.ids[usize::from(id)] = IdState { slots, start, writable, active: true };
         self.num_free -= slots;
         self.in_flight += 1;
     }
@@ -392,5 +512,139 @@ impl PackedDriverQueue {
     /// Copies `data` into guest memory (a convenience over the queue's memory).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), crate::memory::MemoryError> {
         self.memory.table().write(gpa, data)
+    }
+}
+
+#[cfg(test)]
+mod hand_over_tests {
+    use super::*;
+    use crate::virtqueue::{ChainBatch, PackedDeviceQueue, PackedQueueConfig, RingAddressSpace};
+
+    fn device(q: &PackedDriverQueue, base: PackedBase) -> PackedDeviceQueue {
+        let (desc, drv, dev) = q.user_addrs();
+        let cfg = PackedQueueConfig {
+            size: q.ring().size,
+            desc_addr: desc,
+            driver_event_addr: drv,
+            device_event_addr: dev,
+            addr_space: RingAddressSpace::User,
+            event_idx: false,
+            indirect: true,
+            base,
+        };
+        PackedDeviceQueue::new(Arc::new(q.memory().table().clone()), cfg).unwrap()
+    }
+
+    /// (id, [(gpa, len)]) of every chain the device pops.
+    fn pop_all(dev: &mut PackedDeviceQueue) -> Vec<(u16, Vec<(u64, u32)>)> {
+        let mut batch = ChainBatch::new();
+        dev.pop_batch(&mut batch, 64).unwrap();
+        batch.chains().iter().map(|c| (c.head, batch.segments(c).iter().map(|s| (s.gpa, s.len)).collect())).collect()
+    }
+
+    #[test]
+    fn chains_in_flight_survive_a_new_device_after_out_of_order_completions() {
+        // Each lap count puts the hand-over at a different place of the ring, across its end.
+        for laps in 0..7u64 {
+            let mem = Arc::new(GuestMemory::allocate(&[(0, 1 << 20)]).unwrap());
+            let mut q = PackedDriverQueue::allocate(mem.clone(), 8, false, 4).unwrap();
+            let buf = mem.alloc(4096, 64).unwrap();
+            let mut dev = device(&q, PackedBase::START);
+            let mut used = Vec::new();
+            for _ in 0..laps {
+                q.add(&[(buf, 16)], &[(buf + 16, 16)]).unwrap();
+                q.publish();
+                let [(id, _)] = pop_all(&mut dev)[..] else { panic!() };
+                dev.complete_with(id, std::iter::empty(), 1).unwrap();
+                dev.publish_used().unwrap();
+                used.clear();
+                q.reap(&mut used, 8).unwrap();
+            }
+            let a = q.add(&[(buf, 16)], &[(buf + 100, 10), (buf + 200, 20)]).unwrap();
+            let b = q.add(&[(buf + 300, 30)], &[]).unwrap();
+            let c = q.add_indirect(&[(buf + 400, 40)], &[(buf + 500, 50)]).unwrap();
+            let d = q.add(&[(buf + 600, 60)], &[(buf + 700, 70)]).unwrap();
+            q.publish();
+            let popped = pop_all(&mut dev);
+            assert_eq!(popped.len(), 4);
+            let want: std::collections::HashMap<u16, Vec<(u64, u32)>> = popped.into_iter().collect();
+            // B completes first and is reaped; D completes and is not reaped before the device dies.
+            dev.complete_with(b, std::iter::empty(), 0).unwrap();
+            dev.publish_used().unwrap();
+            used.clear();
+            assert_eq!(q.reap(&mut used, 1).unwrap(), 1);
+            assert_eq!(used, vec![(b, 0)]);
+            dev.complete_with(d, std::iter::empty(), 7).unwrap();
+            dev.publish_used().unwrap();
+            drop(dev);
+            let base = q.hand_over().unwrap();
+            assert_eq!(base.avail, base.used);
+            let mut dev = device(&q, base);
+            let again = pop_all(&mut dev);
+            assert_eq!(again.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![a, c], "oldest first, same ids");
+            for (id, segs) in &again {
+                assert_eq!(segs, &want[id], "the same buffers");
+            }
+            dev.complete_with(c, std::iter::empty(), 50).unwrap();
+            dev.complete_with(a, std::iter::empty(), 30).unwrap();
+            dev.publish_used().unwrap();
+            used.clear();
+            q.reap(&mut used, 8).unwrap();
+            assert_eq!(used, vec![(d, 7), (c, 50), (a, 30)], "the old device's completion, then the new one's");
+            assert_eq!((q.in_flight(), q.num_free()), (0, 8));
+            // The ring goes on normally.
+            let e = q.add(&[(buf, 1)], &[]).unwrap();
+            q.publish();
+            assert_eq!(pop_all(&mut dev)[0].0, e);
+        }
+    }
+
+    #[test]
+    fn a_ring_restarted_at_any_position_reads_empty_then_runs() {
+        // Wrap counter 0 is the case a zeroed ring gets wrong (flags 0 = used in lap 0).
+        for base in
+            [RingPos { index: 0, wrap: false }, RingPos { index: 3, wrap: false }, RingPos { index: 5, wrap: true }]
+        {
+            let mem = Arc::new(GuestMemory::allocate(&[(0, 1 << 20)]).unwrap());
+            let mut q = PackedDriverQueue::allocate(mem.clone(), 6, false, 0).unwrap();
+            let buf = mem.alloc(4096, 64).unwrap();
+            q.reset_to(base).unwrap();
+            let mut dev = device(&q, PackedBase { avail: base, used: base });
+            let mut used = Vec::new();
+            assert_eq!(q.reap(&mut used, 8).unwrap(), 0, "nothing is used yet");
+            assert!(pop_all(&mut dev).is_empty(), "nothing is available yet");
+            for round in 0..10u32 {
+                let a = q.add(&[(buf, 8)], &[(buf + 64, 64)]).unwrap();
+                q.publish();
+                let [(id, _)] = pop_all(&mut dev)[..] else { panic!("round {round}") };
+                assert_eq!(id, a);
+                dev.complete_with(id, std::iter::empty(), round).unwrap();
+                dev.publish_used().unwrap();
+                used.clear();
+                assert_eq!(q.reap(&mut used, 8).unwrap(), 1);
+                assert_eq!(used, vec![(a, round)]);
+            }
+        }
+    }
+
+    #[test]
+    fn a_used_id_not_in_flight_stops_the_hand_over() {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, 1 << 20)]).unwrap());
+        let mut q = PackedDriverQueue::allocate(mem.clone(), 4, false, 0).unwrap();
+        let buf = mem.alloc(64, 64).unwrap();
+        q.add(&[(buf, 8)], &[]).unwrap();
+        q.publish();
+        // A used descriptor at slot 0 naming id 3, never made available.
+        let (desc, _, _) = q.user_addrs();
+        let raw = {
+            let mut r = [0u8; 16];
+            r[12..14].copy_from_slice(&3u16.to_le_bytes());
+            r[14..16].copy_from_slice(&super::super::used_bits(true).to_le_bytes());
+            r
+        };
+        // SAFETY: slot 0 of the ring this queue allocated.
+        unsafe { std::ptr::write_volatile(desc as *mut [u8; 16], raw) };
+        assert!(matches!(q.hand_over(), Err(VirtqueueError::UsedIdNotInFlight { id: 3 })));
+        assert_eq!(q.in_flight(), 1, "nothing changed");
     }
 }
