@@ -11,7 +11,7 @@ use crate::protocol::{
     CryptoSession, DeviceConfig, DeviceStateParams, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message,
     Payload, ProtocolFeatures, VirtioFeatures, VringAddr, VringFd, VringState,
 };
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
 const FAILED_CHECK: fn(&Payload) -> bool = |p| matches!(p, Payload::U64(v) if *v != 0);
 
@@ -41,7 +41,7 @@ impl Device for TestDevice {
     fn set_config(&self, _offset: u32, _data: &[u8]) -> bool {
         self.hooks
     }
-    fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
         Ok(())
     }
     fn device_request(&self, _request: DeviceRequest) -> Result<(), String> {
@@ -349,7 +349,7 @@ fn gates_follow_what_was_negotiated() {
         fn protocol_features(&self) -> ProtocolFeatures {
             ProtocolFeatures(u64::MAX >> 40)
         }
-        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+        fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
             Ok(())
         }
     }
