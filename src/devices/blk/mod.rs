@@ -406,9 +406,11 @@ impl Device for BlockDevice {
     }
 
     fn features(&self) -> u64 {
+        // RING_PACKED: the worker, inflight tracking and I/O completion run on either format.
         let mut f = VirtioFeatures::VERSION_1.bits()
             | VirtioFeatures::EVENT_IDX.bits()
             | VirtioFeatures::INDIRECT_DESC.bits()
+            | VirtioFeatures::RING_PACKED.bits()
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH

@@ -341,9 +341,12 @@ impl NetCore {
 
     /// Virtio features offered.
     pub fn features(&self) -> u64 {
+        // RING_PACKED: RX buffers kept across wake-ups and handed back on stop, control queue
+        // and inflight tracking run on either format.
         let mut f = VirtioFeatures::VERSION_1.bits()
             | VirtioFeatures::EVENT_IDX.bits()
             | VirtioFeatures::INDIRECT_DESC.bits()
+            | VirtioFeatures::RING_PACKED.bits()
             | feature::MRG_RXBUF
             | feature::MAC
             | feature::STATUS
