@@ -965,7 +965,7 @@ impl Session {
                     addr_space: RingAddressSpace::User,
                     event_idx,
                     indirect,
-                    base: PackedBase::decode(ring.base),
+                    base: packed_base(ring.base),
                 },
             )
             .map(AnyDeviceQueue::Packed)
@@ -1102,6 +1102,22 @@ fn signal_kick(fd: &OwnedFd) {
 
 fn refuse_state(request: FrontendRequest, state: &'static str) -> Outcome {
     Outcome::Refused(Error::InvalidState { request: request.into(), state })
+}
+
+/// SET_VRING_BASE's `num` for a packed ring. DPDK's virtio_user sends only the avail half
+/// (bits 0-15; protocol.md §9 #19 is the same quirk in its GET_VRING_BASE reply), leaving the
+/// used position at slot 0 with wrap counter 0 — which would make the device write used
+/// descriptors the driver reads as stale. A ring stopped by GET_VRING_BASE has completed every
+/// request, so its used position is its avail position: an all-zero used half is read that way.
+/// (A front-end that sends both halves after a drained stop sends equal halves, so nothing
+/// changes for it; a used half of exactly zero with requests still in flight is the one case
+/// read wrongly, and the inflight buffer, where there is one, sets the positions then.)
+fn packed_base(num: u32) -> PackedBase {
+    if num >> 16 == 0 {
+        PackedBase::decode_avail_only(num)
+    } else {
+        PackedBase::decode(num)
+    }
 }
 
 /// The IOVA ranges of a ring's three parts with the access each needs. Packed: the device

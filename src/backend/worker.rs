@@ -319,7 +319,8 @@ impl Slot {
                     }
                     miss = Some((iova, perm));
                 }
-                Err(_) => {
+                Err(e) => {
+                    log::warn!("ring {}: {e}", self.index);
                     // The queue is broken (malformed ring): stop processing it, keep the session.
                     // The worker reports it on the error fd after the wake-up; the call fd only
                     // hears about chains completed before the bad one.

@@ -472,12 +472,26 @@ impl PackedDeviceQueue {
         let mut table = std::mem::take(&mut batch.scratch);
         table.resize(d.len as usize, 0);
         let result = buffers.read_table(head, d.addr, d.len, &mut table).and_then(|()| {
+            // Peer quirk (DPDK's virtio PMD, packed TX through an indirect table): entries keep
+            // the WRITE flag their set-up gave them — the net header (entry 0), and the entry
+            // whose index equals the list's ring slot, whose flags it skips writing — among
+            // readable ones. Writable entries come last (virtio 1.2 §2.8.18), so a table with a
+            // readable entry after a writable one has no consistent writable part: it is read
+            // as all readable. This only ever takes write access away from the device.
+            let mut seen_write = false;
+            let misordered = table.chunks_exact(16).any(|raw| {
+                let write = raw[14] & (VIRTQ_DESC_F_WRITE as u8) != 0;
+                let after = seen_write && !write;
+                seen_write |= write;
+                after
+            });
+            let write_mask = if misordered { 0 } else { VIRTQ_DESC_F_WRITE };
             for raw in table.chunks_exact(16) {
                 let e = PackedDesc::from_bytes(raw.try_into().map_err(|_| VirtqueueError::Broken)?);
                 if e.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                     return Err(VirtqueueError::NestedIndirect { head });
                 }
-                acc.add(buffers, head, e.addr, e.len, e.flags & VIRTQ_DESC_F_WRITE != 0, &mut batch.segments)?;
+                acc.add(buffers, head, e.addr, e.len, e.flags & write_mask != 0, &mut batch.segments)?;
             }
             Ok(())
         });

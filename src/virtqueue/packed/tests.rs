@@ -650,6 +650,26 @@ fn hostile_lengths_zero_order_and_overflow() {
     let mut p = pair(8);
     raw_list(&mut p, 0, true, &[d(OK_BUF, 8, 0, WRITE | NEXT), d(OK_BUF, 8, 0, 0)]);
     expect_broken(&mut p, |e| matches!(e, VirtqueueError::ReadableAfterWritable { .. }));
+    // DPDK's packed TX tables (the header and the entry at the list's slot index flagged
+    // WRITE among readable entries): a table whose writable entries are not all at its end is
+    // read as all readable — never as writable.
+    for flags in [[WRITE, NEXT, 0], [WRITE, NEXT, WRITE], [0, WRITE, 0]] {
+        let mut p = pair(8);
+        let t =
+            table_with(&mut p, &[d(OK_BUF, 12, 0, flags[0]), d(OK_BUF, 64, 0, flags[1]), d(OK_BUF, 8, 0, flags[2])]);
+        raw_list(&mut p, 0, true, &[d(t, 48, 5, INDIRECT)]);
+        let mut batch = ChainBatch::new();
+        assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 1);
+        let c = batch.chains()[0];
+        assert_eq!((c.head, c.readable_len, c.writable_len), (5, 84, 0), "{flags:?}");
+    }
+    // A well-ordered table keeps its writable part.
+    let mut p = pair(8);
+    let t = table_with(&mut p, &[d(OK_BUF, 12, 0, 0), d(OK_BUF, 64, 0, WRITE), d(OK_BUF, 8, 0, WRITE)]);
+    raw_list(&mut p, 0, true, &[d(t, 48, 5, INDIRECT)]);
+    let mut batch = ChainBatch::new();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 1);
+    assert_eq!((batch.chains()[0].readable_len, batch.chains()[0].writable_len), (12, 72));
     // Too many segments through an indirect table.
     let mut p = pair_with(2048, false, true, &[(0, 4 * MIB)]);
     let n = MAX_SEGMENTS + 1;
