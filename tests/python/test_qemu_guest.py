@@ -138,7 +138,8 @@ def acked_features(trace: str) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    "device", ["built-in", "python", "built-in behind a vIOMMU", "built-in, packed", "python, packed"]
+    "device",
+    ["built-in", "python", "built-in behind a vIOMMU", "built-in, packed", "python, packed", "built-in behind a vIOMMU, packed"],
 )
 def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> None:
     """With a vIOMMU (intel-iommu, iommu_platform=on) every ring and buffer address is an IOVA
