@@ -665,6 +665,57 @@ mod packed {
     }
 
     #[test]
+    fn dirty_logging_covers_packed_used_descriptors_event_area_and_buffers() {
+        use crate::memory::{DirtyLog, LOG_PAGE_SIZE};
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let mut r = rig();
+        let mut s = Session::new(device.clone());
+        let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::LOG_SHMFD;
+        assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
+        let f = features(true) | VirtioFeatures::LOG_ALL.bits();
+        assert!(acked(&mut s, SET_FEATURES, Payload::U64(f), vec![]));
+        let (d, fd) = r.mem.region_fds().remove(0);
+        let region =
+            MemoryRegion { guest_addr: d.guest_addr, size: d.size, user_addr: d.user_addr, mmap_offset: 0, xen: None };
+        let table = Payload::MemoryTable(vec![region]);
+        assert!(acked(&mut s, SET_MEM_TABLE, table, vec![fd.try_clone_to_owned().unwrap()]));
+        let log = DirtyLog::allocate(MEM).unwrap();
+        let log_fd = log.fd().unwrap().try_clone_to_owned().unwrap();
+        let reply = ask(&mut s, SET_LOG_BASE, Payload::LogBase { mmap_size: log.size(), mmap_offset: 0 }, vec![log_fd]);
+        assert_eq!(reply, Some(Payload::U64(0)));
+        let ring = r.driver.ring();
+        let (desc, drv, dev) = r.driver.user_addrs();
+        let fdp = Payload::VringFd(VringFd { index: 0, nofd: false });
+        assert!(acked(&mut s, SET_VRING_NUM, state(u32::from(SIZE)), vec![]));
+        assert!(acked(&mut s, SET_VRING_BASE, state(PackedBase::START.encode()), vec![]));
+        // VHOST_VRING_F_LOG with log_guest_addr = the device event area's guest address, as
+        // QEMU sends it for a packed ring.
+        let a = VringAddr {
+            index: 0,
+            flags: crate::protocol::VRING_F_LOG,
+            desc_user_addr: desc,
+            used_user_addr: dev,
+            avail_user_addr: drv,
+            log_guest_addr: ring.device_event,
+        };
+        assert!(acked(&mut s, SET_VRING_ADDR, Payload::VringAddr(a), vec![]));
+        assert!(acked(&mut s, SET_VRING_CALL, fdp.clone(), dup(&r.call)));
+        assert!(acked(&mut s, SET_VRING_KICK, fdp, dup(&r.kick)));
+        assert!(acked(&mut s, SET_VRING_ENABLE, state(1), vec![]));
+        let buf = r.mem.alloc(3 * LOG_PAGE_SIZE, LOG_PAGE_SIZE).unwrap();
+        log.take_dirty();
+        let id = r.driver.add(&[(buf, 16)], &[(buf + 2 * LOG_PAGE_SIZE, 64)]).unwrap();
+        assert_eq!(run(&mut r, 1), vec![(id, 64)]);
+        let page = |gpa: u64| gpa / LOG_PAGE_SIZE;
+        let dirty = log.take_dirty();
+        assert!(dirty.contains(&page(buf + 2 * LOG_PAGE_SIZE)), "the written buffer: {dirty:?}");
+        assert!(!dirty.contains(&page(buf)), "the read-only buffer: {dirty:?}");
+        assert!(dirty.contains(&page(ring.desc)), "the used descriptor: {dirty:?}");
+        assert!(dirty.contains(&page(ring.device_event)), "the device event area: {dirty:?}");
+    }
+
+    #[test]
     fn a_hostile_packed_ring_breaks_cleanly() {
         use FrontendRequest::*;
         let device = Arc::new(Echo { hold: AtomicBool::new(false) });
