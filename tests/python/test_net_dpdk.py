@@ -31,6 +31,7 @@ import pytest
 CPUS = sorted(os.sched_getaffinity(0))
 FE_CPU, BE_CPU = CPUS[0], CPUS[-1]  # testpmd's forwarding lcore, the back-end's worker
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_F_RING_PACKED = 1 << 34
 JUMBO_SEGMENTS = (2048, 2048, 2048, 2048, 808)  # 9000 bytes in mbufs of 2048 data bytes
 
 
@@ -257,15 +258,18 @@ NET_DEVICE = Path(__file__).resolve().parents[2] / "benches" / "python" / "net_d
 
 
 @pytest.mark.timeout(40)
-def test_python_echo_device_macswap(sock_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_python_echo_device_macswap(sock_dir: Path, tmp_path: Path, packed: bool) -> None:
     """A Python NetDevice echoing every burst (benches/python/net_device.py echo) behind testpmd's
-    virtio_user in macswap: frames come back, and testpmd's totals equal the device's."""
+    virtio_user in macswap: frames come back, and testpmd's totals equal the device's. Packed:
+    the same device code on packed rings (`packed_vq=1`, RING_PACKED negotiated)."""
     dpdk.need_testpmd()
     sock = sock_dir / "net.sock"
     command = [sys.executable, str(NET_DEVICE), str(sock), "echo", "--cpus", str(BE_CPU)]
     backend = dpdk.ServeNet(sock, tmp_path, [], name="python-echo", command=command)
     try:
-        with front_end(sock, tmp_path) as pmd:
+        with front_end(sock, tmp_path, packed_vq=packed) as pmd:
+            assert bool(negotiated_features(pmd) & VIRTIO_F_RING_PACKED) == packed
             run = ping_pong(pmd, "macswap", bursts=4)
             stats = pmd.port_stats()
             counters = backend.counters()
@@ -294,8 +298,6 @@ def test_serve_net_tap_txonly(sock_dir: Path, tmp_path: Path) -> None:
     assert "tx_errors=0" in server.stderr()
     assert not Path(f"/sys/class/net/{tap}").exists(), "the TAP serve-net created outlived it"
 
-
-VIRTIO_F_RING_PACKED = 1 << 34
 
 
 @pytest.mark.timeout(60)
