@@ -27,7 +27,7 @@ use vhostuser_rs::backend::{
 };
 use vhostuser_rs::connection::{Deadline, Listener};
 use vhostuser_rs::protocol::ProtocolFeatures;
-use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use vhostuser_rs::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
 const VERSION_1: u64 = 1 << 32;
 const UUID: [u8; 16] = *b"vhostuser_rs-obj";
@@ -57,7 +57,7 @@ impl Device for Stateful {
             | ProtocolFeatures::SHMEM
             | ProtocolFeatures::BACKEND_SEND_FD
     }
-    fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
         Ok(())
     }
     fn save_state(&self) -> Result<Vec<u8>, String> {

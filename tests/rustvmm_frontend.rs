@@ -15,7 +15,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vhostuser_rs::backend::{serve_connection, Device};
 use vhostuser_rs::connection::{Deadline, Listener};
 use vhostuser_rs::memory::GuestMemory;
-use vhostuser_rs::virtqueue::{ChainBatch, DeviceQueue, DriverQueue, VirtqueueError};
+use vhostuser_rs::virtqueue::{AnyDeviceQueue, ChainBatch, DriverQueue, VirtqueueError};
 
 mod common;
 
@@ -37,7 +37,7 @@ impl Device for Upper {
         b"upper-case device".to_vec()
     }
 
-    fn process(&self, _index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, _index: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         for chain in batch.chains() {
             let mut data = Vec::new();
             for s in batch.readable(chain) {

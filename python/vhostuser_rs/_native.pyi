@@ -302,7 +302,7 @@ class DescriptorChain:
 
 @final
 class DeviceQueue:
-    """The device side of a split ring (back-end role)."""
+    """The device side of a split or packed ring (back-end role)."""
 
     def __new__(
         cls,
@@ -317,6 +317,8 @@ class DeviceQueue:
         indirect: bool = False,
         next_avail: int = 0,
         index: int = 0,
+        packed: bool = False,
+        base: int | None = None,
     ) -> DeviceQueue: ...
     def pop(self, max: int = 32) -> list[DescriptorChain]: ...
     def complete(self, chain: DescriptorChain, written: int) -> None: ...
@@ -334,6 +336,10 @@ class DeviceQueue:
     def next_avail(self) -> int: ...
     @property
     def next_used(self) -> int: ...
+    @property
+    def vring_base(self) -> int: ...
+    @property
+    def packed(self) -> bool: ...
     @property
     def in_flight(self) -> int: ...
     @property

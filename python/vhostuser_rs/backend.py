@@ -91,7 +91,11 @@ class Device:
     #: Largest ring size accepted (SET_VRING_NUM).
     max_queue_size: int = 1024
     #: Virtio feature bits offered (device bits, VERSION_1, EVENT_IDX, INDIRECT_DESC...).
-    features: int = int(VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC)
+    #: RING_PACKED is offered by default: the device sees the same chains and queue methods on
+    #: split and packed rings (the front-end decides; QEMU acks it with ``packed=on``).
+    features: int = int(
+        VirtioFeature.VERSION_1 | VirtioFeature.EVENT_IDX | VirtioFeature.INDIRECT_DESC | VirtioFeature.RING_PACKED
+    )
 
     #: Protocol features this device implements itself (e.g. ``ProtocolFeature.RARP`` or
     #: ``MTU`` for a net device), offered on top of what the session implements. The requests

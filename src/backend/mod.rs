@@ -41,7 +41,7 @@ pub use worker::{Polling, WorkerPolicy, WorkerPool};
 use std::os::fd::{OwnedFd, RawFd};
 
 use crate::protocol::{CryptoSession, ProtocolFeatures};
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, KeptChains, VirtqueueError};
 
 /// A front-end request that belongs to the device rather than to the session. The session
 /// checks the protocol feature that gates it before the device sees it.
@@ -84,7 +84,7 @@ pub trait Device: Send + Sync + 'static {
     }
     /// Handles every chain of `batch`, completing each on `queue` (the worker publishes the used
     /// index and notifies the driver afterwards).
-    fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError>;
+    fn process(&self, queue_index: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError>;
     /// The front-end reset the device (RESET_DEVICE, or a new session).
     fn reset(&self) {}
     /// Ring `queue_index` started (its worker runs; it is processed once enabled).
@@ -143,7 +143,7 @@ pub trait Device: Send + Sync + 'static {
     fn process_batch(
         &self,
         queue_index: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         _kept: &mut KeptChains,
         _others: &mut Rings<'_>,

@@ -5,7 +5,7 @@
 //! every ring that was written to once per wake-up and notifies the driver once per burst.
 
 use super::worker::Slot;
-use crate::virtqueue::{prefix, ChainBatch, DeviceQueue, KeptChain, KeptChains, VirtqueueError};
+use crate::virtqueue::{prefix, AnyDeviceQueue, ChainBatch, KeptChain, KeptChains, VirtqueueError};
 
 /// One ring of the worker, lent to the device for the current wake-up.
 pub struct RingHandle<'a> {
@@ -23,7 +23,7 @@ impl<'a> RingHandle<'a> {
     }
 
     /// The ring's queue (complete chains of a batch on it; the worker publishes afterwards).
-    pub fn queue(&mut self) -> &mut DeviceQueue {
+    pub fn queue(&mut self) -> &mut AnyDeviceQueue {
         self.slot.dirty = true;
         &mut self.slot.queue
     }
@@ -63,14 +63,14 @@ impl<'a> RingHandle<'a> {
     }
 
     /// Completes a kept chain with used length `written` (capped at its writable length); when
-    /// LOG_ALL is on its writable buffers are logged whole, as [`DeviceQueue::complete`] does.
+    /// LOG_ALL is on its writable buffers are logged whole, as [`AnyDeviceQueue::complete`] does.
     /// The used entry becomes visible when the worker publishes.
     pub fn complete(&mut self, chain: KeptChain, written: u32) -> Result<(), VirtqueueError> {
         self.complete_logging(chain, written, false)
     }
 
     /// Completes a kept chain whose device wrote exactly its first `written` bytes and nothing
-    /// else: only those are logged (as [`DeviceQueue::complete_prefix`]).
+    /// else: only those are logged (as [`AnyDeviceQueue::complete_prefix`]).
     pub fn complete_prefix(&mut self, chain: KeptChain, written: u32) -> Result<(), VirtqueueError> {
         self.complete_logging(chain, written, true)
     }
@@ -96,7 +96,7 @@ impl<'a> RingHandle<'a> {
     }
 
     /// A scratch batch of this ring (empty), e.g. to pop into.
-    pub fn scratch(&mut self) -> (&mut DeviceQueue, &mut ChainBatch) {
+    pub fn scratch(&mut self) -> (&mut AnyDeviceQueue, &mut ChainBatch) {
         let slot = &mut *self.slot;
         slot.refill_batch.clear();
         (&mut slot.queue, &mut slot.refill_batch)

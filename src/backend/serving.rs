@@ -102,7 +102,7 @@ impl Drop for ServedSession {
 mod tests {
     use super::*;
     use crate::protocol::{FrontendRequest, Message, Payload};
-    use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+    use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
     struct Null;
     impl Device for Null {
@@ -112,7 +112,7 @@ mod tests {
         fn features(&self) -> u64 {
             1 << 32
         }
-        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> std::result::Result<(), VirtqueueError> {
+        fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> std::result::Result<(), VirtqueueError> {
             Ok(())
         }
     }

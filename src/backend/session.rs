@@ -20,8 +20,10 @@ use crate::protocol::{
     BackendRequest, CryptoSession, DeviceConfig, FrontendRequest, Gate, InflightDesc, IotlbMsg, MemoryRegion, Message,
     Payload, ProtocolFeatures, Request, ShmemConfig, VirtioFeatures, VringAddr, VringArea, VRING_F_LOG,
 };
+use crate::virtqueue::packed::{EVENT_SUPPRESS_SIZE, MAX_PACKED_QUEUE_SIZE};
 use crate::virtqueue::{
-    avail_ring_size, used_ring_size, DeviceQueue, InflightBuffer, QueueConfig, RingAddressSpace, DESC_SIZE,
+    avail_ring_size, used_ring_size, AnyDeviceQueue, DeviceQueue, InflightBuffer, PackedBase, PackedDeviceQueue,
+    PackedQueueConfig, QueueConfig, RingAddressSpace, DESC_SIZE,
 };
 
 /// Protocol features the session implements itself, offered on top of the device's.
@@ -85,7 +87,9 @@ const FAILED: u64 = (-(libc::EINVAL as i64)) as u64;
 struct Ring {
     size: u16,
     addr: Option<VringAddr>,
-    base: u16,
+    /// SET_VRING_BASE's `num` / GET_VRING_BASE's answer, in the negotiated format's encoding
+    /// (split: the next avail index; packed: [`PackedBase`]).
+    base: u32,
     kick: Option<OwnedFd>,
     call: Option<OwnedFd>,
     err: Option<OwnedFd>,
@@ -453,8 +457,14 @@ impl Session {
                     return refuse("the ring is started");
                 }
                 let size = s.num;
-                if !size.is_power_of_two() || size > u32::from(self.device.max_queue_size()) {
-                    return refuse("ring size must be a power of two within the device's maximum");
+                // virtio 1.2 §2.7 (split): a power of two; §2.8 (packed): any size up to 32768.
+                let shape_ok = if self.packed() {
+                    size != 0 && size <= u32::from(MAX_PACKED_QUEUE_SIZE)
+                } else {
+                    size.is_power_of_two()
+                };
+                if !shape_ok || size > u32::from(self.device.max_queue_size()) {
+                    return refuse("ring size must be a power of two (split) within the device's maximum");
                 }
                 self.rings[i].size = size as u16;
                 Outcome::Done
@@ -479,7 +489,9 @@ impl Session {
                 if self.rings[i].worker.is_some() {
                     return refuse("the ring is started");
                 }
-                self.rings[i].base = s.num as u16;
+                // Split: bits 0-15 (the rest is zero); packed: both positions and wrap counters,
+                // checked against the ring size when the ring starts.
+                self.rings[i].base = if self.packed() { s.num } else { s.num & 0xffff };
                 Outcome::Done
             }
             (GET_VRING_BASE, _) | (GET_VRING_BASE_SKIP_DRAIN, _) => {
@@ -494,7 +506,7 @@ impl Session {
                 ring.kick = None;
                 ring.call = None;
                 Outcome::Reply(
-                    Payload::VringState(crate::protocol::VringState { index: i as u32, num: u32::from(ring.base) }),
+                    Payload::VringState(crate::protocol::VringState { index: i as u32, num: ring.base }),
                     Vec::new(),
                 )
             }
@@ -650,12 +662,13 @@ impl Session {
                         self.iotlb.write().unwrap_or_else(|e| e.into_inner()).invalidate(m.iova, m.size);
                         // Rings whose parts lie in the range were translated through the removed
                         // entries: translate them again (or wait for the next UPDATE).
+                        let packed = self.packed();
                         let end = m.iova.saturating_add(m.size);
                         for i in 0..self.rings.len() {
                             let ring = &self.rings[i];
                             let hit = ring.worker.is_some()
                                 && ring.addr.is_some_and(|a| {
-                                    ring_parts(&a, ring.size)
+                                    ring_parts(&a, ring.size, packed)
                                         .iter()
                                         .any(|&(at, len, _)| at < end && at.saturating_add(len) > m.iova)
                                 });
@@ -675,13 +688,15 @@ impl Session {
                 if d.num_queues == 0
                     || usize::from(d.num_queues) > self.rings.len()
                     || d.queue_size > self.device.max_queue_size()
-                    || self.acked_features & VirtioFeatures::RING_PACKED.bits() != 0
                 {
                     return none();
                 }
                 // A repeated request replaces the buffer; the old one is unmapped once no ring
-                // uses it (CVE-2020-10726 was a leak here).
-                let Ok(buffer) = InflightBuffer::allocate(d.num_queues, d.queue_size) else { return none() };
+                // uses it (CVE-2020-10726 was a leak here). The layout is the negotiated ring
+                // format's: QEMU sends SET_FEATURES before GET_INFLIGHT_FD for this reason.
+                let Ok(buffer) = InflightBuffer::allocate_for(d.num_queues, d.queue_size, self.packed()) else {
+                    return none();
+                };
                 let Some(Ok(fd)) = buffer.fd().map(|f| f.try_clone_to_owned()) else { return none() };
                 let desc = InflightDesc {
                     mmap_size: buffer.mmap_size(),
@@ -698,7 +713,8 @@ impl Session {
                 if usize::from(d.num_queues) > self.rings.len() {
                     return refuse("more queues than the device has");
                 }
-                match InflightBuffer::from_fd(fd, d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size) {
+                let packed = self.packed();
+                match InflightBuffer::from_fd_for(fd, d.mmap_size, d.mmap_offset, d.num_queues, d.queue_size, packed) {
                     Ok(buffer) => {
                         self.inflight = Some(buffer);
                         Outcome::Done
@@ -822,6 +838,11 @@ impl Session {
         self.acked_protocol.contains(feature)
     }
 
+    /// VIRTIO_F_RING_PACKED was negotiated: every ring of the session is packed.
+    fn packed(&self) -> bool {
+        self.acked_features & VirtioFeatures::RING_PACKED.bits() != 0
+    }
+
     fn iommu(&self) -> bool {
         self.acked_features & VirtioFeatures::ACCESS_PLATFORM.bits() != 0
     }
@@ -871,7 +892,7 @@ impl Session {
         if let Some(w) = ring.worker.take() {
             let shared = w.shared.clone();
             if let Some(q) = w.stop() {
-                ring.base = q.next_avail();
+                ring.base = q.vring_base();
             }
             self.device.queue_stopped(i as u16);
             ring.call = shared.call.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -887,6 +908,7 @@ impl Session {
         let iommu = self.iommu();
         let event_idx = self.acked_features & VirtioFeatures::EVENT_IDX.bits() != 0;
         let indirect = self.acked_features & VirtioFeatures::INDIRECT_DESC.bits() != 0;
+        let packed = self.packed();
         let memory = self.memory.clone();
         let log = self.log.clone();
         let device = self.device.clone();
@@ -900,7 +922,7 @@ impl Session {
             // Ring addresses are IOVAs. Without entries yet, ask for them and start the ring
             // when the UPDATE arrives (waiting here would block the channel that brings it).
             let tlb = self.iotlb.read().unwrap_or_else(|e| e.into_inner());
-            for (k, (iova, len, perm)) in ring_parts(&addr, ring.size).into_iter().enumerate() {
+            for (k, (iova, len, perm)) in ring_parts(&addr, ring.size, packed).into_iter().enumerate() {
                 match tlb.translate_contiguous(iova, len, perm) {
                     Ok(uaddr) => ring_addrs[k] = uaddr,
                     Err(IotlbFault::Miss { iova }) => {
@@ -918,27 +940,49 @@ impl Session {
             }
         }
         let inflight = match &self.inflight {
-            Some(b) if b.queue_size() == ring.size => b.queue(i as u16),
-            // A buffer for another ring size cannot describe this ring.
+            Some(b) if b.queue_size() == ring.size && b.is_packed() == packed => Some(b.clone()),
+            // A buffer for another ring size or format cannot describe this ring.
             Some(b) if i < usize::from(b.num_queues()) => {
                 return Outcome::Refused(Error::Queue {
                     queue: i as u16,
-                    source: crate::virtqueue::VirtqueueError::InflightCorrupt("queue size differs from the ring's"),
+                    source: crate::virtqueue::VirtqueueError::InflightCorrupt(
+                        "queue size or ring format differs from the ring's",
+                    ),
                 })
             }
             _ => None,
         };
-        let cfg = QueueConfig {
-            size: ring.size,
-            desc_addr: ring_addrs[0],
-            avail_addr: ring_addrs[1],
-            used_addr: ring_addrs[2],
-            addr_space: RingAddressSpace::User,
-            event_idx,
-            indirect,
-            next_avail: ring.base,
+        let queue = if packed {
+            // SET_VRING_ADDR for a packed ring (virtio 1.2 §2.8.10, protocol.md §7.10): desc is
+            // the descriptor ring, avail the driver event suppression area, used the device's.
+            PackedDeviceQueue::new(
+                memory,
+                PackedQueueConfig {
+                    size: ring.size,
+                    desc_addr: ring_addrs[0],
+                    driver_event_addr: ring_addrs[1],
+                    device_event_addr: ring_addrs[2],
+                    addr_space: RingAddressSpace::User,
+                    event_idx,
+                    indirect,
+                    base: packed_base(ring.base),
+                },
+            )
+            .map(AnyDeviceQueue::Packed)
+        } else {
+            let cfg = QueueConfig {
+                size: ring.size,
+                desc_addr: ring_addrs[0],
+                avail_addr: ring_addrs[1],
+                used_addr: ring_addrs[2],
+                addr_space: RingAddressSpace::User,
+                event_idx,
+                indirect,
+                next_avail: ring.base as u16,
+            };
+            DeviceQueue::new(memory, cfg).map(AnyDeviceQueue::Split)
         };
-        let mut queue = match DeviceQueue::new(memory, cfg) {
+        let mut queue = match queue {
             Ok(q) => q,
             Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
         };
@@ -953,11 +997,15 @@ impl Session {
         if iommu {
             queue.set_iotlb(Some(self.iotlb.clone()));
         }
-        if let Some(region) = inflight {
-            match queue.attach_inflight(region) {
-                Ok(n) => log::debug!(target: TRACE, "ring {i}: {n} requests resubmitted from the inflight buffer"),
-                Err(e) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
-            }
+        let attached = match (inflight, &mut queue) {
+            (Some(b), AnyDeviceQueue::Split(q)) => b.queue(i as u16).map(|r| q.attach_inflight(r)),
+            (Some(b), AnyDeviceQueue::Packed(q)) => b.packed_queue(i as u16).map(|r| q.attach_inflight(r)),
+            (None, _) => None,
+        };
+        match attached {
+            Some(Ok(n)) => log::debug!(target: TRACE, "ring {i}: {n} requests resubmitted from the inflight buffer"),
+            Some(Err(e)) => return Outcome::Refused(Error::Queue { queue: i as u16, source: e }),
+            None => {}
         }
         let kick = match kick.try_clone() {
             Ok(k) => k,
@@ -1056,8 +1104,33 @@ fn refuse_state(request: FrontendRequest, state: &'static str) -> Outcome {
     Outcome::Refused(Error::InvalidState { request: request.into(), state })
 }
 
-/// The IOVA ranges of a ring's three parts with the access each needs.
-fn ring_parts(addr: &VringAddr, size: u16) -> [(u64, u64, u8); 3] {
+/// SET_VRING_BASE's `num` for a packed ring. DPDK's virtio_user sends only the avail half
+/// (bits 0-15; protocol.md §9 #19 is the same quirk in its GET_VRING_BASE reply), leaving the
+/// used position at slot 0 with wrap counter 0 — which would make the device write used
+/// descriptors the driver reads as stale. A ring stopped by GET_VRING_BASE has completed every
+/// request, so its used position is its avail position: an all-zero used half is read that way.
+/// (A front-end that sends both halves after a drained stop sends equal halves, so nothing
+/// changes for it; a used half of exactly zero with requests still in flight is the one case
+/// read wrongly, and the inflight buffer, where there is one, sets the positions then.)
+fn packed_base(num: u32) -> PackedBase {
+    if num >> 16 == 0 {
+        PackedBase::decode_avail_only(num)
+    } else {
+        PackedBase::decode(num)
+    }
+}
+
+/// The IOVA ranges of a ring's three parts with the access each needs. Packed: the device
+/// reads available descriptors and writes used ones in the same ring, reads the driver event
+/// area and writes its own.
+fn ring_parts(addr: &VringAddr, size: u16, packed: bool) -> [(u64, u64, u8); 3] {
+    if packed {
+        return [
+            (addr.desc_user_addr, DESC_SIZE * u64::from(size), IOTLB_READ | IOTLB_WRITE),
+            (addr.avail_user_addr, EVENT_SUPPRESS_SIZE, IOTLB_READ),
+            (addr.used_user_addr, EVENT_SUPPRESS_SIZE, IOTLB_WRITE),
+        ];
+    }
     [
         (addr.desc_user_addr, DESC_SIZE * u64::from(size), IOTLB_READ),
         (addr.avail_user_addr, avail_ring_size(size), IOTLB_READ),

@@ -77,7 +77,7 @@ fn uuid_string(u: &[u8; 16]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+    use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
     struct Exporter(std::fs::File);
     impl Device for Exporter {
@@ -87,7 +87,7 @@ mod tests {
         fn features(&self) -> u64 {
             0
         }
-        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> std::result::Result<(), VirtqueueError> {
+        fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> std::result::Result<(), VirtqueueError> {
             Ok(())
         }
         fn shared_object(&self, uuid: &[u8; 16]) -> Option<OwnedFd> {

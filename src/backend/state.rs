@@ -354,7 +354,7 @@ mod tests {
     use super::*;
     use crate::backend::Session;
     use crate::protocol::{FrontendRequest, Message, Payload, ProtocolFeatures};
-    use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+    use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
     /// Saves `state` (or refuses to when it is None) and records what it loads.
     struct Stateful {
@@ -371,7 +371,7 @@ mod tests {
         fn protocol_features(&self) -> ProtocolFeatures {
             ProtocolFeatures::DEVICE_STATE
         }
-        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+        fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
             Ok(())
         }
         fn save_state(&self) -> Result<Vec<u8>, String> {

@@ -11,7 +11,7 @@ use crate::protocol::{
     CryptoSession, DeviceConfig, DeviceStateParams, FrontendRequest, InflightDesc, IotlbMsg, MemoryRegion, Message,
     Payload, ProtocolFeatures, VirtioFeatures, VringAddr, VringFd, VringState,
 };
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
 const FAILED_CHECK: fn(&Payload) -> bool = |p| matches!(p, Payload::U64(v) if *v != 0);
 
@@ -41,7 +41,7 @@ impl Device for TestDevice {
     fn set_config(&self, _offset: u32, _data: &[u8]) -> bool {
         self.hooks
     }
-    fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
         Ok(())
     }
     fn device_request(&self, _request: DeviceRequest) -> Result<(), String> {
@@ -349,7 +349,7 @@ fn gates_follow_what_was_negotiated() {
         fn protocol_features(&self) -> ProtocolFeatures {
             ProtocolFeatures(u64::MAX >> 40)
         }
-        fn process(&self, _: u16, _: &mut DeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
+        fn process(&self, _: u16, _: &mut AnyDeviceQueue, _: &ChainBatch) -> Result<(), VirtqueueError> {
             Ok(())
         }
     }
@@ -405,4 +405,411 @@ fn features_ok_is_cleared_after_a_refused_feature_set() {
     assert!(acked(&mut s, SET_FEATURES, Payload::U64(VirtioFeatures::VERSION_1.bits()), vec![]));
     assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0b), vec![]));
     assert_eq!(ask(&mut s, GET_STATUS, Payload::Empty, vec![]), Some(Payload::U64(0x0b)));
+}
+
+// ---- Packed rings (VIRTIO_F_RING_PACKED) in a session ----
+
+mod packed {
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::memory::GuestMemory;
+    use crate::virtqueue::packed::{packed_queue_region_size, PackedDesc, RingPos, VIRTQ_DESC_F_AVAIL};
+    use crate::virtqueue::{PackedBase, PackedDriverQueue};
+
+    /// One queue; fills every writable byte with 0xab and completes, unless told to hold the
+    /// chains (a back-end that dies with requests in flight).
+    struct Echo {
+        hold: AtomicBool,
+    }
+
+    impl Device for Echo {
+        fn num_queues(&self) -> u16 {
+            1
+        }
+        fn features(&self) -> u64 {
+            VirtioFeatures::VERSION_1.bits()
+                | VirtioFeatures::RING_PACKED.bits()
+                | VirtioFeatures::EVENT_IDX.bits()
+                | VirtioFeatures::INDIRECT_DESC.bits()
+        }
+        fn process(&self, _: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+            if self.hold.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            for chain in batch.chains() {
+                for s in batch.writable(chain) {
+                    // SAFETY: the segment lies in a mapping the queue keeps alive.
+                    unsafe { std::ptr::write_bytes(s.host, 0xab, s.len as usize) };
+                }
+                queue.complete(batch, chain, chain.writable_len)?;
+            }
+            Ok(())
+        }
+    }
+
+    struct Rig {
+        mem: Arc<GuestMemory>,
+        driver: PackedDriverQueue,
+        kick: OwnedFd,
+        call: OwnedFd,
+        err: OwnedFd,
+    }
+
+    const SIZE: u16 = 13; // packed rings need not be powers of two
+
+    fn features(packed: bool) -> u64 {
+        let f = VirtioFeatures::VERSION_1.bits()
+            | VirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VirtioFeatures::EVENT_IDX.bits()
+            | VirtioFeatures::INDIRECT_DESC.bits();
+        if packed {
+            f | VirtioFeatures::RING_PACKED.bits()
+        } else {
+            f
+        }
+    }
+
+    fn session(device: &Arc<Echo>, mem: &GuestMemory, packed: bool) -> Session {
+        use FrontendRequest::*;
+        let mut s = Session::new(device.clone());
+        let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::STATUS;
+        assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
+        assert!(acked(&mut s, SET_FEATURES, Payload::U64(features(packed)), vec![]));
+        let (regions, fds): (Vec<_>, Vec<_>) = mem
+            .region_fds()
+            .into_iter()
+            .map(|(d, fd)| {
+                let r = MemoryRegion {
+                    guest_addr: d.guest_addr,
+                    size: d.size,
+                    user_addr: d.user_addr,
+                    mmap_offset: d.mmap_offset,
+                    xen: None,
+                };
+                (r, fd.try_clone_to_owned().unwrap())
+            })
+            .unzip();
+        assert!(acked(&mut s, SET_MEM_TABLE, Payload::MemoryTable(regions), fds));
+        s
+    }
+
+    fn rig() -> Rig {
+        let mem = Arc::new(GuestMemory::allocate(&[(0, MEM)]).unwrap());
+        let driver = PackedDriverQueue::allocate(mem.clone(), SIZE, true, 8).unwrap();
+        let fd = || crate::eventfd::new().unwrap(); // non-blocking
+        Rig { mem, driver, kick: fd(), call: fd(), err: fd() }
+    }
+
+    fn state(num: u32) -> Payload {
+        Payload::VringState(VringState { index: 0, num })
+    }
+
+    fn addr(desc: u64, driver_event: u64, device_event: u64) -> Payload {
+        Payload::VringAddr(VringAddr {
+            index: 0,
+            flags: 0,
+            desc_user_addr: desc,
+            used_user_addr: device_event,
+            avail_user_addr: driver_event,
+            log_guest_addr: 0,
+        })
+    }
+
+    fn dup(fd: &OwnedFd) -> Vec<OwnedFd> {
+        vec![fd.try_clone().unwrap()]
+    }
+
+    /// SET_VRING_NUM / BASE / ADDR / CALL / ERR / KICK / ENABLE; whether the kick was acked
+    /// (the ring started).
+    fn start(s: &mut Session, r: &Rig, base: u32) -> bool {
+        use FrontendRequest::*;
+        let (desc, driver_event, device_event) = r.driver.user_addrs();
+        let fd = Payload::VringFd(VringFd { index: 0, nofd: false });
+        assert!(acked(s, SET_VRING_NUM, state(u32::from(SIZE)), vec![]));
+        assert!(acked(s, SET_VRING_BASE, state(base), vec![]));
+        assert!(acked(s, SET_VRING_ADDR, addr(desc, driver_event, device_event), vec![]));
+        assert!(acked(s, SET_VRING_CALL, fd.clone(), dup(&r.call)));
+        assert!(acked(s, SET_VRING_ERR, fd.clone(), dup(&r.err)));
+        let started = acked(s, SET_VRING_KICK, fd, dup(&r.kick));
+        assert!(acked(s, SET_VRING_ENABLE, state(1), vec![]));
+        started
+    }
+
+    fn readable(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+        let mut p = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) == 1 }
+    }
+
+    /// Kicks and waits until `n` completions are reaped.
+    fn run(r: &mut Rig, n: usize) -> Vec<(u16, u32)> {
+        r.driver.publish();
+        crate::eventfd::signal(r.kick.as_fd()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut used = Vec::new();
+        while used.len() < n {
+            assert!(Instant::now() < deadline, "only {} of {n} completions", used.len());
+            r.driver.reap(&mut used, 64).unwrap();
+            if used.len() < n {
+                // The call eventfd is blocking: read it only when it has something.
+                if readable(r.call.as_fd(), Duration::from_millis(10)) {
+                    crate::eventfd::drain(r.call.as_fd());
+                }
+            }
+        }
+        used
+    }
+
+    #[test]
+    fn a_packed_ring_runs_and_its_base_round_trips() {
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let mut r = rig();
+        let mut s = session(&device, &r.mem, true);
+        assert!(start(&mut s, &r, PackedBase::START.encode()));
+        let buf = r.mem.alloc(4096, 64).unwrap();
+        // 3 rounds of (direct 3-slot list + indirect list) on a 13-slot ring: past its end.
+        for _ in 0..3 {
+            let a = r.driver.add(&[(buf, 16)], &[(buf + 64, 100), (buf + 256, 1)]).unwrap();
+            let b = r.driver.add_indirect(&[(buf, 16)], &[(buf + 512, 8)]).unwrap();
+            let mut used = run(&mut r, 2);
+            used.sort_unstable();
+            let mut want = vec![(a, 101), (b, 8)];
+            want.sort_unstable();
+            assert_eq!(used, want);
+        }
+        let mut back = [0u8; 8];
+        r.mem.table().read(buf + 512, &mut back).unwrap();
+        assert_eq!(back, [0xab; 8]);
+        // GET_VRING_BASE: both positions with their wrap counters (12 slots: still lap 1).
+        let Some(Payload::VringState(v)) = ask(&mut s, GET_VRING_BASE, state(0), vec![]) else { panic!() };
+        let base = PackedBase::decode(v.num);
+        assert_eq!(base.avail, RingPos { index: 12, wrap: true });
+        assert_eq!(base.used, base.avail);
+        assert_eq!(base.avail, r.driver.next_avail());
+        // SET_VRING_BASE with it: the ring resumes there and wraps.
+        assert!(start(&mut s, &r, v.num));
+        for _ in 0..4 {
+            let a = r.driver.add(&[(buf, 16)], &[(buf + 64, 10)]).unwrap();
+            assert_eq!(run(&mut r, 1), vec![(a, 10)]);
+        }
+        let Some(Payload::VringState(v)) = ask(&mut s, GET_VRING_BASE, state(0), vec![]) else { panic!() };
+        // 12 + 4 × 2 slots = 20 = one lap of 13 and 7.
+        let pos = RingPos { index: 7, wrap: false };
+        assert_eq!(v.num, PackedBase { avail: pos, used: pos }.encode());
+        assert_eq!(v.num, 7 | 7 << 16);
+        assert!(!readable(r.err.as_fd(), Duration::ZERO), "no ring error");
+    }
+
+    #[test]
+    fn packed_sizes_addresses_and_bases_are_checked() {
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let r = rig();
+        // A split ring must be a power of two; a packed one need not.
+        let mut split = session(&device, &r.mem, false);
+        assert!(!acked(&mut split, SET_VRING_NUM, state(13), vec![]));
+        let mut s = session(&device, &r.mem, true);
+        assert!(acked(&mut s, SET_VRING_NUM, state(13), vec![]));
+        assert!(!acked(&mut s, SET_VRING_NUM, state(0), vec![]));
+        assert!(!acked(&mut s, SET_VRING_NUM, state(1025), vec![]), "beyond the device's maximum");
+        let (desc, drv, dev) = r.driver.user_addrs();
+        let fd = Payload::VringFd(VringFd { index: 0, nofd: false });
+        // virtio 1.2 §2.8.10: descriptor ring 16-byte aligned, event areas 4-byte aligned.
+        for (what, a) in [
+            ("desc misaligned", addr(desc + 8, drv, dev)),
+            ("driver event misaligned", addr(desc, drv + 2, dev)),
+            ("device event misaligned", addr(desc, drv, dev + 2)),
+            ("desc outside memory", addr(0x10, drv, dev)),
+        ] {
+            let mut s = session(&device, &r.mem, true);
+            assert!(acked(&mut s, SET_VRING_NUM, state(u32::from(SIZE)), vec![]));
+            assert!(acked(&mut s, SET_VRING_ADDR, a, vec![]));
+            assert!(!acked(&mut s, SET_VRING_KICK, fd.clone(), dup(&r.kick)), "{what}");
+        }
+        // Positions beyond the ring in either half of the base.
+        for bad in [13, 13 << 16, 0x7fff | 0x8000] {
+            let mut s = session(&device, &r.mem, true);
+            assert!(!start(&mut s, &r, bad), "base {bad:#x}");
+        }
+        let mut s = session(&device, &r.mem, true);
+        assert!(start(&mut s, &r, PackedBase::START.encode()));
+    }
+
+    #[test]
+    fn a_base_with_only_the_avail_half_resumes_there() {
+        // DPDK's virtio_user: SET_VRING_BASE 0x8000 for a fresh ring, and the avail half only
+        // after a stop; the used position is the avail one (a stopped ring completed all).
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let mut r = rig();
+        let mut s = session(&device, &r.mem, true);
+        assert!(start(&mut s, &r, 0x8000));
+        let buf = r.mem.alloc(64, 64).unwrap();
+        for _ in 0..9 {
+            let a = r.driver.add(&[(buf, 8)], &[(buf + 8, 8)]).unwrap();
+            assert_eq!(run(&mut r, 1), vec![(a, 8)]);
+        }
+        let Some(Payload::VringState(v)) = ask(&mut s, FrontendRequest::GET_VRING_BASE, state(0), vec![]) else {
+            panic!()
+        };
+        // 18 slots of 13: slot 5 of lap 2 (wrap counter 0).
+        assert_eq!(v.num, 5 | 5 << 16);
+        assert!(start(&mut s, &r, v.num & 0xffff));
+        for _ in 0..9 {
+            let a = r.driver.add(&[(buf, 8)], &[(buf + 8, 8)]).unwrap();
+            assert_eq!(run(&mut r, 1), vec![(a, 8)]);
+        }
+    }
+
+    #[test]
+    fn dirty_logging_covers_packed_used_descriptors_event_area_and_buffers() {
+        use crate::memory::{DirtyLog, LOG_PAGE_SIZE};
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let mut r = rig();
+        let mut s = Session::new(device.clone());
+        let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::LOG_SHMFD;
+        assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
+        let f = features(true) | VirtioFeatures::LOG_ALL.bits();
+        assert!(acked(&mut s, SET_FEATURES, Payload::U64(f), vec![]));
+        let (d, fd) = r.mem.region_fds().remove(0);
+        let region =
+            MemoryRegion { guest_addr: d.guest_addr, size: d.size, user_addr: d.user_addr, mmap_offset: 0, xen: None };
+        let table = Payload::MemoryTable(vec![region]);
+        assert!(acked(&mut s, SET_MEM_TABLE, table, vec![fd.try_clone_to_owned().unwrap()]));
+        let log = DirtyLog::allocate(MEM).unwrap();
+        let log_fd = log.fd().unwrap().try_clone_to_owned().unwrap();
+        let reply = ask(&mut s, SET_LOG_BASE, Payload::LogBase { mmap_size: log.size(), mmap_offset: 0 }, vec![log_fd]);
+        assert_eq!(reply, Some(Payload::U64(0)));
+        let ring = r.driver.ring();
+        let (desc, drv, dev) = r.driver.user_addrs();
+        let fdp = Payload::VringFd(VringFd { index: 0, nofd: false });
+        assert!(acked(&mut s, SET_VRING_NUM, state(u32::from(SIZE)), vec![]));
+        assert!(acked(&mut s, SET_VRING_BASE, state(PackedBase::START.encode()), vec![]));
+        // VHOST_VRING_F_LOG with log_guest_addr = the device event area's guest address, as
+        // QEMU sends it for a packed ring.
+        let a = VringAddr {
+            index: 0,
+            flags: crate::protocol::VRING_F_LOG,
+            desc_user_addr: desc,
+            used_user_addr: dev,
+            avail_user_addr: drv,
+            log_guest_addr: ring.device_event,
+        };
+        assert!(acked(&mut s, SET_VRING_ADDR, Payload::VringAddr(a), vec![]));
+        assert!(acked(&mut s, SET_VRING_CALL, fdp.clone(), dup(&r.call)));
+        assert!(acked(&mut s, SET_VRING_KICK, fdp, dup(&r.kick)));
+        assert!(acked(&mut s, SET_VRING_ENABLE, state(1), vec![]));
+        let buf = r.mem.alloc(3 * LOG_PAGE_SIZE, LOG_PAGE_SIZE).unwrap();
+        log.take_dirty();
+        let id = r.driver.add(&[(buf, 16)], &[(buf + 2 * LOG_PAGE_SIZE, 64)]).unwrap();
+        assert_eq!(run(&mut r, 1), vec![(id, 64)]);
+        let page = |gpa: u64| gpa / LOG_PAGE_SIZE;
+        let dirty = log.take_dirty();
+        assert!(dirty.contains(&page(buf + 2 * LOG_PAGE_SIZE)), "the written buffer: {dirty:?}");
+        assert!(!dirty.contains(&page(buf)), "the read-only buffer: {dirty:?}");
+        assert!(dirty.contains(&page(ring.desc)), "the used descriptor: {dirty:?}");
+        assert!(dirty.contains(&page(ring.device_event)), "the device event area: {dirty:?}");
+    }
+
+    #[test]
+    fn a_hostile_packed_ring_breaks_cleanly() {
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let mut r = rig();
+        let mut s = session(&device, &r.mem, true);
+        assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0f), vec![]));
+        assert!(start(&mut s, &r, PackedBase::START.encode()));
+        let buf = r.mem.alloc(64, 64).unwrap();
+        let a = r.driver.add(&[(buf, 8)], &[]).unwrap();
+        assert_eq!(run(&mut r, 1), vec![(a, 0)]);
+        // The driver makes a descriptor available with a buffer id beyond the ring.
+        let slot = r.driver.next_avail();
+        let bad = PackedDesc { addr: buf, len: 8, id: SIZE + 3, flags: PackedDesc::avail_flags(0, slot.wrap) };
+        assert_eq!(bad.flags & VIRTQ_DESC_F_AVAIL != 0, slot.wrap);
+        let gpa = r.driver.ring().desc + u64::from(slot.index) * 16;
+        r.mem.table().write(gpa, &bad.to_bytes()).unwrap();
+        crate::eventfd::signal(r.kick.as_fd()).unwrap();
+        assert!(readable(r.err.as_fd(), Duration::from_secs(5)), "the error fd was not signalled");
+        // DEVICE_NEEDS_RESET is set right after the error fd is written.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let Some(Payload::U64(status)) = ask(&mut s, GET_STATUS, Payload::Empty, vec![]) else { panic!() };
+            if status & 0x40 != 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "DEVICE_NEEDS_RESET was not set");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The session goes on: the ring can be set up again.
+        let Some(Payload::VringState(_)) = ask(&mut s, GET_VRING_BASE, state(0), vec![]) else { panic!() };
+        // From where the driver is: its next list overwrites the bad descriptor.
+        let pos = r.driver.next_avail();
+        assert!(start(&mut s, &r, PackedBase { avail: pos, used: pos }.encode()));
+        let b = r.driver.add(&[(buf, 8)], &[]).unwrap();
+        assert_eq!(run(&mut r, 1), vec![(b, 0)]);
+    }
+
+    #[test]
+    fn packed_inflight_buffer_resubmits_after_a_back_end_restart() {
+        use FrontendRequest::*;
+        let device = Arc::new(Echo { hold: AtomicBool::new(true) });
+        let mut r = rig();
+        let mut s = session(&device, &r.mem, true);
+        let ask_fd = Payload::Inflight(InflightDesc { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: SIZE });
+        let message = Message::request(GET_INFLIGHT_FD, ask_fd).with_need_reply();
+        let Ok(Some((reply, mut fds))) = s.handle(&message, vec![]) else { panic!() };
+        let Payload::Inflight(desc) = reply.payload else { panic!() };
+        // The packed layout's size (32-byte header, 32 bytes per descriptor, cache lines).
+        assert_eq!(desc.mmap_size, packed_queue_region_size(SIZE));
+        assert_eq!(desc.mmap_size, 448);
+        let inflight = fds.pop().unwrap();
+        assert!(acked(&mut s, SET_INFLIGHT_FD, Payload::Inflight(desc), dup(&inflight)));
+        assert!(start(&mut s, &r, PackedBase::START.encode()));
+        let buf = r.mem.alloc(4096, 64).unwrap();
+        let ids: Vec<u16> = (0..3).map(|i| r.driver.add(&[(buf, 16)], &[(buf + 64 * (i + 1), 32)]).unwrap()).collect();
+        r.driver.publish();
+        crate::eventfd::signal(r.kick.as_fd()).unwrap();
+        // Wait until the device popped them (the avail position moves in GET_VRING_BASE's
+        // answer only after a stop, so look at the device event area instead: with EVENT_IDX
+        // the device re-arms at its next available slot, 3 lists × 2 slots).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let mut ev = [0u8; 4];
+            r.mem.table().read(r.driver.ring().device_event, &mut ev).unwrap();
+            if u16::from_le_bytes([ev[0], ev[1]]) & 0x7fff == 6 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the device did not pop the requests");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The back-end "crashes": its session ends with the requests in flight.
+        drop(s);
+        device.hold.store(false, Ordering::Relaxed);
+        // A new back-end: the front-end hands the buffer back and, not knowing better, a base
+        // from before (a fresh ring's).
+        let mut s = session(&device, &r.mem, true);
+        assert!(acked(&mut s, SET_INFLIGHT_FD, Payload::Inflight(desc), vec![inflight]));
+        assert!(start(&mut s, &r, PackedBase::START.encode()));
+        crate::eventfd::signal(r.kick.as_fd()).unwrap();
+        let mut used = run(&mut r, 3);
+        used.sort_unstable();
+        assert_eq!(used, ids.iter().map(|&id| (id, 32)).collect::<Vec<_>>());
+        // Nothing twice, and new requests go on from there.
+        let d = r.driver.add(&[(buf, 16)], &[(buf + 512, 4)]).unwrap();
+        assert_eq!(run(&mut r, 1), vec![(d, 4)]);
+        // A split-layout buffer is refused for a packed ring (and the other way round).
+        let mut split = session(&device, &r.mem, false);
+        let message = Message::request(
+            GET_INFLIGHT_FD,
+            Payload::Inflight(InflightDesc { num_queues: 1, queue_size: 16, ..desc }),
+        )
+        .with_need_reply();
+        let Ok(Some((reply, _))) = split.handle(&message, vec![]) else { panic!() };
+        let Payload::Inflight(split_desc) = reply.payload else { panic!() };
+        assert_eq!(split_desc.mmap_size, crate::virtqueue::queue_region_size(16));
+    }
 }

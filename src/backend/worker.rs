@@ -17,7 +17,7 @@ use super::rings::{RingHandle, Rings};
 use super::Device;
 use crate::eventfd;
 use crate::protocol::{BackendRequest, Payload, ProtocolFeatures, VringState};
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, KeptChains, VirtqueueError};
 
 /// Misses for the same address in a row before a ring is given up on.
 const MAX_MISSES: u32 = 3;
@@ -254,7 +254,7 @@ pub(crate) struct Slot {
     pub(crate) owner: u64,
     device: Arc<dyn Device>,
     pub(crate) index: u16,
-    pub(crate) queue: DeviceQueue,
+    pub(crate) queue: AnyDeviceQueue,
     kick: OwnedFd,
     shared: Arc<RingShared>,
     requests: Option<Arc<BackendRequests>>,
@@ -299,7 +299,7 @@ impl Slot {
             self.pending = false;
             // A kick means new buffers: watch the device's fds again.
             self.listening = true;
-            let used_before = self.queue.next_used();
+            let used_before = self.queue.used_mark();
             let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
             let result = queue.drain(batch, 64, |q, b| {
                 let r = device.process_batch(index, q, b, kept, others);
@@ -314,16 +314,17 @@ impl Slot {
                 Ok(false) => {}
                 Err(VirtqueueError::IotlbMiss { iova, perm }) => {
                     // Chains before the miss may have completed: let the driver know.
-                    if self.queue.next_used() != used_before {
+                    if self.queue.used_mark() != used_before {
                         self.notify_driver();
                     }
                     miss = Some((iova, perm));
                 }
-                Err(_) => {
+                Err(e) => {
+                    log::warn!("ring {}: {e}", self.index);
                     // The queue is broken (malformed ring): stop processing it, keep the session.
                     // The worker reports it on the error fd after the wake-up; the call fd only
                     // hears about chains completed before the bad one.
-                    if self.queue.next_used() != used_before {
+                    if self.queue.used_mark() != used_before {
                         self.notify_driver();
                     }
                 }
@@ -398,7 +399,7 @@ impl Slot {
 
     /// Hands unused kept chains back to the ring when possible (they are the last popped, as
     /// RX buffers are); otherwise they stay in flight. Returns the queue.
-    fn into_queue(mut self) -> DeviceQueue {
+    fn into_queue(mut self) -> AnyDeviceQueue {
         let heads: Vec<u16> = self.kept.heads().collect();
         if !heads.is_empty() {
             self.queue.return_chains(&heads);
@@ -410,7 +411,7 @@ impl Slot {
 
 enum Command {
     Add(Box<Slot>),
-    Remove(u64, u16, mpsc::Sender<DeviceQueue>),
+    Remove(u64, u16, mpsc::Sender<AnyDeviceQueue>),
 }
 
 /// One worker thread and the rings it runs.
@@ -480,7 +481,7 @@ impl Group {
     }
 
     /// Takes ring `index` of session `owner` off the thread and returns its state.
-    fn remove(&self, owner: u64, index: u16) -> Option<DeviceQueue> {
+    fn remove(&self, owner: u64, index: u16) -> Option<AnyDeviceQueue> {
         let (tx, rx) = mpsc::channel();
         self.command(Command::Remove(owner, index, tx));
         loop {
@@ -544,11 +545,11 @@ impl Group {
                         }
                         let (before, rest) = slots.split_at_mut(k);
                         let Some((cur, after)) = rest.split_first_mut() else { break };
-                        let (avail, used) = (cur.queue.next_avail(), cur.queue.next_used());
+                        let (avail, used) = (cur.queue.avail_mark(), cur.queue.used_mark());
                         if let Some((iova, perm)) = cur.run(&*device, &mut Rings::new(before, after, owner)) {
                             misses.push((k, iova, perm));
                         }
-                        worked |= cur.queue.next_avail() != avail || cur.queue.next_used() != used;
+                        worked |= cur.queue.avail_mark() != avail || cur.queue.used_mark() != used;
                     }
                     for slot in slots.iter_mut().filter(|s| s.owner == owner) {
                         slot.flush();
@@ -782,7 +783,7 @@ impl Worker {
         owner: u64,
         device: Arc<dyn Device>,
         index: u16,
-        queue: DeviceQueue,
+        queue: AnyDeviceQueue,
         kick: OwnedFd,
         shared: Arc<RingShared>,
         requests: Option<Arc<BackendRequests>>,
@@ -816,7 +817,7 @@ impl Worker {
     }
 
     /// Takes the ring off its thread and returns its state (for GET_VRING_BASE).
-    pub fn stop(mut self) -> Option<DeviceQueue> {
+    pub fn stop(mut self) -> Option<AnyDeviceQueue> {
         self.stopped = true;
         self.shared.group.remove(self.owner, self.index)
     }

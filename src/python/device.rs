@@ -16,7 +16,7 @@ use crate::error::Error;
 use std::os::fd::RawFd;
 
 use crate::backend::{RingHandle, Rings};
-use crate::virtqueue::{ChainBatch, DeviceQueue, KeptChains, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, KeptChains, VirtqueueError};
 
 /// A device hook's exception as a refusal: NotImplementedError quietly (the device does not
 /// implement that request), anything else logged as a warning.
@@ -45,7 +45,7 @@ pub(crate) struct BatchQueue {
     can_defer: bool,
 }
 
-// SAFETY: `queue` points at the DeviceQueue the worker lends for the duration of one
+// SAFETY: `queue` points at the AnyDeviceQueue the worker lends for the duration of one
 // `process` call; `valid` is cleared before the worker uses the queue again.
 unsafe impl Send for BatchQueue {}
 // SAFETY: as above; access is serialised by the GIL and the `completed` mutex.
@@ -71,7 +71,7 @@ impl BatchQueue {
             return Err(PyValueError::new_err("chain already completed"));
         }
         // SAFETY: valid is set: the worker is blocked in process() and lent us the queue.
-        let queue = unsafe { &mut *(self.queue as *mut DeviceQueue) };
+        let queue = unsafe { &mut *(self.queue as *mut AnyDeviceQueue) };
         queue
             .complete_with(chain.head_index(), chain.writable_gpas(), written)
             .map_err(|e| to_pyerr(py, Error::Queue { queue: self.index, source: e }))
@@ -221,7 +221,7 @@ impl PyDevice {
     fn process_each(
         &self,
         queue_index: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
     ) -> Result<(), VirtqueueError> {
         let memory = queue.memory().clone();
@@ -402,7 +402,7 @@ impl Device for PyDevice {
         self.hook("queue_stopped", queue_index);
     }
 
-    fn process(&self, queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, queue_index: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         self.process_batch(queue_index, queue, batch, &mut KeptChains::new(), &mut Rings::none())
     }
 
@@ -448,7 +448,7 @@ impl Device for PyDevice {
     fn process_batch(
         &self,
         queue_index: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         kept: &mut KeptChains,
         _others: &mut Rings<'_>,
@@ -457,7 +457,7 @@ impl Device for PyDevice {
             return self.process_each(queue_index, queue, batch);
         }
         let memory = queue.memory().clone();
-        let ptr = queue as *mut DeviceQueue as usize;
+        let ptr = queue as *mut AnyDeviceQueue as usize;
         let leftover: Vec<u16> = Python::attach(|py| {
             let chains = chains_from_batch(batch, &memory);
             let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();

@@ -20,7 +20,7 @@ use crate::eventfd;
 use crate::memory::MemoryTable;
 use crate::protocol::ProtocolFeatures;
 use crate::virtio::net::{self as vnet, NetHeader};
-use crate::virtqueue::{ChainBatch, DeviceQueue, Segment, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, Segment, VirtqueueError};
 
 /// Frames a send from outside the worker may queue per pair before it pushes back.
 const PENDING_MAX: usize = 1024;
@@ -556,7 +556,7 @@ impl PyNetDevice {
     fn hand_to_python(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {
@@ -616,7 +616,7 @@ impl NetPort for PyNetDevice {
     fn transmit(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {
@@ -725,7 +725,7 @@ impl NetPort for PyNetDevice {
         });
         Ok(keep.unwrap_or(false))
     }
-    fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn control(&self, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         if !self.has_control {
             return self.shared.core.control(queue, batch);
         }

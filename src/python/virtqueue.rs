@@ -11,8 +11,8 @@ use super::memory::{GuestBuffer, PyDirtyLog, PyGuestMemory};
 use crate::error::Error;
 use crate::memory::MemoryTable;
 use crate::virtqueue::{
-    AnyDriverQueue, Buffer, ChainBatch, DeviceQueue, DriverQueue, PackedDriverQueue, QueueConfig, RingAddressSpace,
-    VirtqueueError,
+    AnyDeviceQueue, AnyDriverQueue, Buffer, ChainBatch, DeviceQueue, DriverQueue, PackedBase, PackedDeviceQueue,
+    PackedDriverQueue, PackedQueueConfig, QueueConfig, RingAddressSpace, VirtqueueError,
 };
 
 fn queue_err(py: Python<'_>, queue: u16, e: VirtqueueError) -> PyErr {
@@ -352,12 +352,13 @@ impl PyDescriptorChain {
 }
 
 struct DeviceState {
-    queue: DeviceQueue,
+    queue: AnyDeviceQueue,
     batch: ChainBatch,
 }
 
-/// The device side of a split ring (back-end role): pop chains in batches, complete them,
-/// publish the used index once per batch, and notify per EVENT_IDX / NO_INTERRUPT.
+/// The device side of a split or packed ring (back-end role): pop chains in batches, complete
+/// them, publish the used entries once per batch, and notify per EVENT_IDX / NO_INTERRUPT
+/// (split) or the driver's event suppression structure (packed).
 #[pyclass(module = "vhostuser_rs", name = "DeviceQueue", frozen)]
 pub(crate) struct PyDeviceQueue {
     inner: Mutex<DeviceState>,
@@ -402,9 +403,14 @@ impl PyDeviceQueue {
 impl PyDeviceQueue {
     /// Sets a ring up over `memory`. Addresses are guest physical (``address_space="guest"``)
     /// or the front-end's user addresses of SET_VRING_ADDR (``"user"``). Each ring part must lie
-    /// inside one mapped region; the size must be a power of two ≤ 32768.
+    /// inside one mapped region. Split (default): the size must be a power of two ≤ 32768 and
+    /// `next_avail` is SET_VRING_BASE's index. ``packed=True`` (VIRTIO_F_RING_PACKED): any
+    /// size ≤ 32768; as in SET_VRING_ADDR, `desc_addr` is the descriptor ring, `avail_addr`
+    /// the driver event suppression area and `used_addr` the device's; `base` is
+    /// SET_VRING_BASE's packed encoding (bits 0-14 next avail slot, 15 its wrap counter, 16-30
+    /// next used slot, 31 its wrap counter; default: a fresh ring, ``0x80008000``).
     #[new]
-    #[pyo3(signature = (memory, size, *, desc_addr, avail_addr, used_addr, address_space="guest", event_idx=false, indirect=false, next_avail=0, index=0))]
+    #[pyo3(signature = (memory, size, *, desc_addr, avail_addr, used_addr, address_space="guest", event_idx=false, indirect=false, next_avail=0, index=0, packed=false, base=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -418,15 +424,37 @@ impl PyDeviceQueue {
         indirect: bool,
         next_avail: u16,
         index: u16,
+        packed: bool,
+        base: Option<u32>,
     ) -> PyResult<PyDeviceQueue> {
         let addr_space = match address_space {
             "guest" => RingAddressSpace::Guest,
             "user" => RingAddressSpace::User,
             _ => return Err(PyValueError::new_err("address_space must be 'guest' or 'user'")),
         };
-        let cfg = QueueConfig { size, desc_addr, avail_addr, used_addr, addr_space, event_idx, indirect, next_avail };
         let table = Arc::new(memory.inner.table().clone());
-        let queue = DeviceQueue::new(table, cfg).map_err(|e| queue_err(py, index, e))?;
+        let queue = if packed {
+            let base = base.map_or(PackedBase::START, PackedBase::decode);
+            let cfg = PackedQueueConfig {
+                size,
+                desc_addr,
+                driver_event_addr: avail_addr,
+                device_event_addr: used_addr,
+                addr_space,
+                event_idx,
+                indirect,
+                base,
+            };
+            PackedDeviceQueue::new(table, cfg).map(AnyDeviceQueue::Packed)
+        } else {
+            if base.is_some() {
+                return Err(PyValueError::new_err("base is for packed rings; a split ring takes next_avail"));
+            }
+            let cfg =
+                QueueConfig { size, desc_addr, avail_addr, used_addr, addr_space, event_idx, indirect, next_avail };
+            DeviceQueue::new(table, cfg).map(AnyDeviceQueue::Split)
+        };
+        let queue = queue.map_err(|e| queue_err(py, index, e))?;
         let state = DeviceState { queue, batch: ChainBatch::new() };
         Ok(PyDeviceQueue { inner: Mutex::new(state), index })
     }
@@ -528,16 +556,30 @@ impl PyDeviceQueue {
         lock(&self.inner).queue.size()
     }
 
-    /// The next available index (GET_VRING_BASE's answer).
+    /// Split: the next available index; packed: the next available slot with its wrap counter
+    /// in bit 15.
     #[getter]
     fn next_avail(&self) -> u16 {
-        lock(&self.inner).queue.next_avail()
+        lock(&self.inner).queue.avail_mark()
     }
 
-    /// The next used index.
+    /// Split: the next used index; packed: the next used slot with its wrap counter in bit 15.
     #[getter]
     fn next_used(&self) -> u16 {
-        lock(&self.inner).queue.next_used()
+        lock(&self.inner).queue.used_mark()
+    }
+
+    /// GET_VRING_BASE's answer in the ring's format (split: the next available index; packed:
+    /// ``next_avail | next_used << 16``).
+    #[getter]
+    fn vring_base(&self) -> u32 {
+        lock(&self.inner).queue.vring_base()
+    }
+
+    /// Whether this is a packed ring.
+    #[getter]
+    fn packed(&self) -> bool {
+        lock(&self.inner).queue.is_packed()
     }
 
     /// Chains popped and not completed.

@@ -122,6 +122,32 @@ impl AnyDeviceQueue {
         both!(self, q => q.return_chains(heads))
     }
 
+    /// Whether this is a packed ring.
+    pub fn is_packed(&self) -> bool {
+        matches!(self, AnyDeviceQueue::Packed(_))
+    }
+
+    /// A value that changes whenever the device pops a chain (split: the next avail index;
+    /// packed: the next avail position with its wrap counter, encoded as in
+    /// [`super::RingPos::encode`]). For progress checks, not for arithmetic.
+    #[inline]
+    pub fn avail_mark(&self) -> u16 {
+        match self {
+            AnyDeviceQueue::Split(q) => q.next_avail(),
+            AnyDeviceQueue::Packed(q) => q.base().avail.encode(),
+        }
+    }
+
+    /// A value that changes whenever the device writes a used entry (as
+    /// [`avail_mark`](Self::avail_mark), for the used side).
+    #[inline]
+    pub fn used_mark(&self) -> u16 {
+        match self {
+            AnyDeviceQueue::Split(q) => q.next_used(),
+            AnyDeviceQueue::Packed(q) => q.base().used.encode(),
+        }
+    }
+
     /// GET_VRING_BASE's `num`: split, the next avail index; packed, both positions and wrap
     /// counters ([`super::PackedBase::encode`]).
     pub fn vring_base(&self) -> u32 {
@@ -151,6 +177,18 @@ impl AnyDeviceQueue {
                 return Ok(notify);
             }
         }
+    }
+}
+
+impl From<DeviceQueue> for AnyDeviceQueue {
+    fn from(q: DeviceQueue) -> AnyDeviceQueue {
+        AnyDeviceQueue::Split(q)
+    }
+}
+
+impl From<PackedDeviceQueue> for AnyDeviceQueue {
+    fn from(q: PackedDeviceQueue) -> AnyDeviceQueue {
+        AnyDeviceQueue::Packed(q)
     }
 }
 

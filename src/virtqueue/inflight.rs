@@ -1,4 +1,5 @@
-//! Inflight I/O tracking for split rings (INFLIGHT_SHMFD, protocol.md §6.9): the back-end
+//! Inflight I/O tracking (INFLIGHT_SHMFD, protocol.md §6.9): the buffer of a session, and the
+//! split-ring region (the packed one is [`super::packed::PackedInflightQueue`]): the back-end
 //! records in a buffer shared with the front-end which heads it has taken from the avail ring and
 //! not completed, so that a back-end started after a crash can hand them to the device again.
 //!
@@ -23,6 +24,7 @@ use std::sync::Arc;
 
 use super::error::VirtqueueError;
 use super::layout::MAX_QUEUE_SIZE;
+use super::packed::{packed_queue_region_size, PackedInflightQueue, MAX_PACKED_QUEUE_SIZE};
 use crate::memory::{sealed_memfd, Mapping, MemoryError};
 
 /// The only split-ring layout version.
@@ -37,38 +39,56 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
     (HEADER as u64 + DESC_STATE as u64 * u64::from(queue_size)).next_multiple_of(64)
 }
 
-fn check_queue_size(queue_size: u16) -> Result<(), VirtqueueError> {
-    if queue_size == 0 || queue_size > MAX_QUEUE_SIZE || !queue_size.is_power_of_two() {
+fn check_queue_size(queue_size: u16, packed: bool) -> Result<(), VirtqueueError> {
+    // Split rings are powers of two; packed rings any size up to 32768 (virtio 1.2 §2.8).
+    let max = if packed { MAX_PACKED_QUEUE_SIZE } else { MAX_QUEUE_SIZE };
+    if queue_size == 0 || queue_size > max || (!packed && !queue_size.is_power_of_two()) {
         return Err(VirtqueueError::InvalidSize(queue_size.into()));
     }
     Ok(())
 }
 
-/// The mapped inflight buffer of a session (all its queues).
+fn region_size(queue_size: u16, packed: bool) -> u64 {
+    if packed {
+        packed_queue_region_size(queue_size)
+    } else {
+        queue_region_size(queue_size)
+    }
+}
+
+/// The mapped inflight buffer of a session (all its queues), in the layout of one ring format:
+/// the format is the one negotiated when the buffer was made (QEMU sends SET_FEATURES before
+/// GET_INFLIGHT_FD for this reason) or handed back.
 #[derive(Debug, Clone)]
 pub struct InflightBuffer {
     map: Arc<Mapping>,
     num_queues: u16,
     queue_size: u16,
+    packed: bool,
 }
 
 impl InflightBuffer {
-    /// GET_INFLIGHT_FD: a fresh, zeroed, size-sealed buffer for `num_queues` rings of
+    /// GET_INFLIGHT_FD: a fresh, zeroed, size-sealed buffer for `num_queues` split rings of
     /// `queue_size` descriptors.
     pub fn allocate(num_queues: u16, queue_size: u16) -> Result<InflightBuffer, VirtqueueError> {
-        check_queue_size(queue_size)?;
+        InflightBuffer::allocate_for(num_queues, queue_size, false)
+    }
+
+    /// GET_INFLIGHT_FD for rings of either format (`packed`: VIRTIO_F_RING_PACKED negotiated).
+    pub fn allocate_for(num_queues: u16, queue_size: u16, packed: bool) -> Result<InflightBuffer, VirtqueueError> {
+        check_queue_size(queue_size, packed)?;
         if num_queues == 0 {
             return Err(VirtqueueError::InflightCorrupt("zero queues"));
         }
-        let size = u64::from(num_queues) * queue_region_size(queue_size);
+        let size = u64::from(num_queues) * region_size(queue_size, packed);
         let fd = sealed_memfd("vhostuser_rs-inflight", size)?;
         let map = Mapping::from_fd(fd, 0, size)?;
-        Ok(InflightBuffer { map: Arc::new(map), num_queues, queue_size })
+        Ok(InflightBuffer { map: Arc::new(map), num_queues, queue_size, packed })
     }
 
     /// SET_INFLIGHT_FD: maps `mmap_size` bytes at `mmap_offset` of `fd`, after checking that they
-    /// hold `num_queues` regions of `queue_size` descriptors (CVE-2021-3839: the caller also
-    /// checks `num_queues` against its rings) and that the file is that large.
+    /// hold `num_queues` split-ring regions of `queue_size` descriptors (CVE-2021-3839: the
+    /// caller also checks `num_queues` against its rings) and that the file is that large.
     pub fn from_fd(
         fd: OwnedFd,
         mmap_size: u64,
@@ -76,16 +96,33 @@ impl InflightBuffer {
         num_queues: u16,
         queue_size: u16,
     ) -> Result<InflightBuffer, VirtqueueError> {
-        check_queue_size(queue_size)?;
+        InflightBuffer::from_fd_for(fd, mmap_size, mmap_offset, num_queues, queue_size, false)
+    }
+
+    /// SET_INFLIGHT_FD for rings of either format (the regions' stride depends on it).
+    pub fn from_fd_for(
+        fd: OwnedFd,
+        mmap_size: u64,
+        mmap_offset: u64,
+        num_queues: u16,
+        queue_size: u16,
+        packed: bool,
+    ) -> Result<InflightBuffer, VirtqueueError> {
+        check_queue_size(queue_size, packed)?;
         if num_queues == 0 {
             return Err(VirtqueueError::InflightCorrupt("zero queues"));
         }
-        let needed = u64::from(num_queues) * queue_region_size(queue_size);
+        let needed = u64::from(num_queues) * region_size(queue_size, packed);
         if mmap_size < needed {
             return Err(VirtqueueError::Memory(MemoryError::FileTooSmall { needed, actual: mmap_size }));
         }
         let map = Mapping::from_fd(fd, mmap_offset, mmap_size)?;
-        Ok(InflightBuffer { map: Arc::new(map), num_queues, queue_size })
+        Ok(InflightBuffer { map: Arc::new(map), num_queues, queue_size, packed })
+    }
+
+    /// Whether the regions have the packed-ring layout.
+    pub fn is_packed(&self) -> bool {
+        self.packed
     }
 
     /// Queues covered.
@@ -113,15 +150,26 @@ impl InflightBuffer {
         self.map.fd()
     }
 
-    /// Queue `index`'s region, if the buffer covers that queue.
+    /// Queue `index`'s split-ring region, if the buffer covers that queue (and is split).
     pub fn queue(&self, index: u16) -> Option<InflightQueue> {
-        if index >= self.num_queues {
+        if index >= self.num_queues || self.packed {
             return None;
         }
         let offset = usize::from(index) * queue_region_size(self.queue_size) as usize;
         // SAFETY: from_fd/allocate checked that num_queues regions fit in the mapping.
         let base = unsafe { self.map.as_ptr().add(offset) };
         Some(InflightQueue { _map: self.map.clone(), base, size: self.queue_size })
+    }
+
+    /// Queue `index`'s packed-ring region, if the buffer covers that queue (and is packed).
+    pub fn packed_queue(&self, index: u16) -> Option<PackedInflightQueue> {
+        if index >= self.num_queues || !self.packed {
+            return None;
+        }
+        let offset = usize::from(index) * packed_queue_region_size(self.queue_size) as usize;
+        // SAFETY: from_fd_for/allocate_for checked that num_queues regions fit in the mapping.
+        let base = unsafe { self.map.as_ptr().add(offset) };
+        Some(PackedInflightQueue::new(self.map.clone(), base, self.queue_size))
     }
 }
 

@@ -88,7 +88,7 @@ PY_DEVICE = textwrap.dedent(
     class FileBlock(vu.Device):
         device_type = "block"
         num_queues = 1
-        features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX | vu.VirtioFeature.INDIRECT_DESC) | (1 << 6) | (1 << 9)
+        features = int(vu.VirtioFeature.VERSION_1 | vu.VirtioFeature.EVENT_IDX | vu.VirtioFeature.INDIRECT_DESC | vu.VirtioFeature.RING_PACKED) | (1 << 6) | (1 << 9)
 
         def __init__(self, path, stall_after=None):
             self.fd = os.open(path, os.O_RDWR)
@@ -136,14 +136,31 @@ PY_DEVICE = textwrap.dedent(
 )
 
 
+RING_PACKED = 1 << 34
+
+
+def acked_features(trace: str) -> list[int]:
+    """The SET_FEATURES values in a back-end's request trace (VHOSTUSER_RS_TRACE=1)."""
+    return [int(line.split("U64(")[1].split(")")[0]) for line in trace.splitlines() if "SET_FEATURES U64(" in line]
+
+
 @pytest.mark.parametrize(
     "device",
-    ["built-in", "python, served by an asyncio loop", "python via serve MODULE:CLASS", "built-in behind a vIOMMU"],
+    [
+        "built-in",
+        "python, served by an asyncio loop",
+        "python via serve MODULE:CLASS, packed",
+        "built-in behind a vIOMMU",
+        "built-in, packed",
+        "built-in behind a vIOMMU, packed",
+    ],
 )
 def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> None:
     """With a vIOMMU (intel-iommu, iommu_platform=on) every ring and buffer address is an IOVA
-    and the back-end learns translations from QEMU's IOTLB_MSG updates."""
+    and the back-end learns translations from QEMU's IOTLB_MSG updates. With ``packed=on`` QEMU
+    and the guest's driver use packed rings (VIRTIO_F_RING_PACKED), inflight tracking included."""
     iommu = "vIOMMU" in device
+    packed = "packed" in device
     # iommu.strict=1: in the default lazy mode the guest's batched IOTLB flushes do not reach a
     # vhost-user back-end through QEMU 7.2's intel-iommu (measured: no INVALIDATE at all), so
     # the back-end keeps stale entries and the guest reuses their IOVAs: memory corruption.
@@ -185,7 +202,7 @@ def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> N
             "-serial", f"file:{serial}", "-kernel", str(vmlinuz), "-initrd", str(initrd),
             *(["-device", "intel-iommu,intremap=off,device-iotlb=on"] if iommu else []),
             "-chardev", f"socket,id=c0,path={sock}",
-            "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1" + (",iommu_platform=on,ats=on,disable-legacy=on" if iommu else ""),
+            "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1" + (",iommu_platform=on,ats=on,disable-legacy=on" if iommu else "") + (",packed=on" if packed else ""),
             "-append", f"console=ttyS0 panic=-1 quiet rdinit=/init marker={nonce}" + (" intel_iommu=on iommu.strict=1" if iommu else ""),
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
@@ -200,6 +217,11 @@ def test_linux_guest_reads_and_writes_the_disk(sock_dir: Path, device: str) -> N
     # when offered), IOTLB updates only behind the vIOMMU.
     assert "SET_INFLIGHT_FD" in trace
     assert ("IOTLB_MSG" in trace) == iommu, trace[-3000:]
+    # The ring format really was the one asked for: Linux's driver acks RING_PACKED with
+    # packed=on (the firmware's virtio-blk driver, which starts the device first, does not).
+    features = acked_features(trace)
+    assert features and bool(features[-1] & RING_PACKED) == packed, features
+    assert packed or not any(f & RING_PACKED for f in features), features
     with open(image, "rb") as f:
         f.seek(MARKER_SECTOR * 512)
         assert f.read(64).startswith(f"VHOSTUSER-RS GUEST MARKER {nonce}".encode())
@@ -228,11 +250,13 @@ RECONNECT_INIT = textwrap.dedent(
 )
 
 
-def test_guest_io_survives_a_backend_restart(sock_dir: Path) -> None:
+@pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
+def test_guest_io_survives_a_backend_restart(sock_dir: Path, packed: bool) -> None:
     """QEMU reconnects (chardev reconnect=1) to a new back-end after the first one hangs with
     guest writes in flight and is killed; QEMU hands the new one (serve-blk) the inflight buffer
     of the dead one, which resubmits the requests it had taken, and the guest's copy completes
-    intact. The first back-end is the Python device, made to hang after 40 writes."""
+    intact. The first back-end is the Python device, made to hang after 40 writes. Packed: the
+    inflight buffer has the packed layout and the restarted ring's positions come from it."""
     import signal
     import time
 
@@ -263,7 +287,7 @@ def test_guest_io_survives_a_backend_restart(sock_dir: Path) -> None:
                 "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
                 "-serial", f"file:{serial}", "-kernel", str(vmlinuz), "-initrd", str(initrd),
                 "-chardev", f"socket,id=c0,path={sock},reconnect=1",
-                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1",
+                "-device", "vhost-user-blk-pci,chardev=c0,num-queues=1" + (",packed=on" if packed else ""),
                 "-append", "console=ttyS0 panic=-1 quiet rdinit=/init",
             ],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -290,5 +314,7 @@ def test_guest_io_survives_a_backend_restart(sock_dir: Path) -> None:
     assert "SET_INFLIGHT_FD" in trace and "GET_INFLIGHT_FD" not in trace, trace[-2000:]
     resubmitted = [int(line.split(": ")[2].split()[0]) for line in trace.splitlines() if "resubmitted from" in line]
     assert resubmitted and resubmitted[0] > 0, trace[-2000:]
+    features = acked_features(trace)
+    assert features and all(bool(f & RING_PACKED) == packed for f in features), features
     data = image.read_bytes()
     assert data[: 16 << 20] == data[16 << 20 :]

@@ -22,7 +22,7 @@ use crate::virtio::blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
-use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, KeptChains, Segment, VirtqueueError};
+use crate::virtqueue::{for_each_span, AnyDeviceQueue, Chain, ChainBatch, KeptChains, Segment, VirtqueueError};
 
 /// Tag and format version of the saved state (DEVICE_STATE).
 const STATE_TAG: &[u8; 4] = b"VBK1";
@@ -406,9 +406,11 @@ impl Device for BlockDevice {
     }
 
     fn features(&self) -> u64 {
+        // RING_PACKED: the worker, inflight tracking and I/O completion run on either format.
         let mut f = VirtioFeatures::VERSION_1.bits()
             | VirtioFeatures::EVENT_IDX.bits()
             | VirtioFeatures::INDIRECT_DESC.bits()
+            | VirtioFeatures::RING_PACKED.bits()
             | 1 << VIRTIO_BLK_F_SEG_MAX
             | 1 << VIRTIO_BLK_F_BLK_SIZE
             | 1 << VIRTIO_BLK_F_FLUSH
@@ -456,7 +458,7 @@ impl Device for BlockDevice {
         Ok(())
     }
 
-    fn process(&self, _queue_index: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(&self, _queue_index: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         for chain in batch.chains() {
             let (status, written) = self.handle(batch, chain);
             if chain.writable_len > 0 {
@@ -489,7 +491,7 @@ impl Device for BlockDevice {
     fn process_batch(
         &self,
         queue_index: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         kept: &mut KeptChains,
         _others: &mut Rings<'_>,
@@ -627,7 +629,7 @@ impl BlockDevice {
 
 /// Completes a chain held outside the ring's kept list.
 fn complete_kept(
-    queue: &mut DeviceQueue,
+    queue: &mut AnyDeviceQueue,
     kept: &mut KeptChains,
     chain: crate::virtqueue::KeptChain,
     written: u32,
@@ -643,7 +645,7 @@ mod tests {
 
     use super::*;
     use crate::memory::{DirtyLog, GuestMemory, LOG_PAGE_SIZE};
-    use crate::virtqueue::{DriverQueue, QueueConfig, RingAddressSpace};
+    use crate::virtqueue::{DeviceQueue, DriverQueue, QueueConfig, RingAddressSpace};
 
     const MIB: u64 = 1 << 20;
     const PAGE: u64 = LOG_PAGE_SIZE;
@@ -651,7 +653,7 @@ mod tests {
     struct Rig {
         mem: Arc<GuestMemory>,
         driver: DriverQueue,
-        device: DeviceQueue,
+        device: AnyDeviceQueue,
         blk: BlockDevice,
         log: DirtyLog,
         image: std::path::PathBuf,
@@ -681,7 +683,7 @@ mod tests {
             indirect: false,
             next_avail: 0,
         };
-        let mut device = DeviceQueue::new(Arc::new(mem.table().clone()), cfg).unwrap();
+        let mut device = AnyDeviceQueue::Split(DeviceQueue::new(Arc::new(mem.table().clone()), cfg).unwrap());
         let log = DirtyLog::allocate(4 * MIB).unwrap();
         device.set_dirty_log(Some(log.clone()), None);
         Rig { mem, driver, device, blk, log, image }

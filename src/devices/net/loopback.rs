@@ -8,7 +8,7 @@ use super::{check_tx, copy_out, deliver, Delivery, NetCore, NetOptions, NetPort}
 use crate::backend::Rings;
 use crate::protocol::ProtocolFeatures;
 use crate::virtio::net::{self as vnet, NetHeader};
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
 thread_local! {
     /// One frame's bounce buffer per worker thread (a 64 KiB GSO frame and its header).
@@ -37,7 +37,7 @@ impl Loopback {
     fn send_back(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {
@@ -97,7 +97,7 @@ impl NetPort for Loopback {
     fn transmit(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {

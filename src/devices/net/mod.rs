@@ -18,7 +18,7 @@ use std::os::fd::RawFd;
 use crate::backend::{Device, DeviceRequest, RingHandle, Rings, StateReader, StateWriter};
 use crate::protocol::{ProtocolFeatures, VirtioFeatures};
 use crate::virtio::net::{self as vnet, ctrl, feature, NetConfig, NetHeader, QueueRole};
-use crate::virtqueue::{for_each_span, Chain, ChainBatch, DeviceQueue, KeptChains, Segment, VirtqueueError};
+use crate::virtqueue::{for_each_span, AnyDeviceQueue, Chain, ChainBatch, KeptChains, Segment, VirtqueueError};
 
 /// What makes one net device differ from another: where transmitted frames go and where
 /// received ones come from. Every `NetPort` is a [`Device`] with what all net devices share —
@@ -33,7 +33,7 @@ pub trait NetPort: Send + Sync + 'static {
     fn transmit(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError>;
@@ -67,7 +67,7 @@ pub trait NetPort: Send + Sync + 'static {
         Ok(false)
     }
     /// A batch of the control queue (default: the core's handling).
-    fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn control(&self, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         self.core().control(queue, batch)
     }
     /// See [`Device::reset`].
@@ -150,14 +150,19 @@ impl<P: NetPort> Device for P {
             _ => Ok(false),
         }
     }
-    fn process(&self, _queue_index: u16, _queue: &mut DeviceQueue, _batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn process(
+        &self,
+        _queue_index: u16,
+        _queue: &mut AnyDeviceQueue,
+        _batch: &ChainBatch,
+    ) -> Result<(), VirtqueueError> {
         // The worker calls process_batch; nothing reaches here.
         Ok(())
     }
     fn process_batch(
         &self,
         queue_index: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         kept: &mut KeptChains,
         others: &mut Rings<'_>,
@@ -336,9 +341,12 @@ impl NetCore {
 
     /// Virtio features offered.
     pub fn features(&self) -> u64 {
+        // RING_PACKED: RX buffers kept across wake-ups and handed back on stop, control queue
+        // and inflight tracking run on either format.
         let mut f = VirtioFeatures::VERSION_1.bits()
             | VirtioFeatures::EVENT_IDX.bits()
             | VirtioFeatures::INDIRECT_DESC.bits()
+            | VirtioFeatures::RING_PACKED.bits()
             | feature::MRG_RXBUF
             | feature::MAC
             | feature::STATUS
@@ -537,7 +545,7 @@ impl NetCore {
 
     /// Handles a batch of the control queue: every command gets its ack byte (OK or ERR); a
     /// chain without a writable byte cannot be answered and is returned with 0 bytes.
-    pub fn control(&self, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    pub fn control(&self, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         self.control_with(queue, batch, &|_, _, _| None)
     }
 
@@ -545,7 +553,7 @@ impl NetCore {
     /// (`class`, `command`, data) and answers it (`Some(ok)`) or leaves it to the defaults.
     pub fn control_with(
         &self,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         hook: &ControlHook<'_>,
     ) -> Result<(), VirtqueueError> {

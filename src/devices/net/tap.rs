@@ -15,7 +15,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use super::{check_tx, deliver, Delivery, NetCore, NetOptions, NetPort};
 use crate::backend::{DeviceRequest, RingHandle, Rings};
 use crate::virtio::net::{self as vnet, feature, NetHeader};
-use crate::virtqueue::{ChainBatch, DeviceQueue, VirtqueueError};
+use crate::virtqueue::{AnyDeviceQueue, ChainBatch, VirtqueueError};
 
 // <linux/if_tun.h> and <linux/if.h>.
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
@@ -169,7 +169,7 @@ impl TapNet {
     }
 
     /// TX chains of `pair`, each written to the pair's TAP queue with one writev.
-    fn write_out(&self, pair: u16, queue: &mut DeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+    fn write_out(&self, pair: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
         let header_len = self.core.header_len();
         let fd = self.queues[usize::from(pair)].as_raw_fd();
         let (mut frames, mut bytes, mut errors) = (0u64, 0u64, 0u64);
@@ -264,7 +264,7 @@ impl NetPort for TapNet {
     fn transmit(
         &self,
         pair: u16,
-        queue: &mut DeviceQueue,
+        queue: &mut AnyDeviceQueue,
         batch: &ChainBatch,
         _others: &mut Rings<'_>,
     ) -> Result<(), VirtqueueError> {

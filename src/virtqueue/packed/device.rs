@@ -7,6 +7,7 @@
 use std::sync::atomic::{fence, Ordering};
 use std::sync::{Arc, RwLock};
 
+use super::inflight::{PackedInflightQueue, SavedList};
 use super::{avail_bits, event_wants, is_avail, used_bits, PackedBase, RingPos, FLAGS_OFFSET};
 use super::{EVENT_SUPPRESS_SIZE, MAX_PACKED_QUEUE_SIZE, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE};
 use super::{RING_EVENT_FLAGS_ENABLE, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
@@ -75,6 +76,20 @@ pub struct PackedDeviceQueue {
     data_log: Option<DirtyLog>,
     ring_log: Option<(DirtyLog, u64)>,
     iotlb: Option<Arc<RwLock<Iotlb>>>,
+    inflight: Option<Box<Inflight>>,
+}
+
+/// Inflight tracking state of a packed ring (see [`PackedDeviceQueue::attach_inflight`]).
+#[derive(Debug)]
+struct Inflight {
+    region: PackedInflightQueue,
+    counter: u64,
+    /// Lists to hand out again before new available ones, oldest last (popped from the end).
+    resubmit: Vec<SavedList>,
+    /// Ids completed since the last publish.
+    unpublished: Vec<u16>,
+    /// The descriptors of the list being walked (copied into the region once it is popped).
+    descs: Vec<PackedDesc>,
 }
 
 // SAFETY: the ring pointers point into mappings owned by `memory` (an Arc), which lives as long
@@ -132,7 +147,47 @@ impl PackedDeviceQueue {
             data_log: None,
             ring_log: None,
             iotlb: None,
+            inflight: None,
         })
+    }
+
+    /// Tracks this ring in an inflight buffer region (INFLIGHT_SHMFD, packed layout). Call
+    /// before popping anything. A region left by an earlier back-end is validated and settled;
+    /// its unfinished lists become in flight again and are popped first (rebuilt from the
+    /// region's copies, checked as if the driver had just made them available), the used
+    /// position becomes the region's and the available position follows the lists in flight
+    /// (overriding SET_VRING_BASE, as for split rings). Returns the number of lists to resubmit.
+    pub fn attach_inflight(&mut self, mut region: PackedInflightQueue) -> Result<usize, VirtqueueError> {
+        if self.in_flight != 0 {
+            return Err(VirtqueueError::InflightCorrupt("attached to a ring with chains in flight"));
+        }
+        let desc = self.desc;
+        let recovery = region.recover(self.next_used, |slot| {
+            // SAFETY: the region validated slot < size (its used index); inside the ring.
+            unsafe { load_u16(desc.add(usize::from(slot) * 16 + FLAGS_OFFSET), Ordering::Acquire) }
+        })?;
+        let mut slots = 0u32;
+        for l in &recovery.resubmit {
+            // Ids and slot totals were checked by `recover` (unique, < size, ≤ size slots).
+            self.ids[usize::from(l.id)] = IdState { busy: true, slots: l.slots };
+            slots += u32::from(l.slots);
+        }
+        let n = recovery.resubmit.len();
+        self.in_flight = n as u16;
+        self.in_flight_slots = slots;
+        self.next_used = recovery.used;
+        self.next_avail = recovery.used.advance(slots as u16, self.size);
+        self.signalled_used = None;
+        let mut resubmit = recovery.resubmit;
+        resubmit.reverse();
+        self.inflight = Some(Box::new(Inflight {
+            region,
+            counter: recovery.counter,
+            resubmit,
+            unpublished: Vec::with_capacity(usize::from(self.size)),
+            descs: Vec::new(),
+        }));
+        Ok(n)
     }
 
     /// ACCESS_PLATFORM: translate descriptor addresses (IOVAs) through `iotlb`; a miss makes
@@ -208,12 +263,29 @@ impl PackedDeviceQueue {
             return Err(VirtqueueError::Broken);
         }
         let mut popped = 0usize;
+        if self.inflight.as_ref().is_some_and(|i| !i.resubmit.is_empty()) {
+            popped = self.pop_resubmitted(batch, max)?;
+        }
         while popped < max {
             if !is_avail(self.flags_acquire(self.next_avail.index), self.next_avail.wrap) {
                 break;
             }
             let first = batch.segments.len();
-            match self.walk(batch, first) {
+            let mut saved = self.inflight.as_mut().map(|i| std::mem::take(&mut i.descs));
+            let walked = self.walk(batch, first, saved.as_mut());
+            if let (Some(inf), Some(mut descs)) = (self.inflight.as_mut(), saved) {
+                if let Ok((id, _, _)) = walked {
+                    inf.counter += 1;
+                    if let Err(e) = inf.region.fetched(id, inf.counter, &descs) {
+                        batch.chains.pop();
+                        batch.segments.truncate(first);
+                        return Err(self.fail(e));
+                    }
+                }
+                descs.clear();
+                inf.descs = descs;
+            }
+            match walked {
                 Ok((id, slots, end)) => {
                     self.ids[usize::from(id)] = IdState { busy: true, slots };
                     self.in_flight += 1;
@@ -232,6 +304,57 @@ impl PackedDeviceQueue {
             }
         }
         Ok(popped)
+    }
+
+    /// Pops lists a crashed back-end left in flight (already counted in flight), oldest first.
+    fn pop_resubmitted(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, VirtqueueError> {
+        let mut popped = 0;
+        while popped < max {
+            let Some(list) = self.inflight.as_mut().and_then(|i| i.resubmit.pop()) else { break };
+            let first = batch.segments.len();
+            match self.walk_saved(batch, first, &list) {
+                Ok(()) => popped += 1,
+                Err(e) => {
+                    batch.segments.truncate(first);
+                    if let VirtqueueError::IotlbMiss { .. } = e {
+                        // Walked again once the entry arrives.
+                        if let Some(i) = self.inflight.as_mut() {
+                            i.resubmit.push(list);
+                        }
+                        return if popped > 0 { Ok(popped) } else { Err(e) };
+                    }
+                    return Err(self.fail(e));
+                }
+            }
+        }
+        Ok(popped)
+    }
+
+    /// A list saved in the inflight region, checked as a ring list is (the region is as
+    /// untrusted as the ring).
+    fn walk_saved(&self, batch: &mut ChainBatch, first: usize, list: &SavedList) -> Result<(), VirtqueueError> {
+        let buffers = Buffers { memory: &self.memory, iotlb: self.iotlb.as_deref() };
+        let head = list.id;
+        let mut acc = ChainAcc::new(first);
+        for (k, d) in list.descs.iter().enumerate() {
+            if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
+                if !self.indirect {
+                    return Err(VirtqueueError::IndirectNotNegotiated { head });
+                }
+                if d.flags & VIRTQ_DESC_F_NEXT != 0 {
+                    return Err(VirtqueueError::IndirectWithNext { head });
+                }
+                if k > 0 || list.descs.len() > 1 {
+                    return Err(VirtqueueError::IndirectInList { head });
+                }
+                self.walk_table(&buffers, &mut acc, batch, head, d)?;
+            } else {
+                acc.add(&buffers, head, d.addr, d.len, d.flags & VIRTQ_DESC_F_WRITE != 0, &mut batch.segments)?;
+            }
+        }
+        let chain: Chain = acc.finish(head, &batch.segments);
+        batch.chains.push(chain);
+        Ok(())
     }
 
     /// Hands lists back to the driver unused: if `ids` are exactly the last lists popped, in
@@ -266,6 +389,9 @@ impl PackedDeviceQueue {
         }
         for &id in ids {
             self.ids[usize::from(id)].busy = false;
+            if let Some(inf) = self.inflight.as_mut() {
+                inf.region.returned(id);
+            }
         }
         self.next_avail = pos;
         self.in_flight -= ids.len() as u16;
@@ -275,7 +401,13 @@ impl PackedDeviceQueue {
 
     /// Walks the list at `next_avail`: each descriptor read once into a local copy and checked
     /// there. Returns (buffer id, slots taken, position after the list); commits nothing.
-    fn walk(&self, batch: &mut ChainBatch, first: usize) -> Result<(u16, u16, RingPos), VirtqueueError> {
+    /// With `saved`, every descriptor read is appended to it too (for the inflight region).
+    fn walk(
+        &self,
+        batch: &mut ChainBatch,
+        first: usize,
+        mut saved: Option<&mut Vec<PackedDesc>>,
+    ) -> Result<(u16, u16, RingPos), VirtqueueError> {
         let buffers = Buffers { memory: &self.memory, iotlb: self.iotlb.as_deref() };
         let head = self.next_avail.index;
         let mut acc = ChainAcc::new(first);
@@ -290,6 +422,9 @@ impl PackedDeviceQueue {
             // SAFETY: pos.index < size, inside the translated ring.
             let d = unsafe { PackedDesc::read(self.desc.add(usize::from(pos.index) * 16)) };
             slots += 1;
+            if let Some(v) = saved.as_mut() {
+                v.push(d);
+            }
             // Every descriptor of the list carries the driver's wrap counter of its own slot
             // (virtio 1.2 §2.8.6): a list running into slots of another lap, or a descriptor
             // whose bits changed since the acquire load, is not the driver's to give.
@@ -337,12 +472,26 @@ impl PackedDeviceQueue {
         let mut table = std::mem::take(&mut batch.scratch);
         table.resize(d.len as usize, 0);
         let result = buffers.read_table(head, d.addr, d.len, &mut table).and_then(|()| {
+            // Peer quirk (DPDK's virtio PMD, packed TX through an indirect table): entries keep
+            // the WRITE flag their set-up gave them — the net header (entry 0), and the entry
+            // whose index equals the list's ring slot, whose flags it skips writing — among
+            // readable ones. Writable entries come last (virtio 1.2 §2.8.18), so a table with a
+            // readable entry after a writable one has no consistent writable part: it is read
+            // as all readable. This only ever takes write access away from the device.
+            let mut seen_write = false;
+            let misordered = table.chunks_exact(16).any(|raw| {
+                let write = raw[14] & (VIRTQ_DESC_F_WRITE as u8) != 0;
+                let after = seen_write && !write;
+                seen_write |= write;
+                after
+            });
+            let write_mask = if misordered { 0 } else { VIRTQ_DESC_F_WRITE };
             for raw in table.chunks_exact(16) {
                 let e = PackedDesc::from_bytes(raw.try_into().map_err(|_| VirtqueueError::Broken)?);
                 if e.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                     return Err(VirtqueueError::NestedIndirect { head });
                 }
-                acc.add(buffers, head, e.addr, e.len, e.flags & VIRTQ_DESC_F_WRITE != 0, &mut batch.segments)?;
+                acc.add(buffers, head, e.addr, e.len, e.flags & write_mask != 0, &mut batch.segments)?;
             }
             Ok(())
         });
@@ -409,6 +558,10 @@ impl PackedDeviceQueue {
             }
         }
         self.log_ring(self.desc_gpa, at as u64 + 8, 8)?;
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.region.completed(id);
+            inf.unpublished.push(id);
+        }
         self.next_used = self.next_used.advance(slots, self.size);
         self.in_flight -= 1;
         self.in_flight_slots -= u32::from(slots);
@@ -462,8 +615,15 @@ impl PackedDeviceQueue {
     /// reported after the descriptors are published, and breaks the queue.
     pub fn publish_used(&mut self) -> Result<bool, VirtqueueError> {
         let Some((slot, flags)) = self.pending.take() else { return Ok(false) };
+        if let Some(inf) = self.inflight.as_ref() {
+            inf.region.publishing(self.next_used);
+        }
         // SAFETY: slot < size, inside the ring.
         unsafe { store_u16(self.desc.add(usize::from(slot) * 16 + FLAGS_OFFSET), flags, Ordering::Release) };
+        if let Some(inf) = self.inflight.as_mut() {
+            inf.region.published(&inf.unpublished, self.next_used);
+            inf.unpublished.clear();
+        }
         self.log_ring(self.desc_gpa, u64::from(slot) * 16 + 8, 8)?;
         let old = self.signalled_used.replace(self.next_used);
         // The flags store must be visible before reading the driver's suppression state.

@@ -12,6 +12,7 @@
 
 mod device;
 mod driver;
+mod inflight;
 
 #[cfg(test)]
 mod tests;
@@ -21,8 +22,9 @@ use std::sync::atomic::Ordering;
 use super::error::VirtqueueError;
 use super::layout::{load_u16, need_event};
 
-pub use device::{PackedDeviceQueue, PackedQueueConfig};
+pub use device::{PackedDesc, PackedDeviceQueue, PackedQueueConfig};
 pub use driver::{PackedDriverQueue, PackedDriverRing};
+pub use inflight::{packed_queue_region_size, PackedInflightQueue, PackedRecovery, SavedList};
 
 /// Descriptor flag (bit 7): equals the driver's wrap counter in an available descriptor.
 pub const VIRTQ_DESC_F_AVAIL: u16 = 1 << 7;

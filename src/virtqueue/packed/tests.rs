@@ -650,6 +650,26 @@ fn hostile_lengths_zero_order_and_overflow() {
     let mut p = pair(8);
     raw_list(&mut p, 0, true, &[d(OK_BUF, 8, 0, WRITE | NEXT), d(OK_BUF, 8, 0, 0)]);
     expect_broken(&mut p, |e| matches!(e, VirtqueueError::ReadableAfterWritable { .. }));
+    // DPDK's packed TX tables (the header and the entry at the list's slot index flagged
+    // WRITE among readable entries): a table whose writable entries are not all at its end is
+    // read as all readable — never as writable.
+    for flags in [[WRITE, NEXT, 0], [WRITE, NEXT, WRITE], [0, WRITE, 0]] {
+        let mut p = pair(8);
+        let t =
+            table_with(&mut p, &[d(OK_BUF, 12, 0, flags[0]), d(OK_BUF, 64, 0, flags[1]), d(OK_BUF, 8, 0, flags[2])]);
+        raw_list(&mut p, 0, true, &[d(t, 48, 5, INDIRECT)]);
+        let mut batch = ChainBatch::new();
+        assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 1);
+        let c = batch.chains()[0];
+        assert_eq!((c.head, c.readable_len, c.writable_len), (5, 84, 0), "{flags:?}");
+    }
+    // A well-ordered table keeps its writable part.
+    let mut p = pair(8);
+    let t = table_with(&mut p, &[d(OK_BUF, 12, 0, 0), d(OK_BUF, 64, 0, WRITE), d(OK_BUF, 8, 0, WRITE)]);
+    raw_list(&mut p, 0, true, &[d(t, 48, 5, INDIRECT)]);
+    let mut batch = ChainBatch::new();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 1);
+    assert_eq!((batch.chains()[0].readable_len, batch.chains()[0].writable_len), (12, 72));
     // Too many segments through an indirect table.
     let mut p = pair_with(2048, false, true, &[(0, 4 * MIB)]);
     let n = MAX_SEGMENTS + 1;
@@ -1056,4 +1076,198 @@ fn kept_lists_handed_back_rewind_the_ring() {
     let mut used = Vec::new();
     assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 3);
     assert_eq!(p.driver.num_free(), 5);
+}
+
+// ---- Inflight tracking (INFLIGHT_SHMFD, packed layout) ----
+
+use crate::virtqueue::InflightBuffer;
+
+/// A device on the same ring as `p.driver`, as a restarted back-end sets it up: SET_VRING_BASE
+/// from a front-end that did not hear from the crashed one (a fresh ring's base), then the
+/// inflight region.
+fn restarted(p: &Pair, buffer: &InflightBuffer) -> (PackedDeviceQueue, usize) {
+    let cfg = config(&p.driver, false, true, PackedBase::START);
+    let mut device = PackedDeviceQueue::new(Arc::new(p.mem.table().clone()), cfg).unwrap();
+    let n = device.attach_inflight(buffer.packed_queue(0).unwrap()).unwrap();
+    (device, n)
+}
+
+#[test]
+fn inflight_lists_are_resubmitted_after_a_restart() {
+    // 5 slots: positions cross the ring's end and the wrap counters matter.
+    let mut p = pair(5);
+    let buffer = InflightBuffer::allocate_for(1, 5, true).unwrap();
+    assert_eq!(buffer.mmap_size(), packed_queue_region_size(5));
+    assert_eq!(p.device.attach_inflight(buffer.packed_queue(0).unwrap()).unwrap(), 0);
+    let bufs: Vec<u64> = (0..4).map(|_| p.mem.alloc(64, 8).unwrap()).collect();
+    let mut batch = ChainBatch::new();
+    let mut used = Vec::new();
+    // One lap and a bit first, so the lists in flight straddle the ring's end.
+    for _ in 0..2 {
+        p.driver.add(&[(bufs[0], 8)], &[(bufs[1], 8), (bufs[2], 8)]).unwrap();
+        p.driver.publish();
+        p.device.drain(&mut batch, 8, complete_all).unwrap();
+        used.clear();
+        assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 1);
+    }
+    // In flight: a (2 slots), b (indirect, 1 slot), c (1 slot); only b completes and is
+    // published before the "crash".
+    p.mem.table().write(bufs[3], b"resubmit").unwrap();
+    let a = p.driver.add(&[(bufs[3], 8)], &[(bufs[1], 16)]).unwrap();
+    let b = p.driver.add_indirect(&[(bufs[0], 8)], &[(bufs[2], 8)]).unwrap();
+    let c = p.driver.add(&[], &[(bufs[2], 4)]).unwrap();
+    p.driver.publish();
+    batch.clear();
+    assert_eq!(p.device.pop_batch(&mut batch, 8).unwrap(), 3);
+    let chain_b = batch.chains()[1];
+    p.device.complete(&batch, &chain_b, 8).unwrap();
+    p.device.publish_used().unwrap();
+    used.clear();
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 1);
+    assert_eq!(used[0], (b, 8));
+    let before = p.device.base();
+    // The "crash": the device goes away without completing a and c.
+    let (mut device, n) = restarted(&p, &buffer);
+    assert_eq!(n, 2);
+    // The positions come from the region, not from SET_VRING_BASE.
+    assert_eq!(device.base(), before);
+    batch.clear();
+    assert_eq!(device.pop_batch(&mut batch, 8).unwrap(), 2);
+    let heads: Vec<u16> = batch.chains().iter().map(|c| c.head).collect();
+    assert_eq!(heads, vec![a, c], "oldest first");
+    assert_eq!(read_segments(batch.readable(&batch.chains()[0])), b"resubmit");
+    assert_eq!(batch.chains()[0].writable_len, 16);
+    for ch in batch.chains().iter().rev() {
+        device.complete(&batch, ch, 0).unwrap();
+    }
+    device.publish_used().unwrap();
+    used.clear();
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 2);
+    assert_eq!(used, vec![(c, 0), (a, 0)]);
+    // And the ring goes on with new lists from where the driver is.
+    let d = p.driver.add(&[(bufs[0], 8)], &[]).unwrap();
+    p.driver.publish();
+    batch.clear();
+    assert_eq!(device.pop_batch(&mut batch, 8).unwrap(), 1);
+    assert_eq!(batch.chains()[0].head, d);
+    complete_all(&mut device, &batch).unwrap();
+    device.publish_used().unwrap();
+    used.clear();
+    assert_eq!(p.driver.reap(&mut used, 8).unwrap(), 1);
+    assert_eq!((device.in_flight(), p.driver.in_flight()), (0, 0));
+    // A clean stop leaves nothing to resubmit.
+    assert_eq!(restarted(&p, &buffer).1, 0);
+}
+
+#[test]
+fn inflight_a_crash_during_a_publish_is_settled_from_the_ring() {
+    let size = 4u16;
+    let start = RingPos::START;
+    let list = |id: u16| vec![d(0x1000 + u64::from(id) * 64, 8, id, avail_bits(true))];
+    // (what the slot at the old used position holds, whether the publish was released)
+    let avail_w = avail_bits(true); // the driver's descriptor the device consumed: not released
+    let used_w = used_bits(true); // the device's used descriptor: released
+    let avail_next_lap = avail_bits(false); // released and already reused by the driver
+    for (slot_flags, released) in [(avail_w, false), (used_w, true), (avail_next_lap, true)] {
+        let buffer = InflightBuffer::allocate_for(1, size, true).unwrap();
+        let mut region = buffer.packed_queue(0).unwrap();
+        region.recover(start, |_| 0).unwrap();
+        for (i, id) in [2u16, 0, 3].into_iter().enumerate() {
+            region.fetched(id, i as u64 + 1, &list(id)).unwrap();
+        }
+        // id 0 then 2 completed; the crash comes after `publishing`, before `published`.
+        region.completed(0);
+        region.completed(2);
+        let after = start.advance(2, size);
+        region.publishing(after);
+        let r = buffer.packed_queue(0).unwrap().recover(start, |slot| {
+            assert_eq!(slot, 0);
+            slot_flags
+        });
+        let r = r.unwrap();
+        let ids: Vec<u16> = r.resubmit.iter().map(|l| l.id).collect();
+        if released {
+            assert_eq!((r.used, ids), (after, vec![3]));
+        } else {
+            assert_eq!((r.used, ids), (start, vec![2, 0, 3]));
+        }
+        assert_eq!(r.counter, 4);
+        assert_eq!(r.resubmit.last().unwrap().descs, list(3));
+        // Settled: recovering again gives the same answer whatever the ring says now.
+        let again = buffer.packed_queue(0).unwrap().recover(start, |_| used_bits(false)).unwrap();
+        assert_eq!(again, r);
+    }
+}
+
+#[test]
+fn inflight_hostile_regions_are_refused() {
+    let size = 8u16;
+    let fresh = || {
+        let b = InflightBuffer::allocate_for(1, size, true).unwrap();
+        let mut r = b.packed_queue(0).unwrap();
+        r.recover(RingPos::START, |_| 0).unwrap();
+        r.fetched(1, 1, &[d(0x1000, 8, 0, NEXT), d(0x2000, 8, 1, 0)]).unwrap();
+        b
+    };
+    let poke = |b: &InflightBuffer, off: usize, bytes: &[u8]| {
+        let fd = b.fd().unwrap();
+        let file = std::fs::File::from(fd.try_clone_to_owned().unwrap());
+        std::os::unix::fs::FileExt::write_all_at(&file, bytes, off as u64).unwrap();
+    };
+    let corrupt = |b: &InflightBuffer| {
+        matches!(b.packed_queue(0).unwrap().recover(RingPos::START, |_| 0), Err(VirtqueueError::InflightCorrupt(_)))
+    };
+    let first = 32; // `fetched` takes entries from the top of the free stack: 0, then 1
+    let cases: &[(&str, usize, &[u8])] = &[
+        ("version", 8, &[9, 0]),
+        ("desc_num", 10, &[16, 0]),
+        ("used index beyond the ring", 16, &[8, 0]),
+        ("old used index beyond the ring", 18, &[200, 0]),
+        ("wrap counter 2", 20, &[2]),
+        ("inflight flag 3", first, &[3]),
+        ("id out of range", first + 16, &[8, 0]),
+        ("zero slots", first + 6, &[0, 0]),
+        ("more slots than the ring", first + 6, &[9, 0]),
+        ("next outside the region", first + 2, &[0xff, 0x7f]),
+        ("next back to itself", first + 2, &[0, 0]),
+    ];
+    for (what, off, bytes) in cases {
+        let b = fresh();
+        assert!(b.packed_queue(0).unwrap().recover(RingPos::START, |_| 0).is_ok(), "{what}: the base case");
+        poke(&b, *off, bytes);
+        assert!(corrupt(&b), "{what}");
+    }
+    // Two lists claiming the same id, or sharing an entry.
+    let b = fresh();
+    let mut r = b.packed_queue(0).unwrap();
+    r.recover(RingPos::START, |_| 0).unwrap();
+    r.fetched(2, 2, &[d(0x3000, 8, 2, 0)]).unwrap();
+    poke(&b, 32 + 32 * 2 + 16, &[1, 0]);
+    assert!(corrupt(&b), "the same id twice");
+    let b = fresh();
+    let mut r = b.packed_queue(0).unwrap();
+    r.recover(RingPos::START, |_| 0).unwrap();
+    r.fetched(2, 2, &[d(0x3000, 8, 2, NEXT), d(0x3000, 8, 2, 0)]).unwrap();
+    poke(&b, 32 + 32 * 2 + 2, &[1, 0]);
+    assert!(corrupt(&b), "two lists sharing an entry");
+    // A saved list whose descriptors break the ring rules is refused when it is popped, like
+    // one on the ring: it breaks the queue, nothing is read outside memory.
+    let p = pair(8);
+    let b = InflightBuffer::allocate_for(1, 8, true).unwrap();
+    let mut r = b.packed_queue(0).unwrap();
+    r.recover(RingPos::START, |_| 0).unwrap();
+    r.fetched(3, 1, &[d(u64::MAX - 4, 64, 3, 0)]).unwrap();
+    let (mut device, n) = restarted(&p, &b);
+    assert_eq!(n, 1);
+    let mut batch = ChainBatch::new();
+    assert!(device.pop_batch(&mut batch, 8).is_err());
+    assert!(device.is_broken());
+    // A region for another ring format or size cannot be attached by mistake.
+    let split = InflightBuffer::allocate(1, 8).unwrap();
+    assert!(split.packed_queue(0).is_none());
+    assert!(b.queue(0).is_none());
+    assert!(InflightBuffer::allocate_for(1, 0, true).is_err());
+    assert_eq!(InflightBuffer::allocate_for(1, 7, true).unwrap().queue_size(), 7);
+    let fd = crate::memory::memfd("t", 64).unwrap();
+    assert!(InflightBuffer::from_fd_for(fd, 64, 0, 1, 8, true).is_err(), "too small for 8 packed entries");
 }
