@@ -13,6 +13,8 @@ from typing import Any
 
 import pytest
 
+from peers import need
+
 CLI = [sys.executable, "-m", "vhostuser_rs", "bench"]
 FIO_SAMPLES = Path(__file__).parent / "fio"
 
@@ -121,9 +123,7 @@ def test_json_values_are_consistent(randrw_json: dict[str, Any]) -> None:
 
 
 def test_jq_reads_it(randrw_json: dict[str, Any], tmp_path: Path) -> None:
-    jq = shutil.which("jq")
-    if jq is None:
-        pytest.skip("jq is not installed")
+    jq = need(shutil.which("jq"), "jq")
     out = tmp_path / "bench.json"
     out.write_text(json.dumps(randrw_json))
     r = subprocess.run([jq, ".jobs[0].read.iops", str(out)], capture_output=True, text=True, check=True)
@@ -132,9 +132,7 @@ def test_jq_reads_it(randrw_json: dict[str, Any], tmp_path: Path) -> None:
 
 def test_fio_jsonplus_clat2csv_reads_it(randread_json_plus: dict[str, Any], tmp_path: Path) -> None:
     """fio's own json+ tool turns our bins into its CSV, and its --validate mode agrees."""
-    tool = shutil.which("fio_jsonplus_clat2csv")
-    if tool is None:
-        pytest.skip("fio_jsonplus_clat2csv (package fio) is not installed")
+    tool = need(shutil.which("fio_jsonplus_clat2csv"), "fio_jsonplus_clat2csv (package fio)")
     src = tmp_path / "bench.json"
     src.write_text(json.dumps(randread_json_plus))
     dest = tmp_path / "clat.csv"
@@ -152,9 +150,7 @@ def test_fio_jsonplus_clat2csv_reads_it(randread_json_plus: dict[str, Any], tmp_
 
 def test_live_fio_has_the_same_layout(tmp_path: Path, randrw_json: dict[str, Any]) -> None:
     """The stored sample is fio 3.33's; the installed fio, whatever its version, agrees."""
-    fio = shutil.which("fio")
-    if fio is None:
-        pytest.skip("fio is not installed")
+    fio = need(shutil.which("fio"), "fio")
     r = subprocess.run(
         [fio, "--name=probe", f"--filename={tmp_path / 'f'}", "--size=4M", "--rw=randrw", "--bs=4k",
          "--ioengine=psync", "--runtime=0.3", "--time_based", "--output-format=json"],
@@ -201,7 +197,10 @@ def test_histogram_file_without_matplotlib_is_a_clear_error(tmp_path: Path) -> N
 
 
 def test_histogram_file_draws_an_image(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        need(None, "matplotlib")
     out = tmp_path / "h.png"
     r = bench("--rw", "rw", "--iodepth", "4", "--histogram-file", str(out))
     assert r.returncode == 0, r.stderr
