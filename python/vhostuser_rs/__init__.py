@@ -12,9 +12,8 @@ Layers available today:
 - :mod:`vhostuser_rs.hazmat`: build, parse, send and receive any message, valid or not;
 - :class:`Connection` / :class:`Listener`: Unix sockets carrying messages with their fds;
 - :class:`GuestMemory`, :class:`DirtyLog`: shared guest memory and the migration dirty log;
-- :class:`DriverQueue` (front-end side, split or ``packed=True``) and :class:`DeviceQueue` /
-  :class:`PackedDeviceQueue` / :class:`DescriptorChain` (back-end side): virtqueues with
-  zero-copy buffer views;
+- :class:`DriverQueue` (front-end side) and :class:`DeviceQueue` / :class:`DescriptorChain`
+  (back-end side), split or ``packed=True``: virtqueues with zero-copy buffer views;
 - :mod:`vhostuser_rs.exceptions`: the exception hierarchy;
 - :class:`Proxy`: a man-in-the-middle tracer (and fault injector) between two peers.
 """
@@ -35,7 +34,6 @@ from ._native import (
     GuestBuffer,
     GuestMemory,
     Listener,
-    PackedDeviceQueue,
     __version__,
     refresh_logging,
 )
@@ -86,7 +84,6 @@ __all__ = [
     "DriverQueue",
     "GuestBuffer",
     "GuestMemory",
-    "PackedDeviceQueue",
     "DeviceStatus",
     "FeatureNotNegotiatedError",
     "Frontend",

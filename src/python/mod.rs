@@ -15,7 +15,6 @@ mod memory;
 mod net;
 mod netclient;
 mod netdevice;
-mod packed;
 mod proxy;
 mod socket;
 mod virtio;
@@ -45,7 +44,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     net::register(m)?;
     netdevice::register(m)?;
     netclient::register(m)?;
-    packed::register(m)?;
     proxy::register(m)?;
     Ok(())
 }

@@ -1,7 +1,7 @@
 """A vhost-user-blk back-end on packed rings, served from this process on threads, for the
 front-end's packed-ring tests while no installed back-end offers RING_PACKED for block
 (qemu-storage-daemon's libvhost-user has no packed rings; serve-blk gets them in another
-change). Its rings are the crate's packed device side (`PackedDeviceQueue`), a different code
+change). Its rings are the crate's packed device side (`DeviceQueue(packed=True)`), a different code
 path from the driver under test; it completes every batch in reverse order, so the driver sees
 out-of-order completions all the time. Requests read and write an image file with pread/pwrite.
 
@@ -42,7 +42,7 @@ class _Ring:
         self.addr: m.VringAddr | None = None
         self.kick: int | None = None
         self.call: int | None = None
-        self.queue: _native.PackedDeviceQueue | None = None
+        self.queue: _native.DeviceQueue | None = None
         self.thread: threading.Thread | None = None
         self.stop_r, self.stop_w = os.pipe()
 
@@ -154,11 +154,12 @@ class PackedBlockBackend:
         assert self.memory is not None and ring.addr is not None
         a = ring.addr
         # Packed: SET_VRING_ADDR's avail field is the driver area, used the device area.
-        ring.queue = _native.PackedDeviceQueue(
-            self.memory, ring.size, desc_addr=a.desc_user_addr, driver_event_addr=a.avail_user_addr,
-            device_event_addr=a.used_user_addr, address_space="user",
+        ring.queue = _native.DeviceQueue(
+            self.memory, ring.size, desc_addr=a.desc_user_addr, avail_addr=a.avail_user_addr,
+            used_addr=a.used_user_addr, address_space="user",
             event_idx=bool(self.acked & int(vu.VirtioFeature.EVENT_IDX)),
             indirect=bool(self.acked & int(vu.VirtioFeature.INDIRECT_DESC)), base=ring.base, index=index,
+            packed=True,
         )
         ring.thread = threading.Thread(target=self._ring_loop, args=(ring,), daemon=True)
         ring.thread.start()

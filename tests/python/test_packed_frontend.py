@@ -462,15 +462,13 @@ def test_reconnect_hands_a_packed_ring_with_a_request_in_flight_to_a_new_device(
 # -- one interface: the same code over split and packed queues --------------------------------------
 
 
-def _queues(packed: bool, mem: vu.GuestMemory, size: int) -> tuple[vu.DriverQueue, vu.DeviceQueue | vu.PackedDeviceQueue]:
+def _queues(packed: bool, mem: vu.GuestMemory, size: int) -> tuple[vu.DriverQueue, vu.DeviceQueue]:
     driver = vu.DriverQueue(mem, size, event_idx=True, indirect_max=4, packed=packed)
+    # Packed: desc, driver event area, device event area, passed as SET_VRING_ADDR's desc, avail
+    # and used.
     desc, avail, used = driver.guest_addrs
-    if packed:
-        # desc, driver event area, device event area: SET_VRING_ADDR's desc, avail and used.
-        return driver, vu.PackedDeviceQueue(mem, size, desc_addr=desc, driver_event_addr=avail,
-                                            device_event_addr=used, event_idx=True, indirect=True)
     return driver, vu.DeviceQueue(mem, size, desc_addr=desc, avail_addr=avail, used_addr=used, event_idx=True,
-                                  indirect=True)
+                                  indirect=True, packed=packed)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["split", "packed"])
