@@ -128,6 +128,9 @@ pub fn sector_of(offset: u64) -> std::result::Result<u64, String> {
     Ok(offset / SECTOR_SIZE)
 }
 
+/// Copies a completion's data into the buffer it is given (see [`BlockRequests::collect_each`]).
+pub type ReadData<'a> = dyn FnMut(&mut [u8]) -> Result<()> + 'a;
+
 /// A collected completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -534,6 +537,50 @@ impl BlockRequests {
             inner.done.remove(pos);
         }
         Ok(Some(Completion { token, status: status[0], written: slot.written, in_len: slot.in_len }))
+    }
+
+    /// Collects up to `max` completions, oldest first, without a copy in between: `sink` gets
+    /// each completion and a reader that copies its data (the first `out.len()` of `in_len`
+    /// bytes) into the caller's buffer, e.g. a new Python object. `sink` returning false stops
+    /// before that completion, which stays to be collected later. The slot is freed after
+    /// `sink` returns (it must not call back into the engine: the engine is locked).
+    pub fn collect_each(
+        &self,
+        max: usize,
+        sink: &mut dyn FnMut(Completion, &mut ReadData<'_>) -> bool,
+    ) -> Result<usize> {
+        let mut inner = self.lock();
+        let mem = self.memory.table();
+        let mut n = 0;
+        while n < max {
+            let Some(&s) = inner.done.front() else { break };
+            let slot = inner.slots[usize::from(s)];
+            let mut status = [0u8];
+            mem.read(self.meta_base + u64::from(s) * META + STATUS_OFF, &mut status)?;
+            let data = self.data_base + u64::from(s) * u64::from(self.slot_bytes);
+            let c = Completion { token: slot.token, status: status[0], written: slot.written, in_len: slot.in_len };
+            let mut read = |out: &mut [u8]| -> Result<()> {
+                let k = out.len().min(slot.in_len as usize);
+                if k > 0 {
+                    mem.read(data, &mut out[..k])?;
+                }
+                Ok(())
+            };
+            if !sink(c, &mut read) {
+                break;
+            }
+            inner.done.pop_front();
+            inner.slots[usize::from(s)].state = State::Free;
+            inner.free.push(s);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The slot a token names (tokens are `(generation << 16) | slot`), for a caller that keeps
+    /// something per request in flight (at most the ring's size of them).
+    pub fn slot_index(token: u64) -> usize {
+        (token & 0xffff) as usize
     }
 
     /// Collects up to `max` completions, oldest first; `sink` gets each with its data (empty
@@ -1111,6 +1158,39 @@ mod tests {
             let want: Vec<(u64, u8)> = (0..5).rev().map(|i| (tokens[i], i as u8)).collect();
             assert_eq!(got, want);
             assert_eq!(e.in_flight(), 0);
+        });
+    }
+
+    #[test]
+    fn collect_each_reads_into_the_callers_buffer_and_a_refusal_leaves_the_rest() {
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let ops: Vec<(Op, &[u8])> = (0..3).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+            let tokens = e.submit(&q, &ops).unwrap();
+            for (i, h) in dev.take().into_iter().enumerate() {
+                dev.complete(h, &[i as u8 + 1; 512], 0);
+            }
+            e.wait_completions(&q, None, &mut || Ok(())).unwrap();
+            let mut got = vec![];
+            // Takes two, refuses the third: it stays, its slot reserved, for the next call.
+            let n = e
+                .collect_each(64, &mut |c, read| {
+                    if got.len() == 2 {
+                        return false;
+                    }
+                    let mut buf = vec![0u8; c.in_len as usize];
+                    read(&mut buf).unwrap();
+                    got.push((c.token, c.status, buf[0], buf[511]));
+                    true
+                })
+                .unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(got, vec![(tokens[0], 0, 1, 1), (tokens[1], 0, 2, 2)]);
+            assert_eq!(e.pending_completions(), 1);
+            let mut rest = vec![];
+            e.collect_any(64, &mut |c, d| rest.push((c.token, d[0]))).unwrap();
+            assert_eq!(rest, vec![(tokens[2], 3)]);
+            assert_eq!((e.in_flight(), e.pending_completions()), (0, 0));
         });
     }
 

@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import signal
+import struct
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import vhostuser_rs as vu
 from test_blk_fast import IMAGE_SIZE, MIB, Device, blk_backend, image, stopped  # noqa: F401 - fixtures
 from vhostuser_rs.aio import AsyncBlockClient
-from vhostuser_rs.blk import BlockClient
+from vhostuser_rs.blk import BlockClient, BlockError
 
 Stopped = tuple[BlockClient, Device, subprocess.Popen[bytes]]
 
@@ -77,6 +78,45 @@ def test_out_of_order_and_cancellation(stopped: Stopped) -> None:  # noqa: F811
         dev.complete(h, data=b"e" * 512)
         assert await asyncio.wait_for(extra, 5) == b"e" * 512
         assert adisk.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_requests_are_futures_and_a_request_cancelled_before_submission_never_reaches_the_ring(
+    stopped: Stopped,  # noqa: F811
+) -> None:
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        # A plain future (no coroutine per request); arguments are checked at the call.
+        read = adisk.read(0, 512)
+        assert isinstance(read, asyncio.Future)
+        with pytest.raises(ValueError):
+            adisk.read(100, 512)
+        dropped = adisk.read(512, 512)
+        write = adisk.write(1024, b"w" * 512)
+        dropped.cancel()  # in the same turn of the loop: not submitted yet
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        kinds = {struct.unpack("<I", dev.mem.read(dev.chain(h)[0][0], 4))[0]: h for h in heads}
+        assert len(heads) == 2 and sorted(kinds) == [0, 1]  # the read and the write, not the cancelled one
+        assert adisk.in_flight == 2
+        # A non-OK status fails the future with BlockError naming the request type.
+        dev.complete(kinds[1], status=1)  # VIRTIO_BLK_S_IOERR
+        dev.complete(kinds[0], data=b"r" * 512)
+        assert await asyncio.wait_for(read, 5) == b"r" * 512
+        with pytest.raises(BlockError, match="type 1 failed: IOERR") as err:
+            await asyncio.wait_for(write, 5)
+        assert err.value.status == 1
+        assert adisk.in_flight == 0
+        # Requests that need a coroutine (split, or with a result to shape) still work.
+        gid = asyncio.ensure_future(adisk.get_id())
+        await asyncio.sleep(0.05)
+        [h] = dev.take()
+        dev.complete(h, data=b"serial\0".ljust(20, b"\0"))
+        assert await asyncio.wait_for(gid, 5) == b"serial"
+        assert await adisk.read(0, 0) == b""
 
     asyncio.run(main())
 
