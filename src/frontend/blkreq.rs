@@ -171,6 +171,9 @@ struct Inner {
     /// Completions not collected yet, oldest first.
     done: std::collections::VecDeque<u16>,
     reaper: bool,
+    /// Waiters asleep on `reaped` (the hot paths skip the notification, a futex call, when
+    /// nobody sleeps: an event loop's reader or a lone synchronous waiter).
+    sleepers: u32,
     /// The device broke the ring: what it did (every later call fails).
     broken: Option<String>,
     /// The back-end hung up: nothing in flight will complete.
@@ -203,6 +206,8 @@ pub struct BlockRequests {
     data_base: u64,
     kick: OwnedFd,
     call: OwnedFd,
+    /// Whether `call` has O_NONBLOCK (clearing it is then one read, not poll and read).
+    call_nonblocking: bool,
     /// The main channel (a duplicate): a hang-up there fails every waiter.
     main: Option<OwnedFd>,
     /// Signalled by `close` to wake waiters.
@@ -256,6 +261,11 @@ impl BlockRequests {
             data_base,
             kick: dup(kick)?,
             call: dup(call)?,
+            call_nonblocking: {
+                // SAFETY: F_GETFL on a valid fd.
+                let flags = unsafe { libc::fcntl(call.as_raw_fd(), libc::F_GETFL) };
+                flags >= 0 && flags & libc::O_NONBLOCK != 0
+            },
             main: main.map(dup).transpose()?,
             wake,
             inner: Mutex::new(Inner {
@@ -266,6 +276,7 @@ impl BlockRequests {
                 done_seq: 0,
                 done: std::collections::VecDeque::new(),
                 reaper: false,
+                sleepers: 0,
                 broken: None,
                 dead: false,
                 closed: false,
@@ -493,7 +504,7 @@ impl BlockRequests {
         }
         if total > 0 {
             inner.adaptive.completed(total as u32);
-            self.reaped.notify_all();
+            self.wake_sleepers(inner);
         }
         Ok(total)
     }
@@ -663,8 +674,19 @@ impl BlockRequests {
 
     /// Clears the call eventfd without waiting (an event loop's reader callback).
     pub fn clear_call(&self) {
-        // A zero-timeout wait reads the counter only if it is set (the fd may be blocking).
-        let _ = eventfd::wait(self.call.as_fd(), 0);
+        if self.call_nonblocking {
+            eventfd::drain(self.call.as_fd()); // one read, EAGAIN when not set
+        } else {
+            // A zero-timeout wait reads the counter only if it is set.
+            let _ = eventfd::wait(self.call.as_fd(), 0);
+        }
+    }
+
+    /// Wakes the waiters asleep on `reaped`, if any (`inner` is locked).
+    fn wake_sleepers(&self, inner: &Inner) {
+        if inner.sleepers > 0 {
+            self.reaped.notify_all();
+        }
     }
 
     /// Whether the back-end hung up the main channel (nothing is read).
@@ -688,14 +710,16 @@ impl BlockRequests {
         let now = Instant::now();
         let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(now).min(SLICE));
         if inner.reaper {
+            inner.sleepers += 1;
             inner = self.reaped.wait_timeout(inner, slice).unwrap_or_else(|e| e.into_inner()).0;
+            inner.sleepers -= 1;
         } else {
             inner.reaper = true;
             drop(inner);
             let woke = self.wait_call(slice);
             inner = self.lock();
             inner.reaper = false;
-            self.reaped.notify_all();
+            self.wake_sleepers(&inner);
             match woke? {
                 Wake::Call => {}
                 Wake::Closed => return Err(Error::Disconnected),
