@@ -345,7 +345,7 @@ class AsyncBlockClient:
             requests, futures = [requests[i] for i in kept], [futures[i] for i in kept]
         try:
             n = self._engine.submit_futures(requests, futures)
-        except VhostUserError as e:
+        except Exception as e:  # the session ended, the ring broke, a buffer resized meanwhile
             self._queued, self._queued_futures = [], []
             for f in futures:
                 if not f.done():
@@ -377,8 +377,24 @@ class AsyncBlockClient:
     async def _joined(self, parts: list[asyncio.Future[Any]]) -> bytes:
         return b"".join(await asyncio.gather(*parts))
 
-    async def readinto(self, offset: int, buffer: Buffer) -> int:
-        """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer."""
+    def readinto(self, offset: int, buffer: Buffer) -> Awaitable[int]:
+        """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer; returns the
+        byte count. A bytearray that fits a staging slot is read into straight from the slot
+        at completion (no bytes object in between); it must not be resized until then (it is
+        exported: BufferError), and a cancelled read leaves it untouched."""
+        if type(buffer) is bytearray and self._error is None:
+            n = len(buffer)
+            if 0 < n <= self._slot and offset >= 0 and not (offset | n) % SECTOR:
+                fut: asyncio.Future[int] = self._create_future()
+                self._queued.append((_IN, offset // SECTOR, buffer))
+                self._queued_futures.append(fut)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
+                return fut
+        return self._readinto(offset, buffer)
+
+    async def _readinto(self, offset: int, buffer: Buffer) -> int:
         view = memoryview(buffer).cast("B")
         view[:] = await self.read(offset, view.nbytes)
         return view.nbytes

@@ -332,6 +332,42 @@ impl BlockRequests {
         Ok(tokens)
     }
 
+    /// Checks one request against the slot size and virtio-blk's 512-byte units; returns the
+    /// bytes of its driver-written payload and of its device-written data.
+    fn validate(&self, op: Op, data: &[u8]) -> Result<(usize, usize)> {
+        let payload_len = match op {
+            Op::Write { .. } => data.len(),
+            Op::Discard { .. } | Op::WriteZeroes { .. } => 16,
+            _ => 0,
+        };
+        let in_len = op.in_len() as usize;
+        if payload_len.max(in_len) > self.slot_bytes as usize {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "request of {} bytes is larger than a staging slot ({})",
+                    payload_len.max(in_len),
+                    self.slot_bytes
+                ),
+            )));
+        }
+        if let Op::Read { len, .. } = op {
+            if len == 0 || u64::from(len) % SECTOR_SIZE != 0 {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "read length must be a non-zero multiple of 512",
+                )));
+            }
+        }
+        if matches!(op, Op::Write { .. }) && (data.is_empty() || data.len() as u64 % SECTOR_SIZE != 0) {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write length must be a non-zero multiple of 512",
+            )));
+        }
+        Ok((payload_len, in_len))
+    }
+
     /// [`submit`](Self::submit), handing each token to `token` (no allocation).
     fn submit_each(
         &self,
@@ -344,37 +380,13 @@ impl BlockRequests {
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         let mem = self.memory.table();
         let mut added = false;
+        // Every request is checked before any is added: a bad one in the middle of a batch
+        // must not leave the ones before it on the ring unpublished and unnamed.
         for &(op, data) in ops {
-            let payload_len = match op {
-                Op::Write { .. } => data.len(),
-                Op::Discard { .. } | Op::WriteZeroes { .. } => 16,
-                _ => 0,
-            };
-            let in_len = op.in_len() as usize;
-            if payload_len.max(in_len) > self.slot_bytes as usize {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "request of {} bytes is larger than a staging slot ({})",
-                        payload_len.max(in_len),
-                        self.slot_bytes
-                    ),
-                )));
-            }
-            if let Op::Read { len, .. } = op {
-                if len == 0 || u64::from(len) % SECTOR_SIZE != 0 {
-                    return Err(Error::Io(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "read length must be a non-zero multiple of 512",
-                    )));
-                }
-            }
-            if matches!(op, Op::Write { .. }) && (data.is_empty() || data.len() as u64 % SECTOR_SIZE != 0) {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "write length must be a non-zero multiple of 512",
-                )));
-            }
+            self.validate(op, data)?;
+        }
+        for &(op, data) in ops {
+            let (payload_len, in_len) = self.validate(op, data)?;
             let ndesc = if payload_len > 0 || in_len > 0 { 3 } else { 2 };
             let room = if self.indirect { 1 } else { ndesc };
             if inner.free.is_empty() || usize::from(q.num_free()) < room {
@@ -1215,6 +1227,21 @@ mod tests {
             e.collect_any(64, &mut |c, d| rest.push((c.token, d[0]))).unwrap();
             assert_eq!(rest, vec![(tokens[2], 3)]);
             assert_eq!((e.in_flight(), e.pending_completions()), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_bad_request_in_a_batch_adds_none_of_it() {
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let ops: Vec<(Op, &[u8])> =
+                vec![(Op::Read { sector: 0, len: 512 }, &[][..]), (Op::Read { sector: 1, len: 100 }, &[][..])];
+            assert!(e.submit(&q, &ops).is_err());
+            assert_eq!(e.in_flight(), 0);
+            assert!(dev.take().is_empty());
+            // The ring and the slots are all there: a full ring's worth still goes in.
+            let ops: Vec<(Op, &[u8])> = (0..5).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+            assert_eq!(e.submit(&q, &ops).unwrap().len(), 5);
         });
     }
 

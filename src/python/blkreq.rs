@@ -31,8 +31,15 @@ pub(crate) struct PyBlockRequests {
     futures: std::sync::Mutex<Vec<Option<Held>>>,
 }
 
-/// A request's future and what names it: token, future, request type.
-type Held = (u64, Py<PyAny>, u32);
+/// A request submitted with `submit_futures`: its token, future, request type and, for a read
+/// into a caller's buffer, that buffer (exported until the request completes: it cannot be
+/// resized or freed meanwhile).
+struct Held {
+    token: u64,
+    future: Py<PyAny>,
+    kind: u32,
+    into: Option<pyo3::buffer::PyBuffer<u8>>,
+}
 
 /// A completion collected with its data: a new bytes object for reads and GET_ID.
 type Collected<'py> = (Completion, Option<Bound<'py, PyBytes>>);
@@ -183,8 +190,14 @@ impl PyBlockRequests {
         Ok((out, failed))
     }
 
-    /// Parses :meth:`submit`'s requests (type, sector, arg).
-    fn parse(requests: &Bound<'_, PyAny>) -> PyResult<(Vec<Op>, Vec<Payload>, Vec<u32>)> {
+    /// Parses :meth:`submit`'s requests (type, sector, arg); with `into`, a read's `arg` may be
+    /// a writable buffer to read into instead of a length (its export is kept in `targets`).
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        requests: &Bound<'_, PyAny>,
+        into: bool,
+    ) -> PyResult<(Vec<Op>, Vec<Payload>, Vec<u32>, Vec<Option<pyo3::buffer::PyBuffer<u8>>>)> {
+        let mut targets = Vec::new();
         let mut kinds = Vec::new();
         let mut ops = Vec::new();
         let mut payloads = Vec::new();
@@ -200,16 +213,27 @@ impl PyBlockRequests {
             let sector: u64 = t.get_item(1)?.extract()?;
             let unmap = if t.len() == 4 { t.get_item(3)?.extract::<bool>()? } else { false };
             let arg = t.get_item(2)?;
+            let mut target = None;
             if kind == VIRTIO_BLK_T_OUT {
                 ops.push(Op::Write { sector });
                 payloads.push(Payload::from_py(&arg)?);
+            } else if into && kind == VIRTIO_BLK_T_IN && !arg.is_instance_of::<pyo3::types::PyInt>() {
+                let buf = pyo3::buffer::PyBuffer::<u8>::get(&arg)?;
+                if buf.readonly() || !buf.is_c_contiguous() {
+                    return Err(PyBufferError::new_err("a read into a buffer needs a writable C-contiguous one"));
+                }
+                let len = u32::try_from(buf.len_bytes()).map_err(|_| PyValueError::new_err("read too long"))?;
+                ops.push(Op::Read { sector, len });
+                payloads.push(Payload::None);
+                target = Some(buf);
             } else {
                 ops.push(op_of(kind, sector, arg.extract()?, unmap)?);
                 payloads.push(Payload::None);
             }
             kinds.push(kind);
+            targets.push(target);
         }
-        Ok((ops, payloads, kinds))
+        Ok((ops, payloads, kinds, targets))
     }
 
     fn run(&self, py: Python<'_>, op: Op, data: &[u8], out: OutBuf, timeout: Option<f64>) -> PyResult<u8> {
@@ -409,21 +433,24 @@ impl PyBlockRequests {
     /// FLUSH and GET_ID. Returns the tokens of the requests submitted: a prefix of the batch,
     /// shorter when the ring or the staging slots are full (reap, then submit the rest).
     fn submit(&self, py: Python<'_>, requests: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
-        let (ops, payloads, _) = Self::parse(requests)?;
+        let (ops, payloads, _, _) = Self::parse(requests, false)?;
         let batch: Vec<(Op, &[u8])> = ops.iter().zip(&payloads).map(|(o, p)| (*o, p.slice(py))).collect();
         self.engine.submit(&self.queue.get().inner, &batch).py_err(py)
     }
 
     /// :meth:`submit` for an event loop: `futures[i]` (an :class:`asyncio.Future`) is
-    /// resolved by :meth:`complete_futures` when request ``i`` completes. Returns how many
-    /// were submitted (a prefix, as for :meth:`submit`).
+    /// resolved by :meth:`complete_futures` when request ``i`` completes. A read may name a
+    /// writable buffer instead of a length, ``(type, sector, buffer)``: it is read into (its
+    /// length the request's) and the future resolved with the byte count; the buffer stays
+    /// exported (not resizable) until the request completes. Returns how many were submitted
+    /// (a prefix, as for :meth:`submit`).
     fn submit_futures(
         &self,
         py: Python<'_>,
         requests: &Bound<'_, PyAny>,
         futures: &Bound<'_, PyList>,
     ) -> PyResult<usize> {
-        let (ops, payloads, kinds) = Self::parse(requests)?;
+        let (ops, payloads, kinds, mut targets) = Self::parse(requests, true)?;
         if futures.len() != ops.len() {
             return Err(PyValueError::new_err("one future per request"));
         }
@@ -435,7 +462,8 @@ impl PyBlockRequests {
             if held.len() <= s {
                 held.resize_with(s + 1, || None);
             }
-            held[s] = Some((token, futures.get_item(i)?.unbind(), kinds[i]));
+            let future = futures.get_item(i)?.unbind();
+            held[s] = Some(Held { token, future, kind: kinds[i], into: targets[i].take() });
         }
         Ok(tokens.len())
     }
@@ -465,19 +493,35 @@ impl PyBlockRequests {
             for (c, data) in done {
                 let s = BlockRequests::slot_index(c.token);
                 let fut = match held.get_mut(s) {
-                    Some(e) if e.as_ref().is_some_and(|(t, _, _)| *t == c.token) => e.take(),
+                    Some(e) if e.as_ref().is_some_and(|h| h.token == c.token) => e.take(),
                     _ => None,
                 };
                 match fut {
-                    Some((_, f, _)) if c.status == VIRTIO_BLK_S_OK => resolve.push((f, data)),
-                    Some((_, f, kind)) => rest.push((c.token, Some(f), Some(kind), c.status, data)),
+                    Some(h) if c.status == VIRTIO_BLK_S_OK => resolve.push((h, data)),
+                    Some(h) => rest.push((c.token, Some(h.future), Some(h.kind), c.status, data)),
                     None => rest.push((c.token, None, None, c.status, data)),
                 }
             }
         }
         let set_result = pyo3::intern!(py, "set_result");
-        for (f, data) in resolve {
-            if let Err(e) = f.bind(py).call_method1(set_result, (data,)) {
+        for (h, data) in resolve {
+            let f = h.future.bind(py);
+            let result = match (h.into, data) {
+                // A read into the caller's buffer: filled unless the request was cancelled
+                // (then the buffer is left alone), resolved with the byte count.
+                (Some(buf), Some(data)) => {
+                    let done = f.call_method0(pyo3::intern!(py, "done")).and_then(|d| d.is_truthy());
+                    match done {
+                        Ok(true) => continue,
+                        Ok(false) => buf
+                            .copy_from_slice(py, data.as_bytes())
+                            .and_then(|()| f.call_method1(set_result, (buf.len_bytes(),))),
+                        Err(e) => Err(e),
+                    }
+                }
+                (_, data) => f.call_method1(set_result, (data,)),
+            };
+            if let Err(e) = result {
                 if !e.is_instance(py, invalid_state) {
                     failed.get_or_insert(e);
                 }
@@ -493,7 +537,7 @@ impl PyBlockRequests {
     /// here): for failing them when the session ends.
     fn take_futures(&self) -> Vec<Py<PyAny>> {
         let mut held = self.futures.lock().unwrap_or_else(|e| e.into_inner());
-        held.iter_mut().filter_map(|e| e.take().map(|(_, f, _)| f)).collect()
+        held.iter_mut().filter_map(|e| e.take().map(|h| h.future)).collect()
     }
 
     /// :meth:`submit` with byte offsets and lengths, as ``BlockClient.submit`` takes them:

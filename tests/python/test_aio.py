@@ -40,7 +40,9 @@ def test_many_coroutines_in_flight(blk_backend: Path, image: Path) -> None:  # n
             for o, p in payloads.items():
                 assert await disk.read(o, 65536) == p
                 buf = bytearray(65536)
-                assert await disk.readinto(o, buf) == 65536 and buf == p
+                assert await disk.readinto(o, buf) == 65536 and buf == p  # split: the general path
+                small = bytearray(16384)
+                assert await disk.readinto(o, small) == 16384 and small == p[:16384]
                 data[o : o + 65536] = p
             await disk.write_zeroes(7 * MIB, 4096)
             assert await disk.read(7 * MIB, 4096) == bytes(4096)
@@ -117,6 +119,42 @@ def test_requests_are_futures_and_a_request_cancelled_before_submission_never_re
         dev.complete(h, data=b"serial\0".ljust(20, b"\0"))
         assert await asyncio.wait_for(gid, 5) == b"serial"
         assert await adisk.read(0, 0) == b""
+
+    asyncio.run(main())
+
+
+def test_readinto_a_bytearray_straight_from_the_slot_and_a_cancelled_one_leaves_it_alone(
+    stopped: Stopped,  # noqa: F811
+) -> None:
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        kept, dropped = bytearray(b"k" * 1024), bytearray(b"d" * 512)
+        into = adisk.readinto(0, kept)
+        assert isinstance(into, asyncio.Future)  # the native path, not the coroutine
+        gone = adisk.readinto(4096, dropped)
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        assert len(heads) == 2
+        with pytest.raises(BufferError):
+            kept.extend(b"x")  # exported until the request completes
+        gone.cancel()
+        dev.complete(heads[1], data=b"D" * 512)
+        dev.complete(heads[0], data=b"K" * 1024)
+        assert await asyncio.wait_for(into, 5) == 1024
+        assert kept == b"K" * 1024
+        await asyncio.sleep(0.05)
+        assert dropped == b"d" * 512  # completed after the cancellation: not written
+        assert adisk.in_flight == 0
+        kept.extend(b"x")  # released
+        # Other buffers take the general path.
+        view = memoryview(bytearray(512))
+        other = asyncio.ensure_future(adisk.readinto(0, view))
+        await asyncio.sleep(0.05)
+        [h] = dev.take()
+        dev.complete(h, data=b"v" * 512)
+        assert await asyncio.wait_for(other, 5) == 512 and view == b"v" * 512
 
     asyncio.run(main())
 
