@@ -159,6 +159,31 @@ def test_readinto_a_bytearray_straight_from_the_slot_and_a_cancelled_one_leaves_
     asyncio.run(main())
 
 
+def test_close_fails_every_request_and_releases_buffers(stopped: Stopped) -> None:  # noqa: F811
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        buf = bytearray(b"b" * 512)
+        futures = [adisk.readinto(0, buf)] + [adisk.read(512 * i, 512) for i in range(6)]
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        assert len(heads) == 5  # the ring holds five; two wait for room
+        with pytest.raises(BufferError):
+            buf.extend(b"x")  # on the ring: exported
+        adisk.close()
+        for f in futures:
+            with pytest.raises(vu.ConnectionClosedError):
+                await asyncio.wait_for(f, 5)
+        with pytest.raises(vu.ConnectionClosedError):
+            adisk.read(0, 512)
+        adisk.close()  # idempotent
+        buf.extend(b"x")  # the buffer's export went with its request
+        assert buf == b"b" * 512 + b"x"
+
+    asyncio.run(main())
+
+
 def test_hostile_completion_fails_awaiting_coroutines(stopped: Stopped) -> None:  # noqa: F811
     disk, dev, _ = stopped
 
