@@ -17,14 +17,18 @@ Example::
 when the main channel is free and its reply read when the socket becomes readable
 (``loop.add_reader``), a non-blocking native step each time.
 
-Requests are submitted to the ring at once (the batch path of
-:class:`~vhostuser_rs.blk.BlockClient`) and their completions are reaped when the ring's call
-eventfd becomes readable (``loop.add_reader``): one reap serves every completion the device
-published since the last one. When the ring (or the staging slots) is full a request waits for
-a completion to make room. Cancelling an awaiting coroutine forgets the request, but its ring
-entry and staging slot stay reserved until the device completes it (virtio: the buffers belong
-to the device until it puts them in the used ring). A back-end that hangs up fails every
-awaiting coroutine with :class:`~vhostuser_rs.exceptions.ConnectionClosedError`.
+:class:`AsyncBlockClient`'s requests return :class:`asyncio.Future` objects (no coroutine per
+request). Those made in one turn of the loop go to the ring together, one native call (the
+batch path of :class:`~vhostuser_rs.blk.BlockClient`: one publish, at most one kick), and
+their completions are collected when the ring's call eventfd becomes readable
+(``loop.add_reader``): one native call reaps every completion the device published since the
+last one and resolves the futures, the data read straight from the staging slots into new
+bytes objects (or into the caller's bytearray, ``readinto``). When the ring (or the staging
+slots) is full a request waits for a completion to make room. Cancelling a request forgets it:
+one not submitted yet never is, one on the ring keeps its ring entry and staging slot until the
+device completes it (virtio: the buffers belong to the device until it puts them in the used
+ring). A back-end that hangs up fails every awaiting coroutine with
+:class:`~vhostuser_rs.exceptions.ConnectionClosedError`.
 """
 
 from __future__ import annotations
