@@ -371,12 +371,19 @@ class AsyncBlockClient:
                 self._flush_scheduled = True
                 self._loop.call_soon(self._flush)
             return fut
+        return self._read_other(offset, length)
+
+    def _read_other(self, offset: int, length: int) -> Awaitable[bytes]:
+        # Apart from read(): its comprehension would make read() build cells for the variables
+        # it uses on every call (CPython 3.11), four per request.
         _check_aligned(offset, length)
         if not length:
             return _resolved(self._loop, b"")
         slot = self._slot
-        return self._joined([self._enqueue((_IN, (offset + o) // SECTOR, min(slot, length - o)))
-                             for o in range(0, length, slot)])
+        parts = [
+            self._enqueue((_IN, (offset + o) // SECTOR, min(slot, length - o))) for o in range(0, length, slot)
+        ]
+        return self._joined(parts)
 
     async def _joined(self, parts: list[asyncio.Future[Any]]) -> bytes:
         return b"".join(await asyncio.gather(*parts))
@@ -409,11 +416,18 @@ class AsyncBlockClient:
         _check_aligned(offset, view.nbytes)
         if not view.nbytes:
             return _resolved(self._loop, None)
-        slot = self._slot
-        if view.nbytes <= slot:
+        if view.nbytes <= self._slot:
             return self._enqueue((RequestType.OUT, offset // SECTOR, data))
-        return self._all([self._enqueue((RequestType.OUT, (offset + o) // SECTOR, view[o : o + slot]))
-                          for o in range(0, view.nbytes, slot)])
+        return self._write_split(offset, view)
+
+    def _write_split(self, offset: int, view: memoryview) -> Awaitable[None]:
+        # Apart from write() for the reason given in _read_other.
+        slot = self._slot
+        parts = [
+            self._enqueue((RequestType.OUT, (offset + o) // SECTOR, view[o : o + slot]))
+            for o in range(0, view.nbytes, slot)
+        ]
+        return self._all(parts)
 
     async def _all(self, parts: list[asyncio.Future[Any]]) -> None:
         await asyncio.gather(*parts)
