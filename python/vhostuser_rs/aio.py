@@ -17,14 +17,18 @@ Example::
 when the main channel is free and its reply read when the socket becomes readable
 (``loop.add_reader``), a non-blocking native step each time.
 
-Requests are submitted to the ring at once (the batch path of
-:class:`~vhostuser_rs.blk.BlockClient`) and their completions are reaped when the ring's call
-eventfd becomes readable (``loop.add_reader``): one reap serves every completion the device
-published since the last one. When the ring (or the staging slots) is full a request waits for
-a completion to make room. Cancelling an awaiting coroutine forgets the request, but its ring
-entry and staging slot stay reserved until the device completes it (virtio: the buffers belong
-to the device until it puts them in the used ring). A back-end that hangs up fails every
-awaiting coroutine with :class:`~vhostuser_rs.exceptions.ConnectionClosedError`.
+:class:`AsyncBlockClient`'s requests return :class:`asyncio.Future` objects (no coroutine per
+request). Those made in one turn of the loop go to the ring together, one native call (the
+batch path of :class:`~vhostuser_rs.blk.BlockClient`: one publish, at most one kick), and
+their completions are collected when the ring's call eventfd becomes readable
+(``loop.add_reader``): one native call reaps every completion the device published since the
+last one and resolves the futures, the data read straight from the staging slots into new
+bytes objects (or into the caller's bytearray, ``readinto``). When the ring (or the staging
+slots) is full a request waits for a completion to make room. Cancelling a request forgets it:
+one not submitted yet never is, one on the ring keeps its ring entry and staging slot until the
+device completes it (virtio: the buffers belong to the device until it puts them in the used
+ring). A back-end that hangs up fails every awaiting coroutine with
+:class:`~vhostuser_rs.exceptions.ConnectionClosedError`.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from . import _native
@@ -48,7 +52,6 @@ from .netclient import NetClient, TxFrame
 __all__ = ["AsyncBlockClient", "AsyncFrontend", "AsyncNetClient"]
 
 _IN = int(RequestType.IN)
-_Future = asyncio.Future[tuple[int, "bytes | None"]]
 
 
 class AsyncFrontend(_Requests):
@@ -196,25 +199,37 @@ class AsyncFrontend(_Requests):
 
 class AsyncBlockClient:
     """A :class:`~vhostuser_rs.blk.BlockClient` driven from an asyncio event loop (ring
-    `queue`). Use it from the loop's thread only."""
+    `queue`). Use it from the loop's thread only.
+
+    :meth:`read`, :meth:`readinto`, :meth:`write` and the other requests are plain methods
+    that return an awaitable (an :class:`asyncio.Future` for a request that fits one staging
+    slot): ``await disk.read(offset, 4096)`` and ``asyncio.gather(*(disk.read(...) ...))``
+    work as with coroutine methods, but there is no coroutine frame per request, and invalid
+    arguments raise at the call rather than at the ``await``. Cancelling the future (or the
+    task awaiting it) forgets the request: one not submitted yet is never submitted, one on the
+    ring keeps its ring entry and staging slot until the device completes it."""
 
     def __init__(self, client: BlockClient, *, queue: int = 0) -> None:
         self.client = client
         self.queue = queue
         self._engine: _native.BlockRequests = client._batch_engine(queue)
         self._loop = asyncio.get_running_loop()
-        # Submitted requests by token; requests waiting for the next flush (two parallel lists:
-        # the requests go to the engine as they are). A cancelled request is looked up by a scan
-        # (rare), so the common path keeps one dict entry per request.
-        self._futures: dict[int, _Future] = {}
+        # The futures of submitted requests are held by the engine (resolved there, in the
+        # call eventfd's reader callback); requests waiting for the next flush are two parallel
+        # lists (the requests go to the engine as they are).
         self._queued: list[tuple[Any, ...]] = []
-        self._queued_futures: list[_Future] = []
-        self._queued_cancelled = False
+        self._queued_futures: list[asyncio.Future[Any]] = []
         self._flush_scheduled = False
         self._error: BaseException | None = None
         self._slot = int(self._engine.slot_bytes)
         self._call_fd = self._engine.call_fd()
         self._main_fd = self._engine.main_fd()
+        # The loop's futures: created by the C type directly when the loop's create_future is
+        # asyncio's own (that one is a Python method: one frame less per request), else by it.
+        create = self._loop.create_future
+        if getattr(type(self._loop), "create_future", None) is asyncio.BaseEventLoop.create_future:
+            create = functools.partial(asyncio.Future, loop=self._loop)
+        self._create_future = create
         self._loop.add_reader(self._call_fd, self._on_call)
         if self._main_fd is not None:
             self._loop.add_reader(self._main_fd, self._on_main)
@@ -265,7 +280,7 @@ class AsyncBlockClient:
     def _fail(self, error: BaseException) -> None:
         self._error = error
         self._unwatch()
-        futures, self._futures = list(self._futures.values()), {}
+        futures: list[asyncio.Future[Any]] = self._engine.take_futures()
         futures += self._queued_futures
         self._queued, self._queued_futures = [], []
         for fut in futures:
@@ -273,19 +288,29 @@ class AsyncBlockClient:
                 fut.set_exception(error)
 
     def _on_call(self) -> None:
+        # One native call: clear the eventfd, reap, collect, resolve the futures of the
+        # requests that succeeded (their data read straight into new bytes objects).
         try:
-            self._engine.poll()
-            done = self._engine.reap(1 << 16, timeout=0)
-        except VhostUserError as e:
+            left = self._engine.complete_futures()
+        except Exception as e:  # the ring broke (VirtqueueError), the session ended, no memory
             self._fail(e)
             return
-        pop = self._futures.pop
-        for token, status, data in done:
-            fut = pop(token, None)
-            if fut is not None and not fut.done():
-                fut.set_result((status, data))
-        if done and self._queued:
-            self._flush()
+        for _token, fut, rtype, status, _data in left:
+            if fut is not None and rtype is not None:
+                self._failed(fut, rtype, status)
+        if self._queued:
+            self._flush()  # what waited for room
+        if not self._flush_scheduled:
+            # After the wake-ups set_result just scheduled: the requests the woken coroutines
+            # make next go to the ring in this same turn of the loop, not one turn later (one
+            # epoll_wait and one loop iteration less per batch).
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _failed(self, fut: asyncio.Future[Any], rtype: int, status: int) -> None:
+        if not fut.done():
+            name = _STATUS_NAMES.get(status, str(status))
+            fut.set_exception(BlockError(f"virtio-blk request type {rtype} failed: {name}", status=status))
 
     def _on_main(self) -> None:
         if self._engine.hung_up:
@@ -298,10 +323,12 @@ class AsyncBlockClient:
             self._loop.call_later(0.1, lambda: self._error is None and self._loop.add_reader(fd, self._on_main))
 
     # -- requests ------------------------------------------------------------------------------
-    def _enqueue(self, request: tuple[Any, ...]) -> _Future:
+    def _enqueue(self, request: tuple[Any, ...]) -> asyncio.Future[Any]:
+        """A future for `request` (engine form: type, sector, arg), resolved with the data the
+        device returned (None for requests without any) or failed with BlockError."""
         if self._error is not None:
             raise self._error
-        fut: _Future = self._loop.create_future()
+        fut: asyncio.Future[Any] = self._create_future()
         self._queued.append(request)
         self._queued_futures.append(fut)
         if not self._flush_scheduled:
@@ -311,123 +338,132 @@ class AsyncBlockClient:
             self._loop.call_soon(self._flush)
         return fut
 
-    def _abandon(self, fut: _Future) -> None:
-        """A cancelled request: forgotten, but its ring entry and staging slot come back only
-        when the device completes it, never before."""
-        for token, f in self._futures.items():
-            if f is fut:
-                del self._futures[token]
-                self._engine.cancel(token)
-                return
-        self._queued_cancelled = True  # still queued: the next flush drops it
-
-    async def _one(self, request: tuple[Any, ...]) -> tuple[int, bytes | None]:
-        fut = self._enqueue(request)
-        try:
-            return await fut
-        except asyncio.CancelledError:
-            self._abandon(fut)
-            raise
-
     def _flush(self) -> None:
         self._flush_scheduled = False
         requests, futures = self._queued, self._queued_futures
-        if self._queued_cancelled:
-            self._queued_cancelled = False
+        if not requests or self._error is not None:
+            return
+        if any(map(_done, futures)):
+            # Cancelled before it was submitted: never submitted.
             kept = [i for i, f in enumerate(futures) if not f.done()]
             requests, futures = [requests[i] for i in kept], [futures[i] for i in kept]
-        if not requests or self._error is not None:
-            self._queued, self._queued_futures = requests, futures
-            return
         try:
-            tokens = self._engine.submit(requests)
-        except VhostUserError as e:
+            n = self._engine.submit_futures(requests, futures)
+        except Exception as e:  # the session ended, the ring broke, a buffer resized meanwhile
             self._queued, self._queued_futures = [], []
             for f in futures:
                 if not f.done():
                     f.set_exception(e)
             return
-        submitted = self._futures
-        for token, fut in zip(tokens, futures):
-            submitted[token] = fut
         # Back-pressure: what did not fit (ring or staging slots full) waits for completions.
-        n = len(tokens)
         self._queued, self._queued_futures = requests[n:], futures[n:]
 
-    async def _checked(self, rtype: RequestType, request: tuple[Any, ...]) -> bytes | None:
-        status, data = await self._one(request)
-        if status != 0:
-            name = _STATUS_NAMES.get(status, str(status))
-            raise BlockError(f"virtio-blk request type {int(rtype)} failed: {name}", status=status)
-        return data
+    def read(self, offset: int, length: int) -> Awaitable[bytes]:
+        """Read `length` bytes at byte `offset` (multiples of 512; ValueError at the call
+        otherwise); longer than a staging slot: several requests in flight at once."""
+        if 0 < length <= self._slot and offset >= 0 and not (offset | length) % SECTOR and self._error is None:
+            # The common case: one request, its future returned as it is (_enqueue inlined:
+            # a Python frame less per request).
+            fut: asyncio.Future[bytes] = self._create_future()
+            self._queued.append((_IN, offset // SECTOR, length))
+            self._queued_futures.append(fut)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush)
+            return fut
+        return self._read_other(offset, length)
 
-    async def read(self, offset: int, length: int) -> bytes:
-        """Read `length` bytes at byte `offset` (multiples of 512); longer than a staging slot:
-        several requests in flight at once."""
-        slot = self._slot
-        if 0 < length <= slot and offset >= 0 and not (offset | length) % SECTOR:
-            # The common case with the fewest Python steps (one coroutine level).
-            fut = self._enqueue((_IN, offset // SECTOR, length))
-            try:
-                status, data = await fut
-            except asyncio.CancelledError:
-                self._abandon(fut)
-                raise
-            if status:
-                raise BlockError(f"virtio-blk read failed: {_STATUS_NAMES.get(status, status)}", status=status)
-            return data or b""
+    def _read_other(self, offset: int, length: int) -> Awaitable[bytes]:
+        # Apart from read(): its comprehension would make read() build cells for the variables
+        # it uses on every call (CPython 3.11), four per request.
         _check_aligned(offset, length)
-        if length <= slot:
-            if not length:
-                return b""
-            data = await self._checked(RequestType.IN, (RequestType.IN, offset // SECTOR, length))
-            return data or b""
-        parts = await asyncio.gather(*(self.read(offset + o, min(slot, length - o)) for o in range(0, length, slot)))
-        return b"".join(parts)
+        if not length:
+            return _resolved(self._loop, b"")
+        slot = self._slot
+        parts = [
+            self._enqueue((_IN, (offset + o) // SECTOR, min(slot, length - o))) for o in range(0, length, slot)
+        ]
+        return self._joined(parts)
 
-    async def readinto(self, offset: int, buffer: Buffer) -> int:
-        """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer."""
+    async def _joined(self, parts: list[asyncio.Future[Any]]) -> bytes:
+        return b"".join(await asyncio.gather(*parts))
+
+    def readinto(self, offset: int, buffer: Buffer) -> Awaitable[int]:
+        """Read ``len(buffer)`` bytes at byte `offset` into a writable buffer; returns the
+        byte count. A bytearray that fits a staging slot is read into straight from the slot
+        at completion (no bytes object in between); it must not be resized until then (it is
+        exported: BufferError), and a cancelled read leaves it untouched."""
+        if type(buffer) is bytearray and self._error is None:
+            n = len(buffer)
+            if 0 < n <= self._slot and offset >= 0 and not (offset | n) % SECTOR:
+                fut: asyncio.Future[int] = self._create_future()
+                self._queued.append((_IN, offset // SECTOR, buffer))
+                self._queued_futures.append(fut)
+                if not self._flush_scheduled:
+                    self._flush_scheduled = True
+                    self._loop.call_soon(self._flush)
+                return fut
+        return self._readinto(offset, buffer)
+
+    async def _readinto(self, offset: int, buffer: Buffer) -> int:
         view = memoryview(buffer).cast("B")
         view[:] = await self.read(offset, view.nbytes)
         return view.nbytes
 
-    async def write(self, offset: int, data: Buffer) -> None:
-        """Write `data` at byte `offset` (multiples of 512)."""
+    def write(self, offset: int, data: Buffer) -> Awaitable[None]:
+        """Write `data` at byte `offset` (multiples of 512; ValueError at the call otherwise)."""
         view = memoryview(data).cast("B")
         _check_aligned(offset, view.nbytes)
-        slot = self._engine.slot_bytes
-        if view.nbytes <= slot:
-            if view.nbytes:
-                await self._checked(RequestType.OUT, (RequestType.OUT, offset // SECTOR, data))
-            return
-        await asyncio.gather(
-            *(self.write(offset + o, view[o : o + slot]) for o in range(0, view.nbytes, slot))
-        )
+        if not view.nbytes:
+            return _resolved(self._loop, None)
+        if view.nbytes <= self._slot:
+            return self._enqueue((RequestType.OUT, offset // SECTOR, data))
+        return self._write_split(offset, view)
 
-    async def flush(self) -> None:
+    def _write_split(self, offset: int, view: memoryview) -> Awaitable[None]:
+        # Apart from write() for the reason given in _read_other.
+        slot = self._slot
+        parts = [
+            self._enqueue((RequestType.OUT, (offset + o) // SECTOR, view[o : o + slot]))
+            for o in range(0, view.nbytes, slot)
+        ]
+        return self._all(parts)
+
+    async def _all(self, parts: list[asyncio.Future[Any]]) -> None:
+        await asyncio.gather(*parts)
+
+    def flush(self) -> Awaitable[None]:
         """FLUSH."""
-        await self._checked(RequestType.FLUSH, (RequestType.FLUSH, 0, 0))
+        return self._enqueue((RequestType.FLUSH, 0, 0))
 
-    async def discard(self, offset: int, length: int) -> None:
+    def discard(self, offset: int, length: int) -> Awaitable[None]:
         """DISCARD one range."""
         _check_aligned(offset, length)
-        await self._checked(RequestType.DISCARD, (RequestType.DISCARD, offset // SECTOR, length // SECTOR))
+        return self._enqueue((RequestType.DISCARD, offset // SECTOR, length // SECTOR))
 
-    async def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> None:
+    def write_zeroes(self, offset: int, length: int, *, unmap: bool = False) -> Awaitable[None]:
         """WRITE_ZEROES one range."""
         _check_aligned(offset, length)
-        request = (RequestType.WRITE_ZEROES, offset // SECTOR, length // SECTOR, unmap)
-        await self._checked(RequestType.WRITE_ZEROES, request)
+        return self._enqueue((RequestType.WRITE_ZEROES, offset // SECTOR, length // SECTOR, unmap))
 
     async def get_id(self) -> bytes:
         """GET_ID: the device's serial."""
-        data = await self._checked(RequestType.GET_ID, (RequestType.GET_ID, 0, 0))
+        data = await self._enqueue((RequestType.GET_ID, 0, 0))
         return (data or b"").split(b"\0", 1)[0]
 
     @property
     def in_flight(self) -> int:
         """Requests on the ring (including cancelled ones the device has not completed)."""
         return int(self._engine.in_flight)
+
+
+_done = asyncio.Future.done
+
+
+def _resolved(loop: asyncio.AbstractEventLoop, value: Any) -> asyncio.Future[Any]:
+    fut = loop.create_future()
+    fut.set_result(value)
+    return fut
 
 
 class AsyncNetClient:

@@ -128,6 +128,9 @@ pub fn sector_of(offset: u64) -> std::result::Result<u64, String> {
     Ok(offset / SECTOR_SIZE)
 }
 
+/// Copies a completion's data into the buffer it is given (see [`BlockRequests::collect_each`]).
+pub type ReadData<'a> = dyn FnMut(&mut [u8]) -> Result<()> + 'a;
+
 /// A collected completion.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Completion {
@@ -168,6 +171,9 @@ struct Inner {
     /// Completions not collected yet, oldest first.
     done: std::collections::VecDeque<u16>,
     reaper: bool,
+    /// Waiters asleep on `reaped` (the hot paths skip the notification, a futex call, when
+    /// nobody sleeps: an event loop's reader or a lone synchronous waiter).
+    sleepers: u32,
     /// The device broke the ring: what it did (every later call fails).
     broken: Option<String>,
     /// The back-end hung up: nothing in flight will complete.
@@ -200,6 +206,8 @@ pub struct BlockRequests {
     data_base: u64,
     kick: OwnedFd,
     call: OwnedFd,
+    /// Whether `call` has O_NONBLOCK (clearing it is then one read, not poll and read).
+    call_nonblocking: bool,
     /// The main channel (a duplicate): a hang-up there fails every waiter.
     main: Option<OwnedFd>,
     /// Signalled by `close` to wake waiters.
@@ -253,6 +261,11 @@ impl BlockRequests {
             data_base,
             kick: dup(kick)?,
             call: dup(call)?,
+            call_nonblocking: {
+                // SAFETY: F_GETFL on a valid fd.
+                let flags = unsafe { libc::fcntl(call.as_raw_fd(), libc::F_GETFL) };
+                flags >= 0 && flags & libc::O_NONBLOCK != 0
+            },
             main: main.map(dup).transpose()?,
             wake,
             inner: Mutex::new(Inner {
@@ -263,6 +276,7 @@ impl BlockRequests {
                 done_seq: 0,
                 done: std::collections::VecDeque::new(),
                 reaper: false,
+                sleepers: 0,
                 broken: None,
                 dead: false,
                 closed: false,
@@ -318,6 +332,42 @@ impl BlockRequests {
         Ok(tokens)
     }
 
+    /// Checks one request against the slot size and virtio-blk's 512-byte units; returns the
+    /// bytes of its driver-written payload and of its device-written data.
+    fn validate(&self, op: Op, data: &[u8]) -> Result<(usize, usize)> {
+        let payload_len = match op {
+            Op::Write { .. } => data.len(),
+            Op::Discard { .. } | Op::WriteZeroes { .. } => 16,
+            _ => 0,
+        };
+        let in_len = op.in_len() as usize;
+        if payload_len.max(in_len) > self.slot_bytes as usize {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "request of {} bytes is larger than a staging slot ({})",
+                    payload_len.max(in_len),
+                    self.slot_bytes
+                ),
+            )));
+        }
+        if let Op::Read { len, .. } = op {
+            if len == 0 || u64::from(len) % SECTOR_SIZE != 0 {
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "read length must be a non-zero multiple of 512",
+                )));
+            }
+        }
+        if matches!(op, Op::Write { .. }) && (data.is_empty() || data.len() as u64 % SECTOR_SIZE != 0) {
+            return Err(Error::Io(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "write length must be a non-zero multiple of 512",
+            )));
+        }
+        Ok((payload_len, in_len))
+    }
+
     /// [`submit`](Self::submit), handing each token to `token` (no allocation).
     fn submit_each(
         &self,
@@ -330,37 +380,13 @@ impl BlockRequests {
         let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
         let mem = self.memory.table();
         let mut added = false;
+        // Every request is checked before any is added: a bad one in the middle of a batch
+        // must not leave the ones before it on the ring unpublished and unnamed.
         for &(op, data) in ops {
-            let payload_len = match op {
-                Op::Write { .. } => data.len(),
-                Op::Discard { .. } | Op::WriteZeroes { .. } => 16,
-                _ => 0,
-            };
-            let in_len = op.in_len() as usize;
-            if payload_len.max(in_len) > self.slot_bytes as usize {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!(
-                        "request of {} bytes is larger than a staging slot ({})",
-                        payload_len.max(in_len),
-                        self.slot_bytes
-                    ),
-                )));
-            }
-            if let Op::Read { len, .. } = op {
-                if len == 0 || u64::from(len) % SECTOR_SIZE != 0 {
-                    return Err(Error::Io(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "read length must be a non-zero multiple of 512",
-                    )));
-                }
-            }
-            if matches!(op, Op::Write { .. }) && (data.is_empty() || data.len() as u64 % SECTOR_SIZE != 0) {
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    "write length must be a non-zero multiple of 512",
-                )));
-            }
+            self.validate(op, data)?;
+        }
+        for &(op, data) in ops {
+            let (payload_len, in_len) = self.validate(op, data)?;
             let ndesc = if payload_len > 0 || in_len > 0 { 3 } else { 2 };
             let room = if self.indirect { 1 } else { ndesc };
             if inner.free.is_empty() || usize::from(q.num_free()) < room {
@@ -490,7 +516,7 @@ impl BlockRequests {
         }
         if total > 0 {
             inner.adaptive.completed(total as u32);
-            self.reaped.notify_all();
+            self.wake_sleepers(inner);
         }
         Ok(total)
     }
@@ -534,6 +560,50 @@ impl BlockRequests {
             inner.done.remove(pos);
         }
         Ok(Some(Completion { token, status: status[0], written: slot.written, in_len: slot.in_len }))
+    }
+
+    /// Collects up to `max` completions, oldest first, without a copy in between: `sink` gets
+    /// each completion and a reader that copies its data (the first `out.len()` of `in_len`
+    /// bytes) into the caller's buffer, e.g. a new Python object. `sink` returning false stops
+    /// before that completion, which stays to be collected later. The slot is freed after
+    /// `sink` returns (it must not call back into the engine: the engine is locked).
+    pub fn collect_each(
+        &self,
+        max: usize,
+        sink: &mut dyn FnMut(Completion, &mut ReadData<'_>) -> bool,
+    ) -> Result<usize> {
+        let mut inner = self.lock();
+        let mem = self.memory.table();
+        let mut n = 0;
+        while n < max {
+            let Some(&s) = inner.done.front() else { break };
+            let slot = inner.slots[usize::from(s)];
+            let mut status = [0u8];
+            mem.read(self.meta_base + u64::from(s) * META + STATUS_OFF, &mut status)?;
+            let data = self.data_base + u64::from(s) * u64::from(self.slot_bytes);
+            let c = Completion { token: slot.token, status: status[0], written: slot.written, in_len: slot.in_len };
+            let mut read = |out: &mut [u8]| -> Result<()> {
+                let k = out.len().min(slot.in_len as usize);
+                if k > 0 {
+                    mem.read(data, &mut out[..k])?;
+                }
+                Ok(())
+            };
+            if !sink(c, &mut read) {
+                break;
+            }
+            inner.done.pop_front();
+            inner.slots[usize::from(s)].state = State::Free;
+            inner.free.push(s);
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// The slot a token names (tokens are `(generation << 16) | slot`), for a caller that keeps
+    /// something per request in flight (at most the ring's size of them).
+    pub fn slot_index(token: u64) -> usize {
+        (token & 0xffff) as usize
     }
 
     /// Collects up to `max` completions, oldest first; `sink` gets each with its data (empty
@@ -616,8 +686,19 @@ impl BlockRequests {
 
     /// Clears the call eventfd without waiting (an event loop's reader callback).
     pub fn clear_call(&self) {
-        // A zero-timeout wait reads the counter only if it is set (the fd may be blocking).
-        let _ = eventfd::wait(self.call.as_fd(), 0);
+        if self.call_nonblocking {
+            eventfd::drain(self.call.as_fd()); // one read, EAGAIN when not set
+        } else {
+            // A zero-timeout wait reads the counter only if it is set.
+            let _ = eventfd::wait(self.call.as_fd(), 0);
+        }
+    }
+
+    /// Wakes the waiters asleep on `reaped`, if any (`inner` is locked).
+    fn wake_sleepers(&self, inner: &Inner) {
+        if inner.sleepers > 0 {
+            self.reaped.notify_all();
+        }
     }
 
     /// Whether the back-end hung up the main channel (nothing is read).
@@ -641,14 +722,16 @@ impl BlockRequests {
         let now = Instant::now();
         let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(now).min(SLICE));
         if inner.reaper {
+            inner.sleepers += 1;
             inner = self.reaped.wait_timeout(inner, slice).unwrap_or_else(|e| e.into_inner()).0;
+            inner.sleepers -= 1;
         } else {
             inner.reaper = true;
             drop(inner);
             let woke = self.wait_call(slice);
             inner = self.lock();
             inner.reaper = false;
-            self.reaped.notify_all();
+            self.wake_sleepers(&inner);
             match woke? {
                 Wake::Call => {}
                 Wake::Closed => return Err(Error::Disconnected),
@@ -1111,6 +1194,54 @@ mod tests {
             let want: Vec<(u64, u8)> = (0..5).rev().map(|i| (tokens[i], i as u8)).collect();
             assert_eq!(got, want);
             assert_eq!(e.in_flight(), 0);
+        });
+    }
+
+    #[test]
+    fn collect_each_reads_into_the_callers_buffer_and_a_refusal_leaves_the_rest() {
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let ops: Vec<(Op, &[u8])> = (0..3).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+            let tokens = e.submit(&q, &ops).unwrap();
+            for (i, h) in dev.take().into_iter().enumerate() {
+                dev.complete(h, &[i as u8 + 1; 512], 0);
+            }
+            e.wait_completions(&q, None, &mut || Ok(())).unwrap();
+            let mut got = vec![];
+            // Takes two, refuses the third: it stays, its slot reserved, for the next call.
+            let n = e
+                .collect_each(64, &mut |c, read| {
+                    if got.len() == 2 {
+                        return false;
+                    }
+                    let mut buf = vec![0u8; c.in_len as usize];
+                    read(&mut buf).unwrap();
+                    got.push((c.token, c.status, buf[0], buf[511]));
+                    true
+                })
+                .unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(got, vec![(tokens[0], 0, 1, 1), (tokens[1], 0, 2, 2)]);
+            assert_eq!(e.pending_completions(), 1);
+            let mut rest = vec![];
+            e.collect_any(64, &mut |c, d| rest.push((c.token, d[0]))).unwrap();
+            assert_eq!(rest, vec![(tokens[2], 3)]);
+            assert_eq!((e.in_flight(), e.pending_completions()), (0, 0));
+        });
+    }
+
+    #[test]
+    fn a_bad_request_in_a_batch_adds_none_of_it() {
+        each_format(|setup| {
+            let (q, e, mut dev, _fds) = setup();
+            let ops: Vec<(Op, &[u8])> =
+                vec![(Op::Read { sector: 0, len: 512 }, &[][..]), (Op::Read { sector: 1, len: 100 }, &[][..])];
+            assert!(e.submit(&q, &ops).is_err());
+            assert_eq!(e.in_flight(), 0);
+            assert!(dev.take().is_empty());
+            // The ring and the slots are all there: a full ring's worth still goes in.
+            let ops: Vec<(Op, &[u8])> = (0..5).map(|i| (Op::Read { sector: i, len: 512 }, &[][..])).collect();
+            assert_eq!(e.submit(&q, &ops).unwrap().len(), 5);
         });
     }
 

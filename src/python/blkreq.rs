@@ -14,7 +14,7 @@ use super::memory::PyGuestMemory;
 use super::socket::borrow_fds;
 use super::virtqueue::PyDriverQueue;
 use crate::error::Error;
-use crate::frontend::blkreq::{sector_of, BlockRequests, Op};
+use crate::frontend::blkreq::{sector_of, BlockRequests, Completion, Op};
 use crate::virtio::blk::{
     VIRTIO_BLK_S_OK, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
@@ -27,6 +27,38 @@ pub(crate) struct PyBlockRequests {
     queue: Py<PyDriverQueue>,
     /// Where `collect` copies a completion's data before making bytes of it.
     scratch: std::sync::Mutex<Vec<u8>>,
+    /// The future of each request submitted with `submit_futures`, by slot, with its token.
+    futures: std::sync::Mutex<Vec<Option<Held>>>,
+}
+
+/// A request submitted with `submit_futures`: its token, future, request type and, for a read
+/// into a caller's buffer, that buffer (exported until the request completes: it cannot be
+/// resized or freed meanwhile).
+struct Held {
+    token: u64,
+    future: Py<PyAny>,
+    kind: u32,
+    into: Option<pyo3::buffer::PyBuffer<u8>>,
+}
+
+/// A completion collected with its data: a new bytes object for reads and GET_ID.
+type Collected<'py> = (Completion, Option<Bound<'py, PyBytes>>);
+
+/// A bytes object of `len` uninitialised bytes and its buffer, for the caller to fill before it
+/// is shared (PyBytes::new_with would zero it first). The object must not be shown to anyone
+/// before every byte is written.
+fn uninit_bytes(py: Python<'_>, len: usize) -> PyResult<(Bound<'_, PyBytes>, &mut [u8])> {
+    let size = isize::try_from(len).map_err(|_| PyValueError::new_err("read too long"))?;
+    // SAFETY: a NULL source with a size is the documented way to allocate a bytes object to
+    // fill before it is shared; the pointer is owned and checked for NULL.
+    let bytes = unsafe {
+        Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))?
+            .cast_into_unchecked::<PyBytes>()
+    };
+    // SAFETY: the object is a bytes object of `len` bytes that nobody else sees yet; the
+    // buffer lives as long as the object, which the caller holds.
+    let buf = unsafe { std::slice::from_raw_parts_mut(pyo3::ffi::PyBytes_AsString(bytes.as_ptr()).cast::<u8>(), len) };
+    Ok((bytes, buf))
 }
 
 /// A caller's writable buffer, lent to a detached wait (the export keeps it from moving).
@@ -127,6 +159,83 @@ impl Payload {
 }
 
 impl PyBlockRequests {
+    /// Collects up to `max` completions with their data in new bytes objects (one copy, out of
+    /// the staging slot). Nothing here runs Python code (bytes objects are not tracked by the
+    /// garbage collector), so nothing can re-enter the engine while it is locked; a bytes
+    /// object that cannot be allocated leaves its completion (and the later ones) for later
+    /// and is the error returned beside what was collected.
+    fn collect_bytes<'py>(&self, py: Python<'py>, max: usize) -> PyResult<(Vec<Collected<'py>>, Option<PyErr>)> {
+        let mut out = Vec::new();
+        let mut failed = None;
+        self.engine
+            .collect_each(max, &mut |c, read| {
+                if c.in_len == 0 {
+                    out.push((c, None));
+                    return true;
+                }
+                let made = uninit_bytes(py, c.in_len as usize)
+                    .and_then(|(bytes, buf)| read(buf).map(|()| bytes).map_err(|e| to_pyerr(py, e)));
+                match made {
+                    Ok(bytes) => {
+                        out.push((c, Some(bytes)));
+                        true
+                    }
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            })
+            .py_err(py)?;
+        Ok((out, failed))
+    }
+
+    /// Parses :meth:`submit`'s requests (type, sector, arg); with `into`, a read's `arg` may be
+    /// a writable buffer to read into instead of a length (its export is kept in `targets`).
+    #[allow(clippy::type_complexity)]
+    fn parse(
+        requests: &Bound<'_, PyAny>,
+        into: bool,
+    ) -> PyResult<(Vec<Op>, Vec<Payload>, Vec<u32>, Vec<Option<pyo3::buffer::PyBuffer<u8>>>)> {
+        let mut targets = Vec::new();
+        let mut kinds = Vec::new();
+        let mut ops = Vec::new();
+        let mut payloads = Vec::new();
+        for item in requests.try_iter()? {
+            let item = item?;
+            let t = item.cast::<PyTuple>()?;
+            if t.len() < 3 || t.len() > 4 {
+                return Err(PyValueError::new_err(
+                    "a request is (type, sector, arg) or (type, sector, sectors, unmap)",
+                ));
+            }
+            let kind: u32 = t.get_item(0)?.extract()?;
+            let sector: u64 = t.get_item(1)?.extract()?;
+            let unmap = if t.len() == 4 { t.get_item(3)?.extract::<bool>()? } else { false };
+            let arg = t.get_item(2)?;
+            let mut target = None;
+            if kind == VIRTIO_BLK_T_OUT {
+                ops.push(Op::Write { sector });
+                payloads.push(Payload::from_py(&arg)?);
+            } else if into && kind == VIRTIO_BLK_T_IN && !arg.is_instance_of::<pyo3::types::PyInt>() {
+                let buf = pyo3::buffer::PyBuffer::<u8>::get(&arg)?;
+                if buf.readonly() || !buf.is_c_contiguous() {
+                    return Err(PyBufferError::new_err("a read into a buffer needs a writable C-contiguous one"));
+                }
+                let len = u32::try_from(buf.len_bytes()).map_err(|_| PyValueError::new_err("read too long"))?;
+                ops.push(Op::Read { sector, len });
+                payloads.push(Payload::None);
+                target = Some(buf);
+            } else {
+                ops.push(op_of(kind, sector, arg.extract()?, unmap)?);
+                payloads.push(Payload::None);
+            }
+            kinds.push(kind);
+            targets.push(target);
+        }
+        Ok((ops, payloads, kinds, targets))
+    }
+
     fn run(&self, py: Python<'_>, op: Op, data: &[u8], out: OutBuf, timeout: Option<f64>) -> PyResult<u8> {
         let deadline = deadline(timeout)?;
         let queue = &self.queue.get().inner;
@@ -187,7 +296,7 @@ impl PyBlockRequests {
             )
             .py_err(py)?
         };
-        Ok(PyBlockRequests { engine, queue, scratch: Default::default() })
+        Ok(PyBlockRequests { engine, queue, scratch: Default::default(), futures: Default::default() })
     }
 
     /// The largest data length of one ring request (longer reads and writes are split).
@@ -226,18 +335,10 @@ impl PyBlockRequests {
         }
         let length = usize::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
         let len = u32::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
-        let size = isize::try_from(length).map_err(|_| PyValueError::new_err("read too long"))?;
-        // A bytes object of `length` uninitialised bytes (PyBytes::new_with would zero 4 KiB
-        // per read first): on success the read fills every byte (a completed request copies
-        // its whole length out of the staging slot), on failure the object is dropped unseen.
-        // SAFETY: a NULL source with a size is the documented way to allocate a bytes object
-        // to fill before it is shared; the pointer is owned and checked for NULL.
-        let bytes = unsafe {
-            Bound::from_owned_ptr_or_err(py, pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size))?
-                .cast_into_unchecked::<PyBytes>()
-        };
-        // SAFETY: the object is a bytes object of `length` bytes that nobody else sees yet.
-        let buf = unsafe { pyo3::ffi::PyBytes_AsString(bytes.as_ptr()) }.cast::<u8>();
+        // On success the read fills every byte (a completed request copies its whole length
+        // out of the staging slot); on failure the object is dropped unseen.
+        let (bytes, buf) = uninit_bytes(py, length)?;
+        let buf = buf.as_mut_ptr();
         let status = self.run(py, Op::Read { sector, len }, &[], OutBuf(buf, length), timeout)?;
         if status != VIRTIO_BLK_S_OK {
             return Err(block_error(py, VIRTIO_BLK_T_IN, status));
@@ -332,30 +433,111 @@ impl PyBlockRequests {
     /// FLUSH and GET_ID. Returns the tokens of the requests submitted: a prefix of the batch,
     /// shorter when the ring or the staging slots are full (reap, then submit the rest).
     fn submit(&self, py: Python<'_>, requests: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
-        let mut ops = Vec::new();
-        let mut payloads = Vec::new();
-        for item in requests.try_iter()? {
-            let item = item?;
-            let t = item.cast::<PyTuple>()?;
-            if t.len() < 3 || t.len() > 4 {
-                return Err(PyValueError::new_err(
-                    "a request is (type, sector, arg) or (type, sector, sectors, unmap)",
-                ));
-            }
-            let kind: u32 = t.get_item(0)?.extract()?;
-            let sector: u64 = t.get_item(1)?.extract()?;
-            let unmap = if t.len() == 4 { t.get_item(3)?.extract::<bool>()? } else { false };
-            let arg = t.get_item(2)?;
-            if kind == VIRTIO_BLK_T_OUT {
-                ops.push(Op::Write { sector });
-                payloads.push(Payload::from_py(&arg)?);
-            } else {
-                ops.push(op_of(kind, sector, arg.extract()?, unmap)?);
-                payloads.push(Payload::None);
-            }
-        }
+        let (ops, payloads, _, _) = Self::parse(requests, false)?;
         let batch: Vec<(Op, &[u8])> = ops.iter().zip(&payloads).map(|(o, p)| (*o, p.slice(py))).collect();
         self.engine.submit(&self.queue.get().inner, &batch).py_err(py)
+    }
+
+    /// :meth:`submit` for an event loop: `futures[i]` (an :class:`asyncio.Future`) is
+    /// resolved by :meth:`complete_futures` when request ``i`` completes. A read may name a
+    /// writable buffer instead of a length, ``(type, sector, buffer)``: it is read into (its
+    /// length the request's) and the future resolved with the byte count; the buffer stays
+    /// exported (not resizable) until the request completes. Returns how many were submitted
+    /// (a prefix, as for :meth:`submit`).
+    fn submit_futures(
+        &self,
+        py: Python<'_>,
+        requests: &Bound<'_, PyAny>,
+        futures: &Bound<'_, PyList>,
+    ) -> PyResult<usize> {
+        let (ops, payloads, kinds, mut targets) = Self::parse(requests, true)?;
+        if futures.len() != ops.len() {
+            return Err(PyValueError::new_err("one future per request"));
+        }
+        let batch: Vec<(Op, &[u8])> = ops.iter().zip(&payloads).map(|(o, p)| (*o, p.slice(py))).collect();
+        let tokens = self.engine.submit(&self.queue.get().inner, &batch).py_err(py)?;
+        let mut held = self.futures.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, &token) in tokens.iter().enumerate() {
+            let s = BlockRequests::slot_index(token);
+            if held.len() <= s {
+                held.resize_with(s + 1, || None);
+            }
+            let future = futures.get_item(i)?.unbind();
+            held[s] = Some(Held { token, future, kind: kinds[i], into: targets[i].take() });
+        }
+        Ok(tokens.len())
+    }
+
+    /// The event loop's reader callback on the call eventfd, in one call: clears the eventfd,
+    /// reaps the used ring and collects every completion; the future of each successful
+    /// request submitted with :meth:`submit_futures` gets its data (``set_result``: the bytes
+    /// of a read or GET_ID, else None; a cancelled future is skipped). Returns what is left
+    /// for the caller: ``(token, future, type, status, data)`` for each non-OK status (future
+    /// and type None for a request not submitted with a future, whatever its status).
+    #[allow(clippy::type_complexity)]
+    fn complete_futures<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Vec<(u64, Option<Py<PyAny>>, Option<u32>, u8, Option<Bound<'py, PyBytes>>)>> {
+        static INVALID_STATE: pyo3::sync::PyOnceLock<Py<pyo3::types::PyType>> = pyo3::sync::PyOnceLock::new();
+        let invalid_state = INVALID_STATE.import(py, "asyncio", "InvalidStateError")?;
+        self.engine.clear_call();
+        self.engine.reap(&self.queue.get().inner).py_err(py)?;
+        let (done, mut failed) = self.collect_bytes(py, usize::MAX)?;
+        let mut rest = Vec::new();
+        // Taken out first, resolved after: set_result runs Python code (the loop's call_soon),
+        // which must not find this lock held.
+        let mut resolve = Vec::with_capacity(done.len());
+        {
+            let mut held = self.futures.lock().unwrap_or_else(|e| e.into_inner());
+            for (c, data) in done {
+                let s = BlockRequests::slot_index(c.token);
+                let fut = match held.get_mut(s) {
+                    Some(e) if e.as_ref().is_some_and(|h| h.token == c.token) => e.take(),
+                    _ => None,
+                };
+                match fut {
+                    Some(h) if c.status == VIRTIO_BLK_S_OK => resolve.push((h, data)),
+                    Some(h) => rest.push((c.token, Some(h.future), Some(h.kind), c.status, data)),
+                    None => rest.push((c.token, None, None, c.status, data)),
+                }
+            }
+        }
+        let set_result = pyo3::intern!(py, "set_result");
+        for (h, data) in resolve {
+            let f = h.future.bind(py);
+            let result = match (h.into, data) {
+                // A read into the caller's buffer: filled unless the request was cancelled
+                // (then the buffer is left alone), resolved with the byte count.
+                (Some(buf), Some(data)) => {
+                    let done = f.call_method0(pyo3::intern!(py, "done")).and_then(|d| d.is_truthy());
+                    match done {
+                        Ok(true) => continue,
+                        Ok(false) => buf
+                            .copy_from_slice(py, data.as_bytes())
+                            .and_then(|()| f.call_method1(set_result, (buf.len_bytes(),))),
+                        Err(e) => Err(e),
+                    }
+                }
+                (_, data) => f.call_method1(set_result, (data,)),
+            };
+            if let Err(e) = result {
+                if !e.is_instance(py, invalid_state) {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(rest),
+        }
+    }
+
+    /// Every future :meth:`submit_futures` holds for requests not completed yet (forgotten
+    /// here): for failing them when the session ends.
+    fn take_futures(&self) -> Vec<Py<PyAny>> {
+        let mut held = self.futures.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter_mut().filter_map(|e| e.take().map(|h| h.future)).collect()
     }
 
     /// :meth:`submit` with byte offsets and lengths, as ``BlockClient.submit`` takes them:
@@ -410,17 +592,13 @@ impl PyBlockRequests {
             py.detach(|| engine.wait_completions(queue, deadline, &mut interrupt)).map_err(|e| to_pyerr(py, e))?;
         }
         let list = PyList::empty(py);
-        let mut failed = None;
-        engine
-            .collect_any(max, &mut |c, data| {
-                let data = if c.in_len > 0 { PyBytes::new(py, data).into_any() } else { py.None().into_bound(py) };
-                if let Err(e) = list.append((c.token, c.status, data)) {
-                    failed.get_or_insert(e);
-                }
-            })
-            .py_err(py)?;
-        if let Some(e) = failed {
-            return Err(e);
+        let (done, failed) = self.collect_bytes(py, max)?;
+        if let (Some(e), true) = (failed, done.is_empty()) {
+            return Err(e); // else the next reap reports it
+        }
+        for (c, data) in done {
+            let data = data.map_or_else(|| py.None().into_bound(py), Bound::into_any);
+            list.append((c.token, c.status, data))?;
         }
         Ok(list)
     }

@@ -9,6 +9,7 @@ import asyncio
 import os
 import random
 import signal
+import struct
 import subprocess
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import vhostuser_rs as vu
 from test_blk_fast import IMAGE_SIZE, MIB, Device, blk_backend, image, stopped  # noqa: F401 - fixtures
 from vhostuser_rs.aio import AsyncBlockClient
-from vhostuser_rs.blk import BlockClient
+from vhostuser_rs.blk import BlockClient, BlockError
 
 Stopped = tuple[BlockClient, Device, subprocess.Popen[bytes]]
 
@@ -39,7 +40,9 @@ def test_many_coroutines_in_flight(blk_backend: Path, image: Path) -> None:  # n
             for o, p in payloads.items():
                 assert await disk.read(o, 65536) == p
                 buf = bytearray(65536)
-                assert await disk.readinto(o, buf) == 65536 and buf == p
+                assert await disk.readinto(o, buf) == 65536 and buf == p  # split: the general path
+                small = bytearray(16384)
+                assert await disk.readinto(o, small) == 16384 and small == p[:16384]
                 data[o : o + 65536] = p
             await disk.write_zeroes(7 * MIB, 4096)
             assert await disk.read(7 * MIB, 4096) == bytes(4096)
@@ -77,6 +80,106 @@ def test_out_of_order_and_cancellation(stopped: Stopped) -> None:  # noqa: F811
         dev.complete(h, data=b"e" * 512)
         assert await asyncio.wait_for(extra, 5) == b"e" * 512
         assert adisk.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_requests_are_futures_and_a_request_cancelled_before_submission_never_reaches_the_ring(
+    stopped: Stopped,  # noqa: F811
+) -> None:
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        # A plain future (no coroutine per request); arguments are checked at the call.
+        read = adisk.read(0, 512)
+        assert isinstance(read, asyncio.Future)
+        with pytest.raises(ValueError):
+            adisk.read(100, 512)
+        dropped = adisk.read(512, 512)
+        write = adisk.write(1024, b"w" * 512)
+        dropped.cancel()  # in the same turn of the loop: not submitted yet
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        kinds = {struct.unpack("<I", dev.mem.read(dev.chain(h)[0][0], 4))[0]: h for h in heads}
+        assert len(heads) == 2 and sorted(kinds) == [0, 1]  # the read and the write, not the cancelled one
+        assert adisk.in_flight == 2
+        # A non-OK status fails the future with BlockError naming the request type.
+        dev.complete(kinds[1], status=1)  # VIRTIO_BLK_S_IOERR
+        dev.complete(kinds[0], data=b"r" * 512)
+        assert await asyncio.wait_for(read, 5) == b"r" * 512
+        with pytest.raises(BlockError, match="type 1 failed: IOERR") as err:
+            await asyncio.wait_for(write, 5)
+        assert err.value.status == 1
+        assert adisk.in_flight == 0
+        # Requests that need a coroutine (split, or with a result to shape) still work.
+        gid = asyncio.ensure_future(adisk.get_id())
+        await asyncio.sleep(0.05)
+        [h] = dev.take()
+        dev.complete(h, data=b"serial\0".ljust(20, b"\0"))
+        assert await asyncio.wait_for(gid, 5) == b"serial"
+        assert await adisk.read(0, 0) == b""
+
+    asyncio.run(main())
+
+
+def test_readinto_a_bytearray_straight_from_the_slot_and_a_cancelled_one_leaves_it_alone(
+    stopped: Stopped,  # noqa: F811
+) -> None:
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        kept, dropped = bytearray(b"k" * 1024), bytearray(b"d" * 512)
+        into = adisk.readinto(0, kept)
+        assert isinstance(into, asyncio.Future)  # the native path, not the coroutine
+        gone = adisk.readinto(4096, dropped)
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        assert len(heads) == 2
+        with pytest.raises(BufferError):
+            kept.extend(b"x")  # exported until the request completes
+        gone.cancel()
+        dev.complete(heads[1], data=b"D" * 512)
+        dev.complete(heads[0], data=b"K" * 1024)
+        assert await asyncio.wait_for(into, 5) == 1024
+        assert kept == b"K" * 1024
+        await asyncio.sleep(0.05)
+        assert dropped == b"d" * 512  # completed after the cancellation: not written
+        assert adisk.in_flight == 0
+        kept.extend(b"x")  # released
+        # Other buffers take the general path.
+        view = memoryview(bytearray(512))
+        other = asyncio.ensure_future(adisk.readinto(0, view))
+        await asyncio.sleep(0.05)
+        [h] = dev.take()
+        dev.complete(h, data=b"v" * 512)
+        assert await asyncio.wait_for(other, 5) == 512 and view == b"v" * 512
+
+    asyncio.run(main())
+
+
+def test_close_fails_every_request_and_releases_buffers(stopped: Stopped) -> None:  # noqa: F811
+    disk, dev, _ = stopped
+
+    async def main() -> None:
+        adisk = AsyncBlockClient(disk)
+        buf = bytearray(b"b" * 512)
+        futures = [adisk.readinto(0, buf)] + [adisk.read(512 * i, 512) for i in range(6)]
+        await asyncio.sleep(0.05)
+        heads = dev.take()
+        assert len(heads) == 5  # the ring holds five; two wait for room
+        with pytest.raises(BufferError):
+            buf.extend(b"x")  # on the ring: exported
+        adisk.close()
+        for f in futures:
+            with pytest.raises(vu.ConnectionClosedError):
+                await asyncio.wait_for(f, 5)
+        with pytest.raises(vu.ConnectionClosedError):
+            adisk.read(0, 512)
+        adisk.close()  # idempotent
+        buf.extend(b"x")  # the buffer's export went with its request
+        assert buf == b"b" * 512 + b"x"
 
     asyncio.run(main())
 

@@ -1,0 +1,149 @@
+"""Instructions per request of `vhostuser_rs.aio.AsyncBlockClient` (32 coroutines on one client,
+4 KiB reads) under callgrind, which counts the same on a loaded machine as on a quiet one: the
+client runs at two request counts against ``vhostuser-rs serve-blk`` (not under valgrind) and
+the difference is divided by the difference of the counts, so start-up and connection cost
+drop out. Reported per request: the total and its share in the interpreter (libpython and
+_asyncio), the native module and libc. System calls are not counted (see ``strace -c``).
+
+Run: ``python benches/python/aio_instructions.py [--mode read|readinto|readinto-view|floor]``;
+``floor`` is asyncio alone (the same 32 tasks awaiting futures a callback resolves, no I/O).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import functools
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+DEPTH = 32
+BS = 4096
+SPAN = 64 << 20
+
+
+def drive(sock: str, n: int, mode: str) -> None:
+    """The measured program: `n` requests from DEPTH coroutines."""
+    per = n // DEPTH
+
+    async def floor() -> None:
+        loop = asyncio.get_running_loop()
+        new = functools.partial(asyncio.Future, loop=loop)
+        pending: list[asyncio.Future[bytes]] = []
+        scheduled = [False]
+
+        def resolve() -> None:
+            scheduled[0] = False
+            done = pending[:]
+            pending.clear()
+            for f in done:
+                f.set_result(b"")
+
+        def read(offset: int, length: int) -> asyncio.Future[bytes]:
+            f: asyncio.Future[bytes] = new()
+            pending.append(f)
+            if not scheduled[0]:
+                scheduled[0] = True
+                loop.call_soon(resolve)
+            return f
+
+        async def worker(k: int) -> None:
+            off = k * BS
+            for _ in range(per):
+                await read(off, BS)
+                off = (off + DEPTH * BS) % SPAN
+
+        await asyncio.gather(*(worker(k) for k in range(DEPTH)))
+
+    async def main() -> None:
+        from vhostuser_rs.aio import AsyncBlockClient
+
+        async with await AsyncBlockClient.connect(sock, queue_size=128) as disk:
+
+            async def worker(k: int) -> None:
+                off = k * BS
+                if mode.startswith("readinto"):
+                    buf = bytearray(BS) if mode == "readinto" else memoryview(bytearray(BS))
+                    for _ in range(per):
+                        await disk.readinto(off, buf)
+                        off = (off + DEPTH * BS) % SPAN
+                else:
+                    for _ in range(per):
+                        await disk.read(off, BS)
+                        off = (off + DEPTH * BS) % SPAN
+
+            await asyncio.gather(*(worker(k) for k in range(DEPTH)))
+
+    asyncio.run(floor() if mode == "floor" else main())
+
+
+def by_object(path: Path) -> collections.Counter[str]:
+    out = subprocess.run(
+        ["callgrind_annotate", "--threshold=100", "--auto=no", str(path)], capture_output=True, text=True, check=True
+    ).stdout
+    parts: collections.Counter[str] = collections.Counter()
+    for line in out.splitlines():
+        m = re.match(r"\s*([\d,]+) \([^)]*\)\s+(.*?)(?: \[(.*)\])?$", line)
+        if not m:
+            continue
+        n = int(m.group(1).replace(",", ""))
+        if "PROGRAM TOTALS" in line:
+            parts["total"] += n
+            continue
+        where = f"{m.group(2)} {m.group(3) or ''}"
+        if "Python-3" in where or "libpython" in where or "_asyncio" in where:
+            parts["interpreter"] += n
+        elif "_native" in where or "/rustc/" in where or "/src/" in where or ".cargo" in where:
+            parts["native"] += n
+        else:
+            parts["libc and other"] += n
+    return parts
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mode", default="read", choices=["read", "readinto", "readinto-view", "floor"])
+    ap.add_argument("--counts", default="3200,19200", help="the two request counts")
+    ap.add_argument("--drive", nargs=2, metavar=("SOCKET", "N"), help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.drive:
+        drive(a.drive[0], int(a.drive[1]), a.mode)
+        return
+    lo, hi = (int(x) for x in a.counts.split(","))
+    with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="vu-cg-") as d:
+        image, sock = Path(d) / "disk.img", Path(d) / "blk.sock"
+        with open(image, "wb") as f:
+            f.truncate(SPAN)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock),
+             "--num-queues", "1", "--read-only"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while not sock.exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            counts = {}
+            for n in (lo, hi):
+                out = Path(d) / f"cg.{n}"
+                subprocess.run(
+                    ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, __file__,
+                     "--mode", a.mode, "--drive", str(sock), str(n)],
+                    check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                )
+                counts[n] = by_object(out)
+        finally:
+            server.terminate()
+            server.wait()
+    print(f"mode {a.mode}, {DEPTH} coroutines, instructions per request ({lo} -> {hi} requests):")
+    for key in ("total", "interpreter", "native", "libc and other"):
+        print(f"  {key:16} {(counts[hi][key] - counts[lo][key]) / (hi - lo):9.0f}")
+
+
+if __name__ == "__main__":
+    main()
