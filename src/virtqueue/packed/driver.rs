@@ -512,8 +512,8 @@ impl PackedDriverQueue {
             if !is_used(flags, self.last_used.wrap) {
                 break;
             }
-            // SAFETY: as above.
-            let d = unsafe { PackedDesc::read(self.desc.add(at)) };
+            // SAFETY: as above. Only len and id: a used descriptor's address means nothing.
+            let d = unsafe { UsedDesc::read(self.desc.add(at)) };
             let entry = self.ids.get(usize::from(d.id)).copied().unwrap_or_default();
             if !entry.active {
                 return Err(VirtqueueError::UsedIdNotInFlight { id: d.id.into() });
@@ -541,6 +541,26 @@ impl PackedDriverQueue {
     /// Copies `data` into guest memory (a convenience over the queue's memory).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), crate::memory::MemoryError> {
         self.memory.table().write(gpa, data)
+    }
+}
+
+/// What the driver reads of a used descriptor (after its flags, loaded with acquire).
+struct UsedDesc {
+    len: u32,
+    id: u16,
+}
+
+impl UsedDesc {
+    /// Reads `len` and `id` of the descriptor at `p` once each.
+    ///
+    /// # Safety
+    /// `p..p+16` must be inside the mapped ring, 16-byte aligned.
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> UsedDesc {
+        UsedDesc {
+            len: u32::from_le(std::ptr::read_volatile(p.add(8).cast::<u32>())),
+            id: u16::from_le(std::ptr::read_volatile(p.add(12).cast::<u16>())),
+        }
     }
 }
 
