@@ -9,6 +9,9 @@
 //!     target/release/deps/ring_counts-* split-direct|split-any|packed-any [single|block]
 //! ```
 //! Divide the `Ir` total by 32 × the number of batches (2000) for instructions per chain.
+//!
+//! The driver side of the same batches — add, publish, kick decision, reap — is counted with
+//! `--toggle-collect='ring_counts::driver_*'` instead (split-any or packed-any).
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -62,6 +65,21 @@ fn device_any(q: &mut AnyDeviceQueue, batch: &mut ChainBatch) -> usize {
     n
 }
 
+#[inline(never)]
+fn driver_submit(driver: &mut AnyDriverQueue, reqs: &[Request]) {
+    for (r, w) in reqs {
+        driver.add(r, w).unwrap();
+    }
+    driver.publish();
+    black_box(driver.kick_needed().unwrap());
+}
+
+#[inline(never)]
+fn driver_reap(driver: &mut AnyDriverQueue, used: &mut Vec<(u16, u32)>) -> usize {
+    used.clear();
+    driver.reap(used, BATCH).unwrap()
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` runs every bench target with `--bench`: nothing to do then.
@@ -112,17 +130,13 @@ fn main() {
         other => panic!("unknown mode {other}: split-direct, split-any or packed-any"),
     };
     for _ in 0..BATCHES {
-        for (r, w) in &reqs {
-            driver.add(r, w).unwrap();
-        }
-        driver.publish();
+        driver_submit(&mut driver, &reqs);
         let n = match (&mut split, &mut any) {
             (Some(q), _) => device_split_direct(q, &mut batch),
             (_, Some(q)) => device_any(q, &mut batch),
             _ => unreachable!(),
         };
         assert_eq!(n, BATCH);
-        used.clear();
-        assert_eq!(driver.reap(&mut used, BATCH).unwrap(), BATCH);
+        assert_eq!(driver_reap(&mut driver, &mut used), BATCH);
     }
 }

@@ -262,48 +262,96 @@ impl PackedDeviceQueue {
         if self.broken {
             return Err(VirtqueueError::Broken);
         }
+        if self.inflight.is_some() {
+            return self.pop_batch_tracked(batch, max);
+        }
+        // The common case, no inflight region: `walk` inlined with nothing to save.
+        let mut popped = 0usize;
+        while popped < max {
+            let pos = self.next_avail;
+            let flags = self.flags_acquire(pos.index);
+            if !is_avail(flags, pos.wrap) {
+                break;
+            }
+            let first = batch.segments.len();
+            match self.walk(batch, first, pos, flags, None) {
+                Ok(()) => popped += 1,
+                Err(e) => return self.pop_failed(batch, first, popped, e),
+            }
+        }
+        Ok(popped)
+    }
+
+    /// `pop_batch` with an inflight region: every list popped is copied into it.
+    #[inline(never)]
+    fn pop_batch_tracked(&mut self, batch: &mut ChainBatch, max: usize) -> Result<usize, VirtqueueError> {
         let mut popped = 0usize;
         if self.inflight.as_ref().is_some_and(|i| !i.resubmit.is_empty()) {
             popped = self.pop_resubmitted(batch, max)?;
         }
         while popped < max {
-            if !is_avail(self.flags_acquire(self.next_avail.index), self.next_avail.wrap) {
+            let pos = self.next_avail;
+            let flags = self.flags_acquire(pos.index);
+            if !is_avail(flags, pos.wrap) {
                 break;
             }
             let first = batch.segments.len();
-            let mut saved = self.inflight.as_mut().map(|i| std::mem::take(&mut i.descs));
-            let walked = self.walk(batch, first, saved.as_mut());
-            if let (Some(inf), Some(mut descs)) = (self.inflight.as_mut(), saved) {
-                if let Ok((id, _, _)) = walked {
+            let Some(mut descs) = self.inflight.as_mut().map(|i| std::mem::take(&mut i.descs)) else { break };
+            let walked = self.walk(batch, first, pos, flags, Some(&mut descs));
+            let Some(inf) = self.inflight.as_mut() else { break };
+            let walked = match walked {
+                Ok(()) => {
+                    // `walk` pushed the chain: its head is the buffer id.
+                    let id = batch.chains.last().map_or(0, |c| c.head);
                     inf.counter += 1;
-                    if let Err(e) = inf.region.fetched(id, inf.counter, &descs) {
+                    let r = inf.region.fetched(id, inf.counter, &descs);
+                    if r.is_err() {
+                        // Not popped after all: the region could not record it.
                         batch.chains.pop();
-                        batch.segments.truncate(first);
-                        return Err(self.fail(e));
+                        self.undo_last_pop(id);
                     }
+                    r
                 }
-                descs.clear();
+                Err(e) => Err(e),
+            };
+            descs.clear();
+            if let Some(inf) = self.inflight.as_mut() {
                 inf.descs = descs;
             }
             match walked {
-                Ok((id, slots, end)) => {
-                    self.ids[usize::from(id)] = IdState { busy: true, slots };
-                    self.in_flight += 1;
-                    self.in_flight_slots += u32::from(slots);
-                    self.next_avail = end;
-                    popped += 1;
-                }
-                Err(e) => {
-                    batch.segments.truncate(first);
-                    if let VirtqueueError::IotlbMiss { .. } = e {
-                        // Not consumed: walked again once the entry arrives.
-                        return if popped > 0 { Ok(popped) } else { Err(e) };
-                    }
-                    return Err(self.fail(e));
-                }
+                Ok(()) => popped += 1,
+                Err(e) => return self.pop_failed(batch, first, popped, e),
             }
         }
         Ok(popped)
+    }
+
+    /// A list could not be popped: its segments are dropped; an IOTLB miss leaves it to be
+    /// walked again once the entry arrives, anything else breaks the queue.
+    #[cold]
+    fn pop_failed(
+        &mut self,
+        batch: &mut ChainBatch,
+        first: usize,
+        popped: usize,
+        e: VirtqueueError,
+    ) -> Result<usize, VirtqueueError> {
+        batch.segments.truncate(first);
+        if let VirtqueueError::IotlbMiss { .. } = e {
+            return if popped > 0 { Ok(popped) } else { Err(e) };
+        }
+        Err(self.fail(e))
+    }
+
+    /// Reverts the bookkeeping of the list just popped (buffer `id`), for `pop_batch_tracked`.
+    #[cold]
+    fn undo_last_pop(&mut self, id: u16) {
+        let Some(s) = self.ids.get_mut(usize::from(id)) else { return };
+        let slots = s.slots;
+        *s = IdState::default();
+        self.in_flight -= 1;
+        self.in_flight_slots -= u32::from(slots);
+        self.next_avail = self.next_avail.retreat(slots, self.size);
     }
 
     /// Pops lists a crashed back-end left in flight (already counted in flight), oldest first.
@@ -399,39 +447,34 @@ impl PackedDeviceQueue {
         true
     }
 
-    /// Walks the list at `next_avail`: each descriptor read once into a local copy and checked
-    /// there. Returns (buffer id, slots taken, position after the list); commits nothing.
-    /// With `saved`, every descriptor read is appended to it too (for the inflight region).
+    /// Walks the list at `pos`, whose first descriptor's flags `flags` were loaded with acquire
+    /// and are available: each descriptor read once into a local copy and checked there (the
+    /// first one's flags are the acquired ones, not read again). On success the chain is in
+    /// `batch` and the list popped (id busy, counted in flight, `next_avail` past it); on error
+    /// nothing is committed. With `saved`, every descriptor read is appended to it too (for the
+    /// inflight region).
+    #[inline(always)]
     fn walk(
-        &self,
+        &mut self,
         batch: &mut ChainBatch,
         first: usize,
+        mut pos: RingPos,
+        flags: u16,
         mut saved: Option<&mut Vec<PackedDesc>>,
-    ) -> Result<(u16, u16, RingPos), VirtqueueError> {
+    ) -> Result<(), VirtqueueError> {
         let buffers = Buffers { memory: &self.memory, iotlb: self.iotlb.as_deref() };
-        let head = self.next_avail.index;
+        let size = self.size;
+        let head = pos.index;
         let mut acc = ChainAcc::new(first);
-        let mut pos = self.next_avail;
         let mut slots = 0u16;
-        loop {
-            // A list never ends if the driver keeps setting NEXT: at most `size` slots (§7.9 #4;
-            // virtio 1.2 §2.8.17 "MUST NOT create a descriptor list longer than the Queue Size").
-            if slots == self.size {
-                return Err(VirtqueueError::ChainTooLong { head, limit: self.size.into() });
-            }
-            // SAFETY: pos.index < size, inside the translated ring.
-            let d = unsafe { PackedDesc::read(self.desc.add(usize::from(pos.index) * 16)) };
+        // SAFETY: pos.index < size, inside the translated ring.
+        let mut d = unsafe { PackedDesc::read_after_flags(self.desc.add(usize::from(pos.index) * 16), flags) };
+        let (id, end) = loop {
             slots += 1;
             if let Some(v) = saved.as_mut() {
                 v.push(d);
             }
-            // Every descriptor of the list carries the driver's wrap counter of its own slot
-            // (virtio 1.2 §2.8.6): a list running into slots of another lap, or a descriptor
-            // whose bits changed since the acquire load, is not the driver's to give.
-            if !is_avail(d.flags, pos.wrap) {
-                return Err(VirtqueueError::NotAvailable { head, slot: pos.index, flags: d.flags, wrap: pos.wrap });
-            }
-            pos = pos.advance(1, self.size);
+            pos = pos.advance(1, size);
             if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 if !self.indirect {
                     return Err(VirtqueueError::IndirectNotNegotiated { head });
@@ -443,15 +486,50 @@ impl PackedDeviceQueue {
                     return Err(VirtqueueError::IndirectInList { head });
                 }
                 self.walk_table(&buffers, &mut acc, batch, head, &d)?;
-                return self.finish(acc, batch, d.id, slots, pos);
+                break (d.id, pos);
             }
             let writable = d.flags & VIRTQ_DESC_F_WRITE != 0;
             acc.add(&buffers, head, d.addr, d.len, writable, &mut batch.segments)?;
             if d.flags & VIRTQ_DESC_F_NEXT == 0 {
                 // The buffer id is in the list's last descriptor.
-                return self.finish(acc, batch, d.id, slots, pos);
+                break (d.id, pos);
             }
+            // A list never ends if the driver keeps setting NEXT: at most `size` slots (§7.9 #4;
+            // virtio 1.2 §2.8.17 "MUST NOT create a descriptor list longer than the Queue Size").
+            if slots == size {
+                return Err(VirtqueueError::ChainTooLong { head, limit: size.into() });
+            }
+            // SAFETY: pos.index < size, inside the translated ring.
+            d = unsafe { PackedDesc::read(self.desc.add(usize::from(pos.index) * 16)) };
+            // Every descriptor of the list carries the driver's wrap counter of its own slot
+            // (virtio 1.2 §2.8.6): a list running into slots of another lap is not the
+            // driver's to give. (The first descriptor's flags, stored last by the driver with
+            // release, make the others visible: §2.8.21.)
+            if !is_avail(d.flags, pos.wrap) {
+                return Err(VirtqueueError::NotAvailable { head, slot: pos.index, flags: d.flags, wrap: pos.wrap });
+            }
+        };
+        // Ids name per-buffer state; virtio 1.2 §2.8.22's reference driver keeps them below the
+        // queue size, as every driver does.
+        let state = match self.ids.get_mut(usize::from(id)) {
+            None => return Err(VirtqueueError::HeadOutOfRange { head: id, size }),
+            // CVE-2016-5403 class: an id handed out twice.
+            Some(s) if s.busy => return Err(VirtqueueError::HeadInFlight { head: id, state: "already in flight" }),
+            Some(s) => s,
+        };
+        // The slots between next_used and next_avail belong to the device; more than the ring
+        // means the driver reused slots the device has not given back.
+        let in_flight_slots = self.in_flight_slots + u32::from(slots);
+        if in_flight_slots > u32::from(size) {
+            return Err(VirtqueueError::TooManyInFlight { size });
         }
+        *state = IdState { busy: true, slots };
+        self.in_flight_slots = in_flight_slots;
+        self.in_flight += 1;
+        self.next_avail = end;
+        let chain: Chain = acc.finish(id, &batch.segments);
+        batch.chains.push(chain);
+        Ok(())
     }
 
     /// An indirect table: `len / 16` packed descriptors in a row, copied privately first. Only
@@ -499,32 +577,6 @@ impl PackedDeviceQueue {
         result
     }
 
-    fn finish(
-        &self,
-        acc: ChainAcc,
-        batch: &mut ChainBatch,
-        id: u16,
-        slots: u16,
-        end: RingPos,
-    ) -> Result<(u16, u16, RingPos), VirtqueueError> {
-        // Ids name per-buffer state; virtio 1.2 §2.8.22's reference driver keeps them below the
-        // queue size, as every driver does.
-        match self.ids.get(usize::from(id)) {
-            None => return Err(VirtqueueError::HeadOutOfRange { head: id, size: self.size }),
-            // CVE-2016-5403 class: an id handed out twice.
-            Some(s) if s.busy => return Err(VirtqueueError::HeadInFlight { head: id, state: "already in flight" }),
-            Some(_) => {}
-        }
-        // The slots between next_used and next_avail belong to the device; more than the ring
-        // means the driver reused slots the device has not given back.
-        if self.in_flight_slots + u32::from(slots) > u32::from(self.size) {
-            return Err(VirtqueueError::TooManyInFlight { size: self.size });
-        }
-        let chain: Chain = acc.finish(id, &batch.segments);
-        batch.chains.push(chain);
-        Ok((id, slots, end))
-    }
-
     /// Writes one used descriptor for buffer `id` (not yet visible to the driver if it is the
     /// first of the burst: see [`publish_used`](Self::publish_used)) and moves the used
     /// position on by the slots the list took (virtio 1.2 §2.8.6).
@@ -543,28 +595,42 @@ impl PackedDeviceQueue {
         let slot = self.next_used.index;
         // WRITE in a used descriptor says the device wrote something (§2.8.4): len is valid.
         let flags = used_bits(self.next_used.wrap) | if len > 0 { VIRTQ_DESC_F_WRITE } else { 0 };
-        let mut raw = [0u8; 6];
-        raw[..4].copy_from_slice(&len.to_le_bytes());
-        raw[4..].copy_from_slice(&id.to_le_bytes());
         let at = usize::from(slot) * 16;
-        // SAFETY: slot < size, inside the translated ring; flags 2-byte aligned.
+        // SAFETY: slot < size, inside the translated ring.
         unsafe {
-            std::ptr::write_volatile(self.desc.add(at + 8).cast::<[u8; 6]>(), raw);
+            let p = self.desc.add(at + 8);
             if self.pending.is_none() {
+                // The burst's first: its flags are stored last, by publish_used.
+                std::ptr::write_volatile(p.cast::<[u8; 4]>(), len.to_le_bytes());
+                std::ptr::write_volatile(p.add(4).cast::<[u8; 2]>(), id.to_le_bytes());
                 self.pending = Some((slot, flags));
             } else {
-                // Unreachable to the driver until the burst's first flags are released.
-                store_u16(self.desc.add(at + FLAGS_OFFSET), flags, Ordering::Relaxed);
+                // Unreachable to the driver until the burst's first flags are released (the
+                // driver reads used descriptors in ring order, §2.8.6): len, id and flags in
+                // one store.
+                let v = u64::from(len) | u64::from(id) << 32 | u64::from(flags) << 48;
+                std::ptr::write_volatile(p.cast::<[u8; 8]>(), v.to_le_bytes());
             }
         }
+        if self.ring_log.is_some() || self.inflight.is_some() {
+            self.add_used_extras(id, at)?;
+        }
+        self.next_used = self.next_used.advance(slots, self.size);
+        // The id was busy: its list is counted in both (≥ 1 and ≥ its slots).
+        self.in_flight = self.in_flight.wrapping_sub(1);
+        self.in_flight_slots = self.in_flight_slots.wrapping_sub(u32::from(slots));
+        Ok(())
+    }
+
+    /// The optional parts of `add_used` (VHOST_VRING_F_LOG, inflight region), out of line so
+    /// the common path keeps few registers.
+    #[inline(never)]
+    fn add_used_extras(&mut self, id: u16, at: usize) -> Result<(), VirtqueueError> {
         self.log_ring(self.desc_gpa, at as u64 + 8, 8)?;
         if let Some(inf) = self.inflight.as_mut() {
             inf.region.completed(id);
             inf.unpublished.push(id);
         }
-        self.next_used = self.next_used.advance(slots, self.size);
-        self.in_flight -= 1;
-        self.in_flight_slots -= u32::from(slots);
         Ok(())
     }
 
@@ -721,6 +787,19 @@ impl PackedDesc {
     pub unsafe fn read(p: *const u8) -> PackedDesc {
         let raw: [u8; 16] = std::ptr::read_volatile(p.cast::<[u8; 16]>());
         PackedDesc::from_bytes(&raw)
+    }
+
+    /// Reads the 12 bytes before the flags at `p` once; `flags` are the ones already loaded
+    /// (with acquire: the rest of the descriptor is read after them).
+    ///
+    /// # Safety
+    /// `p..p+16` must be inside a live mapping.
+    #[inline(always)]
+    pub unsafe fn read_after_flags(p: *const u8, flags: u16) -> PackedDesc {
+        let addr: [u8; 8] = std::ptr::read_volatile(p.cast::<[u8; 8]>());
+        let rest: [u8; 4] = std::ptr::read_volatile(p.add(8).cast::<[u8; 4]>());
+        let id: [u8; 2] = std::ptr::read_volatile(p.add(12).cast::<[u8; 2]>());
+        PackedDesc { addr: u64::from_le_bytes(addr), len: u32::from_le_bytes(rest), id: u16::from_le_bytes(id), flags }
     }
 
     /// Decodes 16 little-endian bytes.

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use super::device::PackedDesc;
 use super::{
-    event_wants, is_used, used_bits, PackedBase, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET, MAX_PACKED_QUEUE_SIZE,
+    avail_bits, event_wants, is_used, used_bits, PackedBase, RingPos, EVENT_SUPPRESS_SIZE, FLAGS_OFFSET,
+    MAX_PACKED_QUEUE_SIZE,
 };
 use super::{RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE};
 use super::{VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED};
@@ -325,28 +326,15 @@ impl PackedDriverQueue {
     /// Writes an available descriptor at the next slot. The flags of the first descriptor
     /// since the last publish are held back (stored by [`publish`](Self::publish)).
     fn put(&mut self, d: PackedDesc) {
-        let slot = self.next_avail.index;
-        let flags = PackedDesc::avail_flags(d.flags, self.next_avail.wrap);
-        let at = usize::from(slot) * 16;
-        if let Some(s) = self.shadow.get_mut(usize::from(slot)) {
+        let pos = self.next_avail;
+        let flags = PackedDesc::avail_flags(d.flags, pos.wrap);
+        if let Some(s) = self.shadow.get_mut(usize::from(pos.index)) {
             *s = d;
         }
-        // SAFETY: slot < size, inside the ring (16-byte aligned, checked at set-up); flags
-        // 2-byte aligned. Written as the words of the layout (addr u64, len u32, id u16), not
-        // byte by byte: this runs for every descriptor added.
-        unsafe {
-            let p = self.desc.add(at);
-            std::ptr::write_volatile(p.cast::<u64>(), d.addr.to_le());
-            std::ptr::write_volatile(p.add(8).cast::<u32>(), d.len.to_le());
-            std::ptr::write_volatile(p.add(12).cast::<u16>(), d.id.to_le());
-            if self.pending.is_none() {
-                self.pending = Some((slot, flags));
-            } else {
-                // Unreachable to the device until the burst's first flags are released.
-                store_u16(self.desc.add(at + FLAGS_OFFSET), flags, Ordering::Relaxed);
-            }
-        }
-        self.next_avail = self.next_avail.advance(1, self.ring.size);
+        let mut held = self.pending.is_some();
+        // SAFETY: pos.index < size.
+        unsafe { self.write_avail(pos, d, flags, &mut held) };
+        self.next_avail = pos.advance(1, self.ring.size);
         self.added_since_kick = self.added_since_kick.saturating_add(1);
     }
 
@@ -367,18 +355,59 @@ impl PackedDriverQueue {
         }
         let id = self.take_id(n)?;
         let start = self.next_avail;
+        if let ([(addr, len)], []) | ([], [(addr, len)]) = (readable, writable) {
+            // One descriptor (the common net case): no list to keep state across.
+            let (w, flags) = if writable.is_empty() { (0, 0) } else { (u64::from(*len), VIRTQ_DESC_F_WRITE) };
+            self.put(PackedDesc { addr: *addr, len: *len, id, flags });
+            self.commit(id, start, 1, w);
+            return Ok(id);
+        }
+        let size = self.ring.size;
+        // What `put` does per descriptor, with the position and the held-back flags kept in
+        // locals across the list (this runs for every descriptor added).
+        let mut pos = start;
+        let mut held = self.pending.is_some();
         let mut cap = 0u64;
         for (i, &(addr, len)) in readable.iter().chain(writable).enumerate() {
             let w = i >= readable.len();
             if w {
                 cap += u64::from(len);
             }
-            let flags = if w { VIRTQ_DESC_F_WRITE } else { 0 } | if i + 1 < n { VIRTQ_DESC_F_NEXT } else { 0 };
+            let extra = if w { VIRTQ_DESC_F_WRITE } else { 0 } | if i + 1 < n { VIRTQ_DESC_F_NEXT } else { 0 };
             // The id goes in every descriptor; the device reads it from the last one.
-            self.put(PackedDesc { addr, len, id, flags });
+            let d = PackedDesc { addr, len, id, flags: extra };
+            if let Some(s) = self.shadow.get_mut(usize::from(pos.index)) {
+                *s = d;
+            }
+            // SAFETY: pos.index < size, inside the ring (16-byte aligned, checked at set-up).
+            unsafe { self.write_avail(pos, d, extra | avail_bits(pos.wrap), &mut held) };
+            pos = pos.advance(1, size);
         }
+        self.next_avail = pos;
+        self.added_since_kick = self.added_since_kick.saturating_add(n as u32);
         self.commit(id, start, n as u16, cap);
         Ok(id)
+    }
+
+    /// Writes available descriptor `d` with `flags` at `pos`. Its flags are held back (for
+    /// `publish`) unless `held` says an earlier descriptor's already are: then the device cannot
+    /// reach this one before that release store (it reads available descriptors in ring order,
+    /// virtio 1.2 §2.8.6).
+    ///
+    /// # Safety
+    /// `pos.index < size`.
+    #[inline(always)]
+    unsafe fn write_avail(&mut self, pos: RingPos, d: PackedDesc, flags: u16, held: &mut bool) {
+        let p = self.desc.add(usize::from(pos.index) * 16);
+        std::ptr::write_volatile(p.cast::<u64>(), d.addr.to_le());
+        std::ptr::write_volatile(p.add(8).cast::<u32>(), d.len.to_le());
+        std::ptr::write_volatile(p.add(12).cast::<u16>(), d.id.to_le());
+        if *held {
+            store_u16(p.add(FLAGS_OFFSET), flags, Ordering::Relaxed);
+        } else {
+            self.pending = Some((pos.index, flags));
+            *held = true;
+        }
     }
 
     /// Adds a buffer as one INDIRECT descriptor pointing at this id's table (needs
@@ -483,8 +512,8 @@ impl PackedDriverQueue {
             if !is_used(flags, self.last_used.wrap) {
                 break;
             }
-            // SAFETY: as above.
-            let d = unsafe { PackedDesc::read(self.desc.add(at)) };
+            // SAFETY: as above. Only len and id: a used descriptor's address means nothing.
+            let d = unsafe { UsedDesc::read(self.desc.add(at)) };
             let entry = self.ids.get(usize::from(d.id)).copied().unwrap_or_default();
             if !entry.active {
                 return Err(VirtqueueError::UsedIdNotInFlight { id: d.id.into() });
@@ -512,6 +541,26 @@ impl PackedDriverQueue {
     /// Copies `data` into guest memory (a convenience over the queue's memory).
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), crate::memory::MemoryError> {
         self.memory.table().write(gpa, data)
+    }
+}
+
+/// What the driver reads of a used descriptor (after its flags, loaded with acquire).
+struct UsedDesc {
+    len: u32,
+    id: u16,
+}
+
+impl UsedDesc {
+    /// Reads `len` and `id` of the descriptor at `p` once each.
+    ///
+    /// # Safety
+    /// `p..p+16` must be inside the mapped ring, 16-byte aligned.
+    #[inline(always)]
+    unsafe fn read(p: *const u8) -> UsedDesc {
+        UsedDesc {
+            len: u32::from_le(std::ptr::read_volatile(p.add(8).cast::<u32>())),
+            id: u16::from_le(std::ptr::read_volatile(p.add(12).cast::<u16>())),
+        }
     }
 }
 

@@ -146,13 +146,16 @@ impl PackedBase {
 /// Whether the descriptor flags say "available" to a reader whose wrap counter is `wrap`.
 #[inline(always)]
 pub(crate) fn is_avail(flags: u16, wrap: bool) -> bool {
-    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) != wrap
+    // AVAIL == wrap and USED != wrap: exactly the bits an available descriptor of that lap
+    // carries (one mask and compare).
+    flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == avail_bits(wrap)
 }
 
 /// Whether the descriptor flags say "used" to a reader whose used wrap counter is `wrap`.
 #[inline(always)]
 pub(crate) fn is_used(flags: u16, wrap: bool) -> bool {
-    (flags & VIRTQ_DESC_F_AVAIL != 0) == wrap && (flags & VIRTQ_DESC_F_USED != 0) == wrap
+    // AVAIL == USED == wrap (one mask and compare).
+    flags & (VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED) == used_bits(wrap)
 }
 
 /// The AVAIL/USED bits of an available descriptor written with driver wrap counter `wrap`.
