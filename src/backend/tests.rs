@@ -746,7 +746,11 @@ mod packed {
         }
         // The session goes on: the ring can be set up again.
         let Some(Payload::VringState(_)) = ask(&mut s, GET_VRING_BASE, state(0), vec![]) else { panic!() };
-        // From where the driver is: its next list overwrites the bad descriptor.
+        // The driver withdraws the bad descriptor (flags 0 read as available on neither lap)
+        // before restarting: a worker polling the restarted ring before the driver's next list
+        // overwrites the slot would otherwise pop the bad id again.
+        r.mem.table().write(gpa, &[0u8; 16]).unwrap();
+        // From where the driver is: its next list overwrites that slot.
         let pos = r.driver.next_avail();
         assert!(start(&mut s, &r, PackedBase { avail: pos, used: pos }.encode()));
         let b = r.driver.add(&[(buf, 8)], &[]).unwrap();
