@@ -224,8 +224,10 @@ def test_net_client_close(sock_dir: Path, backend_died: bool) -> None:
 
 def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
     """close() called on the back-end request channel's own thread (a config-change callback
-    giving up on the session) returns, and every fd is released."""
-    path = sock_dir / "cb.sock"
+    giving up on the session) returns, and every fd is released by then — the channel's own end
+    included, although its serving thread is still inside the handler (it used to close only
+    once the handler had returned and the thread had gone round its loop: under load, after the
+    test had looked)."""
     from scripted import scripted_backend
 
     with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
@@ -233,26 +235,39 @@ def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
                                                                     | vu.ProtocolFeature.CONFIG)) as fake:
         with nothing_left() as watched:
             fe = vu.Frontend.connect(fake.path)
-            watched.append(socket_of(fe.fileno()))
+            main = socket_of(fe.fileno())
+            watched.append(main)
             closed = threading.Event()
+            left_in_handler: list[dict[int, str]] = []
 
             def give_up(frontend: vu.Frontend) -> None:
                 frontend.close()
+                # Looked at before returning: nothing may wait for this thread to move on.
+                left_in_handler.append(fd_links())
                 closed.set()
 
+            # Once answered, the scripted back-end's accepted connection is in the table too.
+            fe.get_features()
+            before_negotiate = set(fd_links().values())
             fe.negotiate(handler=vu.BuiltinHandler(on_config_change=give_up))
+            assert fe.backend_channel_running and fake.has_channel.wait(10) and fake.channel is not None
+            # The sockets negotiate opened: the front-end's end of the channel, and the
+            # back-end's end as the scripted back-end received it.
+            ours = set(fd_links().values()) - before_negotiate - {socket_of(fake.channel.fileno())}
+            assert len(ours) == 1 and next(iter(ours)).startswith("socket:"), ours
+            watched.extend(ours)
             fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=False)
-            assert closed.wait(5) and fe.closed
-            # The front-end's end of the channel closes once the handler has returned: the
-            # back-end reads end-of-file there.
-            assert fake.channel is not None
+            assert closed.wait(10) and fe.closed
+            assert not fe.backend_channel_running
+            # Both of the front-end's sockets were gone when close() returned in the handler.
+            assert not (ours | {main}) & set(left_in_handler[0].values()), left_in_handler
+            # The back-end reads end-of-file on the channel.
             with pytest.raises(vu.ConnectionClosedError):
                 fake.channel.recv(vu.Channel.BACKEND, timeout=5)
             fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
             # Its accepted connection closes when its thread sees the front-end gone.
             fake._thread.join(30)
             assert not fake._thread.is_alive()
-    del path
 
 
 def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir: Path, image: Path) -> None:
