@@ -25,7 +25,7 @@ from vhostuser_rs.blk import SECTOR, BlockClient
 from vhostuser_rs.netclient import NetClient
 
 from conftest import open_fds
-from peers import peer, serve_blk
+from peers import freeze, peer, serve_blk
 
 
 def fd_links() -> dict[int, str]:
@@ -88,7 +88,7 @@ def test_frontend_close(sock_dir: Path, image: Path, state: str) -> None:
                 with pytest.raises(vu.ConnectionClosedError):
                     fe.get_features()
             if state == "backend-killed-mid-request":
-                proc.send_signal(signal.SIGSTOP)
+                freeze(proc)
                 vq.queue.add([(mem.alloc(16), 16)], [(mem.alloc(1), 1)])
                 vq.queue.publish()
                 vq.kick()
@@ -276,7 +276,7 @@ def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir:
         with nothing_left() as watched:
             disk = BlockClient.connect(sock, timeout=30)
             watched.append(socket_of(disk.frontend.fileno()))
-            proc.send_signal(signal.SIGSTOP)
+            freeze(proc)
             errors: list[BaseException] = []
 
             def read() -> None:
