@@ -295,3 +295,26 @@ def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir:
             assert len(errors) == 1 and isinstance(errors[0], vu.ConnectionClosedError), errors
             errors.clear()
         proc.send_signal(signal.SIGCONT)
+
+
+def test_a_failing_handler_leaves_nothing_alive_in_the_log(sock_dir: Path) -> None:
+    """A handler that raises is logged with its traceback as text: a record holding the
+    traceback itself would keep the failing frames' locals (here a guest memory and its memfd)
+    open for as long as a logging handler keeps the record (pytest's does until teardown)."""
+    from scripted import scripted_backend
+
+    with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
+                                                                    | vu.ProtocolFeature.BACKEND_REQ
+                                                                    | vu.ProtocolFeature.CONFIG)) as fake:
+        links: list[str] = []
+
+        def fails(frontend: vu.Frontend) -> None:
+            mem = vu.GuestMemory.allocate(1 << 16)
+            links.append(os.readlink(f"/proc/self/fd/{mem.fds()[0]}"))
+            raise RuntimeError("handler bug")
+
+        with vu.Frontend.connect(fake.path) as fe:
+            fe.negotiate(handler=vu.BuiltinHandler(on_config_change=fails))
+            assert fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG) != 0
+        gc.collect()
+        assert links and links[0] not in fd_links().values()
