@@ -47,6 +47,7 @@ import socket
 import struct
 import threading
 import time
+import traceback
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from types import EllipsisType
@@ -305,8 +306,12 @@ class BackendRequestHandler:
                 result = method(payload)
         except NotImplementedError:
             return _errno_status(errno.ENOSYS), None, False
-        except Exception:
-            log.warning("back-end request %s failed in %r", getattr(request, "name", request), self, exc_info=True)
+        except Exception as e:
+            # The traceback goes into the record as text: a record holding the traceback object
+            # keeps the failing frames' locals (guest memory, mappings, fds) alive for as long as
+            # a logging handler keeps the record.
+            text = "".join(traceback.format_exception(e))
+            log.warning("back-end request %s failed in %r:\n%s", getattr(request, "name", request), self, text)
             return 1, None, False
         return (0 if result is None else int(result)), None, False
 

@@ -49,6 +49,34 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
             stream.close()
 
 
+def freeze(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
+    """SIGSTOP `proc` and wait until every one of its threads has stopped. The signal only
+    starts a group stop: one thread takes it and then stops the others, and until each has
+    been scheduled again it runs on — on a loaded machine for milliseconds, long enough for a
+    back-end's ring thread to serve the request a test submits right after kill() returned."""
+    proc.send_signal(signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for tid in os.listdir(f"/proc/{proc.pid}/task"):
+            try:
+                with open(f"/proc/{proc.pid}/task/{tid}/comm") as f:
+                    if f.read().startswith(("iou-wrk", "iou-sqp")):
+                        continue  # io_uring's kernel workers do not take part in job control
+                with open(f"/proc/{proc.pid}/task/{tid}/stat") as f:
+                    # The state follows the command name, which is in parentheses.
+                    states.append(f.read().rpartition(")")[2].split()[0])
+            except (FileNotFoundError, ProcessLookupError):
+                pass  # a thread that just exited
+        if states and all(s in ("T", "t") for s in states):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with {proc.returncode} instead of stopping")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"peer {proc.pid} did not stop: thread states {states}")
+        time.sleep(0.001)
+
+
 @contextmanager
 def peer(args: list[str], sock: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Runs `args` until its socket `sock` appears; stops it (SIGTERM, then SIGKILL) at exit."""

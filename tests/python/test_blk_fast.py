@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import vhostuser_rs as vu
-from peers import qemu_storage_daemon, serve_blk
+from peers import freeze, qemu_storage_daemon, serve_blk
 from vhostuser_rs.blk import BlockClient, BlockError, RequestType
 
 MIB = 1 << 20
@@ -246,7 +246,7 @@ def stopped(image: Path, sock_dir: Path) -> Iterator[tuple[BlockClient, Device, 
     with qemu_storage_daemon(image, sock, num_queues=1) as proc:
         with BlockClient.connect(sock, queue_size=16, timeout=5.0, poll=0.0) as disk:
             disk.read(0, 512)  # the daemon is up and has the ring
-            os.kill(proc.pid, signal.SIGSTOP)
+            freeze(proc)
             try:
                 dev = Device(disk)
                 dev.seen = dev.used_idx = 1

@@ -25,7 +25,7 @@ from vhostuser_rs.blk import SECTOR, BlockClient
 from vhostuser_rs.netclient import NetClient
 
 from conftest import open_fds
-from peers import peer, serve_blk
+from peers import freeze, peer, serve_blk
 
 
 def fd_links() -> dict[int, str]:
@@ -88,7 +88,7 @@ def test_frontend_close(sock_dir: Path, image: Path, state: str) -> None:
                 with pytest.raises(vu.ConnectionClosedError):
                     fe.get_features()
             if state == "backend-killed-mid-request":
-                proc.send_signal(signal.SIGSTOP)
+                freeze(proc)
                 vq.queue.add([(mem.alloc(16), 16)], [(mem.alloc(1), 1)])
                 vq.queue.publish()
                 vq.kick()
@@ -224,8 +224,10 @@ def test_net_client_close(sock_dir: Path, backend_died: bool) -> None:
 
 def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
     """close() called on the back-end request channel's own thread (a config-change callback
-    giving up on the session) returns, and every fd is released."""
-    path = sock_dir / "cb.sock"
+    giving up on the session) returns, and every fd is released by then — the channel's own end
+    included, although its serving thread is still inside the handler (it used to close only
+    once the handler had returned and the thread had gone round its loop: under load, after the
+    test had looked)."""
     from scripted import scripted_backend
 
     with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
@@ -233,26 +235,39 @@ def test_a_handler_may_close_its_own_session(sock_dir: Path) -> None:
                                                                     | vu.ProtocolFeature.CONFIG)) as fake:
         with nothing_left() as watched:
             fe = vu.Frontend.connect(fake.path)
-            watched.append(socket_of(fe.fileno()))
+            main = socket_of(fe.fileno())
+            watched.append(main)
             closed = threading.Event()
+            left_in_handler: list[dict[int, str]] = []
 
             def give_up(frontend: vu.Frontend) -> None:
                 frontend.close()
+                # Looked at before returning: nothing may wait for this thread to move on.
+                left_in_handler.append(fd_links())
                 closed.set()
 
+            # Once answered, the scripted back-end's accepted connection is in the table too.
+            fe.get_features()
+            before_negotiate = set(fd_links().values())
             fe.negotiate(handler=vu.BuiltinHandler(on_config_change=give_up))
+            assert fe.backend_channel_running and fake.has_channel.wait(10) and fake.channel is not None
+            # The sockets negotiate opened: the front-end's end of the channel, and the
+            # back-end's end as the scripted back-end received it.
+            ours = set(fd_links().values()) - before_negotiate - {socket_of(fake.channel.fileno())}
+            assert len(ours) == 1 and next(iter(ours)).startswith("socket:"), ours
+            watched.extend(ours)
             fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG, need_reply=False)
-            assert closed.wait(5) and fe.closed
-            # The front-end's end of the channel closes once the handler has returned: the
-            # back-end reads end-of-file there.
-            assert fake.channel is not None
+            assert closed.wait(10) and fe.closed
+            assert not fe.backend_channel_running
+            # Both of the front-end's sockets were gone when close() returned in the handler.
+            assert not (ours | {main}) & set(left_in_handler[0].values()), left_in_handler
+            # The back-end reads end-of-file on the channel.
             with pytest.raises(vu.ConnectionClosedError):
                 fake.channel.recv(vu.Channel.BACKEND, timeout=5)
             fake.channel.close()  # (the scripted back-end's own ends, opened in this block)
             # Its accepted connection closes when its thread sees the front-end gone.
             fake._thread.join(30)
             assert not fake._thread.is_alive()
-    del path
 
 
 def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir: Path, image: Path) -> None:
@@ -261,7 +276,7 @@ def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir:
         with nothing_left() as watched:
             disk = BlockClient.connect(sock, timeout=30)
             watched.append(socket_of(disk.frontend.fileno()))
-            proc.send_signal(signal.SIGSTOP)
+            freeze(proc)
             errors: list[BaseException] = []
 
             def read() -> None:
@@ -280,3 +295,26 @@ def test_block_client_close_from_another_thread_ends_a_waiting_request(sock_dir:
             assert len(errors) == 1 and isinstance(errors[0], vu.ConnectionClosedError), errors
             errors.clear()
         proc.send_signal(signal.SIGCONT)
+
+
+def test_a_failing_handler_leaves_nothing_alive_in_the_log(sock_dir: Path) -> None:
+    """A handler that raises is logged with its traceback as text: a record holding the
+    traceback itself would keep the failing frames' locals (here a guest memory and its memfd)
+    open for as long as a logging handler keeps the record (pytest's does until teardown)."""
+    from scripted import scripted_backend
+
+    with scripted_backend(sock_dir, "cb.sock", protocol_features=int(vu.ProtocolFeature.REPLY_ACK
+                                                                    | vu.ProtocolFeature.BACKEND_REQ
+                                                                    | vu.ProtocolFeature.CONFIG)) as fake:
+        links: list[str] = []
+
+        def fails(frontend: vu.Frontend) -> None:
+            mem = vu.GuestMemory.allocate(1 << 16)
+            links.append(os.readlink(f"/proc/self/fd/{mem.fds()[0]}"))
+            raise RuntimeError("handler bug")
+
+        with vu.Frontend.connect(fake.path) as fe:
+            fe.negotiate(handler=vu.BuiltinHandler(on_config_change=fails))
+            assert fake.ask(vu.BackendRequest.CONFIG_CHANGE_MSG) != 0
+        gc.collect()
+        assert links and links[0] not in fd_links().values()

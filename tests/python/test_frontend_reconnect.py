@@ -21,7 +21,7 @@ import pytest
 import vhostuser_rs as vu
 from vhostuser_rs.blk import SECTOR, BlockClient
 
-from peers import qemu_storage_daemon, serve_blk
+from peers import freeze, qemu_storage_daemon, serve_blk
 
 CRASHING = Path(__file__).parent / "devices" / "crashing_echo.py"
 QSIZE = 16
@@ -82,7 +82,7 @@ def test_block_client_request_completes_through_the_new_backend(sock_dir: Path, 
     try:
         with BlockClient.connect(sock, reconnect=10, timeout=20) as disk:
             disk.write(0, b"before".ljust(SECTOR, b"."))
-            first.send_signal(signal.SIGSTOP)
+            freeze(first)
             with in_thread(lambda: disk.write(SECTOR, b"during".ljust(SECTOR, b"."))) as result:
                 time.sleep(0.3)
                 assert result == []  # waiting: the back-end is frozen
@@ -110,7 +110,7 @@ def test_block_client_times_out_when_no_backend_comes_back(sock_dir: Path, image
     sock = sock_dir / "blk.sock"
     with serve_blk(image, sock, num_queues=1) as proc:
         with BlockClient.connect(sock, reconnect=10, timeout=1.5) as disk:
-            proc.send_signal(signal.SIGSTOP)
+            freeze(proc)
             kill(proc)
             t0 = time.monotonic()
             with pytest.raises(vu.VhostUserTimeoutError):
@@ -128,7 +128,7 @@ def test_without_reconnect_a_hangup_is_an_error_not_a_hang(sock_dir: Path, image
     sock = sock_dir / "blk.sock"
     with serve_blk(image, sock, num_queues=1) as proc:
         with BlockClient.connect(sock, timeout=30) as disk:
-            proc.send_signal(signal.SIGSTOP)
+            freeze(proc)
             with in_thread(lambda: disk.write(0, b"x" * SECTOR)) as result:
                 time.sleep(0.2)
                 kill(proc)
@@ -216,7 +216,7 @@ def test_reconnect_survives_backends_that_hang_up_during_negotiation(sock_dir: P
     first = first_cm.__enter__()
     try:
         with BlockClient.connect(sock, reconnect=10, timeout=30) as disk:
-            first.send_signal(signal.SIGSTOP)
+            freeze(first)
             with in_thread(lambda: disk.write(0, b"late".ljust(SECTOR, b"."))) as result:
                 time.sleep(0.2)
                 kill(first)

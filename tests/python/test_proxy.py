@@ -273,9 +273,19 @@ def test_cli_leaks_no_fd_on_hostile_or_injected_traffic(sock_dir: Path, image: P
     inject = [arg for rule in rules for arg in ("--inject", rule)]
 
     def front_end() -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(str(sock))
-        return s
+        # The socket file appears at bind(), before the proxy listens: a connect in between is
+        # refused (seen under load). Retried as Frontend.connect does, within a bound.
+        deadline = time.monotonic() + 10
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect(str(sock))
+                return s
+            except ConnectionRefusedError:
+                s.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
 
     def msg(request: F, payload: object = None) -> bytes:
         return hazmat.encode(hazmat.request(request, payload))  # type: ignore[arg-type]
