@@ -12,17 +12,13 @@ Run: ``python benches/python/bench_backends.py [--runs 5] [--time 2]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from placement import PLACEMENTS, cpu_seconds, pinned
+from placement import PLACEMENTS, bench_once, qsd_export, summary
 
 
 def main() -> None:
@@ -49,11 +45,7 @@ def main() -> None:
         backends["python null, batch"] = [sys.executable, null, str(sock)]
         backends["python null, per-request"] = [sys.executable, null, str(sock), "--per-request"]
     if qsd:
-        backends["qemu-storage-daemon"] = [
-            qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
-            "driver=raw,node-name=disk0,file=file0", "--export",
-            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
-        ]
+        backends["qemu-storage-daemon"] = qsd_export(qsd, image, sock)
     if a.only:
         backends = {k: v for k, v in backends.items() if k in a.only.split(",")}
     results: dict[tuple[str, str, int, str], list[dict[str, float]]] = {}
@@ -66,35 +58,12 @@ def main() -> None:
                         for name, cmd in backends.items():
                             if name.startswith("python") and rw != "randread":
                                 continue  # a null device: reads and writes cost the same
-                            sock.unlink(missing_ok=True)
-                            be = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                                  preexec_fn=pinned(be_cpus))
-                            try:
-                                while not sock.exists():
-                                    time.sleep(0.01)
-                                c0 = cpu_seconds(be.pid)
-                                out = subprocess.run(
-                                    [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock),
-                                     "--rw", rw, "--iodepth", str(depth), "--time", str(a.time), "--json"],
-                                    capture_output=True, text=True, check=True, timeout=a.time + 30,
-                                    preexec_fn=pinned(fe_cpus),
-                                )
-                                c1 = cpu_seconds(be.pid)
-                            finally:
-                                be.terminate()
-                                be.wait()
-                            doc = json.loads(out.stdout)
-                            doc["backend_cpu_us_per_io"] = (c1 - c0) / doc["ios"] * 1e6
+                            doc = bench_once(cmd, sock, ["--rw", rw, "--iodepth", str(depth)], a.time,
+                                             be_cpus, fe_cpus)
                             results.setdefault((place, rw, depth, name), []).append(doc)
         print(f"4 KiB, 1 queue, {a.time:g} s runs, median of {a.runs} (min..max)")
         for (place, rw, depth, name), docs in sorted(results.items()):
-            iops = [d["iops"] for d in docs]
-            print(
-                f"  {place:<6} {rw:<9} iodepth {depth:>2} {name:<20} {statistics.median(iops):>9,.0f} IOPS"
-                f" ({min(iops):,.0f}..{max(iops):,.0f})  p50 {statistics.median(d['p50_us'] for d in docs):6.1f} us"
-                f"  back-end CPU {statistics.median(d['backend_cpu_us_per_io'] for d in docs):5.2f} us/IO"
-                f"  front-end CPU {statistics.median(d['cpu_us_per_io'] for d in docs):5.2f} us/IO"
-            )
+            print(f"  {place:<6} {rw:<9} iodepth {depth:>2} {name:<20} {summary(docs)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -15,17 +15,13 @@ Run: ``python benches/python/bench_frontend_modes.py [--runs 5] [--time 2]``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from placement import PLACEMENTS, cpu_seconds, pinned
+from placement import PLACEMENTS, bench_once, qsd_export, summary
 
 VARIANTS = {"default": [], "--poll-us 0": ["--poll-us", "0"], "--packed": ["--packed"]}
 
@@ -43,11 +39,7 @@ def main() -> None:
         f.truncate(256 << 20)
     backends = {"serve-blk": [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock)]}
     if qsd:
-        backends["qemu-storage-daemon"] = [
-            qsd, "--blockdev", f"driver=file,node-name=file0,filename={image}", "--blockdev",
-            "driver=raw,node-name=disk0,file=file0", "--export",
-            f"type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={sock},writable=on,num-queues=1",
-        ]
+        backends["qemu-storage-daemon"] = qsd_export(qsd, image, sock)
     be_cpus, fe_cpus = PLACEMENTS["spread"]
     results: dict[tuple[str, int, str], list[dict[str, float]]] = {}
     try:
@@ -57,35 +49,12 @@ def main() -> None:
                     for variant, extra in VARIANTS.items():
                         if variant == "--packed" and name == "qemu-storage-daemon":
                             continue  # split rings only (libvhost-user)
-                        sock.unlink(missing_ok=True)
-                        be = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                              preexec_fn=pinned(be_cpus))
-                        try:
-                            while not sock.exists():
-                                time.sleep(0.01)
-                            c0 = cpu_seconds(be.pid)
-                            out = subprocess.run(
-                                [sys.executable, "-m", "vhostuser_rs", "bench", "--socket", str(sock), "--rw",
-                                 "randread", "--iodepth", str(depth), "--time", str(a.time), "--json", *extra],
-                                capture_output=True, text=True, check=True, timeout=a.time + 30,
-                                preexec_fn=pinned(fe_cpus),
-                            )
-                            c1 = cpu_seconds(be.pid)
-                        finally:
-                            be.terminate()
-                            be.wait()
-                        doc = json.loads(out.stdout)
-                        doc["backend_cpu_us_per_io"] = (c1 - c0) / doc["ios"] * 1e6
+                        doc = bench_once(cmd, sock, ["--rw", "randread", "--iodepth", str(depth), *extra], a.time,
+                                         be_cpus, fe_cpus)
                         results.setdefault((name, depth, variant), []).append(doc)
         print(f"4 KiB randread, 1 queue, spread, {a.time:g} s runs, median of {a.runs} (min..max)")
         for (name, depth, variant), docs in sorted(results.items()):
-            iops = [d["iops"] for d in docs]
-            print(
-                f"  {name:<20} iodepth {depth:>2} {variant:<12} {statistics.median(iops):>11,.0f} IOPS"
-                f" ({min(iops):,.0f}..{max(iops):,.0f})  p50 {statistics.median(d['p50_us'] for d in docs):6.1f} us"
-                f"  back-end CPU {statistics.median(d['backend_cpu_us_per_io'] for d in docs):5.2f} us/IO"
-                f"  front-end CPU {statistics.median(d['cpu_us_per_io'] for d in docs):5.2f} us/IO"
-            )
+            print(f"  {name:<20} iodepth {depth:>2} {variant:<12} {summary(docs)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
