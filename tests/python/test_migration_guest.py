@@ -376,7 +376,12 @@ def migrate(kind: str, work: Path, broken: bool = False) -> tuple[str, str, dict
             wait_for("the destination to run", lambda: qb.cmd("query-status")["status"] == "running", 30, dst)
             mark()
             write_mailbox(image, "check")
-            wait_for("the guest's verdict", lambda: "GUEST-RESULT" in text("B"), 120, dst)
+            try:
+                wait_for("the guest's verdict", lambda: "GUEST-RESULT" in text("B"), 120, dst)
+            except AssertionError as e:
+                regs = qb.cmd("human-monitor-command", **{"command-line": "info registers"})
+                raise NoVerdict(f"{e}\n{regs}\nsource:\n{text('A')[-1500:]}\n"
+                                f"destination:\n{text('B')[-3000:]}") from None
             dst.wait(30)
             mark()
         finally:
@@ -428,13 +433,30 @@ def test_guest_migrates_between_two_backends(sock_dir: Path, kind: str) -> None:
         assert "SET_VRING_KICK" not in phases["B boot"] + phases["B first pass"] + phases["B held"], phases
 
 
-@pytest.mark.timeout(300)
+class NoVerdict(AssertionError):
+    """The destination guest ran but never reported (a hang of the destination)."""
+
+
+@pytest.mark.timeout(600)
 @pytest.mark.parametrize("kind", ["built-in", "python"])
 def test_a_back_end_that_does_not_log_is_caught(sock_dir: Path, kind: str) -> None:
     """The same migration with the back-ends' data logging switched off
     (VHOSTUSER_RS_TEST_BREAK_DIRTY_LOG=1): the pages they filled during the migration reach
     the destination stale and the guest finds its cached region changed — or, when the
     switch-over fell between the back-end filling a dd buffer and md5sum reading it, the
-    device read it was verifying."""
-    dest, _, _ = migrate(kind, sock_dir, broken=True)
+    device read it was verifying.
+
+    A destination guest running on stale memory can also hang before it reports (seen once in
+    CI on a slow machine): that run proves nothing either way, so it is repeated once; a guest
+    that reports OK fails the test at once."""
+    for attempt in (1, 2):
+        work = sock_dir / f"attempt{attempt}"
+        work.mkdir()
+        try:
+            dest, _, _ = migrate(kind, work, broken=True)
+            break
+        except NoVerdict as e:
+            if attempt == 2:
+                raise
+            print(f"attempt 1 gave no verdict, repeating: {e}")
     assert "GUEST-RESULT: FAIL DATA-DIFFERS" in dest, dest[-3000:]
