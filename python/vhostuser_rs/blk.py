@@ -646,8 +646,8 @@ class BlockClient:
         fio's randread, randwrite, read, write or rw. With `verify` writes stamp every sector
         with its number and reads check the stamps (stamp the device first for reads). `poll`:
         hybrid polling window in seconds — yield and re-check the used ring before sleeping on
-        the call eventfd (None: 50 µs at iodepth ≤ 4 or while the device polls its ring too, i.e.
-        suppresses kicks; else 0).
+        the call eventfd (None: 50 µs at iodepth ≤ 4; deeper, polling or sleeping by measurement —
+        whichever gives the smaller product of this thread's CPU and wall time per I/O).
 
         `status` is called about every `status_interval` seconds during the run, on this
         thread, with the reads and writes completed so far and the seconds elapsed (an

@@ -204,7 +204,7 @@ def run_bench(
     """Connect to a vhost-user-blk back-end and run the Rust I/O loop on `queues` rings.
 
     `poll_us` is the hybrid-polling window (None: 50 us at iodepth <= 4, else polling or
-    sleeping by which costs less CPU per I/O); `cpus` pins the I/O thread of queue i to ``cpus[i % len(cpus)]``. `details`: add ``per_queue``, each
+    sleeping by which costs less CPU per I/O times time per I/O); `cpus` pins the I/O thread of queue i to ``cpus[i % len(cpus)]``. `details`: add ``per_queue``, each
     queue's ``run_io`` result with its thread's ``rusage`` (user s, system s, context switches,
     major and minor faults), for the fio JSON layout. `status_interval`: print a status line
     (the interval's IOPS and bandwidth per direction) every so many seconds to `status_file`

@@ -65,7 +65,7 @@ pub struct Job {
     /// again for up to this long before sleeping on the call eventfd. Zero sleeps at once.
     /// `None`: [`POLL_WINDOW`] at iodepth ≤ 4 (each I/O would otherwise pay a sleep and a
     /// cross-CPU wake-up, more than the I/O itself), else whichever of polling and sleeping
-    /// costs this thread less CPU per I/O ([`AdaptivePoll`]).
+    /// costs less this thread's CPU per I/O times the time per I/O ([`AdaptivePoll`]).
     pub poll: Option<Duration>,
 }
 

@@ -818,8 +818,8 @@ impl BlockRequests {
             if deadline.is_some_and(|d| now >= d) {
                 return Ok(false);
             }
-            // Many requests in flight: poll only when it costs less CPU per completion than
-            // sleeping (a polling device answers within the window; a slow one does not).
+            // Many requests in flight: poll only while it buys at least as much speed as it
+            // costs CPU (a polling device answers within the window; a slow one does not).
             if now.duration_since(start) < self.poll.min(inner.adaptive.window()) {
                 drop(inner);
                 std::thread::yield_now();
