@@ -486,11 +486,20 @@ class AsyncNetClient:
         self._loop.add_reader(self._main_fd, self._on_main)
 
     @classmethod
-    async def connect(cls, path: str | os.PathLike[str], *, queue_pair: int = 0, **options: Any) -> AsyncNetClient:
-        """Connect with :meth:`NetClient.connect`'s keyword options (the negotiation runs in the
-        loop's default executor); the data path is then driven by the loop."""
-        loop = asyncio.get_running_loop()
-        client = await loop.run_in_executor(None, functools.partial(NetClient.connect, path, **options))
+    async def connect(
+        cls, path: str | os.PathLike[str], *, queue_pair: int = 0, timeout: float | None = 5.0, **options: Any
+    ) -> AsyncNetClient:
+        """Connect with :meth:`NetClient.connect`'s keyword options, the handshake run by the
+        loop through an :class:`AsyncFrontend` (nothing blocks the loop, except the
+        control-queue commands of ``control_queue=True`` with several pairs or a MAC to set,
+        which wait on their ring); the data path is then driven by the loop."""
+        afe = await AsyncFrontend.connect(path, timeout=timeout)
+        client = NetClient.__new__(NetClient)
+        try:
+            await afe._run(client._setup(afe.frontend, timeout=timeout, **options))
+        except BaseException:
+            afe.close()  # the rings' core, if it exists, closed itself in _setup
+            raise
         try:
             return cls(client, queue_pair=queue_pair)
         except BaseException:

@@ -38,7 +38,7 @@ from .exceptions import (
     VhostUserError,
     VhostUserTimeoutError,
 )
-from .frontend import BackendRequestHandler, Frontend, Virtqueue
+from .frontend import BackendRequestHandler, Frontend, Steps, Virtqueue
 
 __all__ = ["ControlCommandError", "NetBenchResult", "NetClient", "NetClientCounters", "NetConfig"]
 
@@ -171,13 +171,36 @@ class NetClient:
         control_queue: bool = False,
         packed: bool = False,
     ) -> None:
+        steps = self._setup(
+            frontend, queue_pairs=queue_pairs, mac=mac, mtu=mtu, features=features, queue_size=queue_size,
+            timeout=timeout, control_queue=control_queue, packed=packed,
+        )
+        frontend._run(steps)
+
+    def _setup(
+        self,
+        frontend: Frontend,
+        *,
+        queue_pairs: int = 1,
+        mac: str | bytes | None = None,
+        mtu: int | None = None,
+        features: int | None = None,
+        queue_size: int = 256,
+        timeout: float | None = 5.0,
+        control_queue: bool = False,
+        packed: bool = False,
+    ) -> Steps[None]:
+        """The set-up as steps (run blocking by the constructor, by the loop in
+        :meth:`AsyncNetClient.connect <vhostuser_rs.aio.AsyncNetClient.connect>`). The
+        control-queue commands it may send (``control_queue=True`` with several pairs or a
+        MAC to set) wait on their ring, bounded by `timeout`."""
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be at least 1")
         self._frontend: Frontend | None = frontend
         self.timeout = timeout
         self._closed = False
         self._core: NetClientCore | None = None
-        offered = int(frontend.get_features())
+        offered = int((yield from frontend.get_features.steps()))
         wanted = DEFAULT_FEATURES if features is None else int(features) | int(VirtioFeature.VERSION_1)
         self.control_queue = control_queue
         if not control_queue:
@@ -196,14 +219,16 @@ class NetClient:
         size = queue_pairs * room + (1 << 20)
         self._memory: GuestMemory | None = GuestMemory.allocate(-(-size // (1 << 20)) * (1 << 20))
         self._watch = _ConfigWatch()
-        result = frontend.negotiate(features=wanted, memory=self.memory, handler=self._watch, packed=packed)
+        result = yield from frontend.negotiate.steps(
+            features=wanted, memory=self.memory, handler=self._watch, packed=packed
+        )
         self.features = int(result.features)
         #: Whether the rings are packed (VIRTIO_F_RING_PACKED negotiated).
         self.packed = bool(self.features & int(VirtioFeature.RING_PACKED))
         self._config: NetConfig | None = None
         if ProtocolFeature.CONFIG in frontend.protocol_features:
             try:
-                self._config = NetConfig.parse(frontend.get_config(0, CONFIG_SIZE))
+                self._config = NetConfig.parse((yield from frontend.get_config.steps(0, CONFIG_SIZE)))
             except RequestRejectedError:
                 log.info("the back-end does not answer GET_CONFIG: no MAC, status or MTU from it")
         max_pairs = 1
@@ -216,17 +241,17 @@ class NetClient:
             raise NegotiationError(f"the device's MTU is {device_mtu}, {mtu} requested")
         self.mtu: int = mtu if mtu is not None else (device_mtu or 1500)
         if mtu is not None and ProtocolFeature.MTU in frontend.protocol_features:
-            frontend.net_set_mtu(mtu)
+            yield from frontend.net_set_mtu.steps(mtu)
         self.queue_pairs = queue_pairs
         rings: list[tuple[Virtqueue, Virtqueue]] = []
         for p in range(queue_pairs):
-            rx = frontend.setup_queue(2 * p, queue_size, self.memory)
-            tx = frontend.setup_queue(2 * p + 1, queue_size, self.memory)
+            rx = yield from frontend.setup_queue.steps(2 * p, queue_size, self.memory)
+            tx = yield from frontend.setup_queue.steps(2 * p + 1, queue_size, self.memory)
             rings.append((rx, tx))
         self._ctrl: Virtqueue | None = None
         if self.features & _CTRL_VQ and control_queue:
             # The control queue is the last ring of the device (after all its pairs).
-            self._ctrl = frontend.setup_queue(2 * max_pairs, 64, self.memory)
+            self._ctrl = yield from frontend.setup_queue.steps(2 * max_pairs, 64, self.memory)
             self._ctrl_buf = self.memory.alloc(64, 64)
         self._core = NetClientCore(
             self.memory,
@@ -238,11 +263,11 @@ class NetClient:
         try:
             if ProtocolFeature.STATUS in frontend.protocol_features:
                 # DPDK's vhost starts the device only after DRIVER_OK (QEMU sends it at start too).
-                frontend.set_status(
+                yield from frontend.set_status.steps(
                     DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK
                 )
             if self.features & _MQ and queue_pairs > 1 and control_queue:
-                self.set_queue_pairs(queue_pairs)
+                self.set_queue_pairs(queue_pairs)  # a control-queue command (waits on the ring)
             if self.features & _MAC and self._config is not None:
                 self.mac = self._config.mac
             else:
