@@ -18,6 +18,7 @@ import enum
 import os
 import struct
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
@@ -222,7 +223,17 @@ class BlockClient:
         #: Called with the client after the device said its config changed (CONFIG_CHANGE_MSG)
         #: and :attr:`config` was re-read, e.g. after a resize.
         self.config_callbacks: list[Callable[[BlockClient], object]] = []
-        handler = BuiltinHandler(iommu=iommu, on_config_change=self._config_changed)
+        # Weakly: the handler lives in the session's native core, out of the garbage
+        # collector's sight, so a strong reference back to the client would keep a client
+        # dropped without close() (and its fds) alive for good.
+        config_changed = weakref.WeakMethod(self._config_changed)
+
+        def on_config_change(fe: Frontend) -> None:
+            method = config_changed()
+            if method is not None:
+                method(fe)
+
+        handler = BuiltinHandler(iommu=iommu, on_config_change=on_config_change)
         self._memory: GuestMemory | None = GuestMemory.allocate(memory_size)
         offered = yield from frontend.get_features.steps()
         wanted = int(CLIENT_FEATURES) | int(VirtioFeature.VERSION_1)

@@ -48,6 +48,7 @@ import struct
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from dataclasses import dataclass, field
 from types import EllipsisType
@@ -376,7 +377,9 @@ class IommuTable:
     def __init__(self) -> None:
         self._entries: list[IommuEntry] = []  # sorted by iova, never overlapping
         self._lock = threading.Lock()
-        self._sessions: list[Frontend] = []
+        # Weakly: a table outlives the sessions it serves (and a session dropped without
+        # close() must not be kept alive by it).
+        self._sessions: weakref.WeakSet[Frontend] = weakref.WeakSet()
         #: The latest IOTLB MISS requests answered (with an UPDATE or a failure), oldest first;
         #: at most :data:`_KEEP` are kept, so a back-end flooding misses cannot grow memory.
         self.misses: list[IotlbMsg] = []
@@ -449,13 +452,11 @@ class IommuTable:
 
     def _attach(self, fe: Frontend) -> None:
         with self._lock:
-            if fe not in self._sessions:
-                self._sessions.append(fe)
+            self._sessions.add(fe)
 
     def _detach(self, fe: Frontend) -> None:
         with self._lock:
-            if fe in self._sessions:
-                self._sessions.remove(fe)
+            self._sessions.discard(fe)
 
     def _miss(self, fe: Frontend, msg: IotlbMsg) -> int:
         with self._lock:
@@ -894,6 +895,14 @@ class Virtqueue:
             self._closed = True
             for fd in (self.kick_fd, self.call_fd, self.err_fd):
                 os.close(fd)
+
+    def __del__(self) -> None:
+        # A ring dropped without close() (its client collected): its eventfds go with it. The
+        # native objects that used them were part of the same garbage (they borrow the fds).
+        try:
+            self.close()
+        except (OSError, TypeError):  # already closed elsewhere; interpreter shutdown
+            pass
 
 
 @dataclass(frozen=True)

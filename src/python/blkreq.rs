@@ -258,6 +258,30 @@ impl PyBlockRequests {
 
 #[pymethods]
 impl PyBlockRequests {
+    /// The garbage collector's view of the futures held for requests in flight: a future
+    /// whose callback refers back to the client holding this engine makes a cycle that only
+    /// the collector can break (a client dropped without `close()` with requests in flight).
+    fn __traverse__(&self, visit: pyo3::PyVisit<'_>) -> Result<(), pyo3::PyTraverseError> {
+        visit.call(&self.queue)?;
+        // Never wait for the lock here: a thread holding it may be waiting for the GIL. What
+        // is not visited counts as referenced from outside, which only delays collection.
+        if let Ok(held) = self.futures.try_lock() {
+            for h in held.iter().flatten() {
+                visit.call(&h.future)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Breaks a cycle through the held futures (the collector calls this on garbage only).
+    fn __clear__(&self) {
+        let taken: Vec<Held> = {
+            let mut held = self.futures.lock().unwrap_or_else(|e| e.into_inner());
+            held.iter_mut().filter_map(Option::take).collect()
+        };
+        drop(taken); // after the lock: dropping a future may run arbitrary code
+    }
+
     /// An engine over `queue` (ring `index`) with `queue.size` staging slots of up to
     /// `slot_bytes` each in `memory`. The eventfds and the main channel's fd (`main_fd`, watched
     /// for a hang-up) are duplicated. `poll`: seconds a request polls the used ring before

@@ -171,16 +171,45 @@ impl PyExchange {
     }
 }
 
+/// The back-end request channel's handler, held weakly when it can be: the `Frontend` that
+/// owns this channel holds it (and the handler usually the `Frontend`), and a strong reference
+/// from this thread, which the garbage collector cannot see, would keep a session dropped
+/// without `close()` alive, socket and thread included.
 struct PyHandler {
-    handler: Py<PyAny>,
+    handler: HandlerRef,
+}
+
+enum HandlerRef {
+    Weak(Py<pyo3::types::PyWeakrefReference>),
+    /// An object that takes no weak references.
+    Strong(Py<PyAny>),
+}
+
+impl HandlerRef {
+    fn new(handler: &Bound<'_, PyAny>) -> HandlerRef {
+        match pyo3::types::PyWeakrefReference::new(handler) {
+            Ok(weak) => HandlerRef::Weak(weak.unbind()),
+            Err(_) => HandlerRef::Strong(handler.clone().unbind()),
+        }
+    }
+
+    fn get<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyAny>> {
+        match self {
+            HandlerRef::Weak(w) => w.bind(py).upgrade(),
+            HandlerRef::Strong(h) => Some(h.bind(py).clone()),
+        }
+    }
 }
 
 impl BackendRequestHandler for PyHandler {
     fn handle(&mut self, message: &Message, fds: Vec<OwnedFd>) -> (u64, Option<OwnedFd>) {
         Python::attach(|py| {
             let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-            let result = message_to_py(py, message)
-                .and_then(|m| self.handler.bind(py).call_method1("_vhostuser_dispatch", (m, raw)));
+            let Some(handler) = self.handler.get(py) else {
+                // Its session was dropped without close(); the channel goes with it.
+                return (NOT_SUPPORTED, None);
+            };
+            let result = message_to_py(py, message).and_then(|m| handler.call_method1("_vhostuser_dispatch", (m, raw)));
             // The fds were lent to the handler for the call; they are closed now.
             drop(fds);
             match result.and_then(|r| r.extract::<(u64, Option<RawFd>, bool)>()) {
@@ -292,6 +321,7 @@ impl PyFrontendCore {
         if let Some(mut old) = old {
             py.detach(|| old.stop());
         }
+        let handler = HandlerRef::new(handler.bind(py));
         let (chan, theirs) = BackendChannel::start(Box::new(PyHandler { handler })).py_err(py)?;
         *self.channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(chan);
         Ok(theirs.into_raw_fd())

@@ -304,3 +304,33 @@ def test_async_net_client_handshakes_on_the_loop_with_dpdk(tmp_path: Path, sock_
 
     with vhost_pmd(sock, tmp_path, "macswap") as pmd:
         asyncio.run(main(pmd))
+
+
+def test_a_client_dropped_with_requests_in_flight_is_collected(blk_backend: Path) -> None:  # noqa: F811
+    """A future held by the native engine whose callback refers back to the client makes a
+    cycle (client -> engine -> future -> callback -> client) that only the garbage collector
+    can break: the engine shows its futures to it, so the client, its memory and its fds go
+    (the back-end request channel's thread holds its handler weakly, the rings close their
+    eventfds when collected)."""
+    import gc
+    import weakref
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    loop = asyncio.new_event_loop()
+    before = fds()
+    try:
+        disk = BlockClient.connect(blk_backend, queue_size=16)
+        engine = disk._batch_engine(0)
+        futures = [loop.create_future() for _ in range(4)]
+        assert engine.submit_futures([(0, i, 512) for i in range(4)], futures) == 4
+        for f in futures:
+            f.add_done_callback(lambda _f, d=disk: d)  # noqa: B023 - the reference is the point
+        gone = weakref.ref(disk)
+        del disk, engine, futures, f
+        gc.collect()
+        assert gone() is None, "the cycle through the engine's futures was not collected"
+        assert fds() <= before, fds() - before
+    finally:
+        loop.close()

@@ -513,3 +513,26 @@ def test_tap_bridge_both_ways(sock_dir: Path) -> None:
     finally:
         cap.close()
         del dev
+
+
+def test_a_client_dropped_without_close_ends_its_session(sock_dir: Path) -> None:
+    """Dropping the last reference (no close()) is enough: the garbage collector takes the
+    client, the back-end request channel's thread does not hold it (its handler is held
+    weakly), the rings' eventfds close, and the back-end sees its session end."""
+    import gc
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    with serving(LoopbackNet(), sock_dir / "lo.sock") as sock:
+        before = fds()
+        nic = NetClient.connect(sock, control_queue=True)
+        assert nic.send([frame(60)]) == 1
+        assert nic.recv(timeout=2.0)
+        del nic
+        gc.collect()
+        deadline = time.monotonic() + 5
+        while not fds() <= before:  # the in-process back-end closes its side as it notices
+            assert time.monotonic() < deadline, fds() - before
+            time.sleep(0.01)
+    # Leaving `serving` checked that the back-end finished its one session.
