@@ -319,6 +319,9 @@ impl Session {
     /// connection, its ownership, the protocol features, the memory table and the back-end
     /// request channel stay.
     fn reset_device(&mut self) {
+        // A state transfer belongs to the device state the reset discards: a LOAD finishing
+        // afterwards would put the old state into the reset device.
+        self.transfer.abandon_and_wait();
         self.stop_device();
         for r in &mut self.rings {
             // The error fd stays: QEMU sends SET_VRING_ERR once, when it sets the device up.
@@ -376,6 +379,7 @@ impl Session {
             }
             (SET_OWNER, _) => Outcome::Done,
             (RESET_OWNER, _) => {
+                self.transfer.abandon_and_wait();
                 self.stop_all();
                 Outcome::Done
             }

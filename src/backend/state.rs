@@ -167,6 +167,17 @@ impl Transfer {
         }
         self.result = None;
     }
+
+    /// Abandons a transfer in progress and waits for its thread (within one poll slice, plus
+    /// a load the device is already doing): for a device reset, after which no state from
+    /// before may land in the device. A later CHECK_DEVICE_STATE fails (no transfer).
+    pub(crate) fn abandon_and_wait(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.cancel.store(true, Ordering::Relaxed);
+            let _ = running.thread.join();
+        }
+        self.result = None;
+    }
 }
 
 impl Drop for Transfer {

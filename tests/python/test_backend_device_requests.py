@@ -634,3 +634,30 @@ def test_a_frontend_that_stops_reading_fails_the_save_and_the_session_goes_on(so
             fe.check_device_state()
         assert e.value.status == errno.EIO
         assert fe.get_queue_num() == 1
+
+
+def test_reset_device_abandons_a_transfer_in_progress(sock_dir: Path) -> None:
+    """RESET_DEVICE during a LOAD: the reset discards the device state, so the state that
+    arrives afterwards must not land in the device, and CHECK_DEVICE_STATE reports no
+    completed transfer; a new LOAD then works."""
+    dev = Counter()
+    with serving(dev, sock_dir / "reset.sock"), vu.Frontend.connect(sock_dir / "reset.sock") as fe:
+        fe.negotiate()
+        assert vu.ProtocolFeature.RESET_DEVICE in fe.protocol_features
+        r, w = os.pipe()
+        try:
+            assert fe.set_device_state_fd(LOAD, r) is None
+            os.write(w, struct.pack("<I", 7))  # half of the state: the transfer is running
+            fe.reset_device()
+            os.write(w, b"late")
+        finally:
+            os.close(r)
+            os.close(w)  # EOF: a transfer still running would load count=7 now
+        time.sleep(0.3)
+        assert dev.count == 0
+        with pytest.raises(vu.RequestRejectedError) as e:
+            fe.check_device_state()
+        assert e.value.status == errno.EINVAL  # no transfer took place
+        fe.negotiate()  # after the reset the driver negotiates again (virtio reset)
+        load(fe, struct.pack("<I", 41))
+        assert dev.count == 41
