@@ -94,8 +94,15 @@ impl AdaptivePoll {
     /// system call per few thousand completions) and moves on.
     #[inline]
     pub fn completed(&mut self, n: u32) {
+        self.completed_with(n, Spell::now);
+    }
+
+    /// [`completed`](AdaptivePoll::completed) with the clocks read by `clock` (tests feed
+    /// their own).
+    #[inline]
+    fn completed_with(&mut self, n: u32, mut clock: impl FnMut() -> Spell) {
         if self.spell.is_none() {
-            self.spell = Some(Spell::now());
+            self.spell = Some(clock());
             return;
         }
         self.done = self.done.saturating_add(n);
@@ -104,13 +111,13 @@ impl AdaptivePoll {
             _ => PROBE,
         };
         if self.done >= spell {
-            self.end_spell();
+            self.end_spell(clock);
         }
     }
 
     #[cold]
-    fn end_spell(&mut self) {
-        let now = Spell::now();
+    fn end_spell(&mut self, mut clock: impl FnMut() -> Spell) {
+        let now = clock();
         let start = match self.spell.replace(now) {
             Some(start) if start.thread == now.thread => start,
             _ => {
@@ -133,7 +140,7 @@ impl AdaptivePoll {
         };
         self.done = 0;
         // The clock restarts after the decision's own system call.
-        self.spell = Some(Spell::now());
+        self.spell = Some(clock());
     }
 
     /// Whether the policy currently polls (for reports and tests).
@@ -162,15 +169,35 @@ mod tests {
         while thread_cpu().saturating_sub(start) < d {}
     }
 
-    /// A spell of `n` completions costing `cpu` of this thread's CPU and `idle` more wall time.
-    fn spell(p: &mut AdaptivePoll, n: u32, cpu: Duration, idle: Duration) {
-        burn(cpu);
-        std::thread::sleep(idle);
-        p.completed(n);
+    /// Clocks the test advances: what a spell costs is set, not measured (a loaded machine
+    /// would stretch real wall times).
+    struct Fake {
+        base: Instant,
+        cpu: Duration,
+        wall: Duration,
+    }
+
+    impl Fake {
+        fn new() -> Fake {
+            Fake { base: Instant::now(), cpu: Duration::ZERO, wall: Duration::ZERO }
+        }
+
+        fn now(&self) -> Spell {
+            Spell { cpu: self.cpu, wall: self.base + self.wall, thread: std::thread::current().id() }
+        }
+
+        /// A spell of `n` completions costing `cpu` of the thread's CPU and `idle` more wall time.
+        fn spell(&mut self, p: &mut AdaptivePoll, n: u32, cpu: Duration, idle: Duration) {
+            self.cpu += cpu;
+            self.wall += cpu + idle;
+            let now = self.now();
+            p.completed_with(n, || now);
+        }
     }
 
     #[test]
     fn it_keeps_the_mode_that_costs_less_cpu_per_completion() {
+        // With the real clocks: a spell that burns 2 ms of CPU against one that burns none.
         for cheap_poll in [true, false] {
             let mut p = AdaptivePoll::new();
             assert!(p.polling(), "it measures polling first");
@@ -189,38 +216,46 @@ mod tests {
         }
     }
 
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
     #[test]
     fn at_equal_cpu_the_mode_that_completes_faster_wins() {
-        // The driver's own work dominates: both modes cost 1 ms of CPU per spell, but sleeping
-        // also waits 1 ms for wake-ups.
-        let ms = Duration::from_millis;
-        let mut p = AdaptivePoll::new();
-        p.completed(1);
-        spell(&mut p, PROBE, ms(1), Duration::ZERO);
-        spell(&mut p, PROBE, ms(1), ms(1));
+        // The driver's own work dominates: both modes cost 10 ms of CPU per spell, but
+        // sleeping also waits 5 ms for wake-ups.
+        let (mut f, mut p) = (Fake::new(), AdaptivePoll::new());
+        f.spell(&mut p, 1, ms(0), ms(0)); // the first completion starts the clock
+        f.spell(&mut p, PROBE, ms(10), ms(0));
+        f.spell(&mut p, PROBE, ms(10), ms(5));
+        assert!(p.polling());
+        // CPU alone would have chosen sleeping: polling cost a little more of it.
+        let (mut f, mut p) = (Fake::new(), AdaptivePoll::new());
+        f.spell(&mut p, 1, ms(0), ms(0));
+        f.spell(&mut p, PROBE, ms(11), ms(0));
+        f.spell(&mut p, PROBE, ms(10), ms(5));
         assert!(p.polling());
     }
 
     #[test]
     fn polling_that_costs_more_cpu_than_it_saves_time_loses() {
-        // Polling a slow device: 3 ms of CPU (all of the spell) against 1 ms of CPU in 2.5 ms.
-        let ms = Duration::from_millis;
-        let mut p = AdaptivePoll::new();
-        p.completed(1);
-        spell(&mut p, PROBE, ms(3), Duration::ZERO);
-        spell(&mut p, PROBE, ms(1), Duration::from_micros(1500));
+        // Polling a slow device: 30 ms of CPU (all of the spell) against 10 ms in 25 ms.
+        let (mut f, mut p) = (Fake::new(), AdaptivePoll::new());
+        f.spell(&mut p, 1, ms(0), ms(0));
+        f.spell(&mut p, PROBE, ms(30), ms(0));
+        f.spell(&mut p, PROBE, ms(10), ms(15));
         assert!(!p.polling());
     }
 
     #[test]
     fn what_came_before_the_first_completion_is_not_measured() {
-        // A handshake's CPU before the first completion would make polling look dear.
-        let ms = Duration::from_millis;
-        let mut p = AdaptivePoll::new();
-        burn(ms(20));
-        p.completed(1);
-        spell(&mut p, PROBE, ms(1), Duration::ZERO);
-        spell(&mut p, PROBE, ms(1), ms(1));
+        // A handshake's 200 ms of CPU before the first completion would make polling look dear.
+        let (mut f, mut p) = (Fake::new(), AdaptivePoll::new());
+        f.cpu += ms(200);
+        f.wall += ms(200);
+        f.spell(&mut p, 1, ms(0), ms(0));
+        f.spell(&mut p, PROBE, ms(10), ms(0));
+        f.spell(&mut p, PROBE, ms(10), ms(5));
         assert!(p.polling());
     }
 
