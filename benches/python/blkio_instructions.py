@@ -49,7 +49,10 @@ def main() -> None:
                 time.sleep(0.05)
             r = subprocess.run(
                 ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--collect-atstart=no",
-                 "--toggle-collect=vhostuser_rs::frontend::blkio::run",
+                 # The binding's entry point (called through a function pointer, so never
+                 # inlined): a release build may inline frontend::blkio::run or the binding
+                 # into their callers, and a toggle on an inlined function collects nothing.
+                 "--toggle-collect=vhostuser_rs::python::frontend::__pyfunction_block_io",
                  sys.executable, "-c", CHILD, str(sock), args.rw, str(args.iodepth), str(args.time)],
                 capture_output=True, text=True, check=True, env=dict(os.environ),
             )
@@ -58,6 +61,8 @@ def main() -> None:
             backend.wait()
     ios = int(re.search(r"^IOS (\d+)", r.stdout, re.M).group(1))  # type: ignore[union-attr]
     ir = int(re.search(r"Collected : (\d+)", r.stderr).group(1))  # type: ignore[union-attr]
+    if ir == 0:
+        raise SystemExit("callgrind collected nothing: the toggle's function name no longer matches the build")
     print(f"{args.rw} iodepth={args.iodepth}: {ios} I/Os, {ir} instructions, {ir / ios:.0f} per I/O")
 
 

@@ -225,7 +225,20 @@ impl MemoryTable {
     }
 
     /// Copies guest memory at `gpa` into `buf` (split across regions as needed).
+    #[inline]
     pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        // Nearly every access lies inside one region: one lookup instead of two passes.
+        if let Ok(p) = self.translate(gpa, buf.len() as u64) {
+            // SAFETY: p..p+len is inside a live mapping; buf has len bytes. Raw copy, no
+            // reference to guest memory is formed.
+            unsafe { std::ptr::copy_nonoverlapping(p, buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
+        self.read_segments(gpa, buf)
+    }
+
+    #[cold]
+    fn read_segments(&self, gpa: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let mut done = 0usize;
         self.for_each_segment(gpa, buf.len() as u64, |p, n| {
             // SAFETY: p..p+n is inside a live mapping (validated); buf has n bytes left. Raw
@@ -236,7 +249,18 @@ impl MemoryTable {
     }
 
     /// Copies `data` into guest memory at `gpa` (split across regions as needed).
+    #[inline]
     pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
+        if let Ok(p) = self.translate(gpa, data.len() as u64) {
+            // SAFETY: as in `read`, in the other direction.
+            unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len()) };
+            return Ok(());
+        }
+        self.write_segments(gpa, data)
+    }
+
+    #[cold]
+    fn write_segments(&self, gpa: u64, data: &[u8]) -> Result<(), MemoryError> {
         let mut done = 0usize;
         self.for_each_segment(gpa, data.len() as u64, |p, n| {
             // SAFETY: as in `read`, in the other direction.

@@ -1,12 +1,17 @@
-"""Instructions per request of `vhostuser_rs.aio.AsyncBlockClient` (32 coroutines on one client,
-4 KiB reads) under callgrind, which counts the same on a loaded machine as on a quiet one: the
-client runs at two request counts against ``vhostuser-rs serve-blk`` (not under valgrind) and
-the difference is divided by the difference of the counts, so start-up and connection cost
-drop out. Reported per request: the total and its share in the interpreter (libpython and
-_asyncio), the native module and libc. System calls are not counted (see ``strace -c``).
+"""Instructions per 4 KiB read of what a Python user of `vhostuser_rs.blk` writes, under
+callgrind, which counts the same on a loaded machine as on a quiet one: the client runs at two
+request counts against ``vhostuser-rs serve-blk`` (not under valgrind) and the difference is
+divided by the difference of the counts, so start-up and connection cost drop out. Reported per
+request: the total and its share in the interpreter (libpython and _asyncio), the native module
+and libc. System calls are not counted (see ``strace -c``).
 
-Run: ``python benches/python/aio_instructions.py [--mode read|readinto|readinto-view|floor]``;
-``floor`` is asyncio alone (the same 32 tasks awaiting futures a callback resolves, no I/O).
+Modes: ``read`` / ``readinto`` / ``readinto-view`` — `vhostuser_rs.aio.AsyncBlockClient` with 32
+coroutines on one client; ``floor`` — asyncio alone (the same 32 tasks awaiting futures a
+callback resolves, no I/O); ``disk-read`` — a loop of ``disk.read(offset, 4096)`` on a
+``BlockClient`` (one request in flight); ``batch`` — ``disk.submit`` / ``disk.reap`` from one
+thread keeping 32 in flight.
+
+Run: ``python benches/python/python_instructions.py [--mode MODE]``.
 """
 
 from __future__ import annotations
@@ -79,6 +84,26 @@ def drive(sock: str, n: int, mode: str) -> None:
 
             await asyncio.gather(*(worker(k) for k in range(DEPTH)))
 
+    if mode in ("disk-read", "batch"):
+        from vhostuser_rs.blk import BlockClient, RequestType
+
+        with BlockClient.connect(sock, queue_size=128) as disk:
+            if mode == "disk-read":
+                off = 0
+                for _ in range(n):
+                    disk.read(off, BS)
+                    off = (off + BS) % SPAN
+                return
+            done = 0
+            submitted = len(disk.submit([(RequestType.IN, i * BS, BS) for i in range(DEPTH)]))
+            while done < n:
+                got = disk.reap(64, timeout=5.0)
+                done += len(got)
+                k = min(len(got), n - submitted)
+                if k > 0:
+                    reqs = [(RequestType.IN, ((submitted + i) * BS) % SPAN, BS) for i in range(k)]
+                    submitted += len(disk.submit(reqs))
+        return
     asyncio.run(floor() if mode == "floor" else main())
 
 
@@ -107,7 +132,7 @@ def by_object(path: Path) -> collections.Counter[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", default="read", choices=["read", "readinto", "readinto-view", "floor"])
+    ap.add_argument("--mode", default="read", choices=["read", "readinto", "readinto-view", "floor", "disk-read", "batch"])
     ap.add_argument("--counts", default="3200,19200", help="the two request counts")
     ap.add_argument("--drive", nargs=2, metavar=("SOCKET", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -140,7 +165,8 @@ def main() -> None:
         finally:
             server.terminate()
             server.wait()
-    print(f"mode {a.mode}, {DEPTH} coroutines, instructions per request ({lo} -> {hi} requests):")
+    shape = "1 in flight" if a.mode == "disk-read" else f"{DEPTH} in flight"
+    print(f"mode {a.mode}, {shape}, instructions per request ({lo} -> {hi} requests):")
     for key in ("total", "interpreter", "native", "libc and other"):
         print(f"  {key:16} {(counts[hi][key] - counts[lo][key]) / (hi - lo):9.0f}")
 
