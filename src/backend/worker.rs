@@ -58,6 +58,12 @@ pub enum Polling {
     },
 }
 
+impl Polling {
+    /// The default of serve-blk, serve-net and Python devices: adaptive up to 50 µs, what fixed
+    /// windows measured best at (README, `--poll-us 50`).
+    pub const DEFAULT_ADAPTIVE: Polling = Polling::Adaptive { max: Duration::from_micros(50) };
+}
+
 /// The shortest non-zero adaptive window; halving below it turns polling off.
 const MIN_WINDOW: Duration = Duration::from_micros(5);
 

@@ -51,10 +51,6 @@ pub(crate) fn serve_blk(
     serve(py, device, at, max_connections, None, Arc::new(BackendRequests::new()), policy)
 }
 
-/// The largest polling window of the adaptive mode (`poll=None`): what fixed windows measured
-/// best at (README, `--poll-us 50`).
-const ADAPTIVE_MAX: std::time::Duration = std::time::Duration::from_micros(50);
-
 /// `poll`: None adaptive (up to 50 µs), 0 eventfd mode, else a fixed window in seconds.
 pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: Option<f64>) -> PyResult<WorkerPolicy> {
     if workers == Some(0) {
@@ -65,7 +61,7 @@ pub(crate) fn policy(workers: Option<usize>, cpus: Option<Vec<usize>>, poll: Opt
         return Err(PyValueError::new_err(format!("CPU {bad} is beyond the {max_cpu} CPUs Linux can pin to")));
     }
     let poll = match poll {
-        None => Polling::Adaptive { max: ADAPTIVE_MAX },
+        None => Polling::DEFAULT_ADAPTIVE,
         Some(p) => match super::blocking::timeout(Some(p))?.unwrap_or_default() {
             d if d.is_zero() => Polling::Off,
             d => Polling::Fixed(d),
