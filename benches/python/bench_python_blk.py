@@ -1,6 +1,7 @@
 """What a Python user of `vhostuser_rs.blk` gets: 4 KiB random reads on one queue, from a Python
 loop of ``disk.read`` / ``disk.readinto``, from the batch API in one thread (32 in flight), from
-`vhostuser_rs.aio` (32 coroutines on one client), side by side with the Rust loop
+`vhostuser_rs.aio` (32 coroutines on one client; on asyncio's loop, and on uvloop's when
+uvloop is installed), side by side with the Rust loop
 (``BlockClient.run_io``, what ``vhostuser-rs bench`` runs) at iodepth 1 and 32 — against
 ``vhostuser-rs serve-blk`` and qemu-storage-daemon, on an image in tmpfs, round after round so
 that every mode sees the same machine state.
@@ -94,7 +95,7 @@ def batch(disk: BlockClient, offs: list[int]) -> Callable[[float], int]:
     return run
 
 
-def aio(path: str, offs: list[int], *, into: bool = False) -> Callable[[float], int]:
+def aio(path: str, offs: list[int], *, into: bool = False, uv: bool = False) -> Callable[[float], int]:
     def run(seconds: float) -> int:
         async def main() -> int:
             async with await AsyncBlockClient.connect(path, queue_size=128) as disk:
@@ -123,6 +124,10 @@ def aio(path: str, offs: list[int], *, into: bool = False) -> Callable[[float], 
                 await asyncio.gather(*(worker(k) for k in range(DEPTH)))
                 return count[0]
 
+        if uv:
+            import uvloop
+
+            return int(uvloop.run(main()))
         return asyncio.run(main())
 
     return run
@@ -156,6 +161,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     lines: list[str] = []
+    try:
+        import uvloop  # noqa: F401 - only whether it is there
+
+        has_uvloop = True
+    except ImportError:
+        has_uvloop = False
 
     def say(s: str) -> None:
         print(s, flush=True)
@@ -206,6 +217,9 @@ def main() -> None:
                 for r in range(a.rounds):
                     results[f"aio, {DEPTH} coroutines on one client"].append(timed(aio_run, a.time))
                     results.setdefault(f"aio readinto, {DEPTH} coroutines", []).append(timed(aio_into, a.time))
+                    if has_uvloop:
+                        results.setdefault(f"aio on uvloop, {DEPTH} coroutines", []).append(
+                            timed(aio(str(sock), offs, uv=True), a.time))
                     with BlockClient.connect(sock, queue_size=128, native=False) as slow:
                         results.setdefault(old, []).append(timed(py_read(slow, offs), a.time))
                 say(f"{'mode':48} {'IOPS median (min..max)':>32} {'CPU us/IO median (min..max)':>30}")

@@ -11,7 +11,9 @@ import random
 import signal
 import struct
 import subprocess
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,8 +24,36 @@ from vhostuser_rs.blk import BlockClient, BlockError
 
 Stopped = tuple[BlockClient, Device, subprocess.Popen[bytes]]
 
+# The clients use only the loop's public interface (add_reader, futures, timers): they run on
+# asyncio's own loop and on uvloop's (the test extra installs it; CI has it).
+LOOPS = ["asyncio", "uvloop"]
 
-def test_many_coroutines_in_flight(blk_backend: Path, image: Path) -> None:  # noqa: F811
+try:
+    import uvloop
+
+    # libuv opens a pipe of its own with the first loop and keeps it for the process: open it
+    # now, before any test counts its fds.
+    uvloop.new_event_loop().close()
+except ImportError:
+    pass
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, None]) -> None:
+    if loop == "asyncio":
+        asyncio.run(coro)
+        return
+    try:
+        import uvloop  # noqa: F811 - the module-level import may have failed
+    except ImportError:
+        coro.close()
+        if os.environ.get("CI"):
+            pytest.fail("uvloop is required in CI (pip install '.[test]' installs it)")
+        pytest.skip("uvloop is not installed (pip install uvloop)")
+    uvloop.run(coro)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_many_coroutines_in_flight(blk_backend: Path, image: Path, loop: str) -> None:  # noqa: F811
     data = bytearray(image.read_bytes())
 
     async def main() -> None:
@@ -50,7 +80,7 @@ def test_many_coroutines_in_flight(blk_backend: Path, image: Path) -> None:  # n
             assert await disk.get_id() in (b"vhost_user_blk", b"vhostuser_rs-blk")
             assert disk.in_flight == 0
 
-    asyncio.run(main())
+    run_on(loop, main())
     assert image.read_bytes()[4 * MIB :] == bytes(data[4 * MIB :])
 
 
@@ -203,7 +233,8 @@ def test_hostile_completion_fails_awaiting_coroutines(stopped: Stopped) -> None:
     asyncio.run(main())
 
 
-def test_backend_dying_fails_every_awaiting_coroutine(stopped: Stopped) -> None:  # noqa: F811
+@pytest.mark.parametrize("loop", LOOPS)
+def test_backend_dying_fails_every_awaiting_coroutine(stopped: Stopped, loop: str) -> None:  # noqa: F811
     disk, _, proc = stopped
 
     async def main() -> None:
@@ -217,12 +248,13 @@ def test_backend_dying_fails_every_awaiting_coroutine(stopped: Stopped) -> None:
         with pytest.raises(vu.ConnectionClosedError):
             await adisk.read(0, 512)
 
-    asyncio.run(main())
+    run_on(loop, main())
     proc.wait()
 
 
 # -- AsyncNetClient against vhostuser-rs serve-net --loopback in its own process -----------------
-def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock_dir: Path) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock_dir: Path, loop: str) -> None:
     import dpdk
     from netdriver import frame, swapped
 
@@ -256,7 +288,7 @@ def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock
                 await asyncio.wait_for(waiting, 5)
 
     with dpdk.serve_net(sock, tmp_path, ["--loopback", "--poll-us", "50"]) as server:
-        asyncio.run(main(server))
+        run_on(loop, main(server))
 
 
 # -- AsyncNetClient against DPDK testpmd's net_vhost (macswap) ------------------------------------
@@ -325,10 +357,13 @@ def test_a_client_dropped_with_requests_in_flight_is_collected(blk_backend: Path
         engine = disk._batch_engine(0)
         futures = [loop.create_future() for _ in range(4)]
         assert engine.submit_futures([(0, i, 512) for i in range(4)], futures) == 4
+        def refers_to_the_client(_f: asyncio.Future[Any], client: BlockClient = disk) -> None:
+            del client  # the default argument's reference is the point
+
         for f in futures:
-            f.add_done_callback(lambda _f, d=disk: d)  # noqa: B023 - the reference is the point
+            f.add_done_callback(refers_to_the_client)
         gone = weakref.ref(disk)
-        del disk, engine, futures, f
+        del disk, engine, futures, f, refers_to_the_client
         gc.collect()
         assert gone() is None, "the cycle through the engine's futures was not collected"
         assert fds() <= before, fds() - before
