@@ -7,9 +7,9 @@ and libc. System calls are not counted (see ``strace -c``).
 
 Modes: ``read`` / ``readinto`` / ``readinto-view`` — `vhostuser_rs.aio.AsyncBlockClient` with 32
 coroutines on one client; ``floor`` — asyncio alone (the same 32 tasks awaiting futures a
-callback resolves, no I/O); ``disk-read`` — a loop of ``disk.read(offset, 4096)`` on a
-``BlockClient`` (one request in flight); ``batch`` — ``disk.submit`` / ``disk.reap`` from one
-thread keeping 32 in flight.
+callback resolves, no I/O), ``floor-uvloop`` the same on uvloop's loop; ``disk-read`` — a loop
+of ``disk.read(offset, 4096)`` on a ``BlockClient`` (one request in flight); ``batch`` —
+``disk.submit`` / ``disk.reap`` from one thread keeping 32 in flight.
 
 Run: ``python benches/python/python_instructions.py [--mode MODE]``.
 """
@@ -104,6 +104,11 @@ def drive(sock: str, n: int, mode: str) -> None:
                     reqs = [(RequestType.IN, ((submitted + i) * BS) % SPAN, BS) for i in range(k)]
                     submitted += len(disk.submit(reqs))
         return
+    if mode == "floor-uvloop":
+        import uvloop
+
+        uvloop.run(floor())
+        return
     asyncio.run(floor() if mode == "floor" else main())
 
 
@@ -132,7 +137,7 @@ def by_object(path: Path) -> collections.Counter[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", default="read", choices=["read", "readinto", "readinto-view", "floor", "disk-read", "batch"])
+    ap.add_argument("--mode", default="read", choices=["read", "readinto", "readinto-view", "floor", "floor-uvloop", "disk-read", "batch"])
     ap.add_argument("--counts", default="3200,19200", help="the two request counts")
     ap.add_argument("--drive", nargs=2, metavar=("SOCKET", "N"), help=argparse.SUPPRESS)
     a = ap.parse_args()
