@@ -1055,7 +1055,7 @@ mod iotlb {
         assert_eq!(r.miss(Duration::from_secs(5)), Some((buf + IOVA, 2)));
         let asked = Instant::now();
         assert_eq!(r.miss(Duration::from_secs(5)), Some((buf + IOVA, 2)), "asked again");
-        assert!(asked.elapsed() >= Duration::from_secs(1));
+        assert!(asked.elapsed() >= Duration::from_millis(900), "asked again after {:?}", asked.elapsed());
         let mut used = Vec::new();
         r.driver.reap(&mut used, 64).unwrap();
         assert!(used.is_empty());

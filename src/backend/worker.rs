@@ -19,11 +19,14 @@ use crate::eventfd;
 use crate::protocol::{BackendRequest, Payload, ProtocolFeatures, VringState};
 use crate::virtqueue::{AnyDeviceQueue, ChainBatch, KeptChains, VirtqueueError};
 
-/// Unanswered IOTLB MISSes in a row (for the same address) before a ring is given up on.
-const MAX_MISSES: u32 = 3;
+/// Unanswered IOTLB MISSes in a row (for the same address) before a ring is given up on: a
+/// front-end that cannot translate an address sends no UPDATE (and, as the MISS does not ask
+/// for REPLY_ACK, no failure status), so the ring breaks after this many waits.
+const MAX_MISSES: u32 = 5;
 
-/// How long a ring waits for the UPDATE that answers its MISS before it asks again.
-const MISS_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a ring waits for the UPDATE that answers its MISS before it asks again (a late
+/// UPDATE costs only a repeated MISS).
+const MISS_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// How long sending a MISS may take (the socket buffer being full).
 const MISS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
@@ -683,11 +686,18 @@ impl Group {
             fds.extend(slots.iter().map(|s| libc::pollfd { fd: s.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
             fds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             add_event_fds(&slots, &mut fds, &mut owners);
-            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
-            // and devices keep their event fds open while the ring runs).
+            // A ring waiting for an IOTLB entry asks again when its wait ends.
+            let wait_ms = slots
+                .iter()
+                .filter_map(|s| s.awaiting.map(|a| MISS_TIMEOUT.saturating_sub(a.asked.elapsed())))
+                .min()
+                .map_or(1000, |d| d.as_millis().clamp(1, 1000) as i32);
             let slept = std::time::Instant::now();
             let sleeps = !again && !doorbells;
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if sleeps { 1000 } else { 0 }) };
+            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
+            // and devices keep their event fds open while the ring runs).
+            let n =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if sleeps { wait_ms } else { 0 }) };
             if sleeps {
                 window.after_sleep(slept.elapsed(), n > 0);
             }
