@@ -381,13 +381,9 @@ impl Slot {
     /// ring's own pages makes the session take the ring off this thread, which would wait for
     /// this wait (protocol.md §4.3: handle the two channels independently).
     fn after_miss(&mut self, iova: u64, perm: u8) -> bool {
-        // Only MISSes that went unanswered count: an entry that arrives, is used and is
-        // invalidated again (the guest reusing an IOVA) starts afresh.
-        let asks = match self.awaiting {
-            Some(a) if a.iova == iova && a.perm == perm => a.asks,
-            _ => 0,
-        };
-        self.ask(iova, perm, asks)
+        // Only MISSes that went unanswered count (check_wait): an entry that arrives, is used
+        // and is invalidated again (the guest reusing an IOVA) starts afresh.
+        self.ask(iova, perm, 0)
     }
 
     /// Sends the MISS for `iova` (the `asks + 1`th in a row) and waits for the entry, or breaks
@@ -423,6 +419,13 @@ impl Slot {
     /// again (returns true: look at it at once); after [`MISS_TIMEOUT`] the MISS is sent again.
     fn check_wait(&mut self) -> bool {
         let Some(a) = self.awaiting else { return false };
+        if !self.usable() {
+            // Disabled (or broken) meanwhile: no more MISSes; the walk asks afresh when the
+            // ring is enabled again.
+            self.awaiting = None;
+            self.shared.awaiting_entry.store(false, Ordering::SeqCst);
+            return false;
+        }
         let arrived = self.queue.iotlb().is_some_and(|t| {
             // An entry without the permission counts as an answer too: the walk then fails
             // on it and breaks the ring.
