@@ -654,10 +654,14 @@ impl Session {
                         if !updated {
                             return status(false);
                         }
-                        // Rings waiting for a translation may start now.
+                        // Rings waiting for a translation may start now; running rings
+                        // waiting for a buffer's entry (their MISS) look again.
                         for i in 0..self.rings.len() {
-                            if self.rings[i].worker.is_none() {
-                                let _ = self.start(i);
+                            match &self.rings[i].worker {
+                                Some(w) => w.shared.iotlb_updated(),
+                                None => {
+                                    let _ = self.start(i);
+                                }
                             }
                         }
                         status(true)

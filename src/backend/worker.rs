@@ -19,8 +19,28 @@ use crate::eventfd;
 use crate::protocol::{BackendRequest, Payload, ProtocolFeatures, VringState};
 use crate::virtqueue::{AnyDeviceQueue, ChainBatch, KeptChains, VirtqueueError};
 
-/// Misses for the same address in a row before a ring is given up on.
-const MAX_MISSES: u32 = 3;
+/// Unanswered IOTLB MISSes in a row (for the same address) before a ring is given up on: a
+/// front-end that cannot translate an address sends no UPDATE (and, as the MISS does not ask
+/// for REPLY_ACK, no failure status), so the ring breaks after this many waits.
+const MAX_MISSES: u32 = 5;
+
+/// How long a ring waits for the UPDATE that answers its MISS before it asks again (a late
+/// UPDATE costs only a repeated MISS).
+const MISS_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How long sending a MISS may take (the socket buffer being full).
+const MISS_SEND_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The IOTLB entry a ring waits for: its MISS went out and the ring is not walked again until
+/// an UPDATE covers the address (or the wait times out and the MISS is sent again).
+#[derive(Clone, Copy, Debug)]
+struct Awaiting {
+    iova: u64,
+    perm: u8,
+    asked: std::time::Instant,
+    /// MISSes sent for this address without an answer so far.
+    asks: u32,
+}
 
 /// How started rings are spread over worker threads.
 #[derive(Clone, Debug, Default)]
@@ -97,13 +117,6 @@ impl Window {
     }
 }
 
-/// Sends an IOTLB MISS and waits for the front-end's ack, which it sends after the UPDATE (on
-/// the main channel, handled by the session thread meanwhile). False if that did not happen.
-fn ask_for_entry(requests: Option<&BackendRequests>, iova: u64, perm: u8) -> bool {
-    let Some(requests) = requests else { return false };
-    matches!(requests.iotlb_miss(iova, perm, true, Some(std::time::Duration::from_secs(5))), Ok(Some(0)))
-}
-
 fn pin_to(cpu: usize) {
     // cpu_set_t holds CPU_SETSIZE (1024) CPUs; CPU_SET would index past it.
     if cpu >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
@@ -144,6 +157,9 @@ pub(crate) struct RingShared {
     pub broken: AtomicBool,
     /// The last in-band notification failed (it was logged).
     inband_failing: AtomicBool,
+    /// The ring waits for an IOTLB entry (its MISS went out): the session wakes its thread when
+    /// an UPDATE arrives.
+    awaiting_entry: AtomicBool,
     notifier: Notifier,
     group: Arc<Group>,
 }
@@ -165,6 +181,7 @@ impl RingShared {
             err: Mutex::new(err),
             broken: AtomicBool::new(false),
             inband_failing: AtomicBool::new(false),
+            awaiting_entry: AtomicBool::new(false),
             notifier,
             group,
         })
@@ -173,6 +190,13 @@ impl RingShared {
     /// Makes the thread look at its rings again (after an enable).
     pub fn wake(&self) {
         self.group.wake();
+    }
+
+    /// An IOTLB UPDATE arrived: a ring waiting for an entry looks whether it is there now.
+    pub fn iotlb_updated(&self) {
+        if self.awaiting_entry.load(Ordering::SeqCst) {
+            self.group.wake();
+        }
     }
 
     /// Sends an in-band notification and waits for the front-end's ack (spec: INBAND_NOTIFICATIONS
@@ -281,8 +305,8 @@ pub(crate) struct Slot {
     ready: Vec<RawFd>,
     /// Whether `events` are watched (the device pauses them until the next kick).
     listening: bool,
-    last_miss: Option<u64>,
-    misses: u32,
+    /// The IOTLB entry the ring waits for; it is not drained meanwhile.
+    awaiting: Option<Awaiting>,
     /// Used buffers were published on a ring without a call fd: VRING_CALL is due (in-band).
     inband_call: bool,
 }
@@ -301,7 +325,8 @@ impl Slot {
             return None;
         }
         let mut miss = None;
-        if self.pending {
+        // A ring waiting for an IOTLB entry keeps its kick pending until the entry arrives.
+        if self.pending && self.awaiting.is_none() {
             self.pending = false;
             // A kick means new buffers: watch the device's fds again.
             self.listening = true;
@@ -351,18 +376,79 @@ impl Slot {
         miss
     }
 
-    /// Asks the front-end for a missing IOTLB entry (outside the device's wake scope: this
-    /// waits for an answer); returns whether the ring must be looked at again at once.
+    /// The drain stopped at a chain whose buffer has no IOTLB entry (the chain stays on the
+    /// ring): asks the front-end for it with an IOTLB MISS, outside the device's wake scope.
+    ///
+    /// The MISS does not ask for REPLY_ACK and the thread does not wait for an answer: it goes
+    /// on running its loop (commands, other rings) and walks the chain again once an UPDATE
+    /// covers the address ([`Slot::check_wait`]). Waiting here would deadlock against the
+    /// front-end: QEMU sends main-channel requests (an INVALIDATE from the vIOMMU) and waits
+    /// for their answers before it reads the back-end request channel, and an INVALIDATE of the
+    /// ring's own pages makes the session take the ring off this thread, which would wait for
+    /// this wait (protocol.md §4.3: handle the two channels independently).
     fn after_miss(&mut self, iova: u64, perm: u8) -> bool {
-        self.misses = if self.last_miss == Some(iova) { self.misses + 1 } else { 1 };
-        self.last_miss = Some(iova);
-        if self.misses <= MAX_MISSES && ask_for_entry(self.requests.as_deref(), iova, perm) {
-            // The UPDATE has arrived (REPLY_ACK): walk the chain again.
+        // Only MISSes that went unanswered count (check_wait): an entry that arrives, is used
+        // and is invalidated again (the guest reusing an IOVA) starts afresh.
+        self.ask(iova, perm, 0)
+    }
+
+    /// Sends the MISS for `iova` (the `asks + 1`th in a row) and waits for the entry, or breaks
+    /// the ring when it cannot be had. True if the entry is there already (walk again at once).
+    fn ask(&mut self, iova: u64, perm: u8, asks: u32) -> bool {
+        self.awaiting = None;
+        self.shared.awaiting_entry.store(false, Ordering::SeqCst);
+        if asks >= MAX_MISSES {
+            // The front-end does not map it: an unusable ring, like a malformed one (reported
+            // on the error fd with DEVICE_NEEDS_RESET; the chain is neither used nor lost).
+            log::warn!("ring {}: no IOTLB entry for {iova:#x} after {asks} MISSes", self.index);
+            self.queue.mark_broken();
+            return false;
+        }
+        let Some(requests) = self.requests.as_deref() else {
+            self.queue.mark_broken();
+            return false;
+        };
+        // Set before the MISS goes out, so that the UPDATE answering it finds it set.
+        self.shared.awaiting_entry.store(true, Ordering::SeqCst);
+        if let Err(e) = requests.iotlb_miss(iova, perm, false, Some(MISS_SEND_TIMEOUT)) {
+            log::warn!("ring {}: IOTLB MISS for {iova:#x} failed: {e}", self.index);
+            self.shared.awaiting_entry.store(false, Ordering::SeqCst);
+            self.queue.mark_broken();
+            return false;
+        }
+        self.awaiting = Some(Awaiting { iova, perm, asked: std::time::Instant::now(), asks: asks + 1 });
+        // The UPDATE may have come already.
+        self.check_wait()
+    }
+
+    /// A ring waiting for an IOTLB entry: once an UPDATE covers the address the ring is walked
+    /// again (returns true: look at it at once); after [`MISS_TIMEOUT`] the MISS is sent again.
+    fn check_wait(&mut self) -> bool {
+        let Some(a) = self.awaiting else { return false };
+        if !self.usable() {
+            // Disabled (or broken) meanwhile: no more MISSes; the walk asks afresh when the
+            // ring is enabled again.
+            self.awaiting = None;
+            self.shared.awaiting_entry.store(false, Ordering::SeqCst);
+            return false;
+        }
+        let arrived = self.queue.iotlb().is_some_and(|t| {
+            // An entry without the permission counts as an answer too: the walk then fails
+            // on it and breaks the ring.
+            !matches!(
+                t.read().unwrap_or_else(|e| e.into_inner()).lookup(a.iova, a.perm),
+                Err(crate::memory::IotlbFault::Miss { .. })
+            )
+        });
+        if arrived {
+            self.awaiting = None;
+            self.shared.awaiting_entry.store(false, Ordering::SeqCst);
             self.pending = true;
             return true;
         }
-        // The front-end does not map it: an unusable ring, like a malformed one.
-        self.queue.mark_broken();
+        if a.asked.elapsed() >= MISS_TIMEOUT {
+            return self.ask(a.iova, a.perm, a.asks);
+        }
         false
     }
 
@@ -536,7 +622,8 @@ impl Group {
             let mut worked = false;
             // The devices with work (most threads serve one; a shared pool serves several).
             devices.clear();
-            for s in slots.iter().filter(|s| (s.pending || !s.ready.is_empty()) && s.usable()) {
+            for s in slots.iter().filter(|s| ((s.pending && s.awaiting.is_none()) || !s.ready.is_empty()) && s.usable())
+            {
                 if !devices.contains(&s.owner) {
                     devices.push(s.owner);
                 }
@@ -564,6 +651,9 @@ impl Group {
             }
             for (k, iova, perm) in misses.drain(..) {
                 again |= slots[k].after_miss(iova, perm);
+            }
+            for slot in &mut slots {
+                again |= slot.check_wait();
             }
             for slot in &mut slots {
                 slot.after_wakeup();
@@ -605,11 +695,18 @@ impl Group {
             fds.extend(slots.iter().map(|s| libc::pollfd { fd: s.kick.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
             fds.push(libc::pollfd { fd: self.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 });
             add_event_fds(&slots, &mut fds, &mut owners);
-            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
-            // and devices keep their event fds open while the ring runs).
+            // A ring waiting for an IOTLB entry asks again when its wait ends.
+            let wait_ms = slots
+                .iter()
+                .filter_map(|s| s.awaiting.map(|a| MISS_TIMEOUT.saturating_sub(a.asked.elapsed())))
+                .min()
+                .map_or(1000, |d| d.as_millis().clamp(1, 1000) as i32);
             let slept = std::time::Instant::now();
             let sleeps = !again && !doorbells;
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if sleeps { 1000 } else { 0 }) };
+            // SAFETY: a valid array of pollfds; the fds stay open (only this thread drops slots,
+            // and devices keep their event fds open while the ring runs).
+            let n =
+                unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, if sleeps { wait_ms } else { 0 }) };
             if sleeps {
                 window.after_sleep(slept.elapsed(), n > 0);
             }
@@ -814,8 +911,7 @@ impl Worker {
             events,
             ready: Vec::new(),
             listening: true,
-            last_miss: None,
-            misses: 0,
+            awaiting: None,
             inband_call: false,
         };
         shared.group.command(Command::Add(Box::new(slot)));

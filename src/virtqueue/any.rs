@@ -112,6 +112,11 @@ impl AnyDeviceQueue {
         both!(self, q => q.set_iotlb(iotlb))
     }
 
+    /// The IOTLB buffer addresses are translated through, if any.
+    pub fn iotlb(&self) -> Option<&Arc<RwLock<Iotlb>>> {
+        both!(self, q => q.iotlb())
+    }
+
     /// LOG_ALL data logging and VHOST_VRING_F_LOG ring logging at `log_guest_addr`.
     pub fn set_dirty_log(&mut self, data: Option<DirtyLog>, ring: Option<(DirtyLog, u64)>) {
         both!(self, q => q.set_dirty_log(data, ring))

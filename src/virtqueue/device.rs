@@ -276,6 +276,11 @@ impl DeviceQueue {
         self.iotlb = iotlb;
     }
 
+    /// The IOTLB set by [`set_iotlb`](Self::set_iotlb).
+    pub fn iotlb(&self) -> Option<&Arc<RwLock<Iotlb>>> {
+        self.iotlb.as_ref()
+    }
+
     /// Tracks this ring in an inflight buffer region (INFLIGHT_SHMFD). Call before popping
     /// anything. A region left by an earlier back-end is repaired, its unfinished heads become
     /// in flight again and are popped first, and the next avail index becomes

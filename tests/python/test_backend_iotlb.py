@@ -39,6 +39,7 @@ class Iommu(vu.BackendRequestHandler):
         self.misses: list[tuple[int, int]] = []
         self.read_only: set[int] = set()
         self.lock = threading.Lock()
+        self.ring_pages: set[int] = set()  # the IOVA pages of the ring parts (set by session())
 
     def iotlb_msg(self, msg: IotlbMsg) -> int | None:
         assert msg.type == IotlbMsg.MISS and self.fe is not None
@@ -51,7 +52,7 @@ class Iommu(vu.BackendRequestHandler):
 
 
 @contextmanager
-def session(sock_dir: Path):  # type: ignore[no-untyped-def]
+def session(sock_dir: Path, handler: type[Iommu] = Iommu):  # type: ignore[no-untyped-def]
     # A context manager, not a fixture: pytest keeps fixture values (and their fds) alive until
     # after the fd-leak check.
     sock = sock_dir / "iommu.sock"
@@ -60,7 +61,7 @@ def session(sock_dir: Path):  # type: ignore[no-untyped-def]
         while not sock.exists():
             time.sleep(0.01)
         mem = vu.GuestMemory.allocate(1 << 20)
-        iommu = Iommu(mem)
+        iommu = handler(mem)
         fds: list[int] = []
         with vu.Frontend.connect(sock) as fe:
             iommu.fe = fe
@@ -69,6 +70,7 @@ def session(sock_dir: Path):  # type: ignore[no-untyped-def]
             )
             assert vu.VirtioFeature.ACCESS_PLATFORM in result.features
             ring = vu.DriverQueue(mem, QSIZE)
+            iommu.ring_pages = {(a + IOVA_BASE + k) & ~(PAGE - 1) for a in ring.guest_addrs for k in (0, PAGE - 1)}
             kick, call = (os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2))
             fds += [kick, call]
             desc, avail, used = (a + IOVA_BASE for a in ring.guest_addrs)
@@ -234,3 +236,68 @@ def test_hostile_iotlb_messages_get_failure_answers(sock_dir: Path) -> None:
             fe.negotiate(memory=mem)
             assert fe.get_queue_num() == 1
     assert backend.error is None
+
+
+class InvalidatingIommu(Iommu):
+    """QEMU's order behind a vIOMMU in strict mode: the guest's unmap reaches the front-end
+    while the back-end's MISS for a buffer is unanswered, and the front-end sends the
+    INVALIDATE on the main channel, and waits for its answer, before it answers the MISS (QEMU
+    reads the back-end request channel only between main-channel requests). The INVALIDATE
+    covers the ring's own pages, so the back-end must re-translate the ring meanwhile."""
+
+    def __init__(self, mem: vu.GuestMemory) -> None:
+        super().__init__(mem)
+        self.invalidate_took: float | None = None
+
+    def iotlb_msg(self, msg: IotlbMsg) -> int | None:
+        page = msg.iova & ~(PAGE - 1)
+        if self.invalidate_took is None and self.ring_pages and page not in self.ring_pages:
+            assert self.fe is not None
+            lo, hi = min(self.ring_pages), max(self.ring_pages) + PAGE
+            started = time.monotonic()
+            self.fe.iotlb_msg(IotlbMsg(lo, hi - lo, 0, 0, IotlbMsg.INVALIDATE))
+            self.invalidate_took = time.monotonic() - started
+        return super().iotlb_msg(msg)
+
+
+def test_invalidate_of_the_ring_while_a_buffer_miss_is_unanswered(sock_dir: Path) -> None:
+    """The INVALIDATE is answered at once (the ring's worker does not block on its MISS, so
+    taking the ring off it does not wait for the front-end), the ring asks for its pages again,
+    the request completes, and the back-end request channel stays usable for the next one.
+    (A worker that waited for the MISS's REPLY_ACK held the INVALIDATE for its 5 s timeout,
+    then closed the channel and broke the ring: the guest hung.)"""
+    with session(sock_dir, InvalidatingIommu) as (fe, mem, ring, kick, call, iommu):
+        assert echo(mem, ring, kick, call, b"held back") == b"kcab dleh"
+        assert iommu.invalidate_took is not None and iommu.invalidate_took < 1.0, iommu.invalidate_took
+        # The ring was translated again: its pages were asked for after the buffer's MISS.
+        first_buffer = next(i for i, (iova, _) in enumerate(iommu.misses) if iova & ~(PAGE - 1) not in iommu.ring_pages)
+        assert {iova & ~(PAGE - 1) for iova, _ in iommu.misses[first_buffer:]} & iommu.ring_pages
+        assert echo(mem, ring, kick, call, b"and after") == b"retfa dna"
+
+
+class SlowIommu(Iommu):
+    """Leaves the first MISS for a buffer unanswered (a front-end that lost it or is slow)."""
+
+    def __init__(self, mem: vu.GuestMemory) -> None:
+        super().__init__(mem)
+        self.ignored: list[float] = []
+
+    def iotlb_msg(self, msg: IotlbMsg) -> int | None:
+        if not self.ignored and self.ring_pages and msg.iova & ~(PAGE - 1) not in self.ring_pages:
+            self.ignored.append(time.monotonic())
+            with self.lock:
+                self.misses.append((msg.iova, msg.perm))
+            return None
+        return super().iotlb_msg(msg)
+
+
+def test_an_unanswered_miss_is_sent_again_and_the_request_completes(sock_dir: Path) -> None:
+    """The chain whose buffer missed stays on the ring: after the MISS goes unanswered the
+    back-end asks again (within a few seconds), the answer arrives, and the request completes
+    exactly once."""
+    with session(sock_dir, SlowIommu) as (fe, mem, ring, kick, call, iommu):
+        assert echo(mem, ring, kick, call, b"patience", timeout=10) == b"ecneitap"
+        first = iommu.misses.index(next(m for m in iommu.misses if m[0] & ~(PAGE - 1) not in iommu.ring_pages))
+        assert iommu.misses[first] in iommu.misses[first + 1 :]  # the same MISS, sent again
+        assert ring.reap() == []  # completed once
+        assert echo(mem, ring, kick, call, b"next") == b"txen"

@@ -648,7 +648,9 @@ class ReverseEcho(vu.Device):
 def test_an_iotlb_failure_signals_the_error_fd(sock_dir: Path) -> None:
     """ACCESS_PLATFORM: the front-end refuses the translation of a buffer (its IOMMU has no
     entry): the ring is broken, its error fd is signalled, its call fd is not, and the session
-    goes on."""
+    goes on. The back-end's MISS does not ask for REPLY_ACK (waiting for it could deadlock
+    against the front-end's main-channel requests), so it learns of the refusal by the missing
+    UPDATE: after its repeated MISSes go unanswered (about 5 s)."""
     sock = sock_dir / "iotlb.sock"
     with vu.Backend.listen(sock, ReverseEcho()) as backend:
         backend.start()
@@ -673,8 +675,8 @@ def test_an_iotlb_failure_signals_the_error_fd(sock_dir: Path) -> None:
                 ring.add([(out + IOVA_BASE, 8)], [(back + IOVA_BASE, 8)])
                 ring.publish()
                 os.eventfd_write(kick, 1)
-                assert fired(err, 5), "the error fd was not signalled"
-                assert iommu.refused
+                assert fired(err, 15), "the error fd was not signalled"
+                assert len(iommu.refused) >= 2  # asked again before giving up
                 assert not fired(call, 0.2)
                 assert ring.reap() == []
                 assert fe.get_queue_num() == 1  # the session goes on

@@ -196,6 +196,11 @@ impl PackedDeviceQueue {
         self.iotlb = iotlb;
     }
 
+    /// The IOTLB set by [`set_iotlb`](Self::set_iotlb).
+    pub fn iotlb(&self) -> Option<&Arc<RwLock<Iotlb>>> {
+        self.iotlb.as_ref()
+    }
+
     /// LOG_ALL: log every byte written into guest buffers in `data`. VHOST_VRING_F_LOG: log the
     /// ring writes in `ring`, whose address is SET_VRING_ADDR's `log_guest_addr` — for a packed
     /// ring the guest address of the device event area (what `used_user_addr` points at); used
