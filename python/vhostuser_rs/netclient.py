@@ -201,6 +201,10 @@ class NetClient:
         MAC to set) wait on their ring, bounded by `timeout`."""
         if queue_pairs < 1:
             raise ValueError("queue_pairs must be at least 1")
+        if reconnect is None:
+            # A Frontend made with reconnect= may reconnect by itself (in a control command's
+            # wait): the driver then follows it, with the same seconds.
+            reconnect = frontend.reconnect
         if reconnect is not None and (frontend.path is None or reconnect < 0):
             raise ValueError("reconnect= needs the socket path (NetClient.connect) and seconds >= 0")
         self._frontend: Frontend | None = frontend
@@ -355,7 +359,9 @@ class NetClient:
         marked used is read again by the new one: it goes out once if the old one never took
         it, twice if the old one had put it on the wire but not completed it yet (at least
         once, as QEMU and DPDK's "resent for Tx"); frames sent while no back-end is there wait
-        in the ring for the next one."""
+        in the ring for the next one. (:meth:`run_bench` does not reconnect: it runs its
+        `seconds` whatever the back-end does.) A :class:`Frontend` made with ``reconnect=``
+        and given to the constructor lends the client its seconds."""
         fe = Frontend.connect(path, timeout=timeout)
         try:
             return cls(
@@ -420,7 +426,7 @@ class NetClient:
         if self.reconnect is None:
             return self.core.send(queue_pair, frames)
         burst = frames if isinstance(frames, (list, tuple)) else list(frames)
-        session = self._session
+        session = self._follow()
         try:
             return self.core.send(queue_pair, burst)
         except ConnectionClosedError:
@@ -444,7 +450,7 @@ class NetClient:
         deadline = None if timeout is None else time.monotonic() + timeout
         left = timeout
         while True:
-            session = self._session
+            session = self._follow()
             try:
                 frames = self.core.recv(queue_pair, max_frames, left)
                 # Nothing came: look for a hang-up (the native wait sees one only while it
@@ -458,6 +464,14 @@ class NetClient:
                 left = max(0.0, deadline - time.monotonic())
 
     # -- reconnecting ----------------------------------------------------------------------------
+    def _follow(self) -> int:
+        """The session the data path is on, after catching up with a reconnect the Frontend
+        made by itself (one attribute read when it did not)."""
+        fe = self._frontend
+        if fe is not None and fe.sessions != self._session:
+            self._recover(self._session)
+        return self._session
+
     def _recover(self, seen: int) -> None:
         """Replace a back-end that hung up (``reconnect=``): once per hang-up whatever the
         number of threads that met it (`seen`: the session the caller was using)."""
@@ -465,8 +479,16 @@ class NetClient:
             if self._closed:
                 raise ConnectionClosedError("the NetClient is closed")
             fe = self.frontend
-            if self._session != seen or not fe.peer_closed:
-                return  # another thread reconnected meanwhile, or there was no hang-up
+            if self._session != seen:
+                return  # another thread reconnected meanwhile
+            if not fe.peer_closed:
+                if fe.sessions != self._session:
+                    # The Frontend reconnected by itself (made with reconnect=, in a control
+                    # command's wait): the driver's part is left to do.
+                    self._resume_driver(fe)
+                    self._restarted(fe)
+                return
+            limit = self.reconnect
             limit = self.reconnect
             assert limit is not None
             deadline = time.monotonic() + limit
@@ -494,10 +516,13 @@ class NetClient:
                         raise VhostUserTimeoutError(
                             f"no back-end came back at {fe.path} within reconnect={limit} s: {e}"
                         ) from e
-            self.sessions += 1
-            # Published last: a thread that reads the new session also finds the new connection.
-            self._session = fe.sessions
-            log.info("NetClient reconnected to %s (session %d)", fe.path, self.sessions)
+            self._restarted(fe)
+
+    def _restarted(self, fe: Frontend) -> None:
+        self.sessions += 1
+        # Published last: a thread that reads the new session also finds the new connection.
+        self._session = fe.sessions
+        log.info("NetClient reconnected to %s (session %d)", fe.path, self.sessions)
 
     def _resume_driver(self, fe: Frontend) -> None:
         """What the driver does again on a new session after :meth:`Frontend.reconnect_now`

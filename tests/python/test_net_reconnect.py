@@ -13,6 +13,7 @@ import asyncio
 import os
 import selectors
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -216,6 +217,36 @@ def test_two_queue_pairs_and_the_control_queue_come_back(tmp_path: Path, sock_di
             assert nic.sessions == 2 and nic.mac == bytes.fromhex("02aabbccddee")
             for qp in (1, 0):
                 exchange_after(nic, batch(30, 100 * qp), batch(30, 1000 + 100 * qp), queue_pair=qp)
+
+
+def test_a_frontend_that_reconnects_by_itself_is_followed(tmp_path: Path, sock_dir: Path) -> None:
+    """A Frontend made with reconnect= lends the client its seconds; when it reconnects by
+    itself (here in the wait of a control command, which the hand-over gives to the new
+    back-end and which completes there), the next data-path call does the driver's part."""
+    sock = sock_dir / "net.sock"
+    with servers(sock, tmp_path) as start:
+        first = start()
+        fe = vu.Frontend.connect(sock, reconnect=20.0)
+        with NetClient(fe, control_queue=True) as nic:
+            assert nic.reconnect == 20.0
+            kill(first)
+            start()
+            nic.set_promisc(True)  # the command's wait reconnects the Frontend
+            assert fe.sessions == 2 and nic.sessions == 1
+            f = batch(20, 9)
+            exchange_after(nic, [], f)
+            assert nic.sessions == 2
+
+
+def test_reconnect_needs_the_socket_path() -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        fe = vu.Frontend.from_socket(a)
+        try:
+            with pytest.raises(ValueError, match="socket path"):
+                NetClient(fe, reconnect=1.0)
+        finally:
+            fe.close()
 
 
 def test_no_backend_comes_back_is_a_timeout(tmp_path: Path, sock_dir: Path) -> None:
