@@ -261,8 +261,11 @@ class NetClient:
         if mtu is not None and device_mtu is not None and mtu > device_mtu:
             raise NegotiationError(f"the device's MTU is {device_mtu}, {mtu} requested")
         self.mtu: int = mtu if mtu is not None else (device_mtu or 1500)
+        # The MTU last sent with NET_SET_MTU (sent again after a reconnect).
+        self._mtu_sent: int | None = None
         if mtu is not None and ProtocolFeature.MTU in frontend.protocol_features:
             yield from frontend.net_set_mtu.steps(mtu)
+            self._mtu_sent = mtu
         self.queue_pairs = queue_pairs
         self._active_pairs = queue_pairs
         rings: list[tuple[Virtqueue, Virtqueue]] = []
@@ -349,7 +352,8 @@ class NetClient:
         the same guest memory, hands every ring over (SET_VRING_BASE: split, the used index
         the old back-end last published; packed, :meth:`DriverQueue.hand_over
         <vhostuser_rs.DriverQueue.hand_over>`) with the same kick and call eventfds, and sends
-        SET_STATUS (DRIVER_OK), the queue-pair enables, the MAC and the RX modes as set up.
+        SET_STATUS (DRIVER_OK), NET_SET_MTU, the queue-pair enables, the MAC and the RX modes
+        as set up (NegotiationError if the new device's MTU is below the one in use).
         The same object keeps working: :meth:`fileno` stays the same fd, counters go on.
 
         What a reconnect means for frames: RX, every buffer not used by the old back-end is
@@ -532,6 +536,11 @@ class NetClient:
             fe.set_status(_DRIVER_OK)
         if self._config is not None and ProtocolFeature.CONFIG in fe.protocol_features:
             self._config = NetConfig.parse(fe.get_config(0, CONFIG_SIZE))
+            if self.features & _MTU and self._config.mtu < self.mtu:
+                # The buffers and what send() accepts were sized for the MTU of connect.
+                raise NegotiationError(f"the new back-end's MTU is {self._config.mtu}, the driver uses {self.mtu}")
+        if self._mtu_sent is not None and ProtocolFeature.MTU in fe.protocol_features:
+            fe.net_set_mtu(self._mtu_sent)
         if self.features & _MQ and self.queue_pairs > 1 and (self._ctrl is not None or self._active_pairs < self.queue_pairs):
             # The new device starts with one pair (control queue) or every ring enabled (the
             # hand-over): what set_queue_pairs chose is chosen again.
@@ -686,8 +695,10 @@ class NetClient:
 
     def set_mtu(self, mtu: int) -> None:
         """NET_SET_MTU (needs the MTU protocol feature). Buffers keep their size: frames larger
-        than the MTU given at connect time are still refused by :meth:`send`."""
+        than the MTU given at connect time are still refused by :meth:`send`. Sent again after
+        a reconnect."""
         self.frontend.net_set_mtu(mtu)
+        self._mtu_sent = mtu
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"{self.queue_pairs} pair(s), mtu {self.mtu}"

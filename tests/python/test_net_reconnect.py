@@ -336,6 +336,25 @@ def test_a_backend_offering_less_is_a_negotiation_error(tmp_path: Path, sock_dir
             assert exchange(nic, f) == [swapped(x) for x in f]
 
 
+def test_a_smaller_mtu_after_the_restart_is_a_negotiation_error(tmp_path: Path, sock_dir: Path) -> None:
+    """Buffers and send()'s limit were sized for MTU 9000: a back-end that comes back with
+    MTU 1500 is refused (every call says so until it is replaced); one with 9000 again is
+    taken, and jumbo frames come back whole."""
+    sock = sock_dir / "net.sock"
+    with servers(sock, tmp_path) as start:
+        first = start([*LOOPBACK, "--mtu", "9000"])
+        with NetClient.connect(sock, mtu=9000, reconnect=10.0) as nic:
+            kill(first)
+            second = start([*LOOPBACK, "--mtu", "1500"])
+            for _ in range(2):
+                with pytest.raises(vu.NegotiationError, match="MTU is 1500"):
+                    nic.recv(timeout=0)
+            kill(second)
+            start([*LOOPBACK, "--mtu", "9000"])
+            big = [frame(9014, seed=i) for i in range(8)]
+            exchange_after(nic, [], big, window=8)
+
+
 def test_event_loop_watching_fileno_keeps_working(tmp_path: Path, sock_dir: Path) -> None:
     """A selector registered on fileno() before the restart is woken by frames of the new
     session (the RX call eventfd is the same one, handed to the new back-end)."""
