@@ -493,7 +493,6 @@ class NetClient:
                     self._restarted(fe)
                 return
             limit = self.reconnect
-            limit = self.reconnect
             assert limit is not None
             deadline = time.monotonic() + limit
             last: BaseException | None = None
@@ -541,10 +540,11 @@ class NetClient:
                 raise NegotiationError(f"the new back-end's MTU is {self._config.mtu}, the driver uses {self.mtu}")
         if self._mtu_sent is not None and ProtocolFeature.MTU in fe.protocol_features:
             fe.net_set_mtu(self._mtu_sent)
-        if self.features & _MQ and self.queue_pairs > 1 and (self._ctrl is not None or self._active_pairs < self.queue_pairs):
+        if self.features & _MQ and self.queue_pairs > 1:
             # The new device starts with one pair (control queue) or every ring enabled (the
             # hand-over): what set_queue_pairs chose is chosen again.
-            self.set_queue_pairs(self._active_pairs)
+            if self._ctrl is not None or self._active_pairs < self.queue_pairs:
+                self.set_queue_pairs(self._active_pairs)
         if self._mac_set:
             self.set_mac(self.mac)
         for cmd, on in self._rx_modes.items():
@@ -648,7 +648,9 @@ class NetClient:
                 raise VhostUserTimeoutError(f"control command class {cls} command {cmd} got no answer")
             if not vq.wait(0.05 if left is None else min(left, 0.05)) and self.frontend.peer_closed:
                 # The chain stays in the ring: a reconnect hands it to the next back-end.
-                raise ConnectionClosedError(f"the back-end hung up with control command class {cls} command {cmd} in flight")
+                raise ConnectionClosedError(
+                    f"the back-end hung up with control command class {cls} command {cmd} in flight"
+                )
 
     def set_queue_pairs(self, n: int) -> None:
         """VQ_PAIRS_SET: use `n` of the pairs set up (needs MQ): on the control queue, or

@@ -199,9 +199,10 @@ def test_sender_only_reconnects_when_the_ring_fills(tmp_path: Path, sock_dir: Pa
 
 
 def test_two_queue_pairs_and_the_control_queue_come_back(tmp_path: Path, sock_dir: Path) -> None:
-    """Two pairs with the control queue: the new back-end starts with one pair (virtio 1.2
-    §5.1.6.5.5), so VQ_PAIRS_SET is sent again on its control queue; both pairs loop frames
-    back after the restart, and the MAC set through the control queue is set again."""
+    """Two pairs with the control queue: a new device starts with one pair (virtio 1.2
+    §5.1.6.5.5), so VQ_PAIRS_SET is sent again on the control queue (handed over like the
+    other rings), and MAC_ADDR_SET too: the new serve-net's config shows the driver's MAC, not
+    its own default; both pairs loop frames back after the restart."""
     sock = sock_dir / "net.sock"
     args = [*LOOPBACK, "--queue-pairs", "2"]
     with servers(sock, tmp_path) as start:
@@ -215,8 +216,31 @@ def test_two_queue_pairs_and_the_control_queue_come_back(tmp_path: Path, sock_di
             start(args)
             nic.recv(timeout=0, queue_pair=1)  # finds the hang-up, reconnects
             assert nic.sessions == 2 and nic.mac == bytes.fromhex("02aabbccddee")
+            assert nic.frontend.get_config(0, 12)[:6] == bytes.fromhex("02aabbccddee")
             for qp in (1, 0):
                 exchange_after(nic, batch(30, 100 * qp), batch(30, 1000 + 100 * qp), queue_pair=qp)
+
+
+def test_disabled_pairs_stay_disabled(tmp_path: Path, sock_dir: Path) -> None:
+    """Without the control queue VQ_PAIRS_SET is SET_VRING_ENABLE (as QEMU does): the hand-over
+    enables every ring, so the driver disables again the pairs it had disabled; the new
+    back-end does not serve pair 1 until the driver asks for two pairs again."""
+    sock = sock_dir / "net.sock"
+    args = [*LOOPBACK, "--queue-pairs", "2"]
+    with servers(sock, tmp_path) as start:
+        first = start(args)
+        with NetClient.connect(sock, queue_pairs=2, reconnect=20.0) as nic:
+            nic.set_queue_pairs(1)
+            kill(first)
+            start(args)
+            nic.recv(timeout=0)  # finds the hang-up, reconnects
+            assert nic.sessions == 2
+            parked = batch(5, 50)
+            assert nic.send(parked, queue_pair=1) == 5
+            assert nic.recv(timeout=0.5, queue_pair=1) == []
+            exchange_after(nic, [], batch(10, 60), queue_pair=0)
+            nic.set_queue_pairs(2)
+            exchange_after(nic, parked, batch(10, 70), queue_pair=1)
 
 
 def test_a_frontend_that_reconnects_by_itself_is_followed(tmp_path: Path, sock_dir: Path) -> None:
