@@ -160,6 +160,61 @@ def test_serve_net_killed_and_restarted(tmp_path: Path, sock_dir: Path, packed: 
             assert (theirs.tx_frames, theirs.rx_frames) == (540 + again, 540 + again)
 
 
+def test_sender_and_receiver_threads_share_one_reconnect(tmp_path: Path, sock_dir: Path) -> None:
+    """send() on one thread, recv() on another (NetClient's thread-safety rule), the back-end
+    killed and restarted under them: one reconnect (sessions == 2) whichever thread meets the
+    hang-up first; the receiver gets the frames in order, the last 1000 all of them, without
+    duplicates once those the new back-end read again (at least once) are skipped, and at most
+    a ring's worth missing (in flight in the killed process: lost, as on a NIC)."""
+    sock = sock_dir / "net.sock"
+    frames = batch(3000, 0)
+    want = [swapped(f) for f in frames]
+    with servers(sock, tmp_path) as start:
+        first = start()
+        with NetClient.connect(sock, queue_size=256, reconnect=20.0) as nic:
+            got: list[bytes] = []
+            seen: set[bytes] = set()
+            sent = 0
+            done = threading.Event()
+
+            def send_all() -> None:
+                nonlocal sent
+                deadline = time.monotonic() + 60
+                try:
+                    while sent < len(frames):
+                        assert time.monotonic() < deadline
+                        if sent - len(got) < 128:  # keep the RX ring from overflowing
+                            sent += nic.send(frames[sent:sent + 32])
+                        else:
+                            time.sleep(0.001)
+                finally:
+                    done.set()
+
+            def receive_all() -> None:
+                deadline = time.monotonic() + 60
+                while True:
+                    assert time.monotonic() < deadline, f"{len(got)} of {len(frames)}"
+                    more = nic.recv(timeout=1.0)
+                    if not more and done.is_set():
+                        return
+                    for _, d in more:
+                        if d not in seen:  # frames are all different: a second copy is a resend
+                            seen.add(d)
+                            got.append(d)
+
+            with in_thread(send_all) as s_out, in_thread(receive_all) as r_out:
+                while len(got) < 1000:
+                    time.sleep(0.01)
+                kill(first)
+                time.sleep(0.3)
+                start()
+            assert s_out == [None] and r_out == [None], (s_out, r_out)
+            assert nic.sessions == 2
+            expected = iter(want)
+            assert all(g in expected for g in got), "out of order"
+            assert len(want) - len(got) <= 256 and got[-1000:] == want[-1000:]
+
+
 def test_sender_only_reconnects_when_the_ring_fills(tmp_path: Path, sock_dir: Path) -> None:
     """A client that only sends meets the hang-up when the TX ring is full: send() then
     reconnects and goes on; no frame is lost: the new back-end gets all 200 (the 64 in the
