@@ -519,6 +519,10 @@ class NetClient:
                         raise VhostUserTimeoutError(
                             f"no back-end came back at {fe.path} within reconnect={limit} s: {e}"
                         ) from e
+                except Exception:
+                    if self._closed:  # whatever close() cut short (a ring's fds, a request)
+                        raise ConnectionClosedError("the NetClient was closed while reconnecting") from None
+                    raise
             self._restarted(fe)
 
     def _restarted(self, fe: Frontend) -> None:

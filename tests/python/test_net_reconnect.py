@@ -373,6 +373,30 @@ def test_close_from_another_thread_ends_a_reconnect(tmp_path: Path, sock_dir: Pa
         assert time.monotonic() - before < 5
 
 
+def test_close_at_any_point_of_a_reconnect_leaks_nothing(tmp_path: Path, sock_dir: Path) -> None:
+    """A back-end is there this time: close() lands before, during or after the reconnect
+    (delays spread over its ~20 ms). The waiting thread always ends with ConnectionClosedError
+    and no fd is left behind (no session kept on a closed client)."""
+    sock = sock_dir / "net.sock"
+    with servers(sock, tmp_path) as start:
+        server = start()
+        base = None
+        for i in range(12):
+            nic = NetClient.connect(sock, reconnect=20.0)
+            if base is None:
+                nic.close()
+                base = fd_count()
+                nic = NetClient.connect(sock, reconnect=20.0)
+            kill(server)
+            server = start()
+            with in_thread(lambda: nic.recv(timeout=None)) as out:
+                time.sleep(0.003 * i)
+                nic.close()
+            assert isinstance(out[0], vu.ConnectionClosedError), (i, out)
+            del nic
+            assert fd_count() == base, i
+
+
 def test_fds_are_not_leaked_across_reconnects(tmp_path: Path, sock_dir: Path) -> None:
     sock = sock_dir / "net.sock"
     with servers(sock, tmp_path) as start:
