@@ -361,9 +361,11 @@ class NetClient:
         old back-end published as used is still received, and a frame it was writing when it
         died is lost (as on a NIC that resets). TX, every frame the old back-end had not
         marked used is read again by the new one: it goes out once if the old one never took
-        it, twice if the old one had put it on the wire but not completed it yet (at least
-        once, as QEMU and DPDK's "resent for Tx"); frames sent while no back-end is there wait
-        in the ring for the next one. (:meth:`run_bench` does not reconnect: it runs its
+        it, twice if the old one had put it on the wire but not completed it yet: at least
+        once (QEMU too restores a crashed back-end's rings from the used index, and DPDK's
+        vhost, starting a ring whose used index differs from its own, warns that packets may
+        be resent for TX). Frames sent while no back-end is there wait in the ring for the
+        next one. (:meth:`run_bench` does not reconnect: it runs its
         `seconds` whatever the back-end does.) A :class:`Frontend` made with ``reconnect=``
         and given to the constructor lends the client its seconds."""
         fe = Frontend.connect(path, timeout=timeout)
