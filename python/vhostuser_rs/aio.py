@@ -471,7 +471,13 @@ class AsyncNetClient:
     pair `queue_pair`): ``await recv()``, ``async for header, frame in client``, ``await
     send(frames)``. Received frames are reaped when the RX call eventfd becomes readable
     (``loop.add_reader``); a back-end that hangs up ends every wait with
-    ConnectionClosedError. Use it from the loop's thread only."""
+    ConnectionClosedError. Use it from the loop's thread only.
+
+    With ``reconnect=SECONDS`` (:meth:`connect`, :meth:`NetClient.connect
+    <vhostuser_rs.netclient.NetClient.connect>`) a hang-up starts a reconnect on a worker
+    thread (the loop goes on); waits go on on the new session, or end with the reconnect's
+    error (VhostUserTimeoutError when no back-end came back in time, NegotiationError), which
+    every later call raises too."""
 
     def __init__(self, client: NetClient, *, queue_pair: int = 0) -> None:
         self.client = client
@@ -482,6 +488,7 @@ class AsyncNetClient:
         self._waiter: asyncio.Future[None] | None = None
         self._backlog: list[tuple[NetHeader, bytes]] = []
         self._error: BaseException | None = None
+        self._reconnecting: asyncio.Future[None] | None = None
         self._loop.add_reader(self._rx_fd, self._wake)
         self._loop.add_reader(self._main_fd, self._on_main)
 
@@ -532,13 +539,45 @@ class AsyncNetClient:
 
     def _on_main(self) -> None:
         if self.client.frontend.peer_closed:
-            self._fail(ConnectionClosedError("the back-end hung up"))
+            if self.client.reconnect is None:
+                self._fail(ConnectionClosedError("the back-end hung up"))
+            else:
+                self._start_reconnect()
         else:
             # An unsolicited message: not ours to read. Look again later rather than spin.
             self._loop.remove_reader(self._main_fd)
             self._loop.call_later(
                 0.1, lambda: self._error is None and self._loop.add_reader(self._main_fd, self._on_main)
             )
+
+    def _start_reconnect(self) -> asyncio.Future[None]:
+        """The reconnect under way, started if none is (NetClient._recover, blocking, on the
+        loop's default executor; the RX call eventfd stays the same, the main channel's
+        changes)."""
+        if self._reconnecting is None:
+            self._loop.remove_reader(self._main_fd)
+            self._reconnecting = asyncio.ensure_future(self._reconnect(self.client._session))
+        return self._reconnecting
+
+    async def _reconnect(self, seen: int) -> None:
+        try:
+            await self._loop.run_in_executor(None, self.client._recover, seen)
+        except BaseException as e:  # noqa: BLE001 - every wait gets it
+            if self._error is None:
+                self._fail(e)
+            return
+        finally:
+            self._reconnecting = None
+        if self._error is None:
+            self._main_fd = self.client.frontend.fileno()
+            self._loop.add_reader(self._main_fd, self._on_main)
+            self._wake()
+
+    async def _reconnected(self, error: ConnectionClosedError) -> None:
+        """After the native path met a hang-up: wait for the reconnect, or re-raise."""
+        if self.client.reconnect is None or self.client._closed:
+            raise error
+        await asyncio.shield(self._start_reconnect())
 
     async def recv(self, *, max_frames: int = 64) -> list[tuple[NetHeader, bytes]]:
         """Up to `max_frames` received frames with their headers; waits for the first without
@@ -549,7 +588,14 @@ class AsyncNetClient:
                 return out
             if self._error is not None:
                 raise self._error
-            frames = self.client.recv(max_frames=max_frames, timeout=0, queue_pair=self.queue_pair)
+            if self._reconnecting is not None:
+                await asyncio.shield(self._reconnecting)
+                continue
+            try:
+                frames = self.client.core.recv(self.queue_pair, max_frames, 0)
+            except ConnectionClosedError as e:
+                await self._reconnected(e)
+                continue
             if frames:
                 return frames
             self._waiter = self._loop.create_future()
@@ -582,7 +628,14 @@ class AsyncNetClient:
         while pending:
             if self._error is not None:
                 raise self._error
-            n = self.client.send(pending, queue_pair=self.queue_pair)
+            if self._reconnecting is not None:
+                await asyncio.shield(self._reconnecting)
+                continue
+            try:
+                n = self.client.core.send(self.queue_pair, pending)
+            except ConnectionClosedError as e:
+                await self._reconnected(e)
+                continue
             sent += n
             pending = pending[n:]
             if pending:

@@ -816,7 +816,13 @@ class Virtqueue:
     With INBAND_NOTIFICATIONS negotiated the back-end got no kick or call fd: :meth:`kick`
     sends VRING_KICK and the back-end's VRING_CALL / VRING_ERR messages signal the local
     `call_fd` / `err_fd` (:class:`BuiltinHandler`), so :meth:`wait` is unchanged. With a host
-    notifier page mapped for the ring (HOST_NOTIFIER), :meth:`kick` writes the doorbell."""
+    notifier page mapped for the ring (HOST_NOTIFIER), :meth:`kick` writes the doorbell.
+
+    `keep_fds`: a reconnect (:meth:`Frontend.reconnect_now`) hands the new back-end the same
+    kick, call and error eventfds instead of new ones, as QEMU does (its notifiers belong to the
+    device, not to the session) — for drivers whose data path, or whose caller's event loop,
+    holds them (:class:`~vhostuser_rs.netclient.NetClient`). Otherwise each reconnect makes new
+    ones, so a back-end that went away without dying cannot signal or consume them."""
 
     index: int
     queue: DriverQueue
@@ -826,6 +832,7 @@ class Virtqueue:
     _closed: bool = field(default=False, repr=False)
     frontend: Frontend | None = field(default=None, repr=False, compare=False)
     inband: bool = False
+    keep_fds: bool = False
 
     def kick(self) -> None:
         """Notify the device: the host-notifier page if the back-end mapped one, VRING_KICK
@@ -1704,6 +1711,7 @@ class Frontend(_Requests):
         self.sessions = 1
         self._negotiation: dict[str, Any] | None = None
         self._num_queues: int | None = None
+        self._required_features = 0
         self._lost = False
         self._closed = False
 
@@ -1860,8 +1868,11 @@ class Frontend(_Requests):
         resumes after what it resubmits; packed: the requests in flight are written into the
         ring again after the completions not reaped yet, :meth:`DriverQueue.hand_over`) and kick
         each. The :class:`Virtqueue` objects stay the
-        same (new eventfds inside). Raises VhostUserTimeoutError if no back-end answered in
-        time (the session stays lost; call again)."""
+        same (new eventfds inside, unless :attr:`Virtqueue.keep_fds`). Raises
+        VhostUserTimeoutError if no back-end answered in time, NegotiationError if the new
+        back-end does not offer every virtio feature the previous session acknowledged (no ring
+        is started), ConnectionClosedError if :meth:`close` ran meanwhile; the session then
+        stays lost (call again)."""
         if self._closed:
             raise ConnectionClosedError("the session is closed")
         if self.path is None:
@@ -1869,15 +1880,29 @@ class Frontend(_Requests):
         if isinstance(timeout, EllipsisType):
             timeout = self.reconnect
         deadline = None if timeout is None else time.monotonic() + timeout
+        if not self._lost:
+            # What the last working session acknowledged: the new back-end must offer it all
+            # (checked in _resume, before any ring starts).
+            try:
+                acked = int(self._core.negotiated()["acked_features"] or 0)
+                self._required_features = acked & ~int(VirtioFeature.LOG_ALL)
+            except VhostUserError:
+                pass
         self._lost = True
         self._core.close()
         while True:
+            if self._closed:
+                raise ConnectionClosedError("the session was closed while reconnecting")
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 core = _native.FrontendCore.connect(self.path, timeout=left)
             except (OSError, VhostUserError) as e:
                 raise VhostUserTimeoutError(f"no back-end at {self.path} to reconnect to: {e}") from e
             self._core = core
+            if self._closed:
+                # close() ran on another thread meanwhile: the new session is not kept.
+                core.close()
+                raise ConnectionClosedError("the session was closed while reconnecting")
             self._lost = False
             try:
                 self._resume(deadline)
@@ -1912,6 +1937,14 @@ class Frontend(_Requests):
         # A memory table the caller shared by hand after negotiate() is shared again.
         self.memory = None
         self.negotiate(**args)
+        lost = self._required_features & ~int(self.features)
+        if lost:
+            # A driver cannot lose a feature it acknowledged (ring layout, header format and
+            # what is in flight depend on it): the session is not started.
+            raise NegotiationError(
+                f"the back-end at {self.path} no longer offers {VirtioFeature(lost)!r} ({lost:#x}), which "
+                "the previous session acknowledged"
+            )
         if memory is not None and self.memory is None:
             self.add_memory(memory)
         if self.inflight is not None:
@@ -1920,12 +1953,13 @@ class Frontend(_Requests):
             else:
                 log.warning("the new back-end has no INFLIGHT_SHMFD: requests it had taken are re-read from the rings")
         for vq in list(self._queues.values()):
-            fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
-            old = (vq.kick_fd, vq.call_fd, vq.err_fd)
-            # New fds in place before the old ones close: the channel thread may signal them.
-            vq.kick_fd, vq.call_fd, vq.err_fd = fds
-            for fd in old:
-                os.close(fd)
+            if not vq.keep_fds:
+                fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
+                old = (vq.kick_fd, vq.call_fd, vq.err_fd)
+                # New fds in place before the old ones close: the channel thread may signal them.
+                vq.kick_fd, vq.call_fd, vq.err_fd = fds
+                for fd in old:
+                    os.close(fd)
             self._start_ring(vq, vq.queue.hand_over(), enable=True)
         for vq in self._queues.values():
             vq.kick()

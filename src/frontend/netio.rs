@@ -846,6 +846,89 @@ mod tests {
         out
     }
 
+    /// The avail ring entries a new device sees when it starts at `base` (what SET_VRING_BASE
+    /// gives it), up to the driver's avail index: (head, buffer address).
+    fn avail_from(mem: &GuestMemory, q: &AnyDriverQueue, base: u16) -> Vec<(u16, u64)> {
+        let r = split_ring(q);
+        let t = mem.table();
+        let mut b = [0u8; 2];
+        t.read(r.avail + 2, &mut b).unwrap();
+        let avail = u16::from_le_bytes(b);
+        let mut out = Vec::new();
+        let mut i = base;
+        while i != avail {
+            t.read(r.avail + 4 + 2 * u64::from(i % r.size), &mut b).unwrap();
+            let head = u16::from_le_bytes(b);
+            let mut d = [0u8; 16];
+            t.read(r.desc + 16 * u64::from(head), &mut d).unwrap();
+            out.push((head, u64::from_le_bytes(d[..8].try_into().unwrap())));
+            i = i.wrapping_add(1);
+        }
+        out
+    }
+
+    /// A reconnect hands the RX ring over with SET_VRING_BASE = the used index the old device
+    /// published (what QEMU restores after a back-end crash): the new device is offered every
+    /// buffer the old one had not used (one it had taken without using is offered again), and
+    /// the frames the old one used are still received and their buffers posted again behind.
+    #[test]
+    fn rx_hand_over_offers_every_posted_buffer_again() {
+        let f = VirtioFeatures::VERSION_1.bits() | feature::MRG_RXBUF;
+        let (mem, mut q, _tx, layout) = setup(f, 8);
+        let mut rx = RxRing::new(mem.clone(), &mut q, 0, layout).unwrap();
+        let mut a = hdr(1);
+        a.extend_from_slice(&[5u8; 60]);
+        // The old device used heads 0 and 1 (and had taken 2 and 3, which it never used).
+        use_rx(&mem, &q, &[(0, &a), (1, &a)]);
+        let base = q.hand_over().unwrap();
+        assert_eq!(base, 2);
+        let offered = avail_from(&mem, &q, base as u16);
+        assert_eq!(offered.iter().map(|&(h, _)| h).collect::<Vec<_>>(), (2..8).collect::<Vec<_>>());
+        let mut n = 0;
+        rx.recv(&mut q, 64, &mut |fr| {
+            assert_eq!(fr.len, 60);
+            n += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(n, 2, "what the old device used is received");
+        let offered = avail_from(&mem, &q, base as u16);
+        assert_eq!(offered.len(), 8, "all 8 buffers are offered to the new device");
+        let mut addrs: Vec<u64> = offered.iter().map(|&(_, a)| a).collect();
+        addrs.sort_unstable();
+        addrs.dedup();
+        assert_eq!(addrs.len(), 8, "each buffer once");
+    }
+
+    /// TX across a hand-over is at least once: every frame the old device had not marked used
+    /// is read again by the new one, whether or not the old one had sent it.
+    #[test]
+    fn tx_hand_over_offers_every_uncompleted_frame_again() {
+        let (mem, _rx, mut q, layout) = setup(VirtioFeatures::VERSION_1.bits(), 8);
+        let mut tx = TxRing::new(mem.clone(), &q, 1, layout).unwrap();
+        let frames: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 60]).collect();
+        let mut it = frames.iter().map(|f| (NetHeader::default(), &f[..]));
+        assert_eq!(tx.send(&mut q, &mut it).unwrap().0, 5);
+        // The old device completed the first two only.
+        let r = split_ring(&q);
+        for (slot, head) in [(0u64, 0u32), (1, 1)] {
+            let mut e = [0u8; 8];
+            e[..4].copy_from_slice(&head.to_le_bytes());
+            mem.table().write(r.used + 4 + 8 * slot, &e).unwrap();
+        }
+        mem.table().write(r.used + 2, &2u16.to_le_bytes()).unwrap();
+        let base = q.hand_over().unwrap();
+        let offered = avail_from(&mem, &q, base as u16);
+        assert_eq!(offered.len(), 3);
+        for (k, &(_, addr)) in offered.iter().enumerate() {
+            let mut data = vec![0u8; 72];
+            mem.table().read(addr, &mut data).unwrap();
+            assert_eq!(&data[12..], &frames[2 + k][..]);
+        }
+        tx.reclaim(&mut q).unwrap();
+        assert_eq!(tx.free_slots(), 8 - 3, "the two completed slots came back, three still out");
+    }
+
     #[test]
     fn tx_slots_are_recycled() {
         let (mem, _rx, mut q, layout) = setup(VirtioFeatures::VERSION_1.bits(), 4);

@@ -119,6 +119,14 @@ fn wait_call(fd: RawFd, conn: Option<RawFd>, timeout: std::time::Duration) -> st
     Ok(Woken::Call)
 }
 
+/// A duplicate of the main channel's socket `fd` (borrowed from the caller), if any.
+fn dup_conn(fd: Option<RawFd>) -> PyResult<Option<Arc<OwnedFd>>> {
+    let Some(fd) = fd else { return Ok(None) };
+    let one = [fd];
+    let b = borrow_fds(&one)?;
+    Ok(Some(Arc::new(b[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?)))
+}
+
 fn counters_dict<'py>(py: Python<'py>, c: PairCounters) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
     d.set_item("rx_frames", c.rx_frames)?;
@@ -242,14 +250,7 @@ impl PyNetClientCore {
         mtu: Option<u16>,
         conn_fd: Option<RawFd>,
     ) -> PyResult<PyNetClientCore> {
-        let conn = match conn_fd {
-            Some(fd) => {
-                let one = [fd];
-                let b = borrow_fds(&one)?;
-                Some(Arc::new(b[0].try_clone_to_owned().map_err(|e| super::errors::os_error(&e))?))
-            }
-            None => None,
-        };
+        let conn = dup_conn(conn_fd)?;
         let layout = PairLayout::new(features, mtu);
         let mem = memory.inner.clone();
         let mut out = Vec::with_capacity(pairs.len());
@@ -308,7 +309,8 @@ impl PyNetClientCore {
     /// Queues a burst of frames on pair `queue_pair`: bytes-like objects or ``(NetHeader,
     /// frame)`` pairs. Returns how many were queued (fewer when the TX ring is full). A frame
     /// shorter than an Ethernet header or longer than the MTU allows raises ``ValueError`` and
-    /// nothing is queued.
+    /// nothing is queued. ``ConnectionClosedError`` when the ring is full, nothing could be
+    /// queued and the back-end has hung up.
     fn send(&self, py: Python<'_>, queue_pair: usize, frames: &Bound<'_, PyAny>) -> PyResult<usize> {
         let pair = self.idle_pair(py, queue_pair)?;
         let mut items = Vec::with_capacity(frames.len().unwrap_or(0));
@@ -327,8 +329,10 @@ impl PyNetClientCore {
         if kick {
             eventfd::signal(pair.tx_kick.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
         }
-        if n < items.len() && self.hung_up() {
-            // The ring is full: if the back-end is gone it never will be less so.
+        if n == 0 && !items.is_empty() && self.hung_up() {
+            // The ring is full: if the back-end is gone it never will be less so. Only when
+            // nothing was queued: a count of frames already in the ring is never lost (they are
+            // handed to the next back-end on a reconnect).
             return Err(to_pyerr(py, Error::Disconnected));
         }
         Ok(n)
@@ -484,6 +488,29 @@ impl PyNetClientCore {
     #[pyo3(signature = (queue_pair=0))]
     fn fileno(&self, py: Python<'_>, queue_pair: usize) -> PyResult<RawFd> {
         Ok(self.pair(py, queue_pair)?.rx_call.as_raw_fd())
+    }
+
+    /// After a reconnect (the rings handed to a new back-end with the same eventfds): waits
+    /// for frames now end on the hang-up of `conn_fd` (the new main channel's socket,
+    /// duplicated), and every RX call eventfd is signalled once so that a waiter or an event
+    /// loop watching ``fileno`` looks at the rings again (frames the old back-end used just
+    /// before it went may be there).
+    #[pyo3(signature = (conn_fd))]
+    fn set_connection(&self, py: Python<'_>, conn_fd: Option<RawFd>) -> PyResult<()> {
+        let conn = dup_conn(conn_fd)?;
+        {
+            // Checked under the lock `close` takes the connection with: none is left behind.
+            let mut slot = lock(&self.conn);
+            if self.closed.load(Ordering::Acquire) {
+                return Err(to_pyerr(py, Error::Disconnected));
+            }
+            *slot = conn;
+        }
+        let pairs = lock(&self.pairs).clone();
+        for p in pairs {
+            eventfd::signal(p.rx_call.as_fd()).map_err(|e| to_pyerr(py, Error::Io(e)))?;
+        }
+        Ok(())
     }
 
     /// Counters of pair `queue_pair`, or summed over all pairs.
