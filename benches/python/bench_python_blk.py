@@ -9,7 +9,8 @@ that every mode sees the same machine state.
 Reported per mode: IOPS and the CPU time of this (the front-end's) process per I/O, median of
 the rounds and min..max.
 
-Run: ``python benches/python/bench_python_blk.py [--time 2] [--rounds 5] [--out FILE]``.
+Run: ``python benches/python/bench_python_blk.py [--time 2] [--rounds 5] [--placement free|spread]
+[--out FILE]``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from placement import PLACEMENTS, pinned
 
 from vhostuser_rs.aio import AsyncBlockClient
 from vhostuser_rs.blk import BlockClient, RequestType
@@ -140,8 +143,8 @@ def rust(disk: BlockClient, depth: int) -> Callable[[float], int]:
     return run
 
 
-def start(args: list[str], sock: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start(args: list[str], sock: Path, cpus: set[int] | None = None) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=pinned(cpus))
     deadline = time.monotonic() + 10
     while not sock.exists():
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -159,6 +162,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image size in MiB (in /dev/shm)")
     ap.add_argument("--backends", default="serve-blk,qsd")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--placement", choices=["free", "spread"], default="free",
+                    help="free: where the scheduler puts the two processes; spread: back-end on CPU 0, "
+                         "this (the front-end) on CPU 1 (see placement.py: placement decides more than code)")
     a = ap.parse_args()
     lines: list[str] = []
     try:
@@ -172,6 +178,9 @@ def main() -> None:
         print(s, flush=True)
         lines.append(s)
 
+    backend_cpus, frontend_cpus = PLACEMENTS[a.placement]
+    if frontend_cpus:
+        os.sched_setaffinity(0, frontend_cpus)
     say(f"# {' '.join(sys.argv)}")
     say(f"# {time.strftime('%Y-%m-%d %H:%M:%S %Z')}, {os.cpu_count()} CPUs, python {sys.version.split()[0]}")
     with tempfile.TemporaryDirectory(dir="/dev/shm", prefix="vu-bench-") as d:
@@ -191,7 +200,7 @@ def main() -> None:
             else:
                 argv = [sys.executable, "-m", "vhostuser_rs", "serve-blk", str(image), "--socket-path", str(sock),
                         "--num-queues", "1", "--read-only"]
-            proc = start(argv, sock)
+            proc = start(argv, sock, backend_cpus)
             try:
                 say(f"\n## back-end: {' '.join(argv[:1] + argv[1:])}")
                 results: dict[str, list[tuple[float, float]]] = {}
