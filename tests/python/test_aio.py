@@ -266,19 +266,29 @@ def test_async_net_client_loopback_and_a_vanishing_back_end(tmp_path: Path, sock
     async def main(server: dpdk.ServeNet) -> None:
         async with await AsyncNetClient.connect(sock, queue_size=128) as nic:
 
-            async def receive() -> list[bytes]:
-                got = []
+            got: list[bytes] = []
+
+            async def receive() -> None:
                 async for _, f in nic:
                     got.append(f)
                     if len(got) == len(frames):
-                        return got
-                return got
+                        return
 
             receiver = asyncio.ensure_future(receive())
-            for i in range(0, len(frames), 64):  # a window, so that the RX ring never overflows
+            clock = asyncio.get_running_loop().time
+            for i in range(0, len(frames), 64):
+                # At most 64 frames unanswered, so that the RX ring (128) never overflows: a
+                # loopback device drops what it has no buffer for, and a receiver slowed down
+                # by a loaded machine must not make frames go missing.
+                deadline = clock() + 10
+                while len(got) < i:
+                    assert clock() < deadline, f"{len(got)} of {i} frames came back; {nic.client.counters()}"
+                    await asyncio.sleep(0.001)
                 assert await nic.send(frames[i : i + 64]) == len(frames[i : i + 64])
-                await asyncio.sleep(0.001)
-            got = await asyncio.wait_for(receiver, 20)
+            try:
+                await asyncio.wait_for(receiver, 20)
+            except TimeoutError:
+                raise AssertionError(f"{len(got)} of {len(frames)} frames came back; {nic.client.counters()}") from None
             assert got == [swapped(f) for f in frames]
             # The back-end goes away while a coroutine waits for frames: the wait ends.
             waiting = asyncio.ensure_future(nic.recv())
