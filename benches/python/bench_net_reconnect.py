@@ -28,15 +28,20 @@ from test_net_client import vhost_pmd  # noqa: E402
 from vhostuser_rs.netclient import NetClient  # noqa: E402
 
 
-def first_frame_back(nic: NetClient, seed: int) -> tuple[float, int]:
-    """Sends one frame, waits for it swapped; (seconds, frames that came back before it)."""
-    f = frame(100, seed=seed)
+def after_restart(nic: NetClient, seed: int, rec: list[float], first: list[float], extra: list[int]) -> None:
+    """Called once the new back-end listens: `recv(timeout=0)` reconnects (appended to `rec`),
+    then one frame is sent and waited for swapped (the time since the start to `first`, the
+    frames that came back before it, read again by the new back-end, to `extra`)."""
     t0 = time.monotonic()
+    nic.recv(timeout=0)
+    rec.append(time.monotonic() - t0)
+    f = frame(100, seed=seed)
     nic.send([f])
     got: list[bytes] = []
     while swapped(f) not in got:
         got += [x for _, x in nic.recv(timeout=5)]
-    return time.monotonic() - t0, len(got) - 1
+    first.append(time.monotonic() - t0)
+    extra.append(len(got) - 1)
 
 
 def report(name: str, reconnect: list[float], first: list[float], extra: list[int]) -> None:
@@ -56,12 +61,7 @@ def serve_net(work: Path, restarts: int) -> None:
             srv.proc.send_signal(signal.SIGKILL)
             srv.proc.wait()
             srv = dpdk.ServeNet(sock, work, ["--loopback"], name=f"s{i + 1}")  # returns once listening
-            t0 = time.monotonic()
-            nic.recv(timeout=0)
-            rec.append(time.monotonic() - t0)
-            dt, n = first_frame_back(nic, i)
-            first.append(rec[-1] + dt)
-            extra.append(n)
+            after_restart(nic, i, rec, first, extra)
         assert nic.sessions == restarts + 1, nic.sessions
     finally:
         nic.close()
@@ -82,12 +82,7 @@ def testpmd(work: Path, restarts: int) -> None:
                     nic = NetClient.connect(sock, reconnect=30.0)
                     dpdk.wait_ready(pmd)
                     continue
-                t0 = time.monotonic()
-                nic.recv(timeout=0)
-                rec.append(time.monotonic() - t0)
-                dt, n = first_frame_back(nic, i)
-                first.append(rec[-1] + dt)
-                extra.append(n)
+                after_restart(nic, i, rec, first, extra)
     finally:
         if nic is not None:
             nic.close()

@@ -215,6 +215,7 @@ def main() -> None:
                     }
                     aio_run = aio(str(sock), offs)
                     aio_into = aio(str(sock), offs, into=True)
+                    aio_uv = aio(str(sock), offs, uv=True)
                     for r in range(a.rounds):
                         for name, run in modes.items():
                             results.setdefault(name, []).append(timed(run, a.time))
@@ -227,8 +228,7 @@ def main() -> None:
                     results[f"aio, {DEPTH} coroutines on one client"].append(timed(aio_run, a.time))
                     results.setdefault(f"aio readinto, {DEPTH} coroutines", []).append(timed(aio_into, a.time))
                     if has_uvloop:
-                        results.setdefault(f"aio on uvloop, {DEPTH} coroutines", []).append(
-                            timed(aio(str(sock), offs, uv=True), a.time))
+                        results.setdefault(f"aio on uvloop, {DEPTH} coroutines", []).append(timed(aio_uv, a.time))
                     with BlockClient.connect(sock, queue_size=128, native=False) as slow:
                         results.setdefault(old, []).append(timed(py_read(slow, offs), a.time))
                 say(f"{'mode':48} {'IOPS median (min..max)':>32} {'CPU us/IO median (min..max)':>30}")

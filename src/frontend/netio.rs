@@ -818,9 +818,10 @@ mod tests {
         assert!(matches!(err, Error::Queue { source: VirtqueueError::UsedLenTooLarge { .. }, .. }), "{err}");
     }
 
-    /// Uses every chain published on `q` so far with length 0; returns their descriptors'
-    /// (addr, len) lists.
-    fn use_all_tx(mem: &GuestMemory, q: &AnyDriverQueue, from: u16) -> Vec<(u64, u32)> {
+    /// The avail ring entries from index `from` up to the driver's avail index (what a device
+    /// starting at `from`, e.g. after SET_VRING_BASE, is offered): (head, the head descriptor's
+    /// address and length).
+    fn avail_from(mem: &GuestMemory, q: &AnyDriverQueue, from: u16) -> Vec<(u16, u64, u32)> {
         let r = split_ring(q);
         let t = mem.table();
         let mut b = [0u8; 2];
@@ -833,38 +834,28 @@ mod tests {
             let head = u16::from_le_bytes(b);
             let mut d = [0u8; 16];
             t.read(r.desc + 16 * u64::from(head), &mut d).unwrap();
-            out.push((
-                u64::from_le_bytes(d[..8].try_into().unwrap()),
-                u32::from_le_bytes(d[8..12].try_into().unwrap()),
-            ));
+            let addr = u64::from_le_bytes(d[..8].try_into().unwrap());
+            out.push((head, addr, u32::from_le_bytes(d[8..12].try_into().unwrap())));
+            i = i.wrapping_add(1);
+        }
+        out
+    }
+
+    /// Uses every chain published on `q` from avail index `from` on with length 0; returns
+    /// their head descriptors' (addr, len).
+    fn use_all_tx(mem: &GuestMemory, q: &AnyDriverQueue, from: u16) -> Vec<(u64, u32)> {
+        let r = split_ring(q);
+        let t = mem.table();
+        let offered = avail_from(mem, q, from);
+        let mut i = from;
+        for &(head, _, _) in &offered {
             let mut e = [0u8; 8];
             e[..4].copy_from_slice(&u32::from(head).to_le_bytes());
             t.write(r.used + 4 + 8 * u64::from(i % r.size), &e).unwrap();
             i = i.wrapping_add(1);
         }
-        t.write(r.used + 2, &avail.to_le_bytes()).unwrap();
-        out
-    }
-
-    /// The avail ring entries a new device sees when it starts at `base` (what SET_VRING_BASE
-    /// gives it), up to the driver's avail index: (head, buffer address).
-    fn avail_from(mem: &GuestMemory, q: &AnyDriverQueue, base: u16) -> Vec<(u16, u64)> {
-        let r = split_ring(q);
-        let t = mem.table();
-        let mut b = [0u8; 2];
-        t.read(r.avail + 2, &mut b).unwrap();
-        let avail = u16::from_le_bytes(b);
-        let mut out = Vec::new();
-        let mut i = base;
-        while i != avail {
-            t.read(r.avail + 4 + 2 * u64::from(i % r.size), &mut b).unwrap();
-            let head = u16::from_le_bytes(b);
-            let mut d = [0u8; 16];
-            t.read(r.desc + 16 * u64::from(head), &mut d).unwrap();
-            out.push((head, u64::from_le_bytes(d[..8].try_into().unwrap())));
-            i = i.wrapping_add(1);
-        }
-        out
+        t.write(r.used + 2, &i.to_le_bytes()).unwrap();
+        offered.into_iter().map(|(_, addr, len)| (addr, len)).collect()
     }
 
     /// A reconnect hands the RX ring over with SET_VRING_BASE = the used index the old device
@@ -883,7 +874,7 @@ mod tests {
         let base = q.hand_over().unwrap();
         assert_eq!(base, 2);
         let offered = avail_from(&mem, &q, base as u16);
-        assert_eq!(offered.iter().map(|&(h, _)| h).collect::<Vec<_>>(), (2..8).collect::<Vec<_>>());
+        assert_eq!(offered.iter().map(|&(h, _, _)| h).collect::<Vec<_>>(), (2..8).collect::<Vec<_>>());
         let mut n = 0;
         rx.recv(&mut q, 64, &mut |fr| {
             assert_eq!(fr.len, 60);
@@ -894,7 +885,7 @@ mod tests {
         assert_eq!(n, 2, "what the old device used is received");
         let offered = avail_from(&mem, &q, base as u16);
         assert_eq!(offered.len(), 8, "all 8 buffers are offered to the new device");
-        let mut addrs: Vec<u64> = offered.iter().map(|&(_, a)| a).collect();
+        let mut addrs: Vec<u64> = offered.iter().map(|&(_, a, _)| a).collect();
         addrs.sort_unstable();
         addrs.dedup();
         assert_eq!(addrs.len(), 8, "each buffer once");
@@ -920,7 +911,7 @@ mod tests {
         let base = q.hand_over().unwrap();
         let offered = avail_from(&mem, &q, base as u16);
         assert_eq!(offered.len(), 3);
-        for (k, &(_, addr)) in offered.iter().enumerate() {
+        for (k, &(_, addr, _)) in offered.iter().enumerate() {
             let mut data = vec![0u8; 72];
             mem.table().read(addr, &mut data).unwrap();
             assert_eq!(&data[12..], &frames[2 + k][..]);

@@ -6,8 +6,9 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -129,3 +130,25 @@ def serve_blk(image: Path, sock: Path, *, num_queues: int = 2, readonly: bool = 
         args.append("--direct")
     with peer(args, sock) as proc:
         yield proc
+
+
+@contextmanager
+def in_thread(fn: Callable[[], object]) -> Iterator[list[object]]:
+    """Runs `fn` on a thread; the list gets its result or exception once the block ends.
+    (Start peer processes from the main thread: one started with PR_SET_PDEATHSIG from a
+    thread is killed when that thread ends.)"""
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        yield out
+    finally:
+        t.join(60)
+        assert not t.is_alive()

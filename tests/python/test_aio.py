@@ -28,6 +28,7 @@ Stopped = tuple[BlockClient, Device, subprocess.Popen[bytes]]
 # asyncio's own loop and on uvloop's (the test extra installs it; CI has it).
 LOOPS = ["asyncio", "uvloop"]
 
+uvloop: Any
 try:
     import uvloop
 
@@ -35,16 +36,14 @@ try:
     # now, before any test counts its fds.
     uvloop.new_event_loop().close()
 except ImportError:
-    pass
+    uvloop = None
 
 
 def run_on(loop: str, coro: Coroutine[Any, Any, None]) -> None:
     if loop == "asyncio":
         asyncio.run(coro)
         return
-    try:
-        import uvloop  # noqa: F811 - the module-level import may have failed
-    except ImportError:
+    if uvloop is None:
         coro.close()
         if os.environ.get("CI"):
             pytest.fail("uvloop is required in CI (pip install '.[test]' installs it)")

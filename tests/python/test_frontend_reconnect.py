@@ -10,10 +10,9 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import pytest
 import vhostuser_rs as vu
 from vhostuser_rs.blk import SECTOR, BlockClient
 
-from peers import freeze, qemu_storage_daemon, serve_blk
+from peers import freeze, in_thread, qemu_storage_daemon, serve_blk
 
 CRASHING = Path(__file__).parent / "devices" / "crashing_echo.py"
 QSIZE = 16
@@ -39,26 +38,6 @@ def image(tmp_path: Path) -> Path:
 def kill(proc: subprocess.Popen[bytes]) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-
-
-@contextmanager
-def in_thread(fn: Callable[[], object]) -> Iterator[list[object]]:
-    """Runs `fn` on a thread; the list gets its result or exception once the block ends."""
-    out: list[object] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        yield out
-    finally:
-        t.join(60)
-        assert not t.is_alive()
 
 
 def blk_peers() -> list[tuple[str, Peer]]:

@@ -28,6 +28,7 @@ from vhostuser_rs.aio import AsyncNetClient
 from vhostuser_rs.netclient import NetClient
 
 from netdriver import frame, swapped
+from peers import in_thread
 from test_net_client import exchange, vhost_pmd
 
 pytestmark = pytest.mark.timeout(120)
@@ -60,28 +61,6 @@ def servers(sock: Path, workdir: Path) -> Iterator[Callable[..., dpdk.ServeNet]]
         for s in started:
             s.stop(signal.SIGKILL)
         sock.unlink(missing_ok=True)
-
-
-@contextmanager
-def in_thread(fn: Callable[[], object]) -> Iterator[list[object]]:
-    """Runs `fn` on a thread; its result (or exception) in the list once the block ends.
-    (Back-ends are started from the main thread: a process started with PR_SET_PDEATHSIG
-    from a thread is killed when that thread ends.)"""
-    out: list[object] = []
-
-    def run() -> None:
-        try:
-            out.append(fn())
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out.append(e)
-
-    t = threading.Thread(target=run)
-    t.start()
-    try:
-        yield out
-    finally:
-        t.join(60)
-        assert not t.is_alive()
 
 
 def batch(n: int, seed: int) -> list[bytes]:
