@@ -5,7 +5,7 @@ new back-end listening to ``recv(timeout=0)`` returning on the new session (the 
 connect, negotiate, hand the rings over, DRIVER_OK), and to the first frame sent afterwards
 coming back; and how many frames the new back-end read again (TX is at least once).
 
-Run: ``python benches/python/bench_net_reconnect.py [--restarts 10] [--dpdk-restarts 3]``
+Run: ``python benches/python/bench_net_reconnect.py [--restarts 10] [--dpdk-restarts 5]``
 (uses the test suite's peer helpers in tests/python; testpmd from Debian's dpdk package).
 """
 
@@ -92,7 +92,7 @@ def testpmd(work: Path, restarts: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--restarts", type=int, default=10, help="serve-net restarts")
-    ap.add_argument("--dpdk-restarts", type=int, default=3, help="testpmd restarts (0: skip)")
+    ap.add_argument("--dpdk-restarts", type=int, default=5, help="testpmd restarts (0: skip)")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="vu-reconnect-") as d:
         serve_net(Path(d), a.restarts)
