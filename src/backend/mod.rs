@@ -150,6 +150,14 @@ pub trait Device: Send + Sync + 'static {
     ) -> Result<(), VirtqueueError> {
         self.process(queue_index, queue, batch)
     }
+    /// Chains a worker pops per batch of a drain; each batch's completions are published, and
+    /// the driver notified if it asked, before the next batch is popped. Small where a chain
+    /// takes microseconds (a block read: a driver that sleeps until notified then refills the
+    /// ring while the device works on the rest, instead of the two taking turns), large where
+    /// it takes nanoseconds (a packet burst: fewer publishes). Default 64.
+    fn drain_batch(&self) -> usize {
+        64
+    }
     /// Ring `ring` is about to stop (GET_VRING_BASE, a restart, the end of the session), on its
     /// worker thread: complete the chains the device holds outside the ring's kept list (I/O
     /// still in flight), so none is lost and nothing writes guest memory after the ring stopped.

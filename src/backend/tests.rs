@@ -423,6 +423,17 @@ mod packed {
     /// chains (a back-end that dies with requests in flight).
     struct Echo {
         hold: AtomicBool,
+        /// Chains per batch of a drain.
+        batch: usize,
+        /// When set: whether this fd was readable as each batch began.
+        watch: std::sync::Mutex<Option<OwnedFd>>,
+        seen: std::sync::Mutex<Vec<bool>>,
+    }
+
+    impl Echo {
+        fn new(hold: bool) -> Echo {
+            Echo { hold: AtomicBool::new(hold), batch: 64, watch: Default::default(), seen: Default::default() }
+        }
     }
 
     impl Device for Echo {
@@ -435,7 +446,13 @@ mod packed {
                 | VirtioFeatures::EVENT_IDX.bits()
                 | VirtioFeatures::INDIRECT_DESC.bits()
         }
+        fn drain_batch(&self) -> usize {
+            self.batch
+        }
         fn process(&self, _: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
+            if let Some(fd) = self.watch.lock().unwrap().as_ref() {
+                self.seen.lock().unwrap().push(readable(fd.as_fd(), Duration::ZERO));
+            }
             if self.hold.load(Ordering::Relaxed) {
                 return Ok(());
             }
@@ -525,10 +542,15 @@ mod packed {
     /// SET_VRING_NUM / BASE / ADDR / CALL / ERR / KICK / ENABLE; whether the kick was acked
     /// (the ring started).
     fn start(s: &mut Session, r: &Rig, base: u32) -> bool {
+        start_ring(s, r, SIZE, r.driver.user_addrs(), base)
+    }
+
+    /// [`start`] for a ring of `size` at `addrs` (desc, driver area, device area).
+    fn start_ring(s: &mut Session, r: &Rig, size: u16, addrs: (u64, u64, u64), base: u32) -> bool {
         use FrontendRequest::*;
-        let (desc, driver_event, device_event) = r.driver.user_addrs();
+        let (desc, driver_event, device_event) = addrs;
         let fd = Payload::VringFd(VringFd { index: 0, nofd: false });
-        assert!(acked(s, SET_VRING_NUM, state(u32::from(SIZE)), vec![]));
+        assert!(acked(s, SET_VRING_NUM, state(u32::from(size)), vec![]));
         assert!(acked(s, SET_VRING_BASE, state(base), vec![]));
         assert!(acked(s, SET_VRING_ADDR, addr(desc, driver_event, device_event), vec![]));
         assert!(acked(s, SET_VRING_CALL, fd.clone(), dup(&r.call)));
@@ -566,7 +588,7 @@ mod packed {
     #[test]
     fn a_packed_ring_runs_and_its_base_round_trips() {
         use FrontendRequest::*;
-        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let device = Arc::new(Echo::new(false));
         let mut r = rig();
         let mut s = session(&device, &r.mem, true);
         assert!(start(&mut s, &r, PackedBase::START.encode()));
@@ -604,10 +626,48 @@ mod packed {
         assert!(!readable(r.err.as_fd(), Duration::ZERO), "no ring error");
     }
 
+    /// A driver asleep on its call eventfd hears of each batch's completions before the device
+    /// starts on the next batch, not once the whole ring is done (Device::drain_batch).
+    #[test]
+    fn each_batch_of_a_drain_is_notified_before_the_next_is_processed() {
+        use crate::virtqueue::{AnyDriverQueue, DriverQueue};
+        for packed in [false, true] {
+            let device = Arc::new(Echo { batch: 2, ..Echo::new(false) });
+            let r = rig();
+            let mut s = session(&device, &r.mem, packed);
+            let (mut driver, size, base): (AnyDriverQueue, u16, u32) = if packed {
+                (
+                    AnyDriverQueue::Packed(PackedDriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()),
+                    8,
+                    PackedBase::START.encode(),
+                )
+            } else {
+                (AnyDriverQueue::Split(DriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()), 8, 0)
+            };
+            assert!(start_ring(&mut s, &r, size, driver.user_addrs(), base));
+            *device.watch.lock().unwrap() = Some(r.call.try_clone().unwrap());
+            let buf = r.mem.alloc(4096, 64).unwrap();
+            for i in 0..4 {
+                driver.add(&[(buf, 16)], &[(buf + 64 * (i + 1), 8)]).unwrap();
+            }
+            driver.publish();
+            crate::eventfd::signal(r.kick.as_fd()).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut used = Vec::new();
+            while used.len() < 4 {
+                assert!(Instant::now() < deadline, "only {} of 4 completions", used.len());
+                driver.reap(&mut used, 64).unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // The first batch found nothing signalled yet, the second found the first's call.
+            assert_eq!(*device.seen.lock().unwrap(), [false, true], "packed: {packed}");
+        }
+    }
+
     #[test]
     fn packed_sizes_addresses_and_bases_are_checked() {
         use FrontendRequest::*;
-        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let device = Arc::new(Echo::new(false));
         let r = rig();
         // A split ring must be a power of two; a packed one need not.
         let mut split = session(&device, &r.mem, false);
@@ -643,7 +703,7 @@ mod packed {
     fn a_base_with_only_the_avail_half_resumes_there() {
         // DPDK's virtio_user: SET_VRING_BASE 0x8000 for a fresh ring, and the avail half only
         // after a stop; the used position is the avail one (a stopped ring completed all).
-        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let device = Arc::new(Echo::new(false));
         let mut r = rig();
         let mut s = session(&device, &r.mem, true);
         assert!(start(&mut s, &r, 0x8000));
@@ -668,7 +728,7 @@ mod packed {
     fn dirty_logging_covers_packed_used_descriptors_event_area_and_buffers() {
         use crate::memory::{DirtyLog, LOG_PAGE_SIZE};
         use FrontendRequest::*;
-        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let device = Arc::new(Echo::new(false));
         let mut r = rig();
         let mut s = Session::new(device.clone());
         let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::LOG_SHMFD;
@@ -718,7 +778,7 @@ mod packed {
     #[test]
     fn a_hostile_packed_ring_breaks_cleanly() {
         use FrontendRequest::*;
-        let device = Arc::new(Echo { hold: AtomicBool::new(false) });
+        let device = Arc::new(Echo::new(false));
         let mut r = rig();
         let mut s = session(&device, &r.mem, true);
         assert!(acked(&mut s, SET_STATUS, Payload::U64(0x0f), vec![]));
@@ -760,7 +820,7 @@ mod packed {
     #[test]
     fn packed_inflight_buffer_resubmits_after_a_back_end_restart() {
         use FrontendRequest::*;
-        let device = Arc::new(Echo { hold: AtomicBool::new(true) });
+        let device = Arc::new(Echo::new(true));
         let mut r = rig();
         let mut s = session(&device, &r.mem, true);
         let ask_fd = Payload::Inflight(InflightDesc { mmap_size: 0, mmap_offset: 0, num_queues: 1, queue_size: SIZE });

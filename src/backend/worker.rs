@@ -332,14 +332,23 @@ impl Slot {
             self.listening = true;
             let used_before = self.queue.used_mark();
             let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
-            let result = queue.drain(batch, 64, |q, b| {
+            let (shared, mut inband_due) = (&self.shared, false);
+            let result = queue.drain(batch, device.drain_batch().max(1), |q, b| {
                 let r = device.process_batch(index, q, b, kept, others);
                 // Other rings written by this batch (net: the RX ring of the pair) are published
                 // now, not after the drain: a driver that keeps transmitting would otherwise
                 // never see them.
                 others.flush();
-                r
+                r?;
+                // This batch's completions go to the driver now, not when the ring is empty
+                // (see Device::drain_batch; virtio 1.2 §2.7.10: the device may notify once
+                // used_event is passed).
+                if q.publish_used()? && !shared.signal_call() {
+                    inband_due = true;
+                }
+                Ok(())
             });
+            self.inband_call |= inband_due;
             match result {
                 Ok(true) => self.notify_driver(),
                 Ok(false) => {}
