@@ -415,6 +415,7 @@ mod packed {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::backend::{BackendRequests, Polling, WorkerPolicy};
     use crate::memory::GuestMemory;
     use crate::virtqueue::packed::{packed_queue_region_size, PackedDesc, RingPos, VIRTQ_DESC_F_AVAIL};
     use crate::virtqueue::{PackedBase, PackedDriverQueue};
@@ -490,8 +491,12 @@ mod packed {
     }
 
     fn session(device: &Arc<Echo>, mem: &GuestMemory, packed: bool) -> Session {
+        session_with(device, mem, packed, Default::default())
+    }
+
+    fn session_with(device: &Arc<Echo>, mem: &GuestMemory, packed: bool, policy: WorkerPolicy) -> Session {
         use FrontendRequest::*;
-        let mut s = Session::new(device.clone());
+        let mut s = Session::with_options(device.clone(), Arc::new(BackendRequests::new()), policy);
         let proto = ProtocolFeatures::REPLY_ACK | ProtocolFeatures::INFLIGHT_SHMFD | ProtocolFeatures::STATUS;
         assert!(acked(&mut s, SET_PROTOCOL_FEATURES, Payload::U64(proto.bits()), vec![]));
         assert!(acked(&mut s, SET_FEATURES, Payload::U64(features(packed)), vec![]));
@@ -661,6 +666,53 @@ mod packed {
             }
             // The first batch found nothing signalled yet, the second found the first's call.
             assert_eq!(*device.seen.lock().unwrap(), [false, true], "packed: {packed}");
+        }
+    }
+
+    /// While its thread polls the avail ring the driver is not asked to kick (no system call
+    /// per request on its side); once the thread stops polling, kicks are re-armed before it
+    /// sleeps, so the next request asks for one and is served after it.
+    #[test]
+    fn a_polling_thread_takes_requests_without_kicks_and_rearms_them_before_sleeping() {
+        use crate::virtqueue::{AnyDriverQueue, DriverQueue};
+        for packed in [false, true] {
+            for window in [Duration::from_secs(30), Duration::from_millis(1)] {
+                let device = Arc::new(Echo::new(false));
+                let r = rig();
+                let policy = WorkerPolicy { poll: Polling::Fixed(window), ..Default::default() };
+                let mut s = session_with(&device, &r.mem, packed, policy);
+                let (mut driver, base): (AnyDriverQueue, u32) = if packed {
+                    let q = PackedDriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap();
+                    (AnyDriverQueue::Packed(q), PackedBase::START.encode())
+                } else {
+                    (AnyDriverQueue::Split(DriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()), 0)
+                };
+                assert!(start_ring(&mut s, &r, 8, driver.user_addrs(), base));
+                let buf = r.mem.alloc(4096, 64).unwrap();
+                let mut kicks = Vec::new();
+                for round in 0..4 {
+                    if window < Duration::from_millis(10) {
+                        // Well past the window: the thread is asleep on the kick.
+                        std::thread::sleep(Duration::from_millis(300));
+                    }
+                    let head = driver.add(&[(buf, 16)], &[(buf + 64, 8)]).unwrap();
+                    driver.publish();
+                    let kick = driver.kick_needed().unwrap();
+                    kicks.push(kick);
+                    if kick || round == 0 {
+                        crate::eventfd::signal(r.kick.as_fd()).unwrap();
+                    }
+                    let deadline = Instant::now() + Duration::from_secs(5);
+                    let mut used = Vec::new();
+                    while used.is_empty() {
+                        assert!(Instant::now() < deadline, "round {round} not served (packed: {packed})");
+                        driver.reap(&mut used, 8).unwrap();
+                    }
+                    assert_eq!(used, [(head, 8)]);
+                }
+                let want = if window > Duration::from_secs(1) { [false; 3] } else { [true; 3] };
+                assert_eq!(kicks[1..], want, "packed: {packed}, window {window:?}");
+            }
         }
     }
 

@@ -309,6 +309,9 @@ pub(crate) struct Slot {
     awaiting: Option<Awaiting>,
     /// Used buffers were published on a ring without a call fd: VRING_CALL is due (in-band).
     inband_call: bool,
+    /// The ring was drained for a polling thread and left with kicks disabled: they must be
+    /// re-armed (and the ring looked at again) before the thread sleeps.
+    disarmed: bool,
 }
 
 impl Slot {
@@ -319,7 +322,9 @@ impl Slot {
 
     /// Drains the ring if it was kicked, then handles its ready fds (inside the device's wake
     /// scope). An IOTLB miss is returned for [`Slot::after_miss`], outside the scope.
-    fn run(&mut self, device: &dyn Device, others: &mut Rings<'_>) -> Option<(u64, u8)> {
+    /// `polling`: the thread polls the rings after this wake-up, so the ring is left with kicks
+    /// disabled (see [`AnyDeviceQueue::drain_then`]; [`Slot::rearm`] before sleeping).
+    fn run(&mut self, device: &dyn Device, others: &mut Rings<'_>, polling: bool) -> Option<(u64, u8)> {
         if !self.usable() {
             self.ready.clear();
             return None;
@@ -333,7 +338,9 @@ impl Slot {
             let used_before = self.queue.used_mark();
             let (index, queue, batch, kept) = (self.index, &mut self.queue, &mut self.batch, &mut self.kept);
             let (shared, mut inband_due) = (&self.shared, false);
-            let result = queue.drain(batch, device.drain_batch().max(1), |q, b| {
+            let rearm = !polling || self.doorbell;
+            self.disarmed |= !rearm;
+            let result = queue.drain_then(batch, device.drain_batch().max(1), rearm, |q, b| {
                 let r = device.process_batch(index, q, b, kept, others);
                 // Other rings written by this batch (net: the RX ring of the pair) are published
                 // now, not after the drain: a driver that keeps transmitting would otherwise
@@ -459,6 +466,23 @@ impl Slot {
             return self.ask(a.iova, a.perm, a.asks);
         }
         false
+    }
+
+    /// Re-arms the kicks of a ring drained for polling, before the thread sleeps; true if
+    /// chains arrived meanwhile (drain instead of sleeping: no kick is coming for them).
+    fn rearm(&mut self) -> bool {
+        if !std::mem::take(&mut self.disarmed) || !self.usable() {
+            return false;
+        }
+        match self.queue.enable_notifications() {
+            Ok(true) => {
+                self.pending = true;
+                true
+            }
+            Ok(false) => false,
+            // A broken ring is reported after the wake-up; nothing to wait for on it.
+            Err(_) => false,
+        }
     }
 
     /// Publishes used entries written outside the drain loop and notifies the driver.
@@ -629,6 +653,8 @@ impl Group {
             }
             let mut again = false;
             let mut worked = false;
+            // Whether the thread polls after this wake-up (it does whenever the window is open).
+            let polling = !window.now.is_zero();
             // The devices with work (most threads serve one; a shared pool serves several).
             devices.clear();
             for s in slots.iter().filter(|s| ((s.pending && s.awaiting.is_none()) || !s.ready.is_empty()) && s.usable())
@@ -648,7 +674,7 @@ impl Group {
                         let (before, rest) = slots.split_at_mut(k);
                         let Some((cur, after)) = rest.split_first_mut() else { break };
                         let (avail, used) = (cur.queue.avail_mark(), cur.queue.used_mark());
-                        if let Some((iova, perm)) = cur.run(&*device, &mut Rings::new(before, after, owner)) {
+                        if let Some((iova, perm)) = cur.run(&*device, &mut Rings::new(before, after, owner), polling) {
                             misses.push((k, iova, perm));
                         }
                         worked |= cur.queue.avail_mark() != avail || cur.queue.used_mark() != used;
@@ -697,6 +723,14 @@ impl Group {
                 if !found {
                     std::thread::yield_now();
                 }
+                continue;
+            }
+            // About to sleep: rings drained for polling get their kicks back first.
+            let mut arrived = false;
+            for slot in &mut slots {
+                arrived |= slot.rearm();
+            }
+            if arrived {
                 continue;
             }
             fds.clear();
@@ -922,6 +956,7 @@ impl Worker {
             listening: true,
             awaiting: None,
             inband_call: false,
+            disarmed: false,
         };
         shared.group.command(Command::Add(Box::new(slot)));
         Worker { shared, owner, index, stopped: false }

@@ -163,7 +163,25 @@ impl AnyDeviceQueue {
     }
 
     /// The disable → drain → enable → re-check loop over either format.
-    pub fn drain<F>(&mut self, batch: &mut ChainBatch, max_batch: usize, mut handle: F) -> Result<bool, VirtqueueError>
+    pub fn drain<F>(&mut self, batch: &mut ChainBatch, max_batch: usize, handle: F) -> Result<bool, VirtqueueError>
+    where
+        F: FnMut(&mut AnyDeviceQueue, &ChainBatch) -> Result<(), VirtqueueError>,
+    {
+        self.drain_then(batch, max_batch, true, handle)
+    }
+
+    /// [`drain`](Self::drain); with `rearm` false the ring is left with notifications disabled
+    /// once empty, for a caller that polls the avail ring next: the driver then does not kick
+    /// (a system call on its side per request) while nobody would sleep on the kick. Such a
+    /// caller must [`enable_notifications`](Self::enable_notifications) and look at the ring
+    /// again before it sleeps.
+    pub fn drain_then<F>(
+        &mut self,
+        batch: &mut ChainBatch,
+        max_batch: usize,
+        rearm: bool,
+        mut handle: F,
+    ) -> Result<bool, VirtqueueError>
     where
         F: FnMut(&mut AnyDeviceQueue, &ChainBatch) -> Result<(), VirtqueueError>,
     {
@@ -178,7 +196,7 @@ impl AnyDeviceQueue {
                 handle(self, batch)?;
                 notify |= self.publish_used()?;
             }
-            if !self.enable_notifications()? {
+            if !rearm || !self.enable_notifications()? {
                 return Ok(notify);
             }
         }
