@@ -9,7 +9,7 @@ that every mode sees the same machine state.
 Reported per mode: IOPS and the CPU time of this (the front-end's) process per I/O, median of
 the rounds and min..max.
 
-Run: ``python benches/python/bench_python_blk.py [--time 2] [--rounds 5] [--placement free|spread]
+Run: ``python benches/python/bench_python_blk.py [--time 2] [--rounds 5] [--placement free|spread|shared]
 [--out FILE]``.
 """
 
@@ -162,9 +162,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image size in MiB (in /dev/shm)")
     ap.add_argument("--backends", default="serve-blk,qsd")
     ap.add_argument("--out", type=Path)
-    ap.add_argument("--placement", choices=["free", "spread"], default="free",
+    ap.add_argument("--placement", choices=["free", "spread", "shared"], default="free",
                     help="free: where the scheduler puts the two processes; spread: back-end on CPU 0, "
-                         "this (the front-end) on CPU 1 (see placement.py: placement decides more than code)")
+                         "this (the front-end) on CPU 1; shared: both on CPU 0 (see placement.py: placement "
+                         "decides more than code)")
     a = ap.parse_args()
     lines: list[str] = []
     try:
