@@ -631,25 +631,40 @@ mod packed {
         assert!(!readable(r.err.as_fd(), Duration::ZERO), "no ring error");
     }
 
+    /// A ring of 8 (split or packed, EVENT_IDX) in `r`'s memory, started on ring 0 of `s`.
+    fn ring_of_8(s: &mut Session, r: &Rig, packed: bool) -> crate::virtqueue::AnyDriverQueue {
+        use crate::virtqueue::{AnyDriverQueue, DriverQueue};
+        let (driver, base) = if packed {
+            let q = PackedDriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap();
+            (AnyDriverQueue::Packed(q), PackedBase::START.encode())
+        } else {
+            (AnyDriverQueue::Split(DriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()), 0)
+        };
+        assert!(start_ring(s, r, 8, driver.user_addrs(), base));
+        driver
+    }
+
+    /// Reaps `driver` until `n` completions came (5 s at most), without waiting on the call fd.
+    fn wait_used(driver: &mut crate::virtqueue::AnyDriverQueue, n: usize) -> Vec<(u16, u32)> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut used = Vec::new();
+        while used.len() < n {
+            assert!(Instant::now() < deadline, "only {} of {n} completions", used.len());
+            driver.reap(&mut used, 64).unwrap();
+            std::thread::yield_now();
+        }
+        used
+    }
+
     /// A driver asleep on its call eventfd hears of each batch's completions before the device
     /// starts on the next batch, not once the whole ring is done (Device::drain_batch).
     #[test]
     fn each_batch_of_a_drain_is_notified_before_the_next_is_processed() {
-        use crate::virtqueue::{AnyDriverQueue, DriverQueue};
         for packed in [false, true] {
             let device = Arc::new(Echo { batch: 2, ..Echo::new(false) });
             let r = rig();
             let mut s = session(&device, &r.mem, packed);
-            let (mut driver, size, base): (AnyDriverQueue, u16, u32) = if packed {
-                (
-                    AnyDriverQueue::Packed(PackedDriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()),
-                    8,
-                    PackedBase::START.encode(),
-                )
-            } else {
-                (AnyDriverQueue::Split(DriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()), 8, 0)
-            };
-            assert!(start_ring(&mut s, &r, size, driver.user_addrs(), base));
+            let mut driver = ring_of_8(&mut s, &r, packed);
             *device.watch.lock().unwrap() = Some(r.call.try_clone().unwrap());
             let buf = r.mem.alloc(4096, 64).unwrap();
             for i in 0..4 {
@@ -657,13 +672,7 @@ mod packed {
             }
             driver.publish();
             crate::eventfd::signal(r.kick.as_fd()).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut used = Vec::new();
-            while used.len() < 4 {
-                assert!(Instant::now() < deadline, "only {} of 4 completions", used.len());
-                driver.reap(&mut used, 64).unwrap();
-                std::thread::sleep(Duration::from_millis(1));
-            }
+            assert_eq!(wait_used(&mut driver, 4).len(), 4);
             // The first batch found nothing signalled yet, the second found the first's call.
             assert_eq!(*device.seen.lock().unwrap(), [false, true], "packed: {packed}");
         }
@@ -674,20 +683,13 @@ mod packed {
     /// sleeps, so the next request asks for one and is served after it.
     #[test]
     fn a_polling_thread_takes_requests_without_kicks_and_rearms_them_before_sleeping() {
-        use crate::virtqueue::{AnyDriverQueue, DriverQueue};
         for packed in [false, true] {
             for window in [Duration::from_secs(30), Duration::from_millis(1)] {
                 let device = Arc::new(Echo::new(false));
                 let r = rig();
                 let policy = WorkerPolicy { poll: Polling::Fixed(window), ..Default::default() };
                 let mut s = session_with(&device, &r.mem, packed, policy);
-                let (mut driver, base): (AnyDriverQueue, u32) = if packed {
-                    let q = PackedDriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap();
-                    (AnyDriverQueue::Packed(q), PackedBase::START.encode())
-                } else {
-                    (AnyDriverQueue::Split(DriverQueue::allocate(r.mem.clone(), 8, true, 0).unwrap()), 0)
-                };
-                assert!(start_ring(&mut s, &r, 8, driver.user_addrs(), base));
+                let mut driver = ring_of_8(&mut s, &r, packed);
                 let buf = r.mem.alloc(4096, 64).unwrap();
                 let mut kicks = Vec::new();
                 for round in 0..4 {
@@ -702,13 +704,7 @@ mod packed {
                     if kick || round == 0 {
                         crate::eventfd::signal(r.kick.as_fd()).unwrap();
                     }
-                    let deadline = Instant::now() + Duration::from_secs(5);
-                    let mut used = Vec::new();
-                    while used.is_empty() {
-                        assert!(Instant::now() < deadline, "round {round} not served (packed: {packed})");
-                        driver.reap(&mut used, 8).unwrap();
-                    }
-                    assert_eq!(used, [(head, 8)]);
+                    assert_eq!(wait_used(&mut driver, 1), [(head, 8)], "round {round}, packed: {packed}");
                 }
                 let want = if window > Duration::from_secs(1) { [false; 3] } else { [true; 3] };
                 assert_eq!(kicks[1..], want, "packed: {packed}, window {window:?}");
