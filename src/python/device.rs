@@ -175,6 +175,8 @@ pub(crate) struct PyDevice {
     has_shared: bool,
     /// ``shmem_regions``, read once (fixed for the connection): SHMEM is offered if non-empty.
     shmem_regions: Vec<u64>,
+    /// ``drain_batch``: chains per batch of a drain (see `Device::drain_batch`).
+    drain_batch: usize,
 }
 
 impl PyDevice {
@@ -187,6 +189,10 @@ impl PyDevice {
         };
         let per_request = overrides("process_request")? && !overrides("process")?;
         let shmem_regions: Vec<u64> = b.getattr("shmem_regions")?.extract()?;
+        let drain_batch: usize = b.getattr("drain_batch")?.extract()?;
+        if !(1..=1024).contains(&drain_batch) {
+            return Err(PyValueError::new_err(format!("drain_batch must be 1..1024, not {drain_batch}")));
+        }
         crate::backend::check_regions(&shmem_regions).map_err(PyValueError::new_err)?;
         Ok(PyDevice {
             num_queues: b.getattr("num_queues")?.extract()?,
@@ -198,6 +204,7 @@ impl PyDevice {
             has_state: overrides("save_state")? && overrides("load_state")?,
             has_shared: overrides("get_shared_object")?,
             shmem_regions,
+            drain_batch,
             obj,
         })
     }
@@ -283,6 +290,10 @@ impl Device for PyDevice {
 
     fn max_queue_size(&self) -> u16 {
         self.max_queue_size
+    }
+
+    fn drain_batch(&self) -> usize {
+        self.drain_batch
     }
 
     fn features(&self) -> u64 {

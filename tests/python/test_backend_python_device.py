@@ -469,3 +469,42 @@ def test_deferring_without_event_fds_is_refused(sock_dir: Path) -> None:
         assert errors and "event_fds" in str(errors[0])
     finally:
         backend.close()
+
+
+class Batched(MemBlock):
+    """MemBlock taking at most 4 chains per process() call, recording each call's size."""
+
+    drain_batch = 4
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def process(self, queue: vu.backend.BatchQueue, chains: list[vu.DescriptorChain]) -> None:
+        self.sizes.append(len(chains))
+        super().process(queue, chains)
+
+
+def test_drain_batch_bounds_each_process_call(sock_dir: Path) -> None:
+    device = Batched()
+    sock = sock_dir / "batched.sock"
+    with vu.Backend.listen(sock, device) as backend:
+        t = threading.Thread(target=backend.serve_forever, kwargs={"max_connections": 1}, daemon=True)
+        t.start()
+        with BlockClient.connect(sock, num_queues=1) as disk:
+            disk.write(0, bytes(range(256)) * 64)
+            device.sizes.clear()
+            # 32 reads published with one store: the device sees them all at once.
+            tokens = disk.submit([(vu.blk.RequestType.IN, 512 * i, 512) for i in range(32)])
+            assert len(tokens) == 32
+            done = []
+            while len(done) < 32:
+                done += disk.reap(32, timeout=5.0)
+            data = dict((token, d) for token, status, d in done if status == 0)
+            assert [data[t] for t in tokens] == [(bytes(range(256)) * 64)[512 * i : 512 * (i + 1)] for i in range(32)]
+        t.join(10)
+    assert sum(device.sizes) == 32 and max(device.sizes) == 4, device.sizes
+    for bad in (0, 1025):
+        device.drain_batch = bad
+        with pytest.raises(ValueError, match="drain_batch"):
+            vu.Backend.listen(sock_dir / f"bad{bad}.sock", device)
