@@ -91,11 +91,11 @@ class Device:
     #: Largest ring size accepted (SET_VRING_NUM).
     max_queue_size: int = 1024
     #: Chains handed to one :meth:`process` call at most (1..1024). Each batch's completions
-    #: are published, and the driver notified if it asked, before the next batch is taken: a
-    #: device that spends microseconds per chain (a disk) wants small batches (16), so that a
-    #: driver asleep until notified refills the ring while the device works on the rest; one
-    #: that spends nanoseconds (a packet counter) wants large ones, fewer calls.
-    drain_batch: int = 64
+    #: are published, and the driver notified if it asked, before the next batch is taken, so
+    #: a driver asleep until notified refills the ring while the device works on the rest
+    #: (a null block device in Python at iodepth 32, driver on another CPU: 16 gives ~5x the
+    #: IOPS of 64). Larger batches mean fewer Python calls where that matters more.
+    drain_batch: int = 16
     #: Virtio feature bits offered (device bits, VERSION_1, EVENT_IDX, INDIRECT_DESC...).
     #: RING_PACKED is offered by default: the device sees the same chains and queue methods on
     #: split and packed rings (the front-end decides; QEMU acks it with ``packed=on``).
@@ -237,7 +237,7 @@ class Backend:
         worker thread t to ``cpus[t % len(cpus)]``; `poll`: after a ring had work, keep checking
         the rings for this many seconds (yielding the CPU) before sleeping on the kick eventfds
         (0: eventfd mode; None: an adaptive window of up to 50 µs)."""
-        batch = getattr(device, "drain_batch", 64)
+        batch = getattr(device, "drain_batch", 16)
         if not isinstance(batch, int) or not 1 <= batch <= 1024:
             raise ValueError(f"drain_batch must be 1..1024, not {batch!r}")
         self.device = device
