@@ -708,6 +708,12 @@ mod packed {
                 }
                 let want = if window > Duration::from_secs(1) { [false; 3] } else { [true; 3] };
                 assert_eq!(kicks[1..], want, "packed: {packed}, window {window:?}");
+                // A ring taken off its thread (GET_VRING_BASE) is handed back with kicks armed:
+                // whoever drives it next is told of new chains.
+                assert!(ask(&mut s, FrontendRequest::GET_VRING_BASE, state(0), vec![]).is_some());
+                driver.add(&[(buf, 16)], &[(buf + 64, 8)]).unwrap();
+                driver.publish();
+                assert!(driver.kick_needed().unwrap(), "packed: {packed}, window {window:?}");
             }
         }
     }

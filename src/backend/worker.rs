@@ -639,6 +639,11 @@ impl Group {
                             let device = slot.device.clone();
                             device.ring_stopping(RingHandle::new(&mut slot));
                             slot.flush();
+                            if std::mem::take(&mut slot.disarmed) {
+                                // Handed back as a sleeping thread leaves a ring: kicks armed, for
+                                // whoever drives it next (NO_NOTIFY stays in guest memory).
+                                let _ = slot.queue.enable_notifications();
+                            }
                             let _ = reply.send(slot.into_queue());
                         }
                     }
