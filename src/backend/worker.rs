@@ -340,25 +340,24 @@ impl Slot {
             let (shared, mut inband_due) = (&self.shared, false);
             let rearm = !polling || self.doorbell;
             self.disarmed |= !rearm;
-            let result = queue.drain_then(batch, device.drain_batch().max(1), rearm, |q, b| {
-                let r = device.process_batch(index, q, b, kept, others);
-                // Other rings written by this batch (net: the RX ring of the pair) are published
-                // now, not after the drain: a driver that keeps transmitting would otherwise
-                // never see them.
-                others.flush();
-                r?;
-                // This batch's completions go to the driver now, not when the ring is empty
-                // (see Device::drain_batch; virtio 1.2 §2.7.10: the device may notify once
-                // used_event is passed).
-                if q.publish_used()? && !shared.signal_call() {
-                    inband_due = true;
-                }
-                Ok(())
-            });
+            let result = queue.drain_then(
+                batch,
+                device.drain_batch().max(1),
+                rearm,
+                |q, b| {
+                    let r = device.process_batch(index, q, b, kept, others);
+                    // Other rings written by this batch (net: the RX ring of the pair) are
+                    // published now, not after the drain: a driver that keeps transmitting
+                    // would otherwise never see them.
+                    others.flush();
+                    r
+                },
+                // Each batch's completions go to the driver at once (see Device::drain_batch).
+                || inband_due |= !shared.signal_call(),
+            );
             self.inband_call |= inband_due;
             match result {
-                Ok(true) => self.notify_driver(),
-                Ok(false) => {}
+                Ok(()) => {}
                 Err(VirtqueueError::IotlbMiss { iova, perm }) => {
                     // Chains before the miss may have completed: let the driver know.
                     if self.queue.used_mark() != used_before {

@@ -162,30 +162,37 @@ impl AnyDeviceQueue {
         }
     }
 
-    /// The disable → drain → enable → re-check loop over either format.
+    /// The disable → drain → enable → re-check loop over either format; returns whether the
+    /// driver must be notified.
     pub fn drain<F>(&mut self, batch: &mut ChainBatch, max_batch: usize, handle: F) -> Result<bool, VirtqueueError>
     where
         F: FnMut(&mut AnyDeviceQueue, &ChainBatch) -> Result<(), VirtqueueError>,
     {
-        self.drain_then(batch, max_batch, true, handle)
+        let mut notify = false;
+        self.drain_then(batch, max_batch, true, handle, || notify = true)?;
+        Ok(notify)
     }
 
-    /// [`drain`](Self::drain); with `rearm` false the ring is left with notifications disabled
-    /// once empty, for a caller that polls the avail ring next: the driver then does not kick
-    /// (a system call on its side per request) while nobody would sleep on the kick. Such a
-    /// caller must [`enable_notifications`](Self::enable_notifications) and look at the ring
-    /// again before it sleeps.
-    pub fn drain_then<F>(
+    /// [`drain`](Self::drain), calling `notify` as soon as a batch's completions are published
+    /// and the driver asked to hear of them, not once the ring is empty (virtio 1.2 §2.7.10:
+    /// the device may notify once used_event is passed). With `rearm` false the ring is left
+    /// with notifications disabled once empty, for a caller that polls the avail ring next: the
+    /// driver then does not kick (a system call on its side per request) while nobody would
+    /// sleep on the kick. Such a caller must
+    /// [`enable_notifications`](Self::enable_notifications) and look at the ring again before
+    /// it sleeps.
+    pub fn drain_then<F, N>(
         &mut self,
         batch: &mut ChainBatch,
         max_batch: usize,
         rearm: bool,
         mut handle: F,
-    ) -> Result<bool, VirtqueueError>
+        mut notify: N,
+    ) -> Result<(), VirtqueueError>
     where
         F: FnMut(&mut AnyDeviceQueue, &ChainBatch) -> Result<(), VirtqueueError>,
+        N: FnMut(),
     {
-        let mut notify = false;
         loop {
             self.disable_notifications()?;
             loop {
@@ -194,10 +201,12 @@ impl AnyDeviceQueue {
                     break;
                 }
                 handle(self, batch)?;
-                notify |= self.publish_used()?;
+                if self.publish_used()? {
+                    notify();
+                }
             }
             if !rearm || !self.enable_notifications()? {
-                return Ok(notify);
+                return Ok(());
             }
         }
     }
