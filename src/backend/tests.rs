@@ -85,6 +85,19 @@ impl TestDevice {
     }
 }
 
+/// Fills every writable byte of each chain of `batch` with `byte` and completes the chain with
+/// its whole writable length (the process() of the test devices that answer).
+fn fill_and_complete(queue: &mut AnyDeviceQueue, batch: &ChainBatch, byte: u8) -> Result<(), VirtqueueError> {
+    for chain in batch.chains() {
+        for s in batch.writable(chain) {
+            // SAFETY: the segment lies in a mapping the queue keeps alive.
+            unsafe { std::ptr::write_bytes(s.host, byte, s.len as usize) };
+        }
+        queue.complete(batch, chain, chain.writable_len)?;
+    }
+    Ok(())
+}
+
 fn memfd(size: u64) -> OwnedFd {
     // SAFETY: plain syscalls on a new descriptor we own.
     unsafe {
@@ -457,14 +470,7 @@ mod packed {
             if self.hold.load(Ordering::Relaxed) {
                 return Ok(());
             }
-            for chain in batch.chains() {
-                for s in batch.writable(chain) {
-                    // SAFETY: the segment lies in a mapping the queue keeps alive.
-                    unsafe { std::ptr::write_bytes(s.host, 0xab, s.len as usize) };
-                }
-                queue.complete(batch, chain, chain.writable_len)?;
-            }
-            Ok(())
+            fill_and_complete(queue, batch, 0xab)
         }
     }
 
@@ -962,14 +968,7 @@ mod iotlb {
             VirtioFeatures::VERSION_1.bits()
         }
         fn process(&self, _: u16, queue: &mut AnyDeviceQueue, batch: &ChainBatch) -> Result<(), VirtqueueError> {
-            for chain in batch.chains() {
-                for s in batch.writable(chain) {
-                    // SAFETY: the segment lies in a mapping the queue keeps alive.
-                    unsafe { std::ptr::write_bytes(s.host, 0x5a, s.len as usize) };
-                }
-                queue.complete(batch, chain, chain.writable_len)?;
-            }
-            Ok(())
+            fill_and_complete(queue, batch, 0x5a)
         }
     }
 
